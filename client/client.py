@@ -1,0 +1,223 @@
+"""Sync and asyncio clients of the vitcache.v1 API.
+
+Both speak the hash-first protocol: digests go first, bytes only for the images the server
+does not hold. Embeddings come back as CPU tensors viewing the received bytes; nothing here
+touches CUDA, so tensor-parallel workers can use it without opening a device context.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+import torch
+from vitcache.v1 import vitcache_pb2 as pb
+from vitcache.v1 import vitcache_pb2_grpc as pb_grpc
+
+from vitcache.digest import digest_file, digest_pixels, digest_rgb
+from vitcache.tensor_codec import TensorBytes, dtype_name
+
+#: An encoded file's bytes, a path to one, or uint8 HWC RGB pixels.
+ImageLike = bytes | memoryview | str | os.PathLike | np.ndarray
+
+_SOURCES = {pb.L1: "L1", pb.L2: "L2", pb.COMPUTED: "COMPUTED"}
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
+class ImageFailed(RuntimeError):
+    def __init__(self, index: int, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(f"image {index}: {code.name}: {message}")
+        self.index = index
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class EncodedImage:
+    """One image's result. ``embeddings`` are CPU tensors viewing the received bytes."""
+
+    index: int
+    digest: bytes
+    embeddings: list[torch.Tensor]
+    grid_thw: tuple[int, ...]
+    source: str  # "L1", "L2", "COMPUTED"; "" on error
+    error: ImageFailed | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def raise_for_error(self) -> EncodedImage:
+        if self.error is not None:
+            raise self.error
+        return self
+
+
+def _as_input(image: ImageLike) -> tuple[bytes, pb.Image]:
+    """(digest, the message that carries the image's bytes)."""
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            raise ValueError(f"pixel arrays must be uint8 (H, W, 3), got {image.dtype} {image.shape}")
+        rgb = np.ascontiguousarray(image).tobytes()
+        height, width = image.shape[:2]
+        return digest_rgb(rgb, height, width), pb.Image(raw=pb.RawImage(rgb=rgb, height=height, width=width))
+    if isinstance(image, (str, os.PathLike)):
+        image = Path(image).read_bytes()
+    data = bytes(image)
+    return digest_file(data), pb.Image(encoded=data)
+
+
+def _decode(result: pb.ImageResult, index: int) -> EncodedImage:
+    if result.error_code:
+        code = _CODES.get(result.error_code, grpc.StatusCode.UNKNOWN)
+        return EncodedImage(
+            index, result.digest, [], tuple(result.grid_thw), "", ImageFailed(index, code, result.error_message)
+        )
+    embeddings = [TensorBytes(t.dtype, tuple(t.shape), t.data).to_tensor() for t in result.embeddings]
+    return EncodedImage(index, result.digest, embeddings, tuple(result.grid_thw), _SOURCES[result.source])
+
+
+def _is_not_found(result: pb.ImageResult) -> bool:
+    return result.error_code == grpc.StatusCode.NOT_FOUND.value[0]
+
+
+def _pixel_request(pixel_values: torch.Tensor, grid_thw: torch.Tensor | Sequence[Sequence[int]]):
+    """(per-image digests, the PixelBatch request); digests follow vitcache.digest."""
+    values = pixel_values.detach().to("cpu").contiguous()
+    grids = [tuple(int(v) for v in g) for g in (grid_thw.tolist() if torch.is_tensor(grid_thw) else grid_thw)]
+    data = TensorBytes.from_tensor(values)
+    view, row_bytes, start, digests = memoryview(data.data), values.shape[1] * values.element_size(), 0, []
+    for t, h, w in grids:
+        end = start + t * h * w * row_bytes
+        digests.append(digest_pixels(view[start:end], (t, h, w), dtype_name(values.dtype), values.shape[1]))
+        start = end
+    batch = pb.PixelBatch(
+        pixel_values=pb.Tensor(dtype=data.dtype, shape=data.shape, data=data.data),
+        image_grid_thw=[v for g in grids for v in g],
+    )
+    return digests, pb.EncodeRequest(pixels=batch)
+
+
+class _Plan:
+    """Bookkeeping of one hash-first exchange: which inputs still need their bytes sent."""
+
+    def __init__(self, count: int) -> None:
+        self.results: list[EncodedImage | None] = [None] * count
+        self.missing: list[int] = []
+
+    def take_first(self, results: Iterable[pb.ImageResult]) -> None:
+        for result in results:
+            if _is_not_found(result):
+                self.missing.append(result.index)
+            else:
+                self.results[result.index] = _decode(result, result.index)
+
+    def take_second(self, results: Iterable[pb.ImageResult]) -> None:
+        for result in results:
+            index = self.missing[result.index]
+            self.results[index] = _decode(result, index)
+
+    def done(self) -> list[EncodedImage]:
+        assert all(r is not None for r in self.results), "server answered fewer images than sent"
+        return self.results  # type: ignore[return-value]
+
+
+def _channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+    ]
+
+
+class VitCacheClient:
+    """Blocking client. ``target`` is a gRPC target such as ``"localhost:50051"``."""
+
+    def __init__(self, target: str, max_message_bytes: int = 256 << 20) -> None:
+        self._channel = grpc.insecure_channel(target, options=_channel_options(max_message_bytes))
+        self._stub = pb_grpc.VitCacheStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> VitCacheClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def encode(self, images: Sequence[ImageLike], timeout: float | None = None) -> list[EncodedImage]:
+        """Embeddings of ``images`` in input order; a failed image carries ``error``."""
+        inputs = [_as_input(image) for image in images]
+        plan = _Plan(len(inputs))
+        first = pb.EncodeRequest(images=[pb.Image(digest=digest) for digest, _ in inputs])
+        plan.take_first(self._stub.Encode(first, timeout=timeout))
+        if plan.missing:
+            second = pb.EncodeRequest(images=[inputs[i][1] for i in plan.missing])
+            plan.take_second(self._stub.Encode(second, timeout=timeout))
+        return plan.done()
+
+    def encode_pixels(
+        self,
+        pixel_values: torch.Tensor,
+        grid_thw: torch.Tensor | Sequence[Sequence[int]],
+        timeout: float | None = None,
+    ) -> list[EncodedImage]:
+        """Like ``encode`` for a batch already preprocessed by the model's HF processor."""
+        digests, request = _pixel_request(pixel_values, grid_thw)
+        cached = {r.index: r for r in self.fetch(digests, timeout=timeout) if r.ok}
+        if len(cached) == len(digests):
+            return [cached[i] for i in range(len(digests))]
+        computed = {r.index: _decode(r, r.index) for r in self._stub.Encode(request, timeout=timeout)}
+        return [cached.get(i) or computed[i] for i in range(len(digests))]
+
+    def fetch(self, digests: Sequence[bytes], timeout: float | None = None) -> list[EncodedImage]:
+        """Cached embeddings by digest (NOT_FOUND errors for misses); never computes."""
+        results = self._stub.Fetch(pb.FetchRequest(digests=list(digests)), timeout=timeout)
+        return sorted((_decode(r, r.index) for r in results), key=lambda r: r.index)
+
+    def stats(self, timeout: float | None = None) -> pb.Stats:
+        return self._stub.GetStats(pb.GetStatsRequest(), timeout=timeout)
+
+    def model_info(self, timeout: float | None = None) -> pb.ModelInfo:
+        return self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=timeout)
+
+
+class AsyncVitCacheClient:
+    """asyncio twin of :class:`VitCacheClient` (grpc.aio)."""
+
+    def __init__(self, target: str, max_message_bytes: int = 256 << 20) -> None:
+        self._channel = grpc.aio.insecure_channel(target, options=_channel_options(max_message_bytes))
+        self._stub = pb_grpc.VitCacheStub(self._channel)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncVitCacheClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def encode(self, images: Sequence[ImageLike], timeout: float | None = None) -> list[EncodedImage]:
+        inputs = [_as_input(image) for image in images]
+        plan = _Plan(len(inputs))
+        first = pb.EncodeRequest(images=[pb.Image(digest=digest) for digest, _ in inputs])
+        plan.take_first([r async for r in self._stub.Encode(first, timeout=timeout)])
+        if plan.missing:
+            second = pb.EncodeRequest(images=[inputs[i][1] for i in plan.missing])
+            plan.take_second([r async for r in self._stub.Encode(second, timeout=timeout)])
+        return plan.done()
+
+    async def fetch(self, digests: Sequence[bytes], timeout: float | None = None) -> list[EncodedImage]:
+        call = self._stub.Fetch(pb.FetchRequest(digests=list(digests)), timeout=timeout)
+        return sorted([_decode(r, r.index) async for r in call], key=lambda r: r.index)
+
+    async def stats(self, timeout: float | None = None) -> pb.Stats:
+        return await self._stub.GetStats(pb.GetStatsRequest(), timeout=timeout)
+
+    async def model_info(self, timeout: float | None = None) -> pb.ModelInfo:
+        return await self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=timeout)

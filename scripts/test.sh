@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Runs lint and the whole test suite (starts its own redis-server and gRPC servers on loopback).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/bootstrap.sh
+.venv/bin/ruff check .
+.venv/bin/ruff format --check .
+exec .venv/bin/python -m pytest "$@"

@@ -1,0 +1,1 @@
+"""The vitcache gRPC server: ``vitcache serve``."""

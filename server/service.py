@@ -1,0 +1,128 @@
+"""The VitCache servicer: protobuf in, :class:`EmbeddingEngine` calls, protobuf out."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+from vitcache.server.status import status_code, wire_code
+from vitcache.v1 import vitcache_pb2 as pb
+from vitcache.v1 import vitcache_pb2_grpc as pb_grpc
+
+from vitcache.engine import DigestOnly, EmbeddingEngine, EncodedFile, ImageInput, ImageOutcome, RawRGB
+from vitcache.errors import ErrorCode, ImageError
+from vitcache.tensor_codec import dtype_name
+
+
+def image_input(image: pb.Image) -> ImageInput | ImageError:
+    which = image.WhichOneof("source")
+    if which == "encoded":
+        return EncodedFile(image.encoded)
+    if which == "raw":
+        return RawRGB(image.raw.rgb, image.raw.height, image.raw.width)
+    if which == "digest":
+        return DigestOnly(image.digest)
+    return ImageError(ErrorCode.INVALID_ARGUMENT, "image has no source: set encoded, raw or digest")
+
+
+def image_result(outcome: ImageOutcome) -> pb.ImageResult:
+    result = pb.ImageResult(index=outcome.index, digest=outcome.digest)
+    if outcome.error is not None:
+        result.error_code = wire_code(outcome.error.code)
+        result.error_message = outcome.error.message
+        return result
+    assert outcome.entry is not None and outcome.source is not None
+    result.source = int(outcome.source)
+    result.grid_thw.extend(outcome.entry.grid_thw)
+    for out in outcome.entry.outputs:
+        result.embeddings.add(dtype=out.dtype, shape=out.shape, data=bytes(out.data))
+    return result
+
+
+class VitCacheServicer(pb_grpc.VitCacheServicer):
+    def __init__(self, engine: EmbeddingEngine, max_images_per_request: int) -> None:
+        self.engine = engine
+        self.max_images_per_request = max_images_per_request
+
+    async def Encode(
+        self, request: pb.EncodeRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ImageResult]:
+        has_pixels = request.HasField("pixels")
+        if bool(request.images) == has_pixels:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "set exactly one of images or pixels")
+        inputs: list[ImageInput | ImageError]
+        if has_pixels:
+            tensor = request.pixels.pixel_values
+            try:
+                inputs = list(
+                    self.engine.validate_pixel_batch(
+                        tensor.data, tensor.dtype, tensor.shape, request.pixels.image_grid_thw
+                    )
+                )
+            except ImageError as exc:
+                await context.abort(status_code(exc.code), exc.message)
+        else:
+            inputs = [image_input(image) for image in request.images]
+        if len(inputs) > self.max_images_per_request:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{len(inputs)} images is over --max-images-per-request={self.max_images_per_request}",
+            )
+        async for outcome in self.engine.encode(inputs):
+            yield image_result(outcome)
+
+    async def Fetch(
+        self, request: pb.FetchRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ImageResult]:
+        if len(request.digests) > self.max_images_per_request:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{len(request.digests)} digests is over --max-images-per-request={self.max_images_per_request}",
+            )
+        async for outcome in self.engine.fetch(list(request.digests)):
+            yield image_result(outcome)
+
+    async def GetStats(self, request: pb.GetStatsRequest, context: grpc.aio.ServicerContext) -> pb.Stats:
+        engine = self.engine
+        stats, batcher = engine.stats, engine.batcher.stats
+        l2 = engine.l2
+        return pb.Stats(
+            l1_hits=stats.l1_hits,
+            l2_hits=stats.l2_hits,
+            misses=stats.misses,
+            images_computed=batcher.images,
+            l1_entries=len(engine.l1),
+            l1_bytes=engine.l1.bytes_used,
+            redis_connected=l2 is not None and l2.connected,
+            l1_capacity_bytes=engine.l1.capacity_bytes,
+            l1_evictions=engine.l1.evictions,
+            errors=stats.errors,
+            batches=batcher.batches,
+            single_flight_joins=stats.single_flight_joins,
+            l2_errors=l2.stats.errors if l2 else 0,
+            l2_corrupt=l2.stats.corrupt if l2 else 0,
+            uptime_seconds=engine.uptime_s,
+            oom_splits=batcher.oom_splits,
+        )
+
+    async def GetModelInfo(
+        self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelInfo:
+        encoder = self.engine.encoder
+        config = encoder.preprocess_config
+        return pb.ModelInfo(
+            family=encoder.family,
+            model=encoder.model_name,
+            dtype=dtype_name(encoder.dtype),
+            outputs=[
+                pb.OutputSpec(name=name, hidden_size=size)
+                for name, size in zip(encoder.output_names, encoder.output_hidden_sizes, strict=True)
+            ],
+            namespace=encoder.namespace,
+            patch_size=config.patch_size,
+            temporal_patch_size=config.temporal_patch_size,
+            merge_size=encoder.merge_size,
+            patch_dim=config.patch_dim,
+            device=str(encoder.device),
+            preprocess_config_json=config.to_json(),
+        )

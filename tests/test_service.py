@@ -1,0 +1,330 @@
+"""The service end to end: real gRPC server on loopback, real redis-server, real tiny Qwen2.5-VL."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import threading
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from PIL import Image
+
+from vitcache.client import AsyncVitCacheClient, VitCacheClient
+from vitcache.digest import digest_file
+from vitcache.engine import EngineConfig
+from vitcache.models import load_encoder
+from vitcache.preprocess import DecodeLimits, preprocess
+from vitcache.server.app import ServerConfig
+from vitcache.v1 import vitcache_pb2 as pb
+from vitcache.v1 import vitcache_pb2_grpc as pb_grpc
+
+from .conftest import RedisProcess, png_bytes
+
+
+def config(**kwargs) -> ServerConfig:  # type: ignore[no-untyped-def]
+    return ServerConfig(**kwargs)
+
+
+@pytest.fixture
+def server(start_server_thread, encoder):  # type: ignore[no-untyped-def]
+    return start_server_thread(config(), encoder)
+
+
+@pytest.fixture
+def redis_backed(start_server_thread, encoder, redis_server):  # type: ignore[no-untyped-def]
+    return start_server_thread(config(redis_url=redis_server.url), encoder)
+
+
+def reference(checkpoint: Path, images: list[bytes]) -> list[torch.Tensor]:
+    """What transformers' own model and processor give for these image files."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    processor = Qwen2VLImageProcessorPil.from_pretrained(checkpoint)
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(checkpoint).eval()
+    pil = [Image.open(io.BytesIO(data)).convert("RGB") for data in images]
+    inputs = processor(images=pil, return_tensors="pt")
+    with torch.inference_mode():
+        out = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+    return list(out.pooler_output)
+
+
+def test_encode_equals_transformers_and_hits_return_exact_bytes(server, tiny_checkpoint) -> None:  # type: ignore[no-untyped-def]
+    images = [png_bytes(64, 48, 1), png_bytes(100, 30, 2), png_bytes(30, 100, 3)]
+    with VitCacheClient(server.target) as client:
+        first = [r.raise_for_error() for r in client.encode(images)]
+        second = [r.raise_for_error() for r in client.encode(images)]
+    assert [r.source for r in first] == ["COMPUTED"] * 3
+    assert [r.source for r in second] == ["L1"] * 3
+    for got, want in zip(first, reference(tiny_checkpoint, images), strict=True):
+        (merged,) = got.embeddings
+        assert merged.device.type == "cpu" and merged.dtype == torch.float32
+        assert merged.shape == want.shape
+        # Same weights; pixels differ only by PIL's uint8 resize vs ours (see test_preprocess).
+        torch.testing.assert_close(merged, want, atol=5e-2, rtol=5e-2)
+    for a, b in zip(first, second, strict=True):
+        assert a.digest == b.digest == digest_file(images[a.index])
+        assert a.embeddings[0].numpy().tobytes() == b.embeddings[0].numpy().tobytes()
+        t, h, w = a.grid_thw
+        assert a.embeddings[0].shape[0] == t * h * w // 4
+
+
+def test_pixel_batch_split_equals_single_images_and_transformers(server, tiny_checkpoint) -> None:  # type: ignore[no-untyped-def]
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    encoder_config = load_encoder(str(tiny_checkpoint)).preprocess_config
+    rng = np.random.default_rng(7)
+    pixels = [preprocess(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), encoder_config) for h, w in
+              [(56, 84), (112, 56), (84, 84)]]
+    batch = torch.cat([p for p, _ in pixels])
+    grids = [g for _, g in pixels]
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_checkpoint).eval()
+    with torch.inference_mode():
+        want = model.model.get_image_features(batch, torch.tensor(grids)).pooler_output
+    with VitCacheClient(server.target) as client:
+        together = [r.raise_for_error() for r in client.encode_pixels(batch, grids)]
+        alone = [client.encode_pixels(p, [g])[0].raise_for_error() for p, g in pixels]
+    for i in range(3):
+        assert together[i].grid_thw == grids[i] == alone[i].grid_thw
+        assert together[i].digest == alone[i].digest
+        torch.testing.assert_close(together[i].embeddings[0], want[i], atol=1e-5, rtol=1e-5)
+    assert [r.source for r in alone] == ["L1"] * 3  # the batch already cached each image on its own
+
+
+def test_restart_keeps_l2_hits_and_fetch_finds_them(start_server_thread, encoder, redis_server) -> None:  # type: ignore[no-untyped-def]
+    images = [png_bytes(56, 56, 11), png_bytes(84, 56, 12)]
+    first_server = start_server_thread(config(redis_url=redis_server.url), encoder)
+    with VitCacheClient(first_server.target) as client:
+        first = client.encode(images)
+    first_server.call(first_server.engine.drain())
+    first_server.stop()
+    assert len(redis_server.client().keys("vitcache:v1:*")) == 2
+
+    second_server = start_server_thread(config(redis_url=redis_server.url), encoder)
+    with VitCacheClient(second_server.target) as client:
+        fetched = client.fetch([r.digest for r in first])
+        again = client.encode(images)
+        stats = client.stats()
+    assert [r.source for r in fetched] == ["L2", "L2"]
+    assert [r.source for r in again] == ["L1", "L1"]  # the L2 hit filled L1
+    for a, b in zip(first, fetched, strict=True):
+        assert a.embeddings[0].numpy().tobytes() == b.embeddings[0].numpy().tobytes()
+    assert stats.l2_hits == 2 and stats.images_computed == 0 and stats.redis_connected
+
+
+def test_namespace_change_never_returns_old_embeddings(start_server_thread, tiny_checkpoint, redis_server) -> None:  # type: ignore[no-untyped-def]
+    image = png_bytes(64, 64, 21)
+    fp32 = load_encoder(str(tiny_checkpoint), "cpu", "float32")
+    bf16 = load_encoder(str(tiny_checkpoint), "cpu", "bfloat16")
+    assert fp32.namespace != bf16.namespace
+    a = start_server_thread(config(redis_url=redis_server.url), fp32)
+    with VitCacheClient(a.target) as client:
+        assert client.encode([image])[0].source == "COMPUTED"
+    a.call(a.engine.drain())
+    b = start_server_thread(config(redis_url=redis_server.url), bf16)
+    with VitCacheClient(b.target) as client:
+        result = client.encode([image])[0].raise_for_error()
+        info = client.model_info()
+    assert result.source == "COMPUTED" and result.embeddings[0].dtype == torch.bfloat16
+    assert info.namespace == bf16.namespace and info.dtype == "bfloat16"
+    assert len(redis_server.client().keys("vitcache:v1:*")) == 2  # one entry per namespace
+
+
+def test_redis_killed_mid_test_keeps_serving_and_reconnects(start_server_thread, encoder, own_redis: RedisProcess) -> None:  # type: ignore[no-untyped-def]
+    cfg = config(redis_url=own_redis.url, redis_timeout_s=0.2)
+    srv = start_server_thread(cfg, encoder)
+    with VitCacheClient(srv.target) as client:
+        assert client.encode([png_bytes(56, 56, 31)])[0].ok
+        assert client.stats().redis_connected
+        own_redis.kill()
+        during = client.encode([png_bytes(56, 56, 32), png_bytes(56, 84, 33)])
+        assert all(r.ok and r.source == "COMPUTED" for r in during)
+        assert client.encode([png_bytes(56, 56, 31)])[0].source == "L1"
+        stats = client.stats()
+        assert not stats.redis_connected and stats.l2_errors >= 1
+        own_redis.start()  # same port
+        for _ in range(100):
+            result = client.encode([png_bytes(28 * 3, 28 * 2, 34 + _)])[0]
+            assert result.ok
+            if client.stats().redis_connected:
+                break
+            threading.Event().wait(0.1)
+        assert client.stats().redis_connected
+    srv.call(srv.engine.drain())
+    assert own_redis.client().dbsize() >= 1  # writes flow again
+
+
+def test_corrupt_redis_entry_is_a_miss_and_gets_recomputed(start_server_thread, encoder, redis_server) -> None:  # type: ignore[no-untyped-def]
+    image = png_bytes(56, 56, 41)
+    first = start_server_thread(config(redis_url=redis_server.url), encoder)
+    with VitCacheClient(first.target) as client:
+        want = client.encode([image])[0].raise_for_error()
+    first.call(first.engine.drain())
+    (key,) = redis_server.client().keys("vitcache:v1:*")
+    value = redis_server.client().get(key)
+    redis_server.client().set(key, value[:-8] + b"\x00" * 8)  # same length, bad checksum
+    second = start_server_thread(config(redis_url=redis_server.url), encoder)
+    with VitCacheClient(second.target) as client:
+        got = client.encode([image])[0].raise_for_error()
+        stats = client.stats()
+    assert got.source == "COMPUTED" and stats.l2_corrupt == 1
+    assert got.embeddings[0].numpy().tobytes() == want.embeddings[0].numpy().tobytes()
+    second.call(second.engine.drain())
+    assert redis_server.client().get(key) == value  # repaired by the recomputation
+
+
+def test_bad_and_oversized_images_fail_alone(start_server_thread, encoder) -> None:  # type: ignore[no-untyped-def]
+    limits = DecodeLimits(max_image_bytes=200_000, max_image_pixels=512 * 512)
+    srv = start_server_thread(config(engine=EngineConfig(limits=limits)), encoder)
+    good = png_bytes(56, 56, 51)
+    truncated = png_bytes(64, 64, 52)[:200]
+    too_many_pixels = png_bytes(600, 600, 53)
+    channel = grpc.insecure_channel(srv.target)
+    stub = pb_grpc.VitCacheStub(channel)
+    request = pb.EncodeRequest(
+        images=[
+            pb.Image(encoded=good),
+            pb.Image(encoded=b"not an image at all"),
+            pb.Image(encoded=truncated),
+            pb.Image(encoded=b"\x89PNG" + b"\0" * 300_000),  # over --max-image-bytes
+            pb.Image(encoded=too_many_pixels),
+            pb.Image(raw=pb.RawImage(rgb=b"\0" * 10, height=4, width=4)),
+            pb.Image(digest=b"short"),
+            pb.Image(),
+            pb.Image(raw=pb.RawImage(rgb=b"\7" * 56 * 56 * 3, height=56, width=56)),
+        ]
+    )
+    results = {r.index: r for r in stub.Encode(request)}
+    assert sorted(results) == list(range(9))
+    assert results[0].error_code == 0 and results[8].error_code == 0
+    invalid = grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    for i in range(1, 8):
+        assert results[i].error_code == invalid, (i, results[i].error_message)
+        assert results[i].error_message and not results[i].embeddings
+    assert "limit" in results[3].error_message and "pixels" in results[4].error_message
+    stats = stub.GetStats(pb.GetStatsRequest())
+    assert stats.l1_entries == 2 and stats.errors == 7 and stats.images_computed == 2
+    # The server still serves, and nothing was cached for the bad inputs.
+    again = list(stub.Encode(pb.EncodeRequest(images=[pb.Image(encoded=good)])))
+    assert again[0].source == pb.L1
+    channel.close()
+
+
+def test_request_needs_exactly_one_of_images_and_pixels(server) -> None:  # type: ignore[no-untyped-def]
+    channel = grpc.insecure_channel(server.target)
+    stub = pb_grpc.VitCacheStub(channel)
+    both = pb.EncodeRequest(images=[pb.Image(encoded=png_bytes(28, 28, 1))], pixels=pb.PixelBatch())
+    for request in (pb.EncodeRequest(), both):
+        with pytest.raises(grpc.RpcError) as err:
+            list(stub.Encode(request))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    bad_grid = pb.EncodeRequest(
+        pixels=pb.PixelBatch(
+            pixel_values=pb.Tensor(dtype="float32", shape=[4, 1176], data=b"\0" * 4 * 1176 * 4),
+            image_grid_thw=[1, 2, 4],
+        )
+    )
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.Encode(bad_grid))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "adds up to 8" in err.value.details()
+    channel.close()
+
+
+def test_unknown_digest_is_not_found_and_upload_happens_only_for_misses(server) -> None:  # type: ignore[no-untyped-def]
+    sent: list[pb.EncodeRequest] = []
+
+    class Record(grpc.UnaryStreamClientInterceptor):
+        def intercept_unary_stream(self, continuation, details, request):  # type: ignore[no-untyped-def]
+            sent.append(request)
+            return continuation(details, request)
+
+    images = [png_bytes(56, 56, 61), png_bytes(56, 56, 62)]
+    with VitCacheClient(server.target) as client:
+        missing = client.fetch([digest_file(images[0])])[0]
+        assert missing.error is not None and missing.error.code == grpc.StatusCode.NOT_FOUND
+        client.encode(images[:1])
+        client._stub = pb_grpc.VitCacheStub(grpc.intercept_channel(client._channel, Record()))
+        results = client.encode(images)
+    assert [r.source for r in results] == ["L1", "COMPUTED"]
+    digests_only, upload = sent
+    assert all(image.WhichOneof("source") == "digest" for image in digests_only.images)
+    assert [image.encoded for image in upload.images] == [images[1]]
+
+
+def test_single_flight_computes_a_popular_image_once(server) -> None:  # type: ignore[no-untyped-def]
+    image = png_bytes(84, 84, 71)
+
+    def one_request(results: list, i: int) -> None:
+        with VitCacheClient(server.target) as client:
+            results[i] = client.encode([image])[0]
+
+    results: list = [None] * 8
+    threads = [threading.Thread(target=one_request, args=(results, i)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert all(r.ok for r in results)
+    assert len({r.embeddings[0].numpy().tobytes() for r in results}) == 1
+    stats = VitCacheClient(server.target).stats()
+    assert stats.images_computed == 1
+
+
+def test_out_of_memory_splits_the_batch_and_fails_only_the_image_that_cannot_fit(
+    start_server_thread, tiny_checkpoint
+) -> None:  # type: ignore[no-untyped-def]
+    encoder = load_encoder(str(tiny_checkpoint))
+    real_encode = encoder.encode
+    seen_batches: list[int] = []
+
+    def encode_with_small_memory(pixel_values, grid_thw):  # type: ignore[no-untyped-def]
+        seen_batches.append(len(grid_thw))
+        if pixel_values.shape[0] > 400:  # simulated device memory: 400 patches
+            raise torch.OutOfMemoryError("simulated: CUDA out of memory")
+        return real_encode(pixel_values, grid_thw)
+
+    encoder.encode = encode_with_small_memory  # type: ignore[method-assign]
+    srv = start_server_thread(config(engine=EngineConfig(max_batch_patches=4096, max_batch_wait_s=0.2)), encoder)
+    images = [png_bytes(224, 224, 80 + i) for i in range(4)]  # 256 patches each
+    huge = png_bytes(420, 420, 90)  # more than 400 patches alone
+    with VitCacheClient(srv.target) as client:
+        results = client.encode([*images, huge])
+        stats = client.stats()
+    assert all(r.ok for r in results[:4]), [r.error for r in results]
+    assert results[4].error is not None and results[4].error.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert stats.oom_splits >= 1 and max(seen_batches) == 5 and stats.images_computed == 4
+
+
+def test_async_client_health_and_reflection(server) -> None:  # type: ignore[no-untyped-def]
+    async def run() -> list:
+        async with AsyncVitCacheClient(server.target) as client:
+            first = await client.encode([png_bytes(56, 56, 91), np.full((56, 84, 3), 9, np.uint8)])
+            second = await client.encode([png_bytes(56, 56, 91)])
+            info = await client.model_info()
+            return [first, second, info]
+
+    first, second, info = asyncio.run(run())
+    assert [r.source for r in first] == ["COMPUTED", "COMPUTED"] and second[0].source == "L1"
+    assert info.family == "qwen2_5_vl" and len(info.namespace) == 32 and info.outputs[0].name == "merged"
+    assert first[1].embeddings[0].shape[1] == info.outputs[0].hidden_size
+    channel = grpc.insecure_channel(server.target)
+    health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="vitcache.v1.VitCache"))
+    assert health.status == health_pb2.HealthCheckResponse.SERVING
+    reflect = reflection_pb2_grpc.ServerReflectionStub(channel)
+    answer = next(reflect.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+    names = {s.name for s in answer.list_services_response.service}
+    assert {"vitcache.v1.VitCache", "grpc.health.v1.Health"} <= names
+    channel.close()
+
+
+def test_too_many_images_in_one_request_is_rejected(start_server_thread, encoder) -> None:  # type: ignore[no-untyped-def]
+    srv = start_server_thread(config(max_images_per_request=2), encoder)
+    with VitCacheClient(srv.target) as client, pytest.raises(grpc.RpcError) as err:
+        client.encode([png_bytes(28, 28, i) for i in range(3)])
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "--max-images-per-request" in err.value.details()

@@ -1,0 +1,156 @@
+"""Dynamic batching of cache misses into vision-tower forwards."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+from vitcache.entry import CachedEmbedding
+from vitcache.errors import ErrorCode, ImageError
+from vitcache.models import VisionEncoder
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Pending:
+    pixel_values: torch.Tensor
+    grid_thw: tuple[int, int, int]
+    future: asyncio.Future[CachedEmbedding]
+    patches: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        t, h, w = self.grid_thw
+        self.patches = t * h * w
+
+
+@dataclass
+class BatcherStats:
+    batches: int = 0
+    images: int = 0
+    patches: int = 0
+    oom_splits: int = 0
+
+
+class Batcher:
+    """Packs images from concurrent requests into forwards of one encoder.
+
+    Invariants:
+    - A forward holds at most ``max_batch_patches`` patches, except an image that alone
+      exceeds the budget, which runs alone (it may still fit in memory).
+    - Images start in arrival order; one that does not fit opens the next batch.
+    - One forward at a time: a single worker thread owns the device, so the event loop
+      keeps collecting the next batch while the current one runs.
+    - A forward that runs out of device memory is split in halves and retried; an image
+      that runs out alone fails with RESOURCE_EXHAUSTED. Other images are unaffected.
+    - Results leave the worker as CPU bytes (:class:`CachedEmbedding`), never device tensors.
+    """
+
+    def __init__(self, encoder: VisionEncoder, max_batch_patches: int, max_wait_s: float = 0.002) -> None:
+        if max_batch_patches < 1:
+            raise ValueError("max_batch_patches must be >= 1")
+        self.encoder = encoder
+        self.max_batch_patches = max_batch_patches
+        self.max_wait_s = max_wait_s
+        self.stats = BatcherStats()
+        self._queue: deque[_Pending] = deque()
+        self._wakeup = asyncio.Event()
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vitcache-forward")
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="vitcache-batcher")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        for item in self._queue:
+            item.future.cancel()
+        self._worker.shutdown(wait=True)
+
+    async def encode(self, pixel_values: torch.Tensor, grid_thw: tuple[int, int, int]) -> CachedEmbedding:
+        future: asyncio.Future[CachedEmbedding] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Pending(pixel_values, grid_thw, future))
+        self._wakeup.set()
+        return await future
+
+    async def _next_batch(self) -> list[_Pending]:
+        loop = asyncio.get_running_loop()
+        while not self._queue:
+            self._wakeup.clear()
+            await self._wakeup.wait()
+        batch = [self._queue.popleft()]
+        patches = batch[0].patches
+        deadline = loop.time() + self.max_wait_s
+        while patches < self.max_batch_patches:
+            if not self._queue:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                self._wakeup.clear()
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), remaining)
+                except asyncio.TimeoutError:
+                    break
+                continue
+            if patches + self._queue[0].patches > self.max_batch_patches:
+                break
+            item = self._queue.popleft()
+            batch.append(item)
+            patches += item.patches
+        return [item for item in batch if not item.future.done()]
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await self._next_batch()
+            if not batch:
+                continue
+            try:
+                results = await loop.run_in_executor(self._worker, self._forward, batch)
+            except Exception as exc:  # a bug, not bad input: fail this batch, keep serving
+                log.exception("forward failed")
+                results = [ImageError(ErrorCode.INTERNAL, f"vision forward failed: {exc}")] * len(batch)
+            for item, result in zip(batch, results, strict=True):
+                if item.future.done():
+                    continue
+                if isinstance(result, ImageError):
+                    item.future.set_exception(result)
+                else:
+                    item.future.set_result(result)
+
+    def _forward(self, batch: list[_Pending]) -> list[CachedEmbedding | ImageError]:
+        """Runs on the worker thread; splits on out-of-memory."""
+        try:
+            outputs = self._run_encoder(batch)
+        except torch.OutOfMemoryError:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            if len(batch) == 1:
+                item = batch[0]
+                return [
+                    ImageError(
+                        ErrorCode.RESOURCE_EXHAUSTED,
+                        f"image of {item.patches} patches ran out of device memory on its own",
+                    )
+                ]
+            self.stats.oom_splits += 1
+            half = len(batch) // 2
+            log.warning("out of memory on %d images; retrying as %d + %d", len(batch), half, len(batch) - half)
+            return self._forward(batch[:half]) + self._forward(batch[half:])
+        self.stats.batches += 1
+        self.stats.images += len(batch)
+        self.stats.patches += sum(item.patches for item in batch)
+        return [CachedEmbedding.from_tensors(item.grid_thw, out) for item, out in zip(batch, outputs, strict=True)]
+
+    def _run_encoder(self, batch: list[_Pending]) -> list[list[torch.Tensor]]:
+        device = self.encoder.device
+        pixel_values = torch.cat([item.pixel_values.to(device, non_blocking=True) for item in batch])
+        grid = torch.tensor([item.grid_thw for item in batch], dtype=torch.int64, device=device)
+        return self.encoder.encode(pixel_values, grid)

@@ -1,0 +1,96 @@
+"""One cached image: its grid and output tensors, and the binary value Redis stores.
+
+Value layout (one Redis string)::
+
+    b"VTC" + FORMAT_VERSION (1 byte) + header length (uint32 LE) + header (JSON) + payload
+
+The header names the grid, each output's dtype, shape and byte length, and the xxh3-64 of
+the payload. :meth:`CachedEmbedding.from_value` checks every part and raises
+:class:`CorruptEntry` on any mismatch, so a damaged or foreign value is a miss, never a
+wrong answer.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+
+import torch
+import xxhash
+
+from vitcache.tensor_codec import TensorBytes
+
+_MAGIC = b"VTC"
+FORMAT_VERSION = 1
+_PREFIX = struct.Struct("<3sBI")
+
+
+class CorruptEntry(ValueError):
+    """A stored value failed its header or checksum check."""
+
+
+@dataclass(frozen=True)
+class CachedEmbedding:
+    grid_thw: tuple[int, int, int]
+    outputs: tuple[TensorBytes, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(out.nbytes for out in self.outputs)
+
+    @classmethod
+    def from_tensors(cls, grid_thw: tuple[int, int, int], tensors: list[torch.Tensor]) -> CachedEmbedding:
+        return cls(tuple(grid_thw), tuple(TensorBytes.from_tensor(t) for t in tensors))
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [out.to_tensor() for out in self.outputs]
+
+    def to_value(self) -> bytes:
+        checksum = xxhash.xxh3_64()
+        for out in self.outputs:
+            checksum.update(out.data)
+        header = json.dumps(
+            {
+                "grid_thw": list(self.grid_thw),
+                "outputs": [{"dtype": o.dtype, "shape": list(o.shape), "nbytes": o.nbytes} for o in self.outputs],
+                "xxh3_64": checksum.hexdigest(),
+            },
+            separators=(",", ":"),
+        ).encode()
+        prefix = _PREFIX.pack(_MAGIC, FORMAT_VERSION, len(header))
+        return b"".join([prefix, header, *(out.data for out in self.outputs)])
+
+    @classmethod
+    def from_value(cls, value: bytes) -> CachedEmbedding:
+        """Parses a stored value; the outputs are views of ``value`` (no copy)."""
+        try:
+            magic, version, header_len = _PREFIX.unpack_from(value)
+            if magic != _MAGIC or version != FORMAT_VERSION:
+                raise CorruptEntry(f"unknown format {magic!r} v{version}")
+            start = _PREFIX.size + header_len
+            header = json.loads(value[_PREFIX.size : start])
+            grid = tuple(int(x) for x in header["grid_thw"])
+            if len(grid) != 3:
+                raise CorruptEntry("grid must have 3 values")
+            view = memoryview(value)
+            checksum = xxhash.xxh3_64()
+            outputs = []
+            for spec in header["outputs"]:
+                end = start + int(spec["nbytes"])
+                if end > len(value):
+                    raise CorruptEntry("payload shorter than its header says")
+                out = TensorBytes(str(spec["dtype"]), tuple(int(d) for d in spec["shape"]), view[start:end])
+                out.to_tensor()  # validates dtype and shape against the byte count
+                checksum.update(out.data)
+                outputs.append(out)
+                start = end
+            if start != len(value):
+                raise CorruptEntry("trailing bytes after the payload")
+            if checksum.hexdigest() != header["xxh3_64"]:
+                raise CorruptEntry("checksum mismatch")
+            return cls(grid, tuple(outputs))  # type: ignore[arg-type]
+        except CorruptEntry:
+            raise
+        except (struct.error, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise CorruptEntry(f"malformed entry: {exc}") from exc

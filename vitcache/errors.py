@@ -1,0 +1,31 @@
+"""Per-image errors of the library, independent of any transport.
+
+The server maps :class:`ErrorCode` to gRPC status codes in one place
+(``vitcache.server.status``); the values equal grpc.StatusCode's numbers so clients of
+the wire format read them as such.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class ErrorCode(enum.IntEnum):
+    INVALID_ARGUMENT = 3
+    DEADLINE_EXCEEDED = 4
+    NOT_FOUND = 5
+    RESOURCE_EXHAUSTED = 8
+    INTERNAL = 13
+    UNAVAILABLE = 14
+
+
+class ImageError(Exception):
+    """One image could not be served; the other images of the request are unaffected."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+    def __repr__(self) -> str:
+        return f"ImageError({self.code.name}, {self.message!r})"
