@@ -103,6 +103,7 @@ class VitCacheServicer(pb_grpc.VitCacheServicer):
             l2_corrupt=l2.stats.corrupt if l2 else 0,
             uptime_seconds=engine.uptime_s,
             oom_splits=batcher.oom_splits,
+            not_found=stats.not_found,
         )
 
     async def GetModelInfo(

@@ -184,7 +184,9 @@ def test_bad_and_oversized_images_fail_alone(start_server_thread, encoder) -> No
     srv = start_server_thread(config(engine=EngineConfig(limits=limits)), encoder)
     good = png_bytes(56, 56, 51)
     truncated = png_bytes(64, 64, 52)[:200]
-    too_many_pixels = png_bytes(600, 600, 53)
+    buf = io.BytesIO()
+    Image.new("RGB", (600, 600), (9, 9, 9)).save(buf, format="PNG")  # small file, too many pixels
+    too_many_pixels = buf.getvalue()
     channel = grpc.insecure_channel(srv.target)
     stub = pb_grpc.VitCacheStub(channel)
     request = pb.EncodeRequest(

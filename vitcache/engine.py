@@ -88,6 +88,7 @@ class EngineStats:
     l1_hits: int = 0
     l2_hits: int = 0
     misses: int = 0
+    not_found: int = 0
     errors: int = 0
     single_flight_joins: int = 0
     started_at: float = field(default_factory=time.monotonic)
@@ -170,14 +171,15 @@ class EmbeddingEngine:
             if isinstance(image, DigestOnly):
                 entry = await self._from_l2(digest)
                 if entry is None:
-                    self.stats.misses += 1
+                    self.stats.not_found += 1
                     raise ImageError(ErrorCode.NOT_FOUND, f"digest {digest.hex()} is not cached; send the image")
                 self.stats.l2_hits += 1
                 return ImageOutcome(index, digest, entry, Source.L2)
             entry, source = await self._resolve_once(digest, image)
             return ImageOutcome(index, digest, entry, source)
         except ImageError as exc:
-            self.stats.errors += 1
+            if exc.code is not ErrorCode.NOT_FOUND:
+                self.stats.errors += 1
             return ImageOutcome(index, digest, error=exc)
 
     def _digest(self, image: ImageInput) -> bytes:

@@ -153,6 +153,7 @@ class RedisTier:
         except CorruptEntry as exc:
             self.stats.corrupt += 1
             log.warning("redis: dropping corrupt entry %s: %s", digest.hex(), exc)
+            await self._delete(digest)
             return None
 
     async def put(self, digest: bytes, entry: CachedEmbedding) -> bool:
@@ -165,6 +166,12 @@ class RedisTier:
             return False
         self._ok()
         return True
+
+    async def _delete(self, digest: bytes) -> None:
+        try:
+            await self._call(self._client.delete(self.key(digest)))
+        except (RedisError, OSError, asyncio.TimeoutError) as exc:
+            self._failed(exc)
 
     async def close(self) -> None:
         await self._client.aclose()

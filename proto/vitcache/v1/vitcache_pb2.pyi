@@ -93,7 +93,7 @@ class GetStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Stats(_message.Message):
-    __slots__ = ("l1_hits", "l2_hits", "misses", "images_computed", "l1_entries", "l1_bytes", "redis_connected", "l1_capacity_bytes", "l1_evictions", "errors", "batches", "single_flight_joins", "l2_errors", "l2_corrupt", "uptime_seconds", "oom_splits")
+    __slots__ = ("l1_hits", "l2_hits", "misses", "images_computed", "l1_entries", "l1_bytes", "redis_connected", "l1_capacity_bytes", "l1_evictions", "errors", "batches", "single_flight_joins", "l2_errors", "l2_corrupt", "uptime_seconds", "oom_splits", "not_found")
     L1_HITS_FIELD_NUMBER: _ClassVar[int]
     L2_HITS_FIELD_NUMBER: _ClassVar[int]
     MISSES_FIELD_NUMBER: _ClassVar[int]
@@ -110,6 +110,7 @@ class Stats(_message.Message):
     L2_CORRUPT_FIELD_NUMBER: _ClassVar[int]
     UPTIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
     OOM_SPLITS_FIELD_NUMBER: _ClassVar[int]
+    NOT_FOUND_FIELD_NUMBER: _ClassVar[int]
     l1_hits: int
     l2_hits: int
     misses: int
@@ -126,7 +127,8 @@ class Stats(_message.Message):
     l2_corrupt: int
     uptime_seconds: float
     oom_splits: int
-    def __init__(self, l1_hits: _Optional[int] = ..., l2_hits: _Optional[int] = ..., misses: _Optional[int] = ..., images_computed: _Optional[int] = ..., l1_entries: _Optional[int] = ..., l1_bytes: _Optional[int] = ..., redis_connected: _Optional[bool] = ..., l1_capacity_bytes: _Optional[int] = ..., l1_evictions: _Optional[int] = ..., errors: _Optional[int] = ..., batches: _Optional[int] = ..., single_flight_joins: _Optional[int] = ..., l2_errors: _Optional[int] = ..., l2_corrupt: _Optional[int] = ..., uptime_seconds: _Optional[float] = ..., oom_splits: _Optional[int] = ...) -> None: ...
+    not_found: int
+    def __init__(self, l1_hits: _Optional[int] = ..., l2_hits: _Optional[int] = ..., misses: _Optional[int] = ..., images_computed: _Optional[int] = ..., l1_entries: _Optional[int] = ..., l1_bytes: _Optional[int] = ..., redis_connected: _Optional[bool] = ..., l1_capacity_bytes: _Optional[int] = ..., l1_evictions: _Optional[int] = ..., errors: _Optional[int] = ..., batches: _Optional[int] = ..., single_flight_joins: _Optional[int] = ..., l2_errors: _Optional[int] = ..., l2_corrupt: _Optional[int] = ..., uptime_seconds: _Optional[float] = ..., oom_splits: _Optional[int] = ..., not_found: _Optional[int] = ...) -> None: ...
 
 class GetModelInfoRequest(_message.Message):
     __slots__ = ()
