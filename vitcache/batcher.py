@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -13,6 +14,7 @@ import torch
 from vitcache.entry import CachedEmbedding
 from vitcache.errors import ErrorCode, ImageError
 from vitcache.models import VisionEncoder
+from vitcache.observer import EngineObserver
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +24,9 @@ class _Pending:
     pixel_values: torch.Tensor
     grid_thw: tuple[int, int, int]
     future: asyncio.Future[CachedEmbedding]
+    deadline: float | None = None  # time.monotonic(); past it the image is dropped, not run
     patches: int = field(init=False)
+    queued_at: float = field(init=False, default_factory=time.perf_counter)
 
     def __post_init__(self) -> None:
         t, h, w = self.grid_thw
@@ -49,15 +53,24 @@ class Batcher:
     - A forward that runs out of device memory is split in halves and retried; an image
       that runs out alone fails with RESOURCE_EXHAUSTED. Other images are unaffected.
     - Results leave the worker as CPU bytes (:class:`CachedEmbedding`), never device tensors.
+    - An image whose deadline has passed when its batch closes fails with DEADLINE_EXCEEDED
+      and never reaches the device.
     """
 
-    def __init__(self, encoder: VisionEncoder, max_batch_patches: int, max_wait_s: float = 0.002) -> None:
+    def __init__(
+        self,
+        encoder: VisionEncoder,
+        max_batch_patches: int,
+        max_wait_s: float = 0.002,
+        observer: EngineObserver | None = None,
+    ) -> None:
         if max_batch_patches < 1:
             raise ValueError("max_batch_patches must be >= 1")
         self.encoder = encoder
         self.max_batch_patches = max_batch_patches
         self.max_wait_s = max_wait_s
         self.stats = BatcherStats()
+        self.observer = observer or EngineObserver()
         self._queue: deque[_Pending] = deque()
         self._wakeup = asyncio.Event()
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vitcache-forward")
@@ -74,9 +87,11 @@ class Batcher:
             item.future.cancel()
         self._worker.shutdown(wait=True)
 
-    async def encode(self, pixel_values: torch.Tensor, grid_thw: tuple[int, int, int]) -> CachedEmbedding:
+    async def encode(
+        self, pixel_values: torch.Tensor, grid_thw: tuple[int, int, int], deadline: float | None = None
+    ) -> CachedEmbedding:
         future: asyncio.Future[CachedEmbedding] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Pending(pixel_values, grid_thw, future))
+        self._queue.append(_Pending(pixel_values, grid_thw, future, deadline))
         self._wakeup.set()
         return await future
 
@@ -104,6 +119,10 @@ class Batcher:
             item = self._queue.popleft()
             batch.append(item)
             patches += item.patches
+        now = time.monotonic()
+        for item in batch:
+            if item.deadline is not None and now >= item.deadline and not item.future.done():
+                item.future.set_exception(ImageError(ErrorCode.DEADLINE_EXCEEDED, "deadline passed while queued"))
         return [item for item in batch if not item.future.done()]
 
     async def _run(self) -> None:
@@ -112,6 +131,9 @@ class Batcher:
             batch = await self._next_batch()
             if not batch:
                 continue
+            started = time.perf_counter()
+            for item in batch:
+                self.observer.stage_timed("queue", started - item.queued_at)
             try:
                 results = await loop.run_in_executor(self._worker, self._forward, batch)
             except Exception as exc:  # a bug, not bad input: fail this batch, keep serving
@@ -127,6 +149,7 @@ class Batcher:
 
     def _forward(self, batch: list[_Pending]) -> list[CachedEmbedding | ImageError]:
         """Runs on the worker thread; splits on out-of-memory."""
+        started = time.perf_counter()
         try:
             outputs = self._run_encoder(batch)
         except torch.OutOfMemoryError:
@@ -146,11 +169,15 @@ class Batcher:
             return self._forward(batch[:half]) + self._forward(batch[half:])
         self.stats.batches += 1
         self.stats.images += len(batch)
-        self.stats.patches += sum(item.patches for item in batch)
-        return [CachedEmbedding.from_tensors(item.grid_thw, out) for item, out in zip(batch, outputs, strict=True)]
+        patches = sum(item.patches for item in batch)
+        self.stats.patches += patches
+        entries = [CachedEmbedding.from_tensors(item.grid_thw, out) for item, out in zip(batch, outputs, strict=True)]
+        self.observer.stage_timed("forward", time.perf_counter() - started)  # outputs are on the CPU: synced
+        self.observer.forward_done(len(batch), patches)
+        return entries
 
     def _run_encoder(self, batch: list[_Pending]) -> list[list[torch.Tensor]]:
         device = self.encoder.device
         pixel_values = torch.cat([item.pixel_values.to(device, non_blocking=True) for item in batch])
-        grid = torch.tensor([item.grid_thw for item in batch], dtype=torch.int64, device=device)
+        grid = torch.tensor([item.grid_thw for item in batch], dtype=torch.int64)  # CPU: no sync to read it
         return self.encoder.encode(pixel_values, grid)

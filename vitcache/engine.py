@@ -10,7 +10,7 @@ import asyncio
 import enum
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -20,10 +20,12 @@ from vitcache.batcher import Batcher
 from vitcache.digest import DIGEST_SIZE, digest_file, digest_pixels, digest_rgb
 from vitcache.entry import CachedEmbedding
 from vitcache.errors import ErrorCode, ImageError
+from vitcache.fleet_lock import FleetLock
 from vitcache.models import VisionEncoder
-from vitcache.preprocess import DecodeLimits, ImageRejected, decode_image, preprocess, raw_image
+from vitcache.observer import EngineObserver
+from vitcache.preprocess import DecodeLimits, ImageRejected, decode_image_on, preprocess, raw_image
 from vitcache.tensor_codec import dtype_from_name, tensor_from_buffer
-from vitcache.tiers import L1Cache, RedisTier
+from vitcache.tiers import L1Cache, RedisTier, l1_key
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +69,19 @@ ImageInput = EncodedFile | RawRGB | PixelRows | DigestOnly
 
 
 @dataclass(frozen=True)
+class Scope:
+    """Who asks and until when: the tenant scopes every cache key; past the deadline
+    (``time.monotonic()``) an image that has not reached the device is dropped."""
+
+    tenant: str = ""
+    deadline: float | None = None
+
+    def check_deadline(self) -> None:
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            raise ImageError(ErrorCode.DEADLINE_EXCEEDED, "deadline passed while queued")
+
+
+@dataclass(frozen=True)
 class ImageOutcome:
     index: int
     digest: bytes
@@ -81,6 +96,8 @@ class EngineConfig:
     max_batch_wait_s: float = 0.002
     preprocess_workers: int = 4
     limits: DecodeLimits = field(default_factory=DecodeLimits)
+    max_queued_images: int = 1024  # misses being resolved at once; more are RESOURCE_EXHAUSTED
+    digest_key: bytes | None = None  # keyed digests (vitcache.digest); None = plain xxh3-128
 
 
 @dataclass
@@ -91,6 +108,8 @@ class EngineStats:
     not_found: int = 0
     errors: int = 0
     single_flight_joins: int = 0
+    overloaded: int = 0  # images refused because max_queued_images were already queued
+    deadline_expired: int = 0  # misses dropped before their forward because the deadline passed
     started_at: float = field(default_factory=time.monotonic)
 
 
@@ -104,20 +123,32 @@ class EmbeddingEngine:
       background (``drain`` waits for outstanding writes).
     - Every input image ends in exactly one :class:`ImageOutcome`; a failure of one image
       never fails another.
+    - At most ``max_queued_images`` resolutions are in progress; a miss beyond that is
+      refused at once (RESOURCE_EXHAUSTED) instead of queueing without bound.
+    - With a ``fleet_lock``, a miss is also computed once across the replicas sharing L2;
+      the holder's L2 write completes before it releases the lock.
     """
 
     def __init__(
-        self, encoder: VisionEncoder, l1: L1Cache, l2: RedisTier | None = None, config: EngineConfig | None = None
+        self,
+        encoder: VisionEncoder,
+        l1: L1Cache,
+        l2: RedisTier | None = None,
+        config: EngineConfig | None = None,
+        fleet_lock: FleetLock | None = None,
+        observer: EngineObserver | None = None,
     ) -> None:
         self.encoder = encoder
         self.l1 = l1
         self.l2 = l2
         self.config = config or EngineConfig()
+        self.fleet_lock = fleet_lock
         self.stats = EngineStats()
-        self.batcher = Batcher(encoder, self.config.max_batch_patches, self.config.max_batch_wait_s)
+        self.observer = observer or EngineObserver()
+        self.batcher = Batcher(encoder, self.config.max_batch_patches, self.config.max_batch_wait_s, self.observer)
         self._preprocess_pool = ThreadPoolExecutor(self.config.preprocess_workers, "vitcache-preprocess")
         self._inflight: dict[bytes, asyncio.Task[tuple[CachedEmbedding, Source]]] = {}
-        self._l2_writes: set[asyncio.Task[bool]] = set()
+        self._l2_writes: set[asyncio.Future[None]] = set()
 
     @property
     def uptime_s(self) -> float:
@@ -140,42 +171,48 @@ class EmbeddingEngine:
         while self._l2_writes:
             await asyncio.gather(*list(self._l2_writes), return_exceptions=True)
 
-    async def encode(self, images: Sequence[ImageInput | ImageError]) -> AsyncIterator[ImageOutcome]:
+    async def encode(
+        self, images: Sequence[ImageInput | ImageError], scope: Scope = Scope()
+    ) -> AsyncIterator[ImageOutcome]:
         """Yields one outcome per image, in completion order.
 
         An :class:`ImageError` in ``images`` stands for an input the caller already found
         invalid; it comes back as that image's outcome.
         """
-        tasks = [asyncio.ensure_future(self._serve(i, image)) for i, image in enumerate(images)]
+        tasks = [asyncio.ensure_future(self._serve(i, image, scope)) for i, image in enumerate(images)]
         try:
             for next_done in asyncio.as_completed(tasks):
-                yield await next_done
+                outcome = await next_done
+                self.observer.image_done(outcome)
+                yield outcome
         finally:
             for task in tasks:
                 task.cancel()
 
-    async def fetch(self, digests: Sequence[bytes]) -> AsyncIterator[ImageOutcome]:
-        async for outcome in self.encode([DigestOnly(d) for d in digests]):
+    async def fetch(self, digests: Sequence[bytes], scope: Scope = Scope()) -> AsyncIterator[ImageOutcome]:
+        async for outcome in self.encode([DigestOnly(d) for d in digests], scope):
             yield outcome
 
-    async def _serve(self, index: int, image: ImageInput | ImageError) -> ImageOutcome:
+    async def _serve(self, index: int, image: ImageInput | ImageError, scope: Scope) -> ImageOutcome:
         digest = b""
         try:
             if isinstance(image, ImageError):
                 raise image
             digest = self._digest(image)
-            entry = self.l1.get(digest)
+            with self.observer.timed("l1_get"):
+                entry = self.l1.get(l1_key(digest, scope.tenant))
+            self.observer.cache_lookup("l1", hit=entry is not None)
             if entry is not None:
                 self.stats.l1_hits += 1
                 return ImageOutcome(index, digest, entry, Source.L1)
             if isinstance(image, DigestOnly):
-                entry = await self._from_l2(digest)
+                entry = await self._from_l2(digest, scope.tenant)
                 if entry is None:
                     self.stats.not_found += 1
                     raise ImageError(ErrorCode.NOT_FOUND, f"digest {digest.hex()} is not cached; send the image")
                 self.stats.l2_hits += 1
                 return ImageOutcome(index, digest, entry, Source.L2)
-            entry, source = await self._resolve_once(digest, image)
+            entry, source = await self._resolve_once(digest, image, scope)
             return ImageOutcome(index, digest, entry, source)
         except ImageError as exc:
             if exc.code is not ErrorCode.NOT_FOUND:
@@ -189,63 +226,119 @@ class EmbeddingEngine:
                     ErrorCode.INVALID_ARGUMENT, f"digest must be {DIGEST_SIZE} bytes, got {len(image.digest)}"
                 )
             return image.digest
+        key = self.config.digest_key
         if isinstance(image, EncodedFile):
             if len(image.data) > self.config.limits.max_image_bytes:
                 raise ImageError(
                     ErrorCode.INVALID_ARGUMENT,
                     f"image of {len(image.data)} bytes is over the limit of {self.config.limits.max_image_bytes}",
                 )
-            return digest_file(image.data)
+            return digest_file(image.data, key)
         if isinstance(image, RawRGB):
-            return digest_rgb(image.rgb, image.height, image.width)
-        return digest_pixels(image.data, image.grid_thw, image.dtype, image.row_width)
+            return digest_rgb(image.rgb, image.height, image.width, key)
+        return digest_pixels(image.data, image.grid_thw, image.dtype, image.row_width, key)
 
-    async def _from_l2(self, digest: bytes) -> CachedEmbedding | None:
+    async def _from_l2(self, digest: bytes, tenant: str) -> CachedEmbedding | None:
         if self.l2 is None:
             return None
-        entry = await self.l2.get(digest)
+        with self.observer.timed("l2_get"):
+            entry = await self.l2.get(digest, tenant)
+        self.observer.cache_lookup("l2", hit=entry is not None)
         if entry is not None:
-            self.l1.put(digest, entry)
+            with self.observer.timed("l1_put"):
+                self.l1.put(l1_key(digest, tenant), entry)
         return entry
 
-    async def _resolve_once(self, digest: bytes, image: ImageInput) -> tuple[CachedEmbedding, Source]:
-        task = self._inflight.get(digest)
-        if task is None:
-            task = asyncio.ensure_future(self._resolve(digest, image))
-            self._inflight[digest] = task
-            task.add_done_callback(lambda _: self._inflight.pop(digest, None))
-        else:
-            self.stats.single_flight_joins += 1
-        # shield: a cancelled request must not cancel the computation others wait on.
-        entry, source = await asyncio.shield(task)
+    async def _resolve_once(self, digest: bytes, image: ImageInput, scope: Scope) -> tuple[CachedEmbedding, Source]:
+        key = l1_key(digest, scope.tenant)
+        while True:
+            task = self._inflight.get(key)
+            if task is None or task.done():
+                if len(self._inflight) >= self.config.max_queued_images:
+                    self.stats.overloaded += 1
+                    raise ImageError(
+                        ErrorCode.RESOURCE_EXHAUSTED,
+                        f"server overloaded: {len(self._inflight)} images queued (--max-queued-images)",
+                    )
+                task = asyncio.ensure_future(self._resolve(digest, image, scope))
+                self._inflight[key] = task
+                task.add_done_callback(self._forget_inflight(key))
+            else:
+                self.stats.single_flight_joins += 1
+            try:
+                # shield: a cancelled request must not cancel the computation others wait on.
+                entry, source = await asyncio.shield(task)
+                break
+            except ImageError as exc:
+                # Joined a computation whose (earlier) deadline passed: try again under ours.
+                if exc.code is not ErrorCode.DEADLINE_EXCEEDED or scope.deadline is None:
+                    raise
+                scope.check_deadline()
         if source is Source.L2:
             self.stats.l2_hits += 1
         else:
             self.stats.misses += 1
         return entry, source
 
-    async def _resolve(self, digest: bytes, image: ImageInput) -> tuple[CachedEmbedding, Source]:
-        entry = await self._from_l2(digest)
+    def _forget_inflight(self, key: bytes) -> Callable[[asyncio.Future], None]:
+        def forget(task: asyncio.Future) -> None:
+            if self._inflight.get(key) is task:  # a retry may already have put a newer one
+                del self._inflight[key]
+
+        return forget
+
+    async def _resolve(self, digest: bytes, image: ImageInput, scope: Scope) -> tuple[CachedEmbedding, Source]:
+        entry = await self._from_l2(digest, scope.tenant)
         if entry is not None:
             return entry, Source.L2
-        loop = asyncio.get_running_loop()
-        pixel_values, grid = await loop.run_in_executor(self._preprocess_pool, self._prepare, image)
-        entry = await self.batcher.encode(pixel_values, grid)
-        self.l1.put(digest, entry)
+        token = ""
+        if self.fleet_lock is not None:
+            claim = await self.fleet_lock.claim(digest, scope.tenant)
+            if isinstance(claim, CachedEmbedding):  # another replica computed it meanwhile
+                self.l1.put(l1_key(digest, scope.tenant), claim)
+                return claim, Source.L2
+            _, token = claim
+        try:
+            scope.check_deadline()
+            loop = asyncio.get_running_loop()
+            with self.observer.timed("preprocess"):
+                pixel_values, grid = await loop.run_in_executor(self._preprocess_pool, self._prepare, image, scope)
+            entry = await self.batcher.encode(pixel_values, grid, scope.deadline)
+        except BaseException as exc:
+            if isinstance(exc, ImageError) and exc.code is ErrorCode.DEADLINE_EXCEEDED:
+                self.stats.deadline_expired += 1
+            if token:
+                self._background(self._store(digest, scope.tenant, None, token))
+            raise
+        with self.observer.timed("l1_put"):
+            self.l1.put(l1_key(digest, scope.tenant), entry)
         if self.l2 is not None:
-            write = asyncio.ensure_future(self.l2.put(digest, entry))
-            self._l2_writes.add(write)
-            write.add_done_callback(self._l2_writes.discard)
+            self._background(self._store(digest, scope.tenant, entry, token))
         return entry, Source.COMPUTED
 
-    def _prepare(self, image: ImageInput) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    async def _store(self, digest: bytes, tenant: str, entry: CachedEmbedding | None, lock_token: str) -> None:
+        """Writes a computed entry to L2, then releases the fleet lock (if held) so waiters find it."""
+        assert self.l2 is not None
+        if entry is not None:
+            with self.observer.timed("l2_put"):
+                await self.l2.put(digest, entry, tenant)
+        if lock_token and self.fleet_lock is not None:
+            await self.fleet_lock.release(digest, tenant, lock_token)
+
+    def _background(self, coro: Coroutine[None, None, None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._l2_writes.add(task)
+        task.add_done_callback(self._l2_writes.discard)
+
+    def _prepare(self, image: ImageInput, scope: Scope) -> tuple[torch.Tensor, tuple[int, int, int]]:
         """Decode and preprocess on the encoder's device (preprocessing thread)."""
+        scope.check_deadline()  # it may have waited for a preprocessing thread
         limits, encoder = self.config.limits, self.encoder
         try:
             if isinstance(image, PixelRows):
                 return self._pixel_rows(image), image.grid_thw
             if isinstance(image, EncodedFile):
-                pixels = decode_image(image.data, limits)
+                pixels = decode_image_on(image.data, limits, encoder.device)
             else:
                 assert isinstance(image, RawRGB)
                 pixels = raw_image(image.rgb, image.height, image.width, limits)

@@ -1,0 +1,348 @@
+"""Miss-path throughput on a GPU: transformers' forward vs vitcache's encoder vs the service end to end.
+
+    python bench/miss_path.py --device cuda            # ~5 min on an H100; writes bench/results/miss_path-*.json
+
+Uses the Qwen2.5-VL-7B vision config (676.5M parameters) with random weights in bf16. Every
+number in a table is measured in this process (or its child processes) in the same run, so
+the ratios hold even on a noisy machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import multiprocessing as mp
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+QWEN25_7B_VISION = {
+    "depth": 32,
+    "hidden_size": 1280,
+    "intermediate_size": 3420,
+    "num_heads": 16,
+    "out_hidden_size": 3584,
+    "patch_size": 14,
+    "spatial_merge_size": 2,
+    "temporal_patch_size": 2,
+    "window_size": 112,
+    "fullatt_block_indexes": [7, 15, 23, 31],
+    "hidden_act": "silu",
+    "in_chans": 3,
+    "tokens_per_second": 2,
+}
+
+
+def build_checkpoint(path: Path) -> Path:
+    """A Qwen2.5-VL checkpoint with the 7B vision tower and a toy LLM (random weights)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil
+
+    config = Qwen2_5_VLConfig(
+        vision_config=QWEN25_7B_VISION,
+        text_config={
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "vocab_size": 1024,
+        },
+    )
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = Qwen2_5_VLForConditionalGeneration(config).to(torch.bfloat16)
+    model.save_pretrained(path)
+    Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=1344 * 1344).save_pretrained(path)
+    return path
+
+
+def jpeg(height: int, width: int, seed: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    # Smooth content compresses like a photo; noise would make the files unrealistically large.
+    base = rng.integers(0, 256, (height // 16 + 1, width // 16 + 1, 3), dtype=np.uint8)
+    image = Image.fromarray(base).resize((width, height), Image.BICUBIC)
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def flops_per_image(n_params: int, grid: tuple[int, int, int], config: dict) -> float:
+    """2 x parameters x patches, plus attention (4 x seq^2 x hidden per segment per layer)."""
+    t, h, w = grid
+    patches = t * h * w
+    window = (config["window_size"] // config["patch_size"]) ** 2
+    full_layers = len(config["fullatt_block_indexes"])
+    attn = (
+        4
+        * config["hidden_size"]
+        * (full_layers * patches**2 + (config["depth"] - full_layers) * patches * min(window, patches))
+    )
+    return 2 * n_params * patches + attn
+
+
+def timed(fn, iters: int) -> float:  # type: ignore[no-untyped-def]
+    fn()
+    fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / iters
+
+
+def bench_forward(ckpt: Path, device: str, quick: bool) -> tuple[list[dict], dict]:
+    from vitcache.models import load_encoder
+    from vitcache.preprocess import preprocess
+
+    reference = load_encoder(str(ckpt), device, acceleration="none")
+    fast = load_encoder(str(ckpt), device, acceleration="varlen")
+    compiled = load_encoder(str(ckpt), device, acceleration="compile")
+    n_params = sum(p.numel() for p in reference.module.parameters())
+    rows, checks = [], {}
+    for label, count, side in (("448x448", 32, 448), ("1344x1344", 4, 1344)):
+        rng = np.random.default_rng(side)
+        pixels = [
+            preprocess(rng.integers(0, 256, (side, side, 3), dtype=np.uint8), reference.preprocess_config, device)
+            for _ in range(count)
+        ]
+        values = torch.cat([p for p, _ in pixels]).to(torch.bfloat16)
+        grid = torch.tensor([g for _, g in pixels])
+        flops = count * flops_per_image(n_params, pixels[0][1], QWEN25_7B_VISION)
+        want = reference.encode(values, grid)
+        row = {"workload": f"{count} images {label}", "tflop_per_image": flops / count / 1e12}
+        for name, encoder in (("transformers", reference), ("varlen", fast), ("varlen+compile", compiled)):
+            got = encoder.encode(values, grid)
+            err = max(
+                float((g[0].float() - w[0].float()).abs().max() / w[0].float().abs().max())
+                for g, w in zip(got, want, strict=True)
+            )
+            seconds = timed(lambda e=encoder, v=values, g=grid: e.encode(v, g), 3 if quick else 10)
+            row[f"{name}_img_s"] = count / seconds
+            row[f"{name}_tflop_s"] = flops / seconds / 1e12
+            checks[f"{label}:{name}:max_rel_err"] = err
+        rows.append(row)
+    return rows, checks
+
+
+def bench_preprocess(device: str, quick: bool) -> dict:
+    from vitcache.preprocess import DecodeLimits, PreprocessConfig, decode_image, decode_image_on, preprocess
+
+    config = PreprocessConfig(
+        kind="qwen2_vl",
+        patch_size=14,
+        temporal_patch_size=2,
+        merge_size=2,
+        min_pixels=56 * 56,
+        max_pixels=1344 * 1344,
+        max_patches=None,
+        max_size_per_side=None,
+        image_mean=(0.48145466, 0.4578275, 0.40821073),
+        image_std=(0.26862954, 0.26130258, 0.27577711),
+        rescale_factor=1 / 255,
+    )
+    files = [jpeg(768, 1024, i) for i in range(32)]
+    limits = DecodeLimits()
+
+    def cpu() -> None:
+        for data in files:
+            preprocess(decode_image(data, limits), config, "cpu")
+
+    def gpu() -> None:
+        for data in files:
+            preprocess(decode_image_on(data, limits, device), config, device)
+
+    cpu_s = timed(cpu, 2 if quick else 5)
+    gpu_s = timed(gpu, 5 if quick else 20)
+    a = preprocess(decode_image(files[0], limits), config, "cpu")[0]
+    b = preprocess(decode_image_on(files[0], limits, device), config, device)[0].cpu()
+    return {
+        "workload": "decode + preprocess 32 JPEG 1024x768",
+        "cpu_pil_ms": cpu_s * 1e3,
+        "gpu_nvjpeg_ms": gpu_s * 1e3,
+        "speedup": cpu_s / gpu_s,
+        "max_abs_diff_vs_cpu": float((a - b).abs().max()),
+    }
+
+
+def _client(target: str, seed: int, side: int, deadline: float, queue: mp.Queue) -> None:
+    from vitcache.client import VitCacheClient
+
+    rng = np.random.default_rng(seed)
+    base = jpeg(side, side, seed)
+    images = done = failed = 0
+    with VitCacheClient(target) as client:
+        while time.time() < deadline:
+            count = int(rng.integers(1, 5))
+            # Unique bytes per image (all misses): vary the JPEG comment segment.
+            batch = [base[:2] + b"\xff\xfe\x00\x10" + rng.bytes(14) + base[2:] for _ in range(count)]
+            results = client.encode(batch, timeout=120)
+            done += 1
+            images += sum(r.ok for r in results)
+            failed += sum(not r.ok for r in results)
+    queue.put((images, failed, done))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def bench_service(ckpt: Path, device: str, side: int, clients: int, seconds: float, extra: list[str]) -> dict:
+    port = free_port()
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "vitcache.server.cli",
+            "--log-level",
+            "WARNING",
+            "serve",
+            "--model",
+            str(ckpt),
+            "--device",
+            device,
+            "--port",
+            str(port),
+            "--l1-bytes",
+            "512MiB",
+            *extra,
+        ],
+    )
+    target = f"127.0.0.1:{port}"
+    try:
+        from vitcache.client import VitCacheClient
+
+        with VitCacheClient(target) as client:
+            for _ in range(600):
+                try:
+                    client.model_info(timeout=1)
+                    break
+                except Exception:
+                    time.sleep(0.5)
+            # Warm up every shape path (compile, cudnn autotune) before timing.
+            for seed in range(3):
+                client.encode([jpeg(side, side, 10_000 + seed) for _ in range(4)], timeout=600)
+            before = client.stats()
+        ctx = mp.get_context("spawn")
+        queue: mp.Queue = ctx.Queue()
+        deadline = time.time() + seconds
+        procs = [ctx.Process(target=_client, args=(target, i, side, deadline, queue)) for i in range(clients)]
+        start = time.time()
+        for p in procs:
+            p.start()
+        totals = [queue.get(timeout=seconds + 300) for _ in procs]
+        elapsed = time.time() - start
+        for p in procs:
+            p.join()
+        with VitCacheClient(target) as client:
+            after = client.stats()
+        images = sum(t[0] for t in totals)
+        return {
+            "images": images,
+            "failed": sum(t[1] for t in totals),
+            "requests": sum(t[2] for t in totals),
+            "seconds": elapsed,
+            "img_s": images / elapsed,
+            "batches": after.batches - before.batches,
+            "images_computed": after.images_computed - before.images_computed,
+        }
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+
+
+def bench_engine(ckpt: Path, device: str, side: int, images: int, acceleration: str) -> dict:
+    """The service's own engine, in process, over the same kind of requests (no gRPC)."""
+    from vitcache.engine import EmbeddingEngine, EncodedFile
+    from vitcache.models import load_encoder
+    from vitcache.tiers import L1Cache
+
+    encoder = load_encoder(str(ckpt), device, acceleration=acceleration)
+    base = jpeg(side, side, 0)
+    rng = np.random.default_rng(0)
+
+    async def run() -> float:
+        engine = EmbeddingEngine(encoder, L1Cache(512 << 20))
+        await engine.start()
+
+        async def request(n: int) -> None:
+            inputs = [EncodedFile(base[:2] + b"\xff\xfe\x00\x10" + rng.bytes(14) + base[2:]) for _ in range(n)]
+            async for outcome in engine.encode(inputs):
+                assert outcome.error is None, outcome.error
+
+        await asyncio.gather(*(request(4) for _ in range(4)))  # warm-up
+        start = time.perf_counter()
+        sizes = [int(s) for s in rng.integers(1, 5, images // 2)]
+        sem = asyncio.Semaphore(16)
+
+        async def bounded(n: int) -> None:
+            async with sem:
+                await request(n)
+
+        await asyncio.gather(*(bounded(n) for n in sizes))
+        elapsed = time.perf_counter() - start
+        await engine.stop()
+        return sum(sizes) / elapsed
+
+    return {"img_s": asyncio.run(run())}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--seconds", type=float, default=20)
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--acceleration", default="compile")
+    parser.add_argument("--parts", default="forward,preprocess,service")
+    parser.add_argument("--out", default=str(REPO / "bench" / "results"))
+    args = parser.parse_args()
+    parts = set(args.parts.split(","))
+    ckpt = build_checkpoint(Path(tempfile.mkdtemp()) / "qwen2_5_vl_7b_vision")
+    result: dict = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
+        or os.environ.get("VITCACHE_COMMIT", "unknown"),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "model": "Qwen2.5-VL-7B vision config, random weights, bf16",
+    }
+    if "forward" in parts:
+        result["forward"], result["forward_checks"] = bench_forward(ckpt, args.device, args.quick)
+        for row in result["forward"]:
+            print(json.dumps(row), flush=True)
+    if "preprocess" in parts:
+        result["preprocess"] = bench_preprocess(args.device, args.quick)
+        print(json.dumps(result["preprocess"]), flush=True)
+    if "service" in parts:
+        accel = ["--acceleration", args.acceleration]
+        result["service"] = {}
+        for side in (448, 1344):
+            engine = bench_engine(ckpt, args.device, side, 256 if side == 448 else 48, args.acceleration)
+            e2e = bench_service(ckpt, args.device, side, args.clients, args.seconds, accel)
+            e2e["engine_in_process_img_s"] = engine["img_s"]
+            e2e["e2e_over_in_process"] = e2e["img_s"] / engine["img_s"]
+            result["service"][f"{side}x{side}"] = e2e
+            print(side, json.dumps(e2e), flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"miss_path-{result['date'][:10]}-{result['commit'][:8]}.json"
+    path.write_text(json.dumps(result, indent=2))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

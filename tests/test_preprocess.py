@@ -1,0 +1,340 @@
+import io
+import json
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw, ImageFile
+from transformers import Qwen2VLImageProcessorPil
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+from vitcache.preprocess import (
+    KIMI_DEFAULTS,
+    DecodeLimits,
+    ImageRejected,
+    PreprocessConfig,
+    decode_image,
+    preprocess,
+    raw_image,
+)
+
+LIMITS = DecodeLimits()
+QWEN_PROCESSOR = {"min_pixels": 4 * 28 * 28, "max_pixels": 128 * 28 * 28}
+KIMI_PROCESSOR = {"size": {"max_height": 32, "max_width": 32}, "max_patches": 256}
+
+
+def encode(image: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, fmt, **kwargs)
+    return buf.getvalue()
+
+
+def photo(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """Smooth shading plus hard edges: the content where resize implementations differ most."""
+    rng = np.random.default_rng(seed)
+    shading = Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)).resize((width, height), Image.BICUBIC)
+    draw = ImageDraw.Draw(shading)
+    draw.rectangle([width // 4, height // 4, width // 2, height // 2], fill=(250, 20, 30))
+    draw.line([0, 0, width, height], fill=(0, 0, 0), width=max(1, width // 40))
+    return np.asarray(shading)
+
+
+def with_png_size(data: bytes, width: int, height: int) -> bytes:
+    """The same PNG with its header claiming another size (CRC fixed, so Pillow trusts it)."""
+    data = bytearray(data)
+    ihdr = data.index(b"IHDR")
+    data[ihdr + 4 : ihdr + 12] = struct.pack(">II", width, height)
+    data[ihdr + 17 : ihdr + 21] = struct.pack(">I", zlib.crc32(bytes(data[ihdr : ihdr + 17])))
+    return bytes(data)
+
+
+def qwen_config(tmp_path, **processor) -> PreprocessConfig:
+    Qwen2VLImageProcessorPil(**{**QWEN_PROCESSOR, **processor}).save_pretrained(tmp_path)
+    return PreprocessConfig.from_pretrained(tmp_path, "qwen2_vl")
+
+
+def kimi_config(tmp_path) -> PreprocessConfig:
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(KIMI_PROCESSOR))
+    return PreprocessConfig.from_pretrained(tmp_path, "kimi_k25")
+
+
+# --- decoding ---------------------------------------------------------------------------------------
+
+
+def test_decode_png_is_lossless():
+    rgb = photo(37, 53)
+    out = decode_image(encode(Image.fromarray(rgb)), LIMITS)
+    assert out.dtype == np.uint8 and out.shape == (37, 53, 3)
+    np.testing.assert_array_equal(out, rgb)
+
+
+def test_decode_jpeg_matches_pillow():
+    data = encode(Image.fromarray(photo(40, 30)), "JPEG", quality=80)
+    np.testing.assert_array_equal(decode_image(data, LIMITS), np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
+
+
+@pytest.mark.parametrize(
+    "image",
+    [
+        Image.fromarray(photo(20, 30)[..., 0]),  # L
+        Image.fromarray(photo(20, 30)).convert("P"),
+        Image.fromarray(photo(20, 30)).convert("CMYK"),
+        Image.fromarray(np.arange(600, dtype=np.uint16).reshape(20, 30) * 50),  # I;16
+    ],
+    ids=["grayscale", "palette", "cmyk", "16bit"],
+)
+def test_decode_opaque_modes_convert_like_pil(image):
+    data = encode(image, "TIFF" if image.mode == "CMYK" else "PNG")
+    expected = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    out = decode_image(data, LIMITS)
+    assert out.shape == (20, 30, 3) and out.dtype == np.uint8
+    np.testing.assert_array_equal(out, expected)
+
+
+def test_decode_grayscale_replicates_channels():
+    gray = photo(20, 30)[..., 1]
+    out = decode_image(encode(Image.fromarray(gray)), LIMITS)
+    np.testing.assert_array_equal(out, np.repeat(gray[..., None], 3, axis=2))
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P"])
+def test_decode_transparency_composites_on_white(mode):
+    """HF's processors blend transparent pixels onto white rather than dropping alpha."""
+    rgba = np.dstack([photo(20, 30), np.tile(np.linspace(0, 255, 30).astype(np.uint8), (20, 1))])
+    image = Image.fromarray(rgba)
+    if mode == "LA":
+        image = image.convert("LA")
+    if mode == "P":  # palette with one fully transparent index
+        image = Image.fromarray(photo(20, 30)).convert("P")
+        image.info["transparency"] = int(np.asarray(image)[0, 0])
+    source = np.asarray(Image.open(io.BytesIO(encode(image))).convert("RGBA")).astype(np.float64)
+    alpha = source[..., 3:] / 255
+    expected = alpha * source[..., :3] + (1 - alpha) * 255
+    out = decode_image(encode(image), LIMITS)
+    np.testing.assert_allclose(out, expected, atol=1)  # PIL's alpha_composite rounds in integer arithmetic
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"definitely not an image",
+        encode(Image.fromarray(photo(64, 64)))[:600],
+        encode(Image.fromarray(photo(64, 64)), "JPEG")[:-200],
+        with_png_size(encode(Image.new("RGB", (1, 1))), 0, 10),
+    ],
+    ids=["empty", "garbage", "truncated-png", "truncated-jpeg", "zero-width"],
+)
+def test_decode_rejects_unusable_input(data):
+    with pytest.raises(ImageRejected):
+        decode_image(data, LIMITS)
+
+
+def test_decode_rejects_too_many_bytes():
+    data = encode(Image.fromarray(photo(64, 64)))
+    with pytest.raises(ImageRejected, match="bytes"):
+        decode_image(data, DecodeLimits(max_image_bytes=len(data) - 1))
+    assert decode_image(data, DecodeLimits(max_image_bytes=len(data))).shape == (64, 64, 3)
+
+
+def test_decode_rejects_bomb_from_header_without_decoding(monkeypatch):
+    loads = []
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: loads.append(self))
+    bomb = with_png_size(encode(Image.new("1", (1, 1))), 9000, 9000)  # 81 Mpx, under Pillow's own limit
+    with pytest.raises(ImageRejected, match="over the limit"):
+        decode_image(bomb, LIMITS)
+    assert loads == []
+
+
+def test_decode_guards_pillows_bomb_check():
+    bomb = with_png_size(encode(Image.new("1", (1, 1))), 50000, 50000)
+    with pytest.raises(ImageRejected, match="too many pixels"):
+        decode_image(bomb, DecodeLimits(max_image_pixels=10**12))
+
+
+def test_raw_image_is_a_zero_copy_view():
+    rgb = photo(5, 7)
+    data = rgb.tobytes()
+    out = raw_image(data, 5, 7, LIMITS)
+    np.testing.assert_array_equal(out, rgb)
+    assert np.shares_memory(out, np.frombuffer(data, dtype=np.uint8))
+
+
+@pytest.mark.parametrize(
+    ("size", "height", "width", "limits"),
+    [
+        (5 * 7 * 3 - 1, 5, 7, LIMITS),
+        (0, 0, 7, LIMITS),
+        (0, 5, 0, LIMITS),
+        (300, 10, 10, DecodeLimits(max_image_pixels=99)),
+    ],
+    ids=["short", "zero-height", "zero-width", "too-many-pixels"],
+)
+def test_raw_image_validates(size, height, width, limits):
+    with pytest.raises(ImageRejected):
+        raw_image(bytes(size), height, width, limits)
+
+
+# --- config -----------------------------------------------------------------------------------------
+
+
+def test_qwen_config_resolves_like_hf(tmp_path):
+    # Legacy min/max_pixels win over `size`, exactly as in the HF processor's constructor.
+    (tmp_path / "preprocessor_config.json").write_text(
+        json.dumps({"size": {"shortest_edge": 1, "longest_edge": 2}, "min_pixels": 3136, "max_pixels": 50176})
+    )
+    config = PreprocessConfig.from_pretrained(tmp_path, "qwen2_vl")
+    assert (config.min_pixels, config.max_pixels) == (3136, 50176)
+    (tmp_path / "preprocessor_config.json").write_text("{}")
+    config = PreprocessConfig.from_pretrained(tmp_path, "qwen2_vl")
+    assert (config.min_pixels, config.max_pixels) == (56 * 56, 28 * 28 * 1280)
+    assert (config.patch_size, config.merge_size, config.temporal_patch_size) == (14, 2, 2)
+    assert (config.image_mean, config.image_std) == (tuple(OPENAI_CLIP_MEAN), tuple(OPENAI_CLIP_STD))
+    assert config.patch_dim == 3 * 2 * 14 * 14
+
+
+def test_kimi_config_defaults(tmp_path):
+    (tmp_path / "preprocessor_config.json").write_text("{}")
+    config = PreprocessConfig.from_pretrained(tmp_path, "kimi_k25")
+    assert (config.max_patches, config.max_size_per_side, config.patch_size, config.merge_size) == (16384, 512, 14, 2)
+    assert config.patch_dim == 3 * 14 * 14
+
+
+def test_config_refuses_unsupported_processing(tmp_path):
+    with pytest.raises(ValueError, match="unsupported"):
+        qwen_config(tmp_path, do_normalize=False)
+
+
+def test_config_json_is_canonical(tmp_path):
+    config = qwen_config(tmp_path)
+    assert json.loads(config.to_json())["max_pixels"] == QWEN_PROCESSOR["max_pixels"]
+    assert config.to_json() == json.dumps(json.loads(config.to_json()), sort_keys=True)
+    assert qwen_config(tmp_path, max_pixels=64 * 28 * 28).to_json() != config.to_json()
+
+
+# --- preprocessing ----------------------------------------------------------------------------------
+
+# (height, width): no resize, non-square down/upscales, below min_pixels, above max_pixels, extreme aspect.
+SIZES = [(56, 84), (100, 150), (150, 100), (20, 30), (1000, 700), (30, 900)]
+
+
+def levels(diff: torch.Tensor, config: PreprocessConfig) -> torch.Tensor:
+    """Differences of normalized pixel_values expressed in uint8 levels of the source image."""
+    per_channel = torch.tensor(config.image_std).repeat_interleave(config.patch_dim // 3)
+    return diff.abs() * per_channel / config.rescale_factor
+
+
+def assert_close_in_levels(diff: torch.Tensor) -> None:
+    """What separates a float resize from one with clamped uint8 intermediate passes (PIL, torchvision CPU)."""
+    assert diff.mean() < 0.5
+    assert (diff <= 1 + 1e-3).float().mean() > 0.95
+
+
+@pytest.mark.parametrize(("height", "width"), SIZES)
+def test_qwen_matches_pil_processor(tmp_path, height, width):
+    """PIL resizes in two separable passes with a clamped, rounded uint8 intermediate, while we (like
+    torchvision on GPU) resize in float and round once. That moves values by at most one level except next
+    to hard edges, where bicubic overshoot is clipped between the passes (up to ~25 levels; those pixels are
+    ~1% of a photo, a few % of a small upscaled one). Hence: the grid and layout exactly, the values within
+    one level almost everywhere and half a level on average, and bit-exact when no resize happens."""
+    config = qwen_config(tmp_path)
+    image = photo(height, width)
+    expected = Qwen2VLImageProcessorPil(**QWEN_PROCESSOR)(
+        images=[image], return_tensors="pt", input_data_format="channels_last"
+    )
+    pixel_values, grid = preprocess(image, config)
+    assert [grid] == [tuple(g) for g in expected["image_grid_thw"].tolist()]
+    assert pixel_values.dtype == torch.float32 and pixel_values.shape == expected["pixel_values"].shape
+    diff = levels(pixel_values - expected["pixel_values"], config)
+    if (height, width) == (56, 84):
+        assert diff.max() < 1e-3
+    assert_close_in_levels(diff)
+
+
+def test_preprocess_accepts_torch_and_read_only_views(tmp_path):
+    config = qwen_config(tmp_path)
+    image = photo(100, 150)
+    expected, grid = preprocess(image, config)
+    view = raw_image(image.tobytes(), 100, 150, LIMITS)
+    for source in (view, torch.from_numpy(image.copy())):
+        pixel_values, same_grid = preprocess(source, config, device="cpu")
+        assert same_grid == grid
+        torch.testing.assert_close(pixel_values, expected, rtol=0, atol=0)
+
+
+def test_preprocess_rejects_extreme_aspect_ratio(tmp_path):
+    with pytest.raises(ImageRejected, match="aspect ratio"):
+        preprocess(np.zeros((1, 300, 3), dtype=np.uint8), qwen_config(tmp_path))
+
+
+def test_preprocess_validates_input_layout(tmp_path):
+    with pytest.raises(ValueError, match="uint8"):
+        preprocess(np.zeros((10, 10, 4), dtype=np.uint8), qwen_config(tmp_path))
+
+
+# --- against the torchvision-backed processors (they run where torchvision is installed) ------------
+
+# torchvision resizes uint8 on CPU with a native integer kernel (PIL-like, two clamped passes) and on GPU in
+# float; `preprocess` is the float path, so it is compared bit-for-bit where a GPU runs both.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def assert_matches_torchvision(pixel_values, expected, config):
+    diff = levels(pixel_values.cpu() - expected.cpu(), config)
+    if DEVICE == "cuda":
+        assert diff.max() < 1e-3  # float32 rounding of the fused normalize, far below one level
+    else:
+        assert_close_in_levels(diff)
+
+
+@pytest.mark.parametrize(("height", "width"), SIZES)
+def test_qwen_matches_torchvision_processor(tmp_path, height, width):
+    pytest.importorskip("torchvision")
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
+
+    config = qwen_config(tmp_path)
+    image = photo(height, width)
+    expected = Qwen2VLImageProcessor(**QWEN_PROCESSOR)(
+        images=[torch.tensor(image).permute(2, 0, 1)], return_tensors="pt", device=DEVICE
+    )
+    pixel_values, grid = preprocess(image, config, device=DEVICE)
+    assert [grid] == [tuple(g) for g in expected["image_grid_thw"].tolist()]
+    assert pixel_values.shape == expected["pixel_values"].shape
+    assert_matches_torchvision(pixel_values, expected["pixel_values"], config)
+
+
+@pytest.mark.parametrize(("height", "width"), [*SIZES, (700, 30)])
+def test_kimi_matches_torchvision_processor(tmp_path, height, width):
+    pytest.importorskip("torchvision")
+    from transformers.models.kimi_k25.image_processing_kimi_k25 import Kimi_K25ImageProcessor, navit_resize
+
+    config = kimi_config(tmp_path)
+    processor = Kimi_K25ImageProcessor(**KIMI_PROCESSOR)
+    image = photo(height, width)
+    expected = processor(images=[torch.tensor(image).permute(2, 0, 1)], return_tensors="pt", device=DEVICE)
+    pixel_values, grid = preprocess(image, config, device=DEVICE)
+
+    (_, resized_w), (padded_h, padded_w) = navit_resize(height, width, 14, 2, 256, 32)
+    assert grid == (1, padded_h // 14, padded_w // 14)
+    assert [grid] == [tuple(g) for g in expected["image_grid_thw"].tolist()]
+    assert grid[1] * grid[2] == processor.get_number_of_image_patches(height, width)
+    assert pixel_values.shape == (grid[1] * grid[2], config.patch_dim)
+    assert_matches_torchvision(pixel_values, expected["pixel_values"].flatten(1), config)
+    # Padding (bottom/right) is black before normalization, i.e. -mean/std after it.
+    patches = pixel_values.cpu().view(grid[1], grid[2], 3, 14, 14)
+    if padded_w > resized_w:
+        torch.testing.assert_close(patches[0, -1, :, 0, -1], torch.full((3,), -1.0))
+
+
+def test_kimi_defaults_match_hf_processor():
+    pytest.importorskip("torchvision")
+    from transformers.models.kimi_k25.image_processing_kimi_k25 import Kimi_K25ImageProcessor
+
+    processor = Kimi_K25ImageProcessor()
+    assert dict(processor.size) == KIMI_DEFAULTS["size"]
+    for name in ("patch_size", "merge_size", "max_patches", "rescale_factor"):
+        assert getattr(processor, name) == KIMI_DEFAULTS[name], name
+    for name in ("image_mean", "image_std"):
+        assert tuple(getattr(processor, name)) == tuple(KIMI_DEFAULTS[name]), name

@@ -1,0 +1,121 @@
+"""The CUDA fast path of the vision towers, around transformers' own modules.
+
+transformers' vision attention without flash-attn splits the packed batch and loops in Python
+over every image or window, and recomputes grid-derived metadata (positions, cu_seqlens, window
+permutation, with a device sync per layer for ``max_seqlen``). Here:
+
+- attention is one ``torch.nn.attention.varlen.varlen_attn`` call per layer over the packed
+  batch, registered as a transformers attention implementation (its name contains "flash" so
+  the towers hand it ``cu_seqlens``);
+- the grid-derived metadata is computed once per batch on the CPU, with transformers' own
+  helpers (``transformers.vision_utils``), and passed in, so a forward has no host syncs;
+- optionally each block is ``torch.compile``d (one graph shared by all blocks, dynamic length).
+
+The transformers forward with SDPA stays the reference and the fallback (CPU, other devices).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AttentionInterface
+from transformers.vision_utils import (
+    get_vision_cu_seqlens,
+    get_vision_interpolation_indices_and_weights,
+    get_vision_position_ids,
+    get_vision_window_index,
+)
+
+VARLEN_ATTENTION = "flash_varlen_vitcache"
+
+
+def varlen_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    cu_seq_lens_q: torch.Tensor | None = None,
+    cu_seq_lens_k: torch.Tensor | None = None,
+    max_length_q: int | None = None,
+    max_length_k: int | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention interface: (1, heads, tokens, dim) in, (1, tokens, heads, dim) out."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    q, k, v = (x.squeeze(0).transpose(0, 1) for x in (query, key, value))
+    out = varlen_attn(q, k, v, cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k, scale=scaling)
+    return out.unsqueeze(0), None
+
+
+AttentionInterface.register(VARLEN_ATTENTION, varlen_attention)
+
+
+def varlen_available(device: torch.device) -> bool:
+    if device.type != "cuda":
+        return False
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _max_len(cu_seqlens: torch.Tensor) -> int:
+    return int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+
+
+def batch_metadata(family: str, tower: nn.Module, grids: list[tuple[int, int, int]]) -> dict[str, Any]:
+    """Everything the tower derives from ``grid_thw``, computed on the CPU (no device syncs).
+
+    Keys are the ones transformers' vision helpers pop from the forward's kwargs.
+    """
+    grid = torch.tensor(grids, dtype=torch.int64)
+    config = tower.config
+    meta: dict[str, Any] = {}
+    if family == "kimi_k25":
+        from transformers.models.kimi_k25.modeling_kimi_k25 import (
+            get_vision_frame_index,
+            get_vision_temporal_merge_index,
+        )
+
+        meta["position_ids"] = get_vision_position_ids(grid, spatial_merge_size=1)
+        meta["cu_seqlens"] = get_vision_cu_seqlens(grid, merge_temporal=True)
+        meta["frame_index"] = get_vision_frame_index(grid)
+        meta["temporal_merge_index"] = get_vision_temporal_merge_index(grid, *tower.merge_kernel_size)
+    else:
+        meta["position_ids"] = get_vision_position_ids(grid, config.spatial_merge_size)
+        meta["cu_seqlens"] = get_vision_cu_seqlens(grid)
+    meta["max_seqlen"] = _max_len(meta["cu_seqlens"])
+    if family == "qwen2_5_vl":
+        window_index, cu_window = get_vision_window_index(
+            grid, config.spatial_merge_size, config.window_size, config.patch_size
+        )
+        meta.update(window_index=window_index, cu_window_seqlens=cu_window, max_window_seqlen=_max_len(cu_window))
+    interpolated = next((m for m in tower.modules() if hasattr(m, "num_grid_per_side")), None)
+    if interpolated is not None:  # Qwen3-VL, Kimi-K2.5: learned position tables resampled per image
+        extra = {"spatial_merge_size": config.spatial_merge_size} if family == "qwen3_vl" else {}
+        meta["interp_indices"], meta["interp_weights"] = get_vision_interpolation_indices_and_weights(
+            grid,
+            interpolated.num_grid_per_side,
+            mode=interpolated.interpolation_mode,
+            align_corners=interpolated.interpolation_align_corners,
+            **extra,
+        )
+    return meta
+
+
+def to_device(meta: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in meta.items()}
+
+
+def compile_blocks(tower: nn.Module) -> None:
+    """Compiles each transformer block in place; all blocks share one graph (modules are inputs)."""
+    blocks = getattr(tower, "blocks", None) or tower.layers
+    for block in blocks:
+        block.compile(dynamic=True)

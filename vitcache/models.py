@@ -1,0 +1,354 @@
+"""Vision encoders of VLM checkpoints, loaded without the language model, and their cache namespace."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+import xxhash
+from safetensors import SafetensorError, safe_open
+from torch import nn
+from transformers import (
+    AutoConfig,
+    Kimi_K25ForConditionalGeneration,
+    Kimi_K25VisionModel,
+    PretrainedConfig,
+    PreTrainedModel,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2VLForConditionalGeneration,
+    Qwen3VLForConditionalGeneration,
+    Qwen3VLVisionModel,
+)
+from transformers import initialization as hf_init
+from transformers.conversion_mapping import get_model_conversion_mapping
+from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
+from transformers.modeling_utils import local_torch_dtype
+from transformers.models.kimi_k25.modeling_kimi_k25 import Kimi_K25MultimodalProjection
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
+from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
+
+from vitcache import accel
+from vitcache.preprocess import PreprocessConfig
+from vitcache.tiny import make_tiny_checkpoint
+
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "kimi_k25")
+ACCELERATIONS = ("none", "varlen", "compile")
+
+# Bump when the meaning of cached outputs changes without any hashed input changing (e.g. a new output layout).
+NAMESPACE_VERSION = "vitcache-namespace-v1"
+# Config entries that describe where/when a config was written, not what the encoder computes.
+_BOOKKEEPING_CONFIG_KEYS = frozenset({"transformers_version", "_name_or_path", "dtype", "architectures"})
+TINY_RANDOM = "tiny-random"
+_TINY_RANDOM_FAMILY = "qwen2_5_vl"
+_TINY_RANDOM_DIR = "tiny-random-qwen2_5_vl-seed0-v1"
+
+
+class ModelLoadError(RuntimeError):
+    """The checkpoint cannot give a correct vision encoder (missing files, weights or unsupported model)."""
+
+
+@dataclass(frozen=True)
+class _Family:
+    model_cls: type[PreTrainedModel]  # the full model: only instantiated on the meta device, to map checkpoint keys
+    vision_cls: type[PreTrainedModel]
+    tower: str  # attribute of `model_cls.model` holding the vision tower
+    checkpoint_prefixes: tuple[str, ...]  # checkpoint keys under these are the encoder's, in any known layout
+    preprocess_kind: str
+
+
+_QWEN_PREFIXES = ("visual.", "model.visual.")
+_FAMILY_SPECS = {
+    "qwen2_vl": _Family(
+        Qwen2VLForConditionalGeneration, Qwen2VisionTransformerPretrainedModel, "visual", _QWEN_PREFIXES, "qwen2_vl"
+    ),
+    "qwen2_5_vl": _Family(
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2_5_VisionTransformerPretrainedModel,
+        "visual",
+        _QWEN_PREFIXES,
+        "qwen2_vl",
+    ),
+    "qwen3_vl": _Family(Qwen3VLForConditionalGeneration, Qwen3VLVisionModel, "visual", _QWEN_PREFIXES, "qwen2_vl"),
+    "kimi_k25": _Family(
+        Kimi_K25ForConditionalGeneration,
+        Kimi_K25VisionModel,
+        "vision_tower",
+        ("vision_tower.", "model.vision_tower.", "mm_projector.", "model.mm_projector."),
+        "kimi_k25",
+    ),
+}
+
+
+class VisionEncoder:
+    """A vision tower (+ projector for Kimi) in eval/inference mode on one device."""
+
+    def __init__(
+        self,
+        family: str,
+        model_name: str,
+        module: nn.ModuleDict,
+        config: PretrainedConfig,
+        preprocess_config: PreprocessConfig,
+        dtype: torch.dtype,
+        namespace: str,
+    ) -> None:
+        vision_config = config.vision_config
+        self.family = family
+        self.model_name = model_name
+        # Keys mirror the full model's submodules under `model.`: "visual" or "vision_tower" + "mm_projector".
+        self.module = module
+        self.device = next(module.parameters()).device
+        self.dtype = dtype
+        self.preprocess_config = preprocess_config
+        self.namespace = namespace
+        self.acceleration = "none"  # set by load_encoder
+        self.output_names = ["merged"]
+        if family == "kimi_k25":
+            kernel_h, kernel_w = vision_config.merge_kernel_size
+            if kernel_h != kernel_w:
+                raise ModelLoadError(f"non-square Kimi merge kernel {vision_config.merge_kernel_size} is unsupported")
+            self.merge_size = kernel_h
+            self.output_hidden_sizes = [config.text_config.hidden_size]
+        else:
+            self.merge_size = vision_config.spatial_merge_size
+            # Qwen2-VL's merger projects to `hidden_size`; later versions name it `out_hidden_size`.
+            hidden = vision_config.hidden_size if family == "qwen2_vl" else vision_config.out_hidden_size
+            deepstack = getattr(vision_config, "deepstack_visual_indexes", ())
+            self.output_names += [f"deepstack_{i}" for i in range(len(deepstack))]
+            self.output_hidden_sizes = [hidden] * len(self.output_names)
+        self._max_frames = vision_config.pos_emb_time if family == "kimi_k25" else None
+
+    def tokens_for(self, grid_thw: tuple[int, int, int]) -> int:
+        t, h, w = grid_thw
+        # Kimi averages the frames of a clip into one set of tokens; Qwen keeps every temporal patch.
+        frames = 1 if self.family == "kimi_k25" else t
+        return frames * h * w // self.merge_size**2
+
+    def validate_grid(self, grid_thw: tuple[int, int, int]) -> None:
+        if len(grid_thw) != 3 or any(not isinstance(v, int) or v < 1 for v in grid_thw):
+            raise ValueError(f"grid_thw must be three integers >= 1, got {grid_thw}")
+        t, h, w = grid_thw
+        if h % self.merge_size or w % self.merge_size:
+            raise ValueError(f"grid {grid_thw}: h and w must be multiples of the merge size {self.merge_size}")
+        if self._max_frames is not None and t > self._max_frames:
+            raise ValueError(f"grid {grid_thw}: this model embeds at most {self._max_frames} frames per clip")
+
+    def encode(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> list[list[torch.Tensor]]:
+        """Encode a batch of images in one forward; per image, its outputs in `output_names` order."""
+        grids = [tuple(g) for g in grid_thw.tolist()]
+        for grid in grids:
+            self.validate_grid(grid)
+        patch_dim = self.preprocess_config.patch_dim
+        if pixel_values.shape != (sum(t * h * w for t, h, w in grids), patch_dim):
+            raise ValueError(f"pixel_values {tuple(pixel_values.shape)} do not match grids {grids} x {patch_dim}")
+        with torch.inference_mode():
+            pixels = pixel_values.to(self.device, self.dtype)
+            grid_thw = grid_thw.to(self.device)
+            outputs = self._forward(pixels, grid_thw, grids)
+        sizes = [self.tokens_for(grid) for grid in grids]
+        return [list(per_image) for per_image in zip(*(output.split(sizes) for output in outputs), strict=True)]
+
+    def _forward(
+        self, pixels: torch.Tensor, grid_thw: torch.Tensor, grids: list[tuple[int, int, int]]
+    ) -> list[torch.Tensor]:
+        tower = self.module["vision_tower" if self.family == "kimi_k25" else "visual"]
+        # Accelerated: grid-derived metadata computed once on the CPU instead of per layer on the device.
+        meta = (
+            {}
+            if self.acceleration == "none"
+            else accel.to_device(accel.batch_metadata(self.family, tower, grids), self.device)
+        )
+        if self.family == "kimi_k25":
+            # As Kimi_K25Model.get_image_features: the tower pools each merge window, the projector embeds it.
+            patch = self.preprocess_config.patch_size
+            pooled = tower(pixels.view(-1, 3, patch, patch), grid_thw=grid_thw, **meta).pooler_output
+            return [self.module["mm_projector"](pooled).squeeze(1)]
+        out = tower(pixels, grid_thw=grid_thw, **meta)
+        # Qwen3-VL also returns the features its LLM adds into early decoder layers ("deepstack").
+        return [out.pooler_output, *(getattr(out, "deepstack_features", None) or ())]
+
+
+def load_encoder(
+    model: str,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype | None = None,
+    acceleration: str = "auto",
+) -> VisionEncoder:
+    """Load the vision encoder of a local HF checkpoint directory (or the built-in "tiny-random").
+
+    ``acceleration`` picks the forward (see vitcache.accel): "none" is transformers' own with SDPA,
+    "varlen" one packed attention call per layer, "compile" varlen plus compiled blocks; "auto" is
+    varlen where it is available (CUDA) and none elsewhere. It is not part of the namespace: the
+    outputs agree within the dtype's rounding.
+    """
+    device = torch.device(device)
+    dtype = _resolve_dtype(dtype, device)
+    acceleration = _resolve_acceleration(acceleration, device)
+    path = _tiny_random_checkpoint() if model == TINY_RANDOM else Path(model)
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"{model!r} is not a checkpoint directory (no config.json)")
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot read the model config of {path}: {e}") from e
+    family = config.model_type
+    if family not in FAMILIES:
+        raise ModelLoadError(f"unsupported model_type {family!r}, expected one of {FAMILIES}")
+    spec = _FAMILY_SPECS[family]
+    try:
+        preprocess_config = PreprocessConfig.from_pretrained(path, spec.preprocess_kind)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot read the image processor config of {path}: {e}") from e
+
+    namespace = xxhash.xxh3_128()
+    for part in (NAMESPACE_VERSION, family, _describe(config), str(dtype), preprocess_config.to_json()):
+        namespace.update(part.encode() + b"\0")
+    with ExitStack() as files:
+        try:
+            state = _read_vision_state(path, config, spec, files)
+        except (OSError, SafetensorError) as e:
+            raise ModelLoadError(f"cannot read the vision weights of {path}: {e}") from e
+        for name in sorted(state):
+            tensor = state[name].contiguous()
+            namespace.update(f"{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
+            namespace.update(tensor.reshape(-1).view(torch.uint8).numpy())
+        attention = "sdpa" if acceleration == "none" else accel.VARLEN_ATTENTION
+        module = _build_module(config, spec, device, dtype, attention)
+        try:
+            module.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            raise ModelLoadError(f"vision weights of {path} do not fit the {family} encoder: {e}") from e
+    module.eval().requires_grad_(False)
+    if acceleration == "compile":
+        accel.compile_blocks(module[spec.tower])
+    encoder = VisionEncoder(family, model, module, config, preprocess_config, dtype, namespace.hexdigest())
+    encoder.acceleration = acceleration
+    return encoder
+
+
+def _resolve_acceleration(acceleration: str, device: torch.device) -> str:
+    if acceleration == "auto":
+        return "varlen" if accel.varlen_available(device) else "none"
+    if acceleration not in ACCELERATIONS:
+        raise ModelLoadError(f"acceleration must be one of {ACCELERATIONS} or 'auto', got {acceleration!r}")
+    if acceleration != "none" and not accel.varlen_available(device):
+        raise ModelLoadError(f"acceleration {acceleration!r} needs CUDA and torch.nn.attention.varlen")
+    return acceleration
+
+
+def _resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if dtype is None or dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    resolved = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
+        raise ModelLoadError(f"dtype must be a floating point torch dtype or 'auto', got {dtype!r}")
+    return resolved
+
+
+def _tiny_random_checkpoint() -> Path:
+    """Build the tiny-random checkpoint once per cache dir; the atomic rename makes concurrent builds safe."""
+    home = Path(os.environ.get("VITCACHE_HOME") or Path.home() / ".cache" / "vitcache")
+    target = home / _TINY_RANDOM_DIR
+    if not target.is_dir():
+        home.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=home) as tmp:
+            built = make_tiny_checkpoint(_TINY_RANDOM_FAMILY, Path(tmp) / "checkpoint")
+            try:
+                built.rename(target)
+            except OSError:
+                if not target.is_dir():  # not a lost race with another builder
+                    raise
+    return target
+
+
+def _describe(config: PretrainedConfig) -> str:
+    """Canonical JSON of every config value the encoder's computation depends on."""
+    vision = {k: v for k, v in config.vision_config.to_dict().items() if k not in _BOOKKEEPING_CONFIG_KEYS}
+    described = {"vision_config": vision}
+    if config.model_type == "kimi_k25":
+        described["projector"] = {
+            "projection_hidden_size": config.projection_hidden_size,
+            "projection_layer_norm_eps": config.projection_layer_norm_eps,
+            "output_hidden_size": config.text_config.hidden_size,
+        }
+    return json.dumps(described, sort_keys=True)
+
+
+def _weight_map(path: Path) -> dict[str, str]:
+    """Checkpoint tensor name -> safetensors file, from the index when sharded (no LLM shard is opened)."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        return json.loads(index.read_text())["weight_map"]
+    single = path / "model.safetensors"
+    if not single.is_file():
+        raise ModelLoadError(f"{path} has neither model.safetensors nor model.safetensors.index.json")
+    with safe_open(single, framework="pt") as f:
+        return dict.fromkeys(f.keys(), single.name)
+
+
+def _read_vision_state(
+    path: Path, config: PretrainedConfig, spec: _Family, files: ExitStack
+) -> dict[str, torch.Tensor]:
+    """The encoder's CPU state dict, keyed as the full model's parameters minus "model.".
+
+    Checkpoint layouts differ (Qwen2/2.5-VL hub files use "visual.", transformers v5 "model.visual.", Kimi's
+    original files a fused, RoPE-permuted qkv): keys are mapped with the same conversion rules transformers'
+    `from_pretrained` applies, taken from the full model instantiated on the meta device (no memory, no init).
+    """
+    weight_map = _weight_map(path)
+    with torch.device("meta"), hf_init.no_init_weights():
+        full_model = spec.model_cls._from_config(copy.deepcopy(config))
+    transforms = get_model_conversion_mapping(full_model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    converter_of = {pattern: converter for converter in converters for pattern in converter.source_patterns}
+    meta_state = full_model.state_dict()
+
+    handles = {}
+
+    def loader(key: str) -> Callable[[], torch.Tensor]:
+        file = weight_map[key]
+        if file not in handles:
+            handles[file] = files.enter_context(safe_open(path / file, framework="pt"))
+        return partial(handles[file].get_tensor, key)
+
+    state: dict[str, torch.Tensor] = {}
+    pending: dict[str, WeightConverter] = {}
+    vision_keys = sorted((k for k in weight_map if k.startswith(spec.checkpoint_prefixes)), key=dot_natural_key)
+    for key in vision_keys:
+        target, pattern = rename_source_key(key, renamings, converters, full_model.base_model_prefix, meta_state)
+        if pattern is None:
+            state[target] = loader(key)()
+        else:  # one checkpoint tensor feeds several parameters (Kimi's wqkv)
+            converter = pending.setdefault(target, copy.deepcopy(converter_of[pattern]))
+            converter.add_tensor(target, key, pattern, loader(key))
+    for target, converter in pending.items():
+        try:
+            converted = converter.convert(target, model=full_model, config=full_model.config)
+        except Exception as e:
+            raise ModelLoadError(f"cannot convert checkpoint tensors for {target!r}: {e}") from e
+        state.update({name: value[0] if isinstance(value, list) else value for name, value in converted.items()})
+    prefix = f"{full_model.base_model_prefix}."
+    return {name.removeprefix(prefix): tensor for name, tensor in state.items()}
+
+
+def _build_module(
+    config: PretrainedConfig, spec: _Family, device: torch.device, dtype: torch.dtype, attention: str
+) -> nn.ModuleDict:
+    """Allocate the encoder on `device` without random init: every parameter is then loaded from the checkpoint."""
+    with torch.device(device), hf_init.no_init_weights():
+        modules = {
+            spec.tower: spec.vision_cls._from_config(config.vision_config, dtype=dtype, attn_implementation=attention)
+        }
+        if config.model_type == "kimi_k25":
+            with local_torch_dtype(dtype):
+                modules["mm_projector"] = Kimi_K25MultimodalProjection(config)
+    return nn.ModuleDict(modules)
