@@ -132,6 +132,15 @@ def test_decode_rejects_unusable_input(data):
         decode_image(data, LIMITS)
 
 
+def test_decode_accepts_only_raster_formats():
+    image = Image.fromarray(photo(20, 30))
+    for fmt in ("JPEG", "WEBP", "GIF", "BMP", "TIFF"):
+        assert decode_image(encode(image, fmt), LIMITS).shape == (20, 30, 3), fmt
+    for fmt in ("TGA", "PCX", "EPS"):  # Pillow reads these, the service does not
+        with pytest.raises(ImageRejected, match="cannot decode"):
+            decode_image(encode(image, fmt), LIMITS)
+
+
 def test_decode_rejects_too_many_bytes():
     data = encode(Image.fromarray(photo(64, 64)))
     with pytest.raises(ImageRejected, match="bytes"):
@@ -205,6 +214,9 @@ def test_kimi_config_defaults(tmp_path):
 def test_config_refuses_unsupported_processing(tmp_path):
     with pytest.raises(ValueError, match="unsupported"):
         qwen_config(tmp_path, do_normalize=False)
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"size": {"max_height": 32, "max_width": 64}}))
+    with pytest.raises(ValueError, match="max_width"):
+        PreprocessConfig.from_pretrained(tmp_path, "kimi_k25")
 
 
 def test_config_json_is_canonical(tmp_path):

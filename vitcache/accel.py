@@ -114,6 +114,32 @@ def to_device(meta: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in meta.items()}
 
 
+class PatchLinear(nn.Module):
+    """A patch-embedding convolution whose kernel covers its whole input, run as one matmul.
+
+    The towers feed Conv3d/Conv2d one patch per batch row with kernel == stride == the patch, so
+    the convolution is a linear map of the flattened patch; cuDNN's convolution is far slower
+    than the GEMM. Shares the convolution's parameters (no copy, same state dict).
+    """
+
+    def __init__(self, conv: nn.Conv2d | nn.Conv3d) -> None:
+        super().__init__()
+        self.weight = conv.weight
+        self.bias = conv.bias
+        self._trailing = (1,) * (conv.weight.dim() - 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = nn.functional.linear(x.flatten(1), self.weight.flatten(1), self.bias)
+        return out.view(x.shape[0], -1, *self._trailing)
+
+
+def linear_patch_embed(tower: nn.Module) -> None:
+    conv = tower.patch_embed.proj
+    if tuple(conv.kernel_size) != tuple(conv.stride) or any(conv.padding) or conv.groups != 1:
+        return  # not a pure per-patch projection: keep the convolution
+    tower.patch_embed.proj = PatchLinear(conv)
+
+
 def compile_blocks(tower: nn.Module) -> None:
     """Compiles each transformer block in place; all blocks share one graph (modules are inputs)."""
     blocks = getattr(tower, "blocks", None) or tower.layers

@@ -191,7 +191,7 @@ def load_encoder(
     """
     device = torch.device(device)
     dtype = _resolve_dtype(dtype, device)
-    acceleration = _resolve_acceleration(acceleration, device)
+    acceleration = _resolve_acceleration(acceleration, device, dtype)
     path = _tiny_random_checkpoint() if model == TINY_RANDOM else Path(model)
     if not (path / "config.json").is_file():
         raise ModelLoadError(f"{model!r} is not a checkpoint directory (no config.json)")
@@ -227,6 +227,8 @@ def load_encoder(
         except RuntimeError as e:
             raise ModelLoadError(f"vision weights of {path} do not fit the {family} encoder: {e}") from e
     module.eval().requires_grad_(False)
+    if acceleration != "none":
+        accel.linear_patch_embed(module[spec.tower])
     if acceleration == "compile":
         accel.compile_blocks(module[spec.tower])
     encoder = VisionEncoder(family, model, module, config, preprocess_config, dtype, namespace.hexdigest())
@@ -234,13 +236,15 @@ def load_encoder(
     return encoder
 
 
-def _resolve_acceleration(acceleration: str, device: torch.device) -> str:
+def _resolve_acceleration(acceleration: str, device: torch.device, dtype: torch.dtype) -> str:
+    # varlen attention is flash attention: CUDA, 16-bit floats only.
+    available = accel.varlen_available(device) and dtype in (torch.bfloat16, torch.float16)
     if acceleration == "auto":
-        return "varlen" if accel.varlen_available(device) else "none"
+        return "varlen" if available else "none"
     if acceleration not in ACCELERATIONS:
         raise ModelLoadError(f"acceleration must be one of {ACCELERATIONS} or 'auto', got {acceleration!r}")
-    if acceleration != "none" and not accel.varlen_available(device):
-        raise ModelLoadError(f"acceleration {acceleration!r} needs CUDA and torch.nn.attention.varlen")
+    if acceleration != "none" and not available:
+        raise ModelLoadError(f"acceleration {acceleration!r} needs CUDA, bfloat16/float16 and torch's varlen_attn")
     return acceleration
 
 
@@ -345,9 +349,12 @@ def _build_module(
 ) -> nn.ModuleDict:
     """Allocate the encoder on `device` without random init: every parameter is then loaded from the checkpoint."""
     with torch.device(device), hf_init.no_init_weights():
-        modules = {
-            spec.tower: spec.vision_cls._from_config(config.vision_config, dtype=dtype, attn_implementation=attention)
-        }
+        tower = spec.vision_cls._from_config(config.vision_config, dtype=dtype, attn_implementation="sdpa")
+        if attention != "sdpa":
+            # Set after construction: transformers' constructor check would look for a flash-attn package
+            # for any name containing "flash", and the name must contain it for the towers to pass cu_seqlens.
+            tower.config._attn_implementation_internal = attention
+        modules = {spec.tower: tower}
         if config.model_type == "kimi_k25":
             with local_torch_dtype(dtype):
                 modules["mm_projector"] = Kimi_K25MultimodalProjection(config)

@@ -39,6 +39,10 @@ KIMI_DEFAULTS = {
     "rescale_factor": 1 / 255,
 }
 
+# Raster formats accepted from the network. Pillow can open many more (EPS and PDF-like ones run external
+# programs such as Ghostscript), which is attack surface no VLM request needs.
+DECODE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")  # JPEG includes multi-picture (MPO) files
+
 # Processor settings this module implements; a checkpoint asking for anything else is refused, not approximated.
 _SUPPORTED_FLAGS = {"do_resize": True, "do_rescale": True, "do_normalize": True, "resample": PILImageResampling.BICUBIC}
 
@@ -74,7 +78,7 @@ def decode_image(data: bytes, limits: DecodeLimits) -> np.ndarray:
     if len(data) > limits.max_image_bytes:
         raise ImageRejected(f"image is {len(data)} bytes, over the limit of {limits.max_image_bytes}")
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with Image.open(io.BytesIO(data), formats=DECODE_FORMATS) as image:
             _check_size(image.height, image.width, limits)
             image.load()
             return convert_to_rgb(image, return_numpy=True)
@@ -88,36 +92,71 @@ def decode_image(data: bytes, limits: DecodeLimits) -> np.ndarray:
         raise ImageRejected(f"cannot decode image: {e}") from e
 
 
-def decode_image_on(data: bytes, limits: DecodeLimits, device: torch.device | str) -> torch.Tensor:
-    """Like `decode_image`, as an (H, W, 3) uint8 tensor on `device`; baseline JPEGs decode there (nvJPEG).
+def _nvjpeg_eligible(data: bytes, limits: DecodeLimits) -> bool:
+    """A baseline RGB/grayscale JPEG within the limits (checked from its header; raises ImageRejected)."""
+    if data[:2] != b"\xff\xd8" or len(data) > limits.max_image_bytes:
+        return False
+    try:
+        with Image.open(io.BytesIO(data), formats=("JPEG",)) as header:
+            _check_size(header.height, header.width, limits)
+            return header.mode in ("RGB", "L")  # CMYK and the like keep Pillow's conversion
+    except ImageRejected:
+        raise
+    except Exception:
+        return False  # Pillow's full decode below gives the user the real error
 
-    Only RGB/grayscale JPEGs go to nvJPEG (CMYK and the like keep Pillow's conversion); anything nvJPEG
-    refuses falls back to Pillow, so the accepted inputs and their limits are the same on every device.
+
+def decode_images_on(
+    files: list[bytes], limits: DecodeLimits, device: torch.device | str
+) -> list[torch.Tensor | ImageRejected]:
+    """Like `decode_image` for many files, each an (H, W, 3) uint8 tensor on `device`, or its rejection.
+
+    On CUDA with torchvision, baseline JPEGs decode in one batched nvJPEG call (Huffman decoding on
+    the GPU too); anything nvJPEG refuses, and every other format, goes through Pillow, so the accepted
+    inputs and their limits are the same on every device.
     """
     device = torch.device(device)
-    if device.type == "cuda" and data[:2] == b"\xff\xd8" and len(data) <= limits.max_image_bytes:
+    results: list[torch.Tensor | ImageRejected | None] = [None] * len(files)
+    on_gpu: list[int] = []
+    if device.type == "cuda":
         try:
             from torchvision.io import ImageReadMode, decode_jpeg
         except ImportError:
             decode_jpeg = None
-        if decode_jpeg is not None:
+        for i, data in enumerate(files):
             try:
-                with Image.open(io.BytesIO(data)) as header:
-                    _check_size(header.height, header.width, limits)
-                    mode = header.mode
-            except ImageRejected:
-                raise
-            except Exception as e:
-                raise ImageRejected(f"cannot decode image: {e}") from e
-            if mode in ("RGB", "L"):
-                try:
-                    chw = decode_jpeg(
-                        torch.frombuffer(bytearray(data), dtype=torch.uint8), ImageReadMode.RGB, device=device
-                    )
-                    return chw.permute(1, 2, 0)
-                except RuntimeError:
-                    pass  # e.g. progressive or arithmetic-coded files nvJPEG does not take: Pillow below
-    return torch.from_numpy(decode_image(data, limits)).to(device)
+                if decode_jpeg is not None and _nvjpeg_eligible(data, limits):
+                    on_gpu.append(i)
+            except ImageRejected as e:
+                results[i] = e
+        if on_gpu:
+            encoded = [torch.frombuffer(bytearray(files[i]), dtype=torch.uint8) for i in on_gpu]
+            try:
+                decoded = decode_jpeg(encoded, ImageReadMode.RGB, device=device)
+            except RuntimeError:  # one file nvJPEG cannot take (progressive, arithmetic-coded): one by one
+                decoded = []
+                for data in encoded:
+                    try:
+                        decoded.append(decode_jpeg(data, ImageReadMode.RGB, device=device))
+                    except RuntimeError:
+                        decoded.append(None)
+            for i, chw in zip(on_gpu, decoded, strict=True):
+                results[i] = None if chw is None else chw.permute(1, 2, 0)
+    for i, data in enumerate(files):
+        if results[i] is None:
+            try:
+                results[i] = torch.from_numpy(decode_image(data, limits)).to(device)
+            except ImageRejected as e:
+                results[i] = e
+    return results  # type: ignore[return-value]
+
+
+def decode_image_on(data: bytes, limits: DecodeLimits, device: torch.device | str) -> torch.Tensor:
+    """`decode_images_on` for one file; raises ImageRejected."""
+    (result,) = decode_images_on([data], limits, device)
+    if isinstance(result, ImageRejected):
+        raise result
+    return result
 
 
 def raw_image(rgb: bytes, height: int, width: int, limits: DecodeLimits) -> np.ndarray:
@@ -178,6 +217,8 @@ class PreprocessConfig:
             saved, _ = ImageProcessingMixin.get_image_processor_dict(str(checkpoint_dir))
             values = {**KIMI_DEFAULTS, **_SUPPORTED_FLAGS, **saved}
             settings = {name: values[name] for name in _SUPPORTED_FLAGS}
+            if values["size"].get("max_width") != values["size"]["max_height"]:  # HF refuses it too
+                raise ValueError(f"Kimi's size must have equal max_height and max_width, got {values['size']}")
             config = cls(
                 kind=kind,
                 patch_size=values["patch_size"],
