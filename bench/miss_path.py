@@ -213,37 +213,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def bench_service(ckpt: Path, device: str, side: int, clients: int, seconds: float, extra: list[str]) -> dict:
+def bench_service(
+    ckpt: Path, device: str, side: int, clients: int, seconds: float, extra: list[str], log: Path
+) -> dict:
     port = free_port()
+    command = [sys.executable, "-m", "vitcache.server.cli", "--log-level", "WARNING", "serve", "--model", str(ckpt)]
+    command += ["--device", device, "--port", str(port), "--metrics-port", "0", "--l1-bytes", "512MiB", *extra]
     server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "vitcache.server.cli",
-            "--log-level",
-            "WARNING",
-            "serve",
-            "--model",
-            str(ckpt),
-            "--device",
-            device,
-            "--port",
-            str(port),
-            "--l1-bytes",
-            "512MiB",
-            *extra,
-        ],
+        command,
+        cwd=tempfile.gettempdir(),  # not the repo root, whose folders would shadow the installed package
+        stdout=log.open("ab"),
+        stderr=subprocess.STDOUT,
     )
     target = f"127.0.0.1:{port}"
     try:
         from vitcache.client import VitCacheClient
 
         with VitCacheClient(target) as client:
-            for _ in range(600):
+            while True:
                 try:
                     client.model_info(timeout=1)
                     break
                 except Exception:
+                    if server.poll() is not None:
+                        raise RuntimeError(f"server exited with {server.returncode}; see {log}") from None
                     time.sleep(0.5)
             # Warm up every shape path (compile, cudnn autotune) before timing.
             for seed in range(3):
@@ -334,13 +327,22 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "model": "Qwen2.5-VL-7B vision config, random weights, bf16",
     }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"miss_path-{result['date'][:10]}-{result['commit'][:8]}.json"
+
+    def save() -> None:  # after every part, so a later failure keeps what was measured
+        path.write_text(json.dumps(result, indent=2))
+
     if "forward" in parts:
         result["forward"], result["forward_checks"] = bench_forward(ckpt, args.device, args.quick)
         for row in result["forward"]:
             print(json.dumps(row), flush=True)
+        save()
     if "preprocess" in parts:
         result["preprocess"] = bench_preprocess(args.device, args.quick)
         print(json.dumps(result["preprocess"]), flush=True)
+        save()
     if "service" in parts:
         accel = ["--acceleration", args.acceleration, "--max-batch-patches", str(args.max_batch_patches)]
         result["service"] = {}
@@ -348,15 +350,12 @@ def main() -> None:
             engine = bench_engine(
                 ckpt, args.device, side, 256 if side == 448 else 48, args.acceleration, args.max_batch_patches
             )
-            e2e = bench_service(ckpt, args.device, side, args.clients, args.seconds, accel)
+            e2e = bench_service(ckpt, args.device, side, args.clients, args.seconds, accel, out / "server.log")
             e2e["engine_in_process_img_s"] = engine["img_s"]
             e2e["e2e_over_in_process"] = e2e["img_s"] / engine["img_s"]
             result["service"][f"{side}x{side}"] = e2e
             print(side, json.dumps(e2e), flush=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"miss_path-{result['date'][:10]}-{result['commit'][:8]}.json"
-    path.write_text(json.dumps(result, indent=2))
+            save()
     print(f"wrote {path}")
 
 
