@@ -10,7 +10,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 import redis
 from PIL import Image
+from vitcache.server.app import RunningServer, ServerConfig, start_server
 
 from vitcache.models import VisionEncoder, load_encoder
-from vitcache.server.app import RunningServer, ServerConfig, start_server
 from vitcache.tiny import make_tiny_checkpoint
 
 
@@ -48,19 +48,23 @@ def redis_server_binary() -> str:
 class RedisProcess:
     """A real redis-server on loopback that a test can kill and start again on the same port."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, args: Sequence[str] = (), password: str | None = None) -> None:
         self.port = free_port()
         self.workdir = workdir
+        self.args = [*args, *(["--requirepass", password] if password else [])]
+        self.password = password
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
-            [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+            + self.args,
             cwd=self.workdir,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -81,7 +85,7 @@ class RedisProcess:
             self.proc = None
 
     def client(self) -> redis.Redis:
-        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=2)
+        return redis.Redis(host="127.0.0.1", port=self.port, password=self.password, socket_timeout=2)
 
 
 @pytest.fixture(scope="session")
@@ -166,4 +170,13 @@ def png_bytes(width: int, height: int, seed: int) -> bytes:
     rng = np.random.default_rng(seed)
     buf = io.BytesIO()
     Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def jpeg_bytes(width: int, height: int, seed: int) -> bytes:
+    """A photo-like (smooth) JPEG, the kind nvJPEG decodes on the GPU."""
+    rng = np.random.default_rng(seed)
+    small = Image.fromarray(rng.integers(0, 256, (height // 16 + 1, width // 16 + 1, 3), dtype=np.uint8))
+    buf = io.BytesIO()
+    small.resize((width, height), Image.BICUBIC).save(buf, format="JPEG", quality=90)
     return buf.getvalue()

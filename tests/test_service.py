@@ -14,17 +14,17 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from PIL import Image
-
 from vitcache.client import AsyncVitCacheClient, VitCacheClient
-from vitcache.digest import digest_file
-from vitcache.engine import EngineConfig
-from vitcache.models import load_encoder
-from vitcache.preprocess import DecodeLimits, preprocess
 from vitcache.server.app import ServerConfig
 from vitcache.v1 import vitcache_pb2 as pb
 from vitcache.v1 import vitcache_pb2_grpc as pb_grpc
 
-from .conftest import RedisProcess, png_bytes
+from vitcache.digest import digest_file
+from vitcache.engine import EngineConfig
+from vitcache.models import load_encoder
+from vitcache.preprocess import DecodeLimits, preprocess
+
+from .conftest import RedisProcess, jpeg_bytes, png_bytes
 
 
 def config(**kwargs) -> ServerConfig:  # type: ignore[no-untyped-def]
@@ -80,8 +80,10 @@ def test_pixel_batch_split_equals_single_images_and_transformers(server, tiny_ch
 
     encoder_config = load_encoder(str(tiny_checkpoint)).preprocess_config
     rng = np.random.default_rng(7)
-    pixels = [preprocess(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), encoder_config) for h, w in
-              [(56, 84), (112, 56), (84, 84)]]
+    pixels = [
+        preprocess(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), encoder_config)
+        for h, w in [(56, 84), (112, 56), (84, 84)]
+    ]
     batch = torch.cat([p for p, _ in pixels])
     grids = [g for _, g in pixels]
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_checkpoint).eval()
@@ -136,7 +138,9 @@ def test_namespace_change_never_returns_old_embeddings(start_server_thread, tiny
     assert len(redis_server.client().keys("vitcache:v1:*")) == 2  # one entry per namespace
 
 
-def test_redis_killed_mid_test_keeps_serving_and_reconnects(start_server_thread, encoder, own_redis: RedisProcess) -> None:  # type: ignore[no-untyped-def]
+def test_redis_killed_mid_test_keeps_serving_and_reconnects(
+    start_server_thread, encoder, own_redis: RedisProcess
+) -> None:  # type: ignore[no-untyped-def]
     cfg = config(redis_url=own_redis.url, redis_timeout_s=0.2)
     srv = start_server_thread(cfg, encoder)
     with VitCacheClient(srv.target) as client:
@@ -330,3 +334,21 @@ def test_too_many_images_in_one_request_is_rejected(start_server_thread, encoder
     with VitCacheClient(srv.target) as client, pytest.raises(grpc.RpcError) as err:
         client.encode([png_bytes(28, 28, i) for i in range(3)])
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "--max-images-per-request" in err.value.details()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_service_agrees_with_cpu_and_rejects_bad_files(start_server_thread, tiny_checkpoint) -> None:  # type: ignore[no-untyped-def]
+    """The GPU path (batched nvJPEG, side streams, varlen attention, pinned copies) end to end."""
+    gpu = load_encoder(str(tiny_checkpoint), "cuda", "bfloat16", acceleration="varlen")
+    cpu = load_encoder(str(tiny_checkpoint), "cpu", "float32")
+    images = [jpeg_bytes(336, 224, 1), jpeg_bytes(448, 448, 2), png_bytes(120, 90, 3), b"\xff\xd8\xff\xe0garbage"]
+    srv = start_server_thread(config(), gpu)
+    ref = start_server_thread(config(), cpu)
+    with VitCacheClient(srv.target) as client, VitCacheClient(ref.target) as reference:
+        got, want = client.encode(images), reference.encode(images)
+    for g, w in zip(got[:3], want[:3], strict=True):
+        assert g.ok and w.ok and g.grid_thw == w.grid_thw and g.embeddings[0].dtype == torch.bfloat16
+        scale = w.embeddings[0].abs().max()
+        # bf16 weights/activations and nvJPEG vs Pillow decoding: agreement within a few bf16 ulps of the scale.
+        assert (g.embeddings[0].float() - w.embeddings[0]).abs().max() < 0.08 * scale
+    assert got[3].error is not None and got[3].error.code == grpc.StatusCode.INVALID_ARGUMENT

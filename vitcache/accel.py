@@ -16,6 +16,9 @@ The transformers forward with SDPA stays the reference and the fallback (CPU, ot
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -138,6 +141,27 @@ def linear_patch_embed(tower: nn.Module) -> None:
     if tuple(conv.kernel_size) != tuple(conv.stride) or any(conv.padding) or conv.groups != 1:
         return  # not a pure per-patch projection: keep the convolution
     tower.patch_embed.proj = PatchLinear(conv)
+
+
+_thread_streams = threading.local()
+
+
+@contextmanager
+def side_stream(device: torch.device) -> Iterator[None]:
+    """Runs the block on this thread's own CUDA stream and waits for it at the end.
+
+    Preprocessing threads use it so their kernels neither queue behind the running forward on
+    the default stream nor make it wait; the results are complete when the block returns.
+    """
+    if device.type != "cuda":
+        yield
+        return
+    stream = getattr(_thread_streams, "stream", None)
+    if stream is None:
+        stream = _thread_streams.stream = torch.cuda.Stream(device)
+    with torch.cuda.stream(stream):
+        yield
+    stream.synchronize()
 
 
 def compile_blocks(tower: nn.Module) -> None:

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from vitcache.batcher import Batcher
+from vitcache import accel
+from vitcache.batcher import Batcher, DecodeBatcher
 from vitcache.digest import DIGEST_SIZE, digest_file, digest_pixels, digest_rgb
 from vitcache.entry import CachedEmbedding
 from vitcache.errors import ErrorCode, ImageError
@@ -147,6 +148,12 @@ class EmbeddingEngine:
         self.observer = observer or EngineObserver()
         self.batcher = Batcher(encoder, self.config.max_batch_patches, self.config.max_batch_wait_s, self.observer)
         self._preprocess_pool = ThreadPoolExecutor(self.config.preprocess_workers, "vitcache-preprocess")
+        # On CUDA, files from concurrent requests are decoded together (batched nvJPEG).
+        self.decoder = (
+            DecodeBatcher(self.config.limits, encoder.device, self._preprocess_pool)
+            if encoder.device.type == "cuda"
+            else None
+        )
         self._inflight: dict[bytes, asyncio.Task[tuple[CachedEmbedding, Source]]] = {}
         self._l2_writes: set[asyncio.Future[None]] = set()
 
@@ -156,12 +163,16 @@ class EmbeddingEngine:
 
     async def start(self) -> None:
         self.batcher.start()
+        if self.decoder is not None:
+            self.decoder.start()
         if self.l2 is not None:
             await self.l2.ping()
 
     async def stop(self) -> None:
         await self.drain()
         await self.batcher.stop()
+        if self.decoder is not None:
+            await self.decoder.stop()
         self._preprocess_pool.shutdown(wait=True)
         if self.l2 is not None:
             await self.l2.close()
@@ -302,7 +313,10 @@ class EmbeddingEngine:
             scope.check_deadline()
             loop = asyncio.get_running_loop()
             with self.observer.timed("preprocess"):
-                pixel_values, grid = await loop.run_in_executor(self._preprocess_pool, self._prepare, image, scope)
+                decoded = await self._decode_on_device(image)
+                pixel_values, grid = await loop.run_in_executor(
+                    self._preprocess_pool, self._prepare, image, scope, decoded
+                )
             entry = await self.batcher.encode(pixel_values, grid, scope.deadline)
         except BaseException as exc:
             if isinstance(exc, ImageError) and exc.code is ErrorCode.DEADLINE_EXCEEDED:
@@ -330,22 +344,34 @@ class EmbeddingEngine:
         self._l2_writes.add(task)
         task.add_done_callback(self._l2_writes.discard)
 
-    def _prepare(self, image: ImageInput, scope: Scope) -> tuple[torch.Tensor, tuple[int, int, int]]:
-        """Decode and preprocess on the encoder's device (preprocessing thread)."""
+    async def _decode_on_device(self, image: ImageInput) -> torch.Tensor | None:
+        if self.decoder is None or not isinstance(image, EncodedFile):
+            return None
+        try:
+            return await self.decoder.decode(image.data)
+        except ImageRejected as exc:
+            raise ImageError(ErrorCode.INVALID_ARGUMENT, str(exc)) from exc
+
+    def _prepare(
+        self, image: ImageInput, scope: Scope, decoded: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """Decode (unless ``decoded``) and preprocess on the encoder's device (preprocessing thread)."""
         scope.check_deadline()  # it may have waited for a preprocessing thread
         limits, encoder = self.config.limits, self.encoder
         try:
-            if isinstance(image, PixelRows):
-                return self._pixel_rows(image), image.grid_thw
-            if isinstance(image, EncodedFile):
-                pixels = decode_image_on(image.data, limits, encoder.device)
-            else:
-                assert isinstance(image, RawRGB)
-                pixels = raw_image(image.rgb, image.height, image.width, limits)
-            pixel_values, grid = preprocess(pixels, encoder.preprocess_config, encoder.device)
+            with accel.side_stream(encoder.device):
+                if isinstance(image, PixelRows):
+                    return self._pixel_rows(image), image.grid_thw
+                if decoded is not None:
+                    pixels = decoded
+                elif isinstance(image, EncodedFile):
+                    pixels = decode_image_on(image.data, limits, encoder.device)
+                else:
+                    assert isinstance(image, RawRGB)
+                    pixels = raw_image(image.rgb, image.height, image.width, limits)
+                return preprocess(pixels, encoder.preprocess_config, encoder.device)
         except ImageRejected as exc:
             raise ImageError(ErrorCode.INVALID_ARGUMENT, str(exc)) from exc
-        return pixel_values, grid
 
     def _pixel_rows(self, image: PixelRows) -> torch.Tensor:
         t, h, w = image.grid_thw

@@ -233,7 +233,18 @@ def load_encoder(
         accel.compile_blocks(module[spec.tower])
     encoder = VisionEncoder(family, model, module, config, preprocess_config, dtype, namespace.hexdigest())
     encoder.acceleration = acceleration
+    if acceleration == "compile":
+        _warm_up(encoder)
     return encoder
+
+
+def _warm_up(encoder: VisionEncoder) -> None:
+    """Compiles before serving: batches of two different lengths make the graphs length-dynamic."""
+    m = encoder.merge_size
+    for grids in ([(1, 2 * m, 2 * m)], [(1, 2 * m, 2 * m), (1, 4 * m, 2 * m)]):
+        patches = sum(t * h * w for t, h, w in grids)
+        pixels = torch.zeros(patches, encoder.preprocess_config.patch_dim, device=encoder.device)
+        encoder.encode(pixels, torch.tensor(grids))
 
 
 def _resolve_acceleration(acceleration: str, device: torch.device, dtype: torch.dtype) -> str:
