@@ -216,9 +216,10 @@ def free_port() -> int:
 def bench_service(
     ckpt: Path, device: str, side: int, clients: int, seconds: float, extra: list[str], log: Path
 ) -> dict:
-    port = free_port()
+    port, metrics_port = free_port(), free_port()
     command = [sys.executable, "-m", "vitcache.server.cli", "--log-level", "WARNING", "serve", "--model", str(ckpt)]
-    command += ["--device", device, "--port", str(port), "--metrics-port", "0", "--l1-bytes", "512MiB", *extra]
+    command += ["--device", device, "--port", str(port), "--metrics-port", str(metrics_port), "--l1-bytes", "512MiB"]
+    command += extra
     server = subprocess.Popen(
         command,
         cwd=tempfile.gettempdir(),  # not the repo root, whose folders would shadow the installed package
@@ -255,6 +256,9 @@ def bench_service(
             p.join()
         with VitCacheClient(target) as client:
             after = client.stats()
+        from vitcache.server.stats_table import fetch_stats
+
+        server_view = fetch_stats(f"http://127.0.0.1:{metrics_port}", seconds)
         images = sum(t[0] for t in totals)
         return {
             "images": images,
@@ -264,6 +268,8 @@ def bench_service(
             "img_s": images / elapsed,
             "batches": after.batches - before.batches,
             "images_computed": after.images_computed - before.images_computed,
+            "server_stages_ms": server_view.get("latency_ms"),
+            "server_batch": server_view.get("batch"),
         }
     finally:
         server.terminate()
@@ -272,6 +278,9 @@ def bench_service(
 
 def bench_engine(ckpt: Path, device: str, side: int, images: int, acceleration: str, batch_patches: int) -> dict:
     """The service's own engine, in process, over the same kind of requests (no gRPC)."""
+    from vitcache.server.metrics import ServerMetrics
+    from vitcache.server.stats_view import StatsView
+
     from vitcache.engine import EmbeddingEngine, EncodedFile, EngineConfig
     from vitcache.models import load_encoder
     from vitcache.tiers import L1Cache
@@ -280,8 +289,13 @@ def bench_engine(ckpt: Path, device: str, side: int, images: int, acceleration: 
     base = jpeg(side, side, 0)
     rng = np.random.default_rng(0)
 
+    metrics = ServerMetrics()
+    view = StatsView(metrics.registry)
+
     async def run() -> float:
-        engine = EmbeddingEngine(encoder, L1Cache(512 << 20), config=EngineConfig(max_batch_patches=batch_patches))
+        engine = EmbeddingEngine(
+            encoder, L1Cache(512 << 20), config=EngineConfig(max_batch_patches=batch_patches), observer=metrics
+        )
         await engine.start()
 
         async def request(n: int) -> None:
@@ -303,7 +317,9 @@ def bench_engine(ckpt: Path, device: str, side: int, images: int, acceleration: 
         await engine.stop()
         return sum(sizes) / elapsed
 
-    return {"img_s": asyncio.run(run())}
+    img_s = asyncio.run(run())
+    stats = view.stats(600)
+    return {"img_s": img_s, "stages_ms": stats.get("latency_ms"), "batch": stats.get("batch")}
 
 
 def main() -> None:
@@ -352,6 +368,8 @@ def main() -> None:
             )
             e2e = bench_service(ckpt, args.device, side, args.clients, args.seconds, accel, out / "server.log")
             e2e["engine_in_process_img_s"] = engine["img_s"]
+            e2e["engine_in_process_stages_ms"] = engine["stages_ms"]
+            e2e["engine_in_process_batch"] = engine["batch"]
             e2e["e2e_over_in_process"] = e2e["img_s"] / engine["img_s"]
             result["service"][f"{side}x{side}"] = e2e
             print(side, json.dumps(e2e), flush=True)
