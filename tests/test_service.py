@@ -348,7 +348,7 @@ def test_cuda_service_agrees_with_cpu_and_rejects_bad_files(start_server_thread,
         got, want = client.encode(images), reference.encode(images)
     for g, w in zip(got[:3], want[:3], strict=True):
         assert g.ok and w.ok and g.grid_thw == w.grid_thw and g.embeddings[0].dtype == torch.bfloat16
-        scale = w.embeddings[0].abs().max()
-        # bf16 weights/activations and nvJPEG vs Pillow decoding: agreement within a few bf16 ulps of the scale.
-        assert (g.embeddings[0].float() - w.embeddings[0]).abs().max() < 0.08 * scale
+        # bf16 weights and activations, nvJPEG vs Pillow decoding: close in direction, token by token.
+        cosine = torch.nn.functional.cosine_similarity(g.embeddings[0].float(), w.embeddings[0], dim=-1)
+        assert cosine.min() > 0.99, cosine.min()
     assert got[3].error is not None and got[3].error.code == grpc.StatusCode.INVALID_ARGUMENT

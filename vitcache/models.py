@@ -239,12 +239,17 @@ def load_encoder(
 
 
 def _warm_up(encoder: VisionEncoder) -> None:
-    """Compiles before serving: batches of two different lengths make the graphs length-dynamic."""
+    """Compiles before serving, so no request waits for it.
+
+    Inductor guards the compiled blocks on ranges of the sequence length (around the hidden and
+    MLP widths), so batches of 64 to 32k patches are run once each; past that the graphs are
+    length-dynamic.
+    """
     m = encoder.merge_size
-    for grids in ([(1, 2 * m, 2 * m)], [(1, 2 * m, 2 * m), (1, 4 * m, 2 * m)]):
-        patches = sum(t * h * w for t, h, w in grids)
-        pixels = torch.zeros(patches, encoder.preprocess_config.patch_dim, device=encoder.device)
-        encoder.encode(pixels, torch.tensor(grids))
+    for h, w in ((4, 4), (16, 32), (32, 64), (64, 128)):
+        grid = (1, h * m, w * m)
+        pixels = torch.zeros(grid[1] * grid[2], encoder.preprocess_config.patch_dim, device=encoder.device)
+        encoder.encode(pixels, torch.tensor([grid]))
 
 
 def _resolve_acceleration(acceleration: str, device: torch.device, dtype: torch.dtype) -> str:
