@@ -276,7 +276,9 @@ def bench_service(
         server.wait(timeout=60)
 
 
-def bench_engine(ckpt: Path, device: str, side: int, images: int, acceleration: str, batch_patches: int) -> dict:
+def bench_engine(
+    ckpt: Path, device: str, side: int, images: int, acceleration: str, batch_patches: int, workers: int = 4
+) -> dict:
     """The service's own engine, in process, over the same kind of requests (no gRPC)."""
     from vitcache.server.metrics import ServerMetrics
     from vitcache.server.stats_view import StatsView
@@ -294,7 +296,10 @@ def bench_engine(ckpt: Path, device: str, side: int, images: int, acceleration: 
 
     async def run() -> float:
         engine = EmbeddingEngine(
-            encoder, L1Cache(512 << 20), config=EngineConfig(max_batch_patches=batch_patches), observer=metrics
+            encoder,
+            L1Cache(512 << 20),
+            config=EngineConfig(max_batch_patches=batch_patches, preprocess_workers=workers),
+            observer=metrics,
         )
         await engine.start()
 
@@ -312,7 +317,15 @@ def bench_engine(ckpt: Path, device: str, side: int, images: int, acceleration: 
             async with sem:
                 await request(n)
 
-        await asyncio.gather(*(bounded(n) for n in sizes))
+        if os.environ.get("VITCACHE_BENCH_PROFILE"):
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                await asyncio.gather(*(bounded(n) for n in sizes))
+            print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=25), flush=True)
+            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12), flush=True)
+        else:
+            await asyncio.gather(*(bounded(n) for n in sizes))
         elapsed = time.perf_counter() - start
         await engine.stop()
         return sum(sizes) / elapsed
@@ -330,10 +343,14 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--acceleration", default="compile")
     parser.add_argument("--max-batch-patches", type=int, default=32768)
+    parser.add_argument("--switch-interval", type=float, default=None, help="sys.setswitchinterval for this process")
+    parser.add_argument("--preprocess-workers", type=int, default=4)
     parser.add_argument("--parts", default="forward,preprocess,service")
     parser.add_argument("--out", default=str(REPO / "bench" / "results"))
     args = parser.parse_args()
     parts = set(args.parts.split(","))
+    if args.switch_interval:
+        sys.setswitchinterval(args.switch_interval)
     ckpt = build_checkpoint(Path(tempfile.mkdtemp()) / "qwen2_5_vl_7b_vision")
     result: dict = {
         "device": torch.cuda.get_device_name(),
@@ -359,6 +376,12 @@ def main() -> None:
         result["preprocess"] = bench_preprocess(args.device, args.quick)
         print(json.dumps(result["preprocess"]), flush=True)
         save()
+    if "engine" in parts:  # the in-process engine alone, for tuning
+        for side in (448,):
+            result[f"engine_{side}"] = bench_engine(
+                ckpt, args.device, side, 256, args.acceleration, args.max_batch_patches, args.preprocess_workers
+            )
+            print(side, json.dumps(result[f"engine_{side}"]), flush=True)
     if "service" in parts:
         accel = ["--acceleration", args.acceleration, "--max-batch-patches", str(args.max_batch_patches)]
         result["service"] = {}

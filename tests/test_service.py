@@ -350,5 +350,5 @@ def test_cuda_service_agrees_with_cpu_and_rejects_bad_files(start_server_thread,
         assert g.ok and w.ok and g.grid_thw == w.grid_thw and g.embeddings[0].dtype == torch.bfloat16
         # bf16 weights and activations, nvJPEG vs Pillow decoding: close in direction, token by token.
         cosine = torch.nn.functional.cosine_similarity(g.embeddings[0].float(), w.embeddings[0], dim=-1)
-        assert cosine.min() > 0.99, cosine.min()
+        assert cosine.mean() > 0.995 and cosine.min() > 0.98, cosine
     assert got[3].error is not None and got[3].error.code == grpc.StatusCode.INVALID_ARGUMENT

@@ -143,6 +143,50 @@ def linear_patch_embed(tower: nn.Module) -> None:
     tower.patch_embed.proj = PatchLinear(conv)
 
 
+# (inputs, output) projections of the towers' MLPs, by attribute name.
+_MLP_PROJECTIONS = ((("gate_proj", "up_proj"), "down_proj"), (("fc1",), "fc2"), (("linear_fc1",), "linear_fc2"))
+
+
+def pad_mlp_width(tower: nn.Module, multiple: int = 64) -> None:
+    """Zero-pads each MLP's hidden width to a multiple of ``multiple``, exactly.
+
+    Qwen2.5-VL's 3420-wide MLP is not a multiple of 8, so its GEMMs miss cuBLAS's Hopper
+    kernels and fall back to slow generic ones (most of a forward's GPU time, bench/miss_path.py).
+    Extra input rows are zero (with zero bias), every activation these towers use maps 0 to 0,
+    and the extra output columns are zero: the result is unchanged.
+    """
+    for mlp in tower.modules():
+        for inputs, output in _MLP_PROJECTIONS:
+            if not all(isinstance(getattr(mlp, name, None), nn.Linear) for name in (*inputs, output)):
+                continue
+            width = getattr(mlp, output).in_features
+            padded = -(-width // multiple) * multiple
+            if padded == width:
+                continue
+            for name in inputs:
+                setattr(mlp, name, _resized(getattr(mlp, name), out_features=padded))
+            setattr(mlp, output, _resized(getattr(mlp, output), in_features=padded))
+
+
+def _resized(linear: nn.Linear, in_features: int | None = None, out_features: int | None = None) -> nn.Linear:
+    """A copy of ``linear`` with zero rows/columns appended."""
+    w = linear.weight
+    new = nn.Linear(
+        in_features or linear.in_features,
+        out_features or linear.out_features,
+        bias=linear.bias is not None,
+        device=w.device,
+        dtype=w.dtype,
+    )
+    with torch.no_grad():
+        new.weight.zero_()
+        new.weight[: w.shape[0], : w.shape[1]] = w
+        if linear.bias is not None:
+            new.bias.zero_()
+            new.bias[: linear.bias.shape[0]] = linear.bias
+    return new.requires_grad_(False)
+
+
 _thread_streams = threading.local()
 
 

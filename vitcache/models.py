@@ -229,6 +229,7 @@ def load_encoder(
     module.eval().requires_grad_(False)
     if acceleration != "none":
         accel.linear_patch_embed(module[spec.tower])
+        accel.pad_mlp_width(module[spec.tower])
     if acceleration == "compile":
         accel.compile_blocks(module[spec.tower])
     encoder = VisionEncoder(family, model, module, config, preprocess_config, dtype, namespace.hexdigest())

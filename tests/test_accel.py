@@ -1,0 +1,56 @@
+"""The fast path's model rewrites and precomputed metadata leave the towers' outputs unchanged (CPU, float32).
+
+varlen attention itself needs CUDA: tests/test_models.py and tests/test_service.py cover it on a GPU.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+from vitcache import accel
+from vitcache.models import FAMILIES, load_encoder
+from vitcache.tiny import make_tiny_checkpoint
+
+GRIDS = [(1, 4, 6), (1, 8, 8), (1, 6, 4)]
+
+
+def _tower_and_inputs(family: str, tmp_path: Path):  # type: ignore[no-untyped-def]
+    encoder = load_encoder(str(make_tiny_checkpoint(family, tmp_path / family)), "cpu", "float32")
+    tower = encoder.module["vision_tower" if family == "kimi_k25" else "visual"]
+    config = encoder.preprocess_config
+    pixels = torch.randn(
+        sum(t * h * w for t, h, w in GRIDS), config.patch_dim, generator=torch.Generator().manual_seed(0)
+    )
+    if family == "kimi_k25":
+        pixels = pixels.view(-1, 3, config.patch_size, config.patch_size)
+    return tower, pixels, torch.tensor(GRIDS)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_rewrites_and_metadata_keep_outputs(family: str, tmp_path: Path) -> None:
+    tower, pixels, grid = _tower_and_inputs(family, tmp_path)
+    fast = copy.deepcopy(tower)
+    accel.linear_patch_embed(fast)
+    accel.pad_mlp_width(fast, multiple=64)
+    assert isinstance(fast.patch_embed.proj, accel.PatchLinear)
+    with torch.inference_mode():
+        want = tower(pixels, grid_thw=grid).pooler_output
+        got = fast(pixels, grid_thw=grid, **accel.batch_metadata(family, fast, GRIDS)).pooler_output
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_mlp_is_padded_to_the_multiple_and_metadata_is_really_used(tmp_path: Path) -> None:
+    tower, pixels, grid = _tower_and_inputs("qwen2_5_vl", tmp_path)
+    widths = {block.mlp.down_proj.in_features for block in tower.blocks}
+    accel.pad_mlp_width(tower, multiple=48)
+    assert {block.mlp.down_proj.in_features for block in tower.blocks} == {-(-w // 48) * 48 for w in widths}
+    meta = accel.batch_metadata("qwen2_5_vl", tower, GRIDS)
+    wrong = dict(meta, position_ids=torch.zeros_like(meta["position_ids"]))
+    with torch.inference_mode():
+        right = tower(pixels, grid_thw=grid, **meta).pooler_output
+        broken = tower(pixels, grid_thw=grid, **wrong).pooler_output
+    assert not torch.allclose(right, broken)  # the tower consumed the precomputed positions
