@@ -23,6 +23,7 @@ from vitcache.preprocess import DecodeLimits, ImageRejected, decode_images_on
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 
 async def gather_batch(
@@ -56,20 +57,34 @@ async def gather_batch(
     return batch
 
 
-def entries_on_host(grids: list[tuple[int, int, int]], outputs: list[list[torch.Tensor]]) -> list[CachedEmbedding]:
-    """Per-image CPU entries from per-image device outputs, with one device-to-host copy per output
-    kind (into pinned memory, so the copy runs at full bus speed) instead of one per image."""
-    host_outputs, copied = [], False
+def copy_to_host(
+    outputs: list[list[torch.Tensor]],
+) -> tuple[list[tuple[torch.Tensor, ...]], torch.cuda.Event | None]:
+    """Queues one device-to-host copy per output kind (into pinned memory, at full bus speed) instead
+    of one per image; returns per kind the per-image host views, and the event that marks them done."""
+    host_outputs, copied = [], None
     for per_image in zip(*outputs, strict=True):
         full = torch.cat(per_image) if len(per_image) > 1 else per_image[0]
         if full.device.type == "cuda":
             host = torch.empty(full.shape, dtype=full.dtype, pin_memory=True)
             host.copy_(full, non_blocking=True)
-            full, copied = host, True
+            full = host
+            copied = torch.cuda.Event()
         host_outputs.append(full.split([t.shape[0] for t in per_image]))
-    if copied:
-        torch.cuda.current_stream().synchronize()
-    return [CachedEmbedding.from_tensors(grid, [kind[i] for kind in host_outputs]) for i, grid in enumerate(grids)]
+    if copied is not None:
+        copied.record()
+    return host_outputs, copied
+
+
+def deliver(futures: list[asyncio.Future[R]], results: list[R | Exception]) -> None:
+    """Resolves each still-waiting future with its result, or raises its exception into it."""
+    for future, result in zip(futures, results, strict=True):
+        if future.done():
+            continue
+        if isinstance(result, Exception):
+            future.set_exception(result)
+        else:
+            future.set_result(result)
 
 
 class DecodeBatcher:
@@ -118,13 +133,7 @@ class DecodeBatcher:
             except Exception as exc:  # a bug, not bad input: fail this batch, keep serving
                 log.exception("decode failed")
                 results = [exc] * len(batch)
-            for (_, future), result in zip(batch, results, strict=True):
-                if future.done():
-                    continue
-                if isinstance(result, Exception):
-                    future.set_exception(result)
-                else:
-                    future.set_result(result)
+            deliver([future for _, future in batch], results)
 
     def _decode(self, files: list[bytes]) -> list[torch.Tensor | ImageRejected]:
         with accel.side_stream(self.device):
@@ -146,6 +155,16 @@ class _Pending:
 
 
 @dataclass
+class _Launched:
+    """A batch whose forward and host copies are queued on the device."""
+
+    batch: list[_Pending]
+    host: list[tuple[torch.Tensor, ...]]  # per output kind, per image
+    copied: torch.cuda.Event | None  # None on the CPU: already done
+    started: float
+
+
+@dataclass
 class BatcherStats:
     batches: int = 0
     images: int = 0
@@ -160,8 +179,10 @@ class Batcher:
     - A forward holds at most ``max_batch_patches`` patches, except an image that alone
       exceeds the budget, which runs alone (it may still fit in memory).
     - Images start in arrival order; one that does not fit opens the next batch.
-    - One forward at a time: a single worker thread owns the device, so the event loop
-      keeps collecting the next batch while the current one runs.
+    - Forwards are launched by one worker thread, in order; at most ``max_batches_in_flight``
+      are queued on the device at once, so the next batch's CPU work (concatenation, grid
+      metadata, kernel launches) overlaps the current batch's GPU work, and a collector thread
+      turns finished batches into entries.
     - A forward that runs out of device memory is split in halves and retried; an image
       that runs out alone fails with RESOURCE_EXHAUSTED. Other images are unaffected.
     - Results leave the worker as CPU bytes (:class:`CachedEmbedding`), never device tensors.
@@ -186,6 +207,9 @@ class Batcher:
         self._queue: deque[_Pending] = deque()
         self._wakeup = asyncio.Event()
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vitcache-forward")
+        # Waits for finished batches and builds their entries, so the worker can launch the next one.
+        self._collector = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vitcache-collect")
+        self.max_batches_in_flight = 2
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -198,6 +222,7 @@ class Batcher:
         for item in self._queue:
             item.future.cancel()
         self._worker.shutdown(wait=True)
+        self._collector.shutdown(wait=True)
 
     async def encode(
         self, pixel_values: torch.Tensor, grid_thw: tuple[int, int, int], deadline: float | None = None
@@ -219,6 +244,7 @@ class Batcher:
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
+        finishing: set[asyncio.Future[None]] = set()
         while True:
             batch = await self._next_batch()
             if not batch:
@@ -227,23 +253,33 @@ class Batcher:
             for item in batch:
                 self.observer.stage_timed("queue", started - item.queued_at)
             try:
-                results = await loop.run_in_executor(self._worker, self._forward, batch)
+                launched = await loop.run_in_executor(self._worker, self._launch, batch)
             except Exception as exc:  # a bug, not bad input: fail this batch, keep serving
-                log.exception("forward failed")
-                results = [ImageError(ErrorCode.INTERNAL, f"vision forward failed: {exc}")] * len(batch)
-            for item, result in zip(batch, results, strict=True):
-                if item.future.done():
-                    continue
-                if isinstance(result, ImageError):
-                    item.future.set_exception(result)
-                else:
-                    item.future.set_result(result)
+                launched = self._failed(batch, exc)
+            # The next batch is prepared (CPU) while this one still runs on the device.
+            finish = asyncio.ensure_future(self._complete(batch, launched))
+            finishing.add(finish)
+            finish.add_done_callback(finishing.discard)
+            while len(finishing) >= self.max_batches_in_flight:
+                await asyncio.wait(finishing, return_when=asyncio.FIRST_COMPLETED)
 
-    def _forward(self, batch: list[_Pending]) -> list[CachedEmbedding | ImageError]:
-        """Runs on the worker thread; splits on out-of-memory."""
+    async def _complete(self, batch: list[_Pending], launched: _Launched | list[CachedEmbedding | ImageError]) -> None:
+        try:
+            results = await asyncio.get_running_loop().run_in_executor(self._collector, self._finish, launched)
+        except Exception as exc:
+            results = self._failed(batch, exc)
+        deliver([item.future for item in batch], results)
+
+    @staticmethod
+    def _failed(batch: list[_Pending], exc: Exception) -> list[CachedEmbedding | ImageError]:
+        log.error("forward failed", exc_info=exc)
+        return [ImageError(ErrorCode.INTERNAL, f"vision forward failed: {exc}")] * len(batch)
+
+    def _launch(self, batch: list[_Pending]) -> _Launched | list[CachedEmbedding | ImageError]:
+        """Worker thread: queues the forward and the copies to the host; splits on out-of-memory."""
         started = time.perf_counter()
         try:
-            outputs = self._run_encoder(batch)
+            return _Launched(batch, *copy_to_host(self._run_encoder(batch)), started)
         except torch.OutOfMemoryError:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
@@ -258,15 +294,25 @@ class Batcher:
             self.stats.oom_splits += 1
             half = len(batch) // 2
             log.warning("out of memory on %d images; retrying as %d + %d", len(batch), half, len(batch) - half)
-            return self._forward(batch[:half]) + self._forward(batch[half:])
+            return self._finish(self._launch(batch[:half])) + self._finish(self._launch(batch[half:]))
+
+    def _finish(self, launched: _Launched | list[CachedEmbedding | ImageError]) -> list[CachedEmbedding | ImageError]:
+        """Waits for a launched batch's copies and cuts them into per-image CPU entries."""
+        if isinstance(launched, list):
+            return launched
+        if launched.copied is not None:
+            launched.copied.synchronize()
+        batch = launched.batch
         self.stats.batches += 1
         self.stats.images += len(batch)
         patches = sum(item.patches for item in batch)
         self.stats.patches += patches
-        entries = entries_on_host([item.grid_thw for item in batch], outputs)
-        self.observer.stage_timed("forward", time.perf_counter() - started)  # outputs are on the CPU: synced
+        self.observer.stage_timed("forward", time.perf_counter() - launched.started)
         self.observer.forward_done(len(batch), patches)
-        return entries
+        return [
+            CachedEmbedding.from_tensors(item.grid_thw, [kind[i] for kind in launched.host])
+            for i, item in enumerate(batch)
+        ]
 
     def _run_encoder(self, batch: list[_Pending]) -> list[list[torch.Tensor]]:
         device = self.encoder.device
