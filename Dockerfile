@@ -10,6 +10,6 @@ COPY client client
 COPY proto proto
 RUN pip install --no-cache-dir --no-deps .
 ENV VITCACHE_HOME=/var/cache/vitcache
-EXPOSE 50051
+EXPOSE 50051 9400
 ENTRYPOINT ["vitcache"]
 CMD ["serve", "--host", "0.0.0.0", "--model", "tiny-random"]

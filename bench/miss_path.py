@@ -207,6 +207,12 @@ def _client(target: str, seed: int, side: int, deadline: float, queue: mp.Queue)
     queue.put((images, failed, done))
 
 
+def _git_commit() -> str:
+    """HEAD's hash, or "unknown" where the tree travelled without .git (set VITCACHE_COMMIT there)."""
+    done = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO)
+    return done.stdout.strip() if done.returncode == 0 else "unknown"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -355,8 +361,7 @@ def main() -> None:
     result: dict = {
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
-        "commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
-        or os.environ.get("VITCACHE_COMMIT", "unknown"),
+        "commit": os.environ.get("VITCACHE_COMMIT") or _git_commit(),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "model": "Qwen2.5-VL-7B vision config, random weights, bf16",
     }

@@ -1,5 +1,15 @@
 """vitcache client: ``VitCacheClient`` (blocking) and ``AsyncVitCacheClient`` (asyncio)."""
 
 from .client import AsyncVitCacheClient, EncodedImage, ImageFailed, ImageLike, VitCacheClient
+from .connect import ConnectOptions
+from .fleet import FleetClient
 
-__all__ = ["AsyncVitCacheClient", "EncodedImage", "ImageFailed", "ImageLike", "VitCacheClient"]
+__all__ = [
+    "AsyncVitCacheClient",
+    "ConnectOptions",
+    "EncodedImage",
+    "FleetClient",
+    "ImageFailed",
+    "ImageLike",
+    "VitCacheClient",
+]

@@ -16,10 +16,13 @@ import grpc
 import numpy as np
 import torch
 from vitcache.v1 import vitcache_pb2 as pb
-from vitcache.v1 import vitcache_pb2_grpc as pb_grpc
 
 from vitcache.digest import digest_file, digest_pixels, digest_rgb
 from vitcache.tensor_codec import TensorBytes, dtype_name
+
+from .connect import ConnectOptions, open_async_channel, open_channel
+from .shm import ShmChannel, ShmResult
+from .wire import result_stub
 
 #: An encoded file's bytes, a path to one, or uint8 HWC RGB pixels.
 ImageLike = bytes | memoryview | str | os.PathLike | np.ndarray
@@ -57,18 +60,18 @@ class EncodedImage:
         return self
 
 
-def _as_input(image: ImageLike) -> tuple[bytes, pb.Image]:
-    """(digest, the message that carries the image's bytes)."""
+def _as_input(image: ImageLike, key: bytes | None = None) -> tuple[bytes, pb.Image]:
+    """(digest, the message that carries the image's bytes); ``key`` for keyed digests."""
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"pixel arrays must be uint8 (H, W, 3), got {image.dtype} {image.shape}")
         rgb = np.ascontiguousarray(image).tobytes()
         height, width = image.shape[:2]
-        return digest_rgb(rgb, height, width), pb.Image(raw=pb.RawImage(rgb=rgb, height=height, width=width))
+        return digest_rgb(rgb, height, width, key), pb.Image(raw=pb.RawImage(rgb=rgb, height=height, width=width))
     if isinstance(image, (str, os.PathLike)):
         image = Path(image).read_bytes()
     data = bytes(image)
-    return digest_file(data), pb.Image(encoded=data)
+    return digest_file(data, key), pb.Image(encoded=data)
 
 
 def _decode(result: pb.ImageResult, index: int) -> EncodedImage:
@@ -81,11 +84,21 @@ def _decode(result: pb.ImageResult, index: int) -> EncodedImage:
     return EncodedImage(index, result.digest, embeddings, tuple(result.grid_thw), _SOURCES[result.source])
 
 
-def _is_not_found(result: pb.ImageResult) -> bool:
-    return result.error_code == grpc.StatusCode.NOT_FOUND.value[0]
+def _from_shm(result: ShmResult, digest: bytes) -> EncodedImage:
+    if result.error is not None:
+        code, message = result.error
+        failed = ImageFailed(result.index, _CODES.get(code, grpc.StatusCode.UNKNOWN), message)
+        return EncodedImage(result.index, digest, [], (), "", failed)
+    return EncodedImage(result.index, digest, result.embeddings, result.grid_thw, _SOURCES[result.source])
 
 
-def _pixel_request(pixel_values: torch.Tensor, grid_thw: torch.Tensor | Sequence[Sequence[int]]):
+def _failed_with(result: EncodedImage, code: grpc.StatusCode) -> bool:
+    return result.error is not None and result.error.code is code
+
+
+def _pixel_request(
+    pixel_values: torch.Tensor, grid_thw: torch.Tensor | Sequence[Sequence[int]], key: bytes | None = None
+):
     """(per-image digests, the PixelBatch request); digests follow vitcache.digest."""
     values = pixel_values.detach().to("cpu").contiguous()
     grids = [tuple(int(v) for v in g) for g in (grid_thw.tolist() if torch.is_tensor(grid_thw) else grid_thw)]
@@ -93,7 +106,7 @@ def _pixel_request(pixel_values: torch.Tensor, grid_thw: torch.Tensor | Sequence
     view, row_bytes, start, digests = memoryview(data.data), values.shape[1] * values.element_size(), 0, []
     for t, h, w in grids:
         end = start + t * h * w * row_bytes
-        digests.append(digest_pixels(view[start:end], (t, h, w), dtype_name(values.dtype), values.shape[1]))
+        digests.append(digest_pixels(view[start:end], (t, h, w), dtype_name(values.dtype), values.shape[1], key))
         start = end
     batch = pb.PixelBatch(
         pixel_values=pb.Tensor(dtype=data.dtype, shape=data.shape, data=data.data),
@@ -110,11 +123,14 @@ class _Plan:
         self.missing: list[int] = []
 
     def take_first(self, results: Iterable[pb.ImageResult]) -> None:
+        self.take_found(_decode(result, result.index) for result in results)
+
+    def take_found(self, results: Iterable[EncodedImage]) -> None:
         for result in results:
-            if _is_not_found(result):
+            if _failed_with(result, grpc.StatusCode.NOT_FOUND):
                 self.missing.append(result.index)
             else:
-                self.results[result.index] = _decode(result, result.index)
+                self.results[result.index] = result
 
     def take_second(self, results: Iterable[pb.ImageResult]) -> None:
         for result in results:
@@ -126,22 +142,28 @@ class _Plan:
         return self.results  # type: ignore[return-value]
 
 
-def _channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
-    return [
-        ("grpc.max_receive_message_length", max_message_bytes),
-        ("grpc.max_send_message_length", max_message_bytes),
-    ]
-
-
 class VitCacheClient:
-    """Blocking client. ``target`` is a gRPC target such as ``"localhost:50051"``."""
+    """Blocking client. ``target`` is a gRPC target such as ``"localhost:50051"``; ``options``
+    carry TLS, token, tenant and digest key (:class:`ConnectOptions`). With ``shm_socket``
+    (the server's ``--shm-socket``, same host only) lookups are answered in shared memory
+    and only image bytes travel over gRPC."""
 
-    def __init__(self, target: str, max_message_bytes: int = 256 << 20) -> None:
-        self._channel = grpc.insecure_channel(target, options=_channel_options(max_message_bytes))
-        self._stub = pb_grpc.VitCacheStub(self._channel)
+    def __init__(
+        self,
+        target: str,
+        max_message_bytes: int = 256 << 20,
+        options: ConnectOptions | None = None,
+        shm_socket: str | os.PathLike | None = None,
+    ) -> None:
+        self.options = options or ConnectOptions()
+        self._channel = open_channel(target, self.options, max_message_bytes)
+        self._stub = result_stub(self._channel)
+        self._shm = ShmChannel(shm_socket, self.options.metadata()) if shm_socket is not None else None
 
     def close(self) -> None:
         self._channel.close()
+        if self._shm is not None:
+            self._shm.close()
 
     def __enter__(self) -> VitCacheClient:
         return self
@@ -151,10 +173,16 @@ class VitCacheClient:
 
     def encode(self, images: Sequence[ImageLike], timeout: float | None = None) -> list[EncodedImage]:
         """Embeddings of ``images`` in input order; a failed image carries ``error``."""
-        inputs = [_as_input(image) for image in images]
+        return self._exchange([_as_input(image, self.options.digest_key) for image in images], timeout)
+
+    def _exchange(self, inputs: Sequence[tuple[bytes, pb.Image]], timeout: float | None) -> list[EncodedImage]:
+        """The hash-first exchange for inputs already digested by :func:`_as_input`."""
         plan = _Plan(len(inputs))
-        first = pb.EncodeRequest(images=[pb.Image(digest=digest) for digest, _ in inputs])
-        plan.take_first(self._stub.Encode(first, timeout=timeout))
+        if self._shm is not None:
+            plan.take_found(self.fetch([digest for digest, _ in inputs], timeout))
+        else:
+            first = pb.EncodeRequest(images=[pb.Image(digest=digest) for digest, _ in inputs])
+            plan.take_first(self._stub.Encode(first, timeout=timeout))
         if plan.missing:
             second = pb.EncodeRequest(images=[inputs[i][1] for i in plan.missing])
             plan.take_second(self._stub.Encode(second, timeout=timeout))
@@ -167,7 +195,7 @@ class VitCacheClient:
         timeout: float | None = None,
     ) -> list[EncodedImage]:
         """Like ``encode`` for a batch already preprocessed by the model's HF processor."""
-        digests, request = _pixel_request(pixel_values, grid_thw)
+        digests, request = _pixel_request(pixel_values, grid_thw, self.options.digest_key)
         cached = {r.index: r for r in self.fetch(digests, timeout=timeout) if r.ok}
         if len(cached) == len(digests):
             return [cached[i] for i in range(len(digests))]
@@ -176,6 +204,17 @@ class VitCacheClient:
 
     def fetch(self, digests: Sequence[bytes], timeout: float | None = None) -> list[EncodedImage]:
         """Cached embeddings by digest (NOT_FOUND errors for misses); never computes."""
+        if self._shm is None:
+            return self._fetch_grpc(digests, timeout)
+        results = [_from_shm(r, digests[r.index]) for r in self._shm.fetch(digests, timeout)]
+        # An image the arena had no room for (its earlier tensors still alive) comes over gRPC.
+        full = [r.index for r in results if _failed_with(r, grpc.StatusCode.RESOURCE_EXHAUSTED)]
+        if full:
+            for result in self._stub.Fetch(pb.FetchRequest(digests=[digests[i] for i in full]), timeout=timeout):
+                results[full[result.index]] = _decode(result, full[result.index])
+        return results
+
+    def _fetch_grpc(self, digests: Sequence[bytes], timeout: float | None) -> list[EncodedImage]:
         results = self._stub.Fetch(pb.FetchRequest(digests=list(digests)), timeout=timeout)
         return sorted((_decode(r, r.index) for r in results), key=lambda r: r.index)
 
@@ -189,9 +228,10 @@ class VitCacheClient:
 class AsyncVitCacheClient:
     """asyncio twin of :class:`VitCacheClient` (grpc.aio)."""
 
-    def __init__(self, target: str, max_message_bytes: int = 256 << 20) -> None:
-        self._channel = grpc.aio.insecure_channel(target, options=_channel_options(max_message_bytes))
-        self._stub = pb_grpc.VitCacheStub(self._channel)
+    def __init__(self, target: str, max_message_bytes: int = 256 << 20, options: ConnectOptions | None = None) -> None:
+        self.options = options or ConnectOptions()
+        self._channel = open_async_channel(target, self.options, max_message_bytes)
+        self._stub = result_stub(self._channel)
 
     async def close(self) -> None:
         await self._channel.close()
@@ -203,7 +243,7 @@ class AsyncVitCacheClient:
         await self.close()
 
     async def encode(self, images: Sequence[ImageLike], timeout: float | None = None) -> list[EncodedImage]:
-        inputs = [_as_input(image) for image in images]
+        inputs = [_as_input(image, self.options.digest_key) for image in images]
         plan = _Plan(len(inputs))
         first = pb.EncodeRequest(images=[pb.Image(digest=digest) for digest, _ in inputs])
         plan.take_first([r async for r in self._stub.Encode(first, timeout=timeout)])

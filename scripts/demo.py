@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-
 from vitcache.client import VitCacheClient
 
 
@@ -26,11 +25,10 @@ def free_port() -> int:
 
 
 def main() -> int:
-    port = free_port()
+    port, metrics_port = free_port(), free_port()
     target = f"127.0.0.1:{port}"
-    server = subprocess.Popen(
-        [sys.executable, "-m", "vitcache.server.cli", "serve", "--model", "tiny-random", "--port", str(port)]
-    )
+    serve = ["serve", "--model", "tiny-random", "--port", str(port), "--metrics-port", str(metrics_port)]
+    server = subprocess.Popen([sys.executable, "-m", "vitcache.server.cli", *serve])
     try:
         with tempfile.TemporaryDirectory() as tmp:
             rng = np.random.default_rng(0)
@@ -55,7 +53,7 @@ def main() -> int:
                 print(f"\n== vitcache encode: {attempt}", flush=True)
                 subprocess.run([*cli, "encode", "--target", target, *files], check=True)
             print("\n== vitcache stats", flush=True)
-            subprocess.run([*cli, "stats", "--target", target], check=True)
+            subprocess.run([*cli, "stats", "--metrics-url", f"http://127.0.0.1:{metrics_port}"], check=True)
         return 0
     finally:
         server.terminate()

@@ -10,14 +10,19 @@ from dataclasses import dataclass, field
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from vitcache.models import VisionEncoder, load_encoder
 from vitcache.v1 import vitcache_pb2 as pb
-from vitcache.v1 import vitcache_pb2_grpc as pb_grpc
 
 from vitcache.engine import EmbeddingEngine, EngineConfig
+from vitcache.fleet_lock import FleetLock
+from vitcache.models import VisionEncoder, load_encoder
 from vitcache.tiers import L1Cache, RedisTier
 
+from .metrics import ServerMetrics
+from .security import Access, AuthInterceptor, server_credentials
 from .service import VitCacheServicer
+from .shm import ShmServer
+from .web import MetricsHttpServer
+from .wire import add_servicer
 
 log = logging.getLogger(__name__)
 
@@ -29,30 +34,58 @@ class ServerConfig:
     model: str = "tiny-random"
     device: str = "cpu"
     dtype: str | None = None
+    acceleration: str = "auto"
     host: str = "127.0.0.1"
     port: int = 50051
     redis_url: str | None = None
     redis_ttl_s: int | None = None
     redis_timeout_s: float = 0.5
+    redis_cluster: bool = False  # redis_url names one seed node of a Redis Cluster
+    fleet_lock_ttl_s: float | None = 10.0  # fleet-wide single flight through L2; None = off
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None  # set: mutual TLS, clients need a certificate it signed
+    auth_token_file: str | None = None
     l1_bytes: int = 2 << 30
     max_images_per_request: int = 256
     max_request_bytes: int = 256 << 20
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int | None = None  # /metrics, /api/stats and the dashboard; None = off, 0 = a free port
+    shm_socket: str | None = None  # Unix socket of the same-host shared-memory path; None = off
+    shm_arena_bytes: int = 256 << 20  # shared memory each shm client connection may hold
     engine: EngineConfig = field(default_factory=EngineConfig)
 
 
 class RunningServer:
-    """A started server; ``port`` is the bound port (useful with ``port=0``)."""
+    """A started server; ``port`` is the bound port (useful with ``port=0``), ``metrics_port`` likewise."""
 
-    def __init__(self, server: grpc.aio.Server, engine: EmbeddingEngine, health: health.aio.HealthServicer, port: int):
+    def __init__(
+        self,
+        server: grpc.aio.Server,
+        engine: EmbeddingEngine,
+        health: health.aio.HealthServicer,
+        port: int,
+        metrics: ServerMetrics | None = None,
+        metrics_http: MetricsHttpServer | None = None,
+        shm: ShmServer | None = None,
+    ):
         self.server = server
         self.engine = engine
         self.health = health
         self.port = port
+        self.metrics = metrics
+        self.metrics_http = metrics_http
+        self.metrics_port = metrics_http.port if metrics_http else None
+        self.shm = shm
 
     async def stop(self, grace_s: float = 5.0) -> None:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace_s)
+        if self.shm is not None:
+            await self.shm.stop()
         await self.engine.stop()
+        if self.metrics_http is not None:
+            self.metrics_http.stop()
 
     async def wait(self) -> None:
         await self.server.wait_for_termination()
@@ -60,29 +93,54 @@ class RunningServer:
 
 async def start_server(config: ServerConfig, encoder: VisionEncoder | None = None) -> RunningServer:
     if encoder is None:
-        encoder = load_encoder(config.model, config.device, config.dtype)
-    l2 = None
+        encoder = load_encoder(config.model, config.device, config.dtype, config.acceleration)
+    l2 = fleet_lock = None
     if config.redis_url:
-        l2 = RedisTier(config.redis_url, encoder.namespace, config.redis_ttl_s, config.redis_timeout_s)
-    engine = EmbeddingEngine(encoder, L1Cache(config.l1_bytes), l2, config.engine)
+        l2 = RedisTier(
+            config.redis_url,
+            encoder.namespace,
+            config.redis_ttl_s,
+            config.redis_timeout_s,
+            cluster=config.redis_cluster,
+        )
+        if config.fleet_lock_ttl_s:
+            fleet_lock = FleetLock(l2, config.fleet_lock_ttl_s)
+    metrics = ServerMetrics()
+    engine = EmbeddingEngine(encoder, L1Cache(config.l1_bytes), l2, config.engine, fleet_lock, observer=metrics)
+    metrics.watch(engine)
     await engine.start()
 
+    access = Access.from_token_file(config.auth_token_file) if config.auth_token_file else Access.open()
     server = grpc.aio.server(
+        interceptors=[metrics.interceptor(SERVICE_NAME), AuthInterceptor(access)],
         options=[
             ("grpc.max_receive_message_length", config.max_request_bytes),
             ("grpc.max_send_message_length", -1),
-        ]
+        ],
     )
-    pb_grpc.add_VitCacheServicer_to_server(VitCacheServicer(engine, config.max_images_per_request), server)
+    add_servicer(VitCacheServicer(engine, config.max_images_per_request, access), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
     )
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    address = f"{config.host}:{config.port}"
+    if config.tls_cert or config.tls_key:
+        if not (config.tls_cert and config.tls_key):
+            raise ValueError("--tls-cert and --tls-key go together")
+        credentials = server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
+        port = server.add_secure_port(address, credentials)
+    elif config.tls_client_ca:
+        raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
+    else:
+        port = server.add_insecure_port(address)
     await server.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    metrics_http = None
+    if config.metrics_port is not None:
+        metrics_http = MetricsHttpServer(metrics, config.metrics_host, config.metrics_port)
+        log.info("metrics and dashboard on http://%s:%d/", config.metrics_host, metrics_http.port)
     log.info(
         "serving %s (%s, %s on %s, namespace %s) on %s:%d; L2 %s",
         encoder.model_name,
@@ -94,7 +152,11 @@ async def start_server(config: ServerConfig, encoder: VisionEncoder | None = Non
         port,
         "redis" if l2 else "off",
     )
-    return RunningServer(server, engine, health_servicer, port)
+    shm = None
+    if config.shm_socket:
+        shm = ShmServer(engine, config.shm_socket, config.shm_arena_bytes, config.max_images_per_request, access)
+        await shm.start()
+    return RunningServer(server, engine, health_servicer, port, metrics, metrics_http, shm)
 
 
 async def serve_forever(config: ServerConfig) -> None:

@@ -1,4 +1,4 @@
-"""The ``vitcache`` command: serve, encode, stats."""
+"""The ``vitcache`` command: serve, encode, stats, loadtest."""
 
 from __future__ import annotations
 
@@ -10,9 +10,11 @@ import sys
 import time
 from collections.abc import Sequence
 
-from vitcache.preprocess import DecodeLimits
+from vitcache.client import loadtest
 
+from vitcache.digest import load_digest_key
 from vitcache.engine import EngineConfig
+from vitcache.preprocess import DecodeLimits
 
 _UNITS = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12, "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
 
@@ -30,11 +32,26 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default="tiny-random", help="HF checkpoint directory, or the built-in tiny-random")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--dtype", default=None, help="bfloat16, float16, float32 (default: bf16 on cuda, fp32 on cpu)")
+    p.add_argument(
+        "--acceleration",
+        default="auto",
+        choices=["auto", "none", "varlen", "compile"],
+        help="vision forward: transformers' (none), packed varlen attention, or varlen + torch.compile",
+    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=50051, help="0 picks a free port")
+    p.add_argument("--metrics-host", default="127.0.0.1", help="address of /metrics, /api/stats and the dashboard")
+    p.add_argument("--metrics-port", type=int, default=9400, help="port of /metrics and the dashboard; 0 picks one")
     p.add_argument("--redis-url", default=None, help="redis://host:port/db for the shared L2; none = L1 only")
     p.add_argument("--redis-ttl", type=int, default=0, help="seconds an L2 entry lives (0 = no expiry)")
     p.add_argument("--redis-timeout-ms", type=float, default=500, help="bound on each Redis call")
+    p.add_argument("--redis-cluster", action="store_true", help="--redis-url names one seed node of a Redis Cluster")
+    p.add_argument(
+        "--fleet-lock-ttl-ms",
+        type=float,
+        default=10_000,
+        help="how long replicas sharing L2 wait for the one computing an image before computing it too (0 = no lock)",
+    )
     p.add_argument("--l1-bytes", type=byte_size, default="2GiB", help="in-process cache size")
     p.add_argument("--max-batch-patches", type=int, default=16384, help="patches in one vision forward")
     p.add_argument("--max-batch-wait-ms", type=float, default=2.0, help="how long a batch waits to fill")
@@ -43,14 +60,42 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-images-per-request", type=int, default=256)
     p.add_argument("--max-request-bytes", type=byte_size, default="256MiB", help="largest gRPC message accepted")
     p.add_argument("--preprocess-workers", type=int, default=4, help="threads that decode and preprocess")
+    p.add_argument(
+        "--shm-socket",
+        default=None,
+        help="Unix socket for same-host clients that take results in shared memory (its directory: 0700)",
+    )
+    p.add_argument(
+        "--shm-arena-bytes", type=byte_size, default="256MiB", help="shared memory one shm client connection may hold"
+    )
+    p.add_argument(
+        "--max-queued-images",
+        type=int,
+        default=1024,
+        help="misses waiting for preprocessing or the forward; beyond it images fail with RESOURCE_EXHAUSTED",
+    )
+    p.add_argument("--tls-cert", default=None, help="PEM certificate chain: serve TLS")
+    p.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
+    p.add_argument("--tls-client-ca", default=None, help="PEM CA: require client certificates it signed (mutual TLS)")
+    p.add_argument("--auth-token-file", default=None, help="lines 'TOKEN [TENANT]': require 'authorization: Bearer'")
+    p.add_argument("--digest-key-file", default=None, help="secret shared with trusted clients: keyed digests")
 
 
 def _client_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("encode", help="encode image files through a running server")
     p.add_argument("files", nargs="+")
-    p.add_argument("--target", default="localhost:50051")
-    p = sub.add_parser("stats", help="print a running server's counters")
-    p.add_argument("--target", default="localhost:50051")
+    p.add_argument("--target", default="localhost:50051", help="host:port; several, comma-separated: a fleet")
+    p.add_argument("--tls-ca", default=None, help="PEM CA that signed the server's certificate: connect with TLS")
+    p.add_argument("--tls-cert", default=None, help="PEM client certificate, for a server with --tls-client-ca")
+    p.add_argument("--tls-key", default=None, help="PEM key of --tls-cert")
+    p.add_argument("--auth-token-file", default=None, help="a file holding the bearer token")
+    p.add_argument("--tenant", default=None, help="x-vitcache-tenant")
+    p.add_argument("--digest-key-file", default=None, help="the server's --digest-key-file")
+    p = sub.add_parser("stats", help="print a running server's dashboard numbers (from its metrics port)")
+    p.add_argument("--metrics-url", default="http://127.0.0.1:9400", help="the server's --metrics-host/--metrics-port")
+    p.add_argument("--window", type=float, default=10.0, help="seconds the rates and percentiles cover")
+    p = sub.add_parser("loadtest", help="drive a server with Zipf-popular images; report latency and hit ratios")
+    loadtest.add_arguments(p, byte_size)
 
 
 def _serve(args: argparse.Namespace) -> None:
@@ -60,28 +105,46 @@ def _serve(args: argparse.Namespace) -> None:
         model=args.model,
         device=args.device,
         dtype=args.dtype,
+        acceleration=args.acceleration,
         host=args.host,
         port=args.port,
+        metrics_host=args.metrics_host,
+        metrics_port=args.metrics_port,
         redis_url=args.redis_url,
         redis_ttl_s=args.redis_ttl or None,
         redis_timeout_s=args.redis_timeout_ms / 1000,
+        redis_cluster=args.redis_cluster,
+        fleet_lock_ttl_s=args.fleet_lock_ttl_ms / 1000 or None,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca,
+        auth_token_file=args.auth_token_file,
         l1_bytes=args.l1_bytes,
         max_images_per_request=args.max_images_per_request,
         max_request_bytes=args.max_request_bytes,
+        shm_socket=args.shm_socket,
+        shm_arena_bytes=args.shm_arena_bytes,
         engine=EngineConfig(
             max_batch_patches=args.max_batch_patches,
             max_batch_wait_s=args.max_batch_wait_ms / 1000,
             preprocess_workers=args.preprocess_workers,
             limits=DecodeLimits(args.max_image_bytes, args.max_image_pixels),
+            max_queued_images=args.max_queued_images,
+            digest_key=load_digest_key(args.digest_key_file) if args.digest_key_file else None,
         ),
     )
     asyncio.run(serve_forever(config))
 
 
 def _encode(args: argparse.Namespace) -> int:
-    from vitcache.client import VitCacheClient
+    from vitcache.client import ConnectOptions, FleetClient, VitCacheClient
 
-    with VitCacheClient(args.target) as client:
+    options = ConnectOptions.from_files(
+        args.tls_ca, args.tls_cert, args.tls_key, args.auth_token_file, args.digest_key_file, tenant=args.tenant
+    )
+    targets = args.target.split(",")
+    client = FleetClient(targets, options=options) if len(targets) > 1 else VitCacheClient(targets[0], options=options)
+    with client:
         start = time.perf_counter()
         results = client.encode(args.files)
         elapsed_ms = (time.perf_counter() - start) * 1e3
@@ -98,11 +161,9 @@ def _encode(args: argparse.Namespace) -> int:
 
 
 def _stats(args: argparse.Namespace) -> int:
-    from google.protobuf import text_format
-    from vitcache.client import VitCacheClient
+    from vitcache.server.stats_table import fetch_stats, format_stats
 
-    with VitCacheClient(args.target) as client:
-        print(text_format.MessageToString(client.stats()), end="")
+    print(format_stats(fetch_stats(args.metrics_url, args.window)), end="")
     return 0
 
 
@@ -117,7 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "serve":
         _serve(args)
         return 0
-    return {"encode": _encode, "stats": _stats}[args.command](args)
+    return {"encode": _encode, "stats": _stats, "loadtest": loadtest.main}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import grpc
+from vitcache.server.security import Access, AccessDenied
 from vitcache.server.status import status_code, wire_code
+from vitcache.server.wire import with_tensors
 from vitcache.v1 import vitcache_pb2 as pb
 from vitcache.v1 import vitcache_pb2_grpc as pb_grpc
 
-from vitcache.engine import DigestOnly, EmbeddingEngine, EncodedFile, ImageInput, ImageOutcome, RawRGB
+from vitcache.engine import DigestOnly, EmbeddingEngine, EncodedFile, ImageInput, ImageOutcome, RawRGB, Scope
 from vitcache.errors import ErrorCode, ImageError
 from vitcache.tensor_codec import dtype_name
 
@@ -39,14 +43,30 @@ def image_result(outcome: ImageOutcome) -> pb.ImageResult:
     return result
 
 
+def image_result_bytes(outcome: ImageOutcome) -> bytes:
+    """``image_result(outcome)`` serialized, each tensor copied once on its way out (see ``wire``)."""
+    if outcome.entry is None:
+        return image_result(outcome).SerializeToString()
+    bare = replace(outcome, entry=replace(outcome.entry, outputs=()))
+    return with_tensors(image_result(bare), outcome.entry.outputs)
+
+
 class VitCacheServicer(pb_grpc.VitCacheServicer):
-    def __init__(self, engine: EmbeddingEngine, max_images_per_request: int) -> None:
+    def __init__(self, engine: EmbeddingEngine, max_images_per_request: int, access: Access | None = None) -> None:
         self.engine = engine
         self.max_images_per_request = max_images_per_request
+        self.access = access or Access.open()
 
-    async def Encode(
-        self, request: pb.EncodeRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.ImageResult]:
+    async def _scope(self, context: grpc.aio.ServicerContext) -> Scope:
+        """The caller's tenant and the call's deadline (the client's gRPC deadline, if it set one)."""
+        try:
+            tenant = self.access.tenant(context.invocation_metadata())
+        except AccessDenied as denied:  # the interceptor refuses these first; kept for direct use
+            await context.abort(status_code(denied.code), denied.message)
+        remaining = context.time_remaining()
+        return Scope(tenant, None if remaining is None else time.monotonic() + remaining)
+
+    async def Encode(self, request: pb.EncodeRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
         has_pixels = request.HasField("pixels")
         if bool(request.images) == has_pixels:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "set exactly one of images or pixels")
@@ -68,19 +88,17 @@ class VitCacheServicer(pb_grpc.VitCacheServicer):
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"{len(inputs)} images is over --max-images-per-request={self.max_images_per_request}",
             )
-        async for outcome in self.engine.encode(inputs):
-            yield image_result(outcome)
+        async for outcome in self.engine.encode(inputs, await self._scope(context)):
+            yield image_result_bytes(outcome)
 
-    async def Fetch(
-        self, request: pb.FetchRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.ImageResult]:
+    async def Fetch(self, request: pb.FetchRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
         if len(request.digests) > self.max_images_per_request:
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"{len(request.digests)} digests is over --max-images-per-request={self.max_images_per_request}",
             )
-        async for outcome in self.engine.fetch(list(request.digests)):
-            yield image_result(outcome)
+        async for outcome in self.engine.fetch(list(request.digests), await self._scope(context)):
+            yield image_result_bytes(outcome)
 
     async def GetStats(self, request: pb.GetStatsRequest, context: grpc.aio.ServicerContext) -> pb.Stats:
         engine = self.engine
@@ -104,11 +122,12 @@ class VitCacheServicer(pb_grpc.VitCacheServicer):
             uptime_seconds=engine.uptime_s,
             oom_splits=batcher.oom_splits,
             not_found=stats.not_found,
+            overloaded=stats.overloaded,
+            deadline_expired=stats.deadline_expired,
+            fleet_lock_waits=engine.fleet_lock.waits if engine.fleet_lock else 0,
         )
 
-    async def GetModelInfo(
-        self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ModelInfo:
+    async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
         encoder = self.engine.encoder
         config = encoder.preprocess_config
         return pb.ModelInfo(

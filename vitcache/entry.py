@@ -5,7 +5,8 @@ Value layout (one Redis string)::
     b"VTC" + FORMAT_VERSION (1 byte) + header length (uint32 LE) + header (JSON) + payload
 
 The header names the grid, each output's dtype, shape and byte length, and the xxh3-64 of
-the payload. :meth:`CachedEmbedding.from_value` checks every part and raises
+the rest of the header (canonical JSON) followed by the payload, so a damaged grid or shape
+is caught like damaged tensor bytes. :meth:`CachedEmbedding.from_value` checks every part and raises
 :class:`CorruptEntry` on any mismatch, so a damaged or foreign value is a miss, never a
 wrong answer.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -22,12 +24,20 @@ import xxhash
 from vitcache.tensor_codec import TensorBytes
 
 _MAGIC = b"VTC"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the checksum covers the header's grid and output specs too
 _PREFIX = struct.Struct("<3sBI")
 
 
 class CorruptEntry(ValueError):
     """A stored value failed its header or checksum check."""
+
+
+def _checksum(meta: dict, payload: Iterable[bytes | memoryview]) -> str:
+    """xxh3-64 (hex) of the header's canonical JSON (without the checksum) and the payload."""
+    checksum = xxhash.xxh3_64(json.dumps(meta, separators=(",", ":")).encode())
+    for chunk in payload:
+        checksum.update(chunk)
+    return checksum.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -47,17 +57,12 @@ class CachedEmbedding:
         return [out.to_tensor() for out in self.outputs]
 
     def to_value(self) -> bytes:
-        checksum = xxhash.xxh3_64()
-        for out in self.outputs:
-            checksum.update(out.data)
-        header = json.dumps(
-            {
-                "grid_thw": list(self.grid_thw),
-                "outputs": [{"dtype": o.dtype, "shape": list(o.shape), "nbytes": o.nbytes} for o in self.outputs],
-                "xxh3_64": checksum.hexdigest(),
-            },
-            separators=(",", ":"),
-        ).encode()
+        meta = {
+            "grid_thw": list(self.grid_thw),
+            "outputs": [{"dtype": o.dtype, "shape": list(o.shape), "nbytes": o.nbytes} for o in self.outputs],
+        }
+        checksum = _checksum(meta, (out.data for out in self.outputs))
+        header = json.dumps({**meta, "xxh3_64": checksum}, separators=(",", ":")).encode()
         prefix = _PREFIX.pack(_MAGIC, FORMAT_VERSION, len(header))
         return b"".join([prefix, header, *(out.data for out in self.outputs)])
 
@@ -74,7 +79,6 @@ class CachedEmbedding:
             if len(grid) != 3:
                 raise CorruptEntry("grid must have 3 values")
             view = memoryview(value)
-            checksum = xxhash.xxh3_64()
             outputs = []
             for spec in header["outputs"]:
                 end = start + int(spec["nbytes"])
@@ -82,12 +86,12 @@ class CachedEmbedding:
                     raise CorruptEntry("payload shorter than its header says")
                 out = TensorBytes(str(spec["dtype"]), tuple(int(d) for d in spec["shape"]), view[start:end])
                 out.to_tensor()  # validates dtype and shape against the byte count
-                checksum.update(out.data)
                 outputs.append(out)
                 start = end
             if start != len(value):
                 raise CorruptEntry("trailing bytes after the payload")
-            if checksum.hexdigest() != header["xxh3_64"]:
+            meta = {"grid_thw": header["grid_thw"], "outputs": header["outputs"]}
+            if _checksum(meta, (out.data for out in outputs)) != header["xxh3_64"]:
                 raise CorruptEntry("checksum mismatch")
             return cls(grid, tuple(outputs))  # type: ignore[arg-type]
         except CorruptEntry:

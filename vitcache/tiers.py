@@ -1,24 +1,40 @@
 """The two cache tiers: an in-process LRU (L1) and a shared Redis (L2).
 
 Both are keyed by the image digest; the model namespace is fixed per process, so L1 holds
-only this namespace's entries and L2 prefixes every key with it.
+only this namespace's entries and L2 prefixes every key with it. A tenant (optional) scopes
+both: it is part of the L1 key and of the L2 key prefix, so tenants never see each other's
+entries.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import RedisClusterException, RedisError
 
 from vitcache.entry import CachedEmbedding, CorruptEntry
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: What a failed or slow Redis (or Redis Cluster) call raises.
+REDIS_FAILURES = (RedisError, RedisClusterException, OSError, asyncio.TimeoutError)
+
+
+def l1_key(digest: bytes, tenant: str = "") -> bytes:
+    """The L1 key of ``digest`` for ``tenant``; the plain digest when there is no tenant."""
+    return digest if not tenant else tenant.encode() + b"\0" + digest
 
 
 class L1Cache:
@@ -68,6 +84,10 @@ class L1Cache:
             return True
 
 
+class L2Unavailable(Exception):
+    """Redis is down, slow or backing off; the caller goes on without it."""
+
+
 @dataclass
 class RedisStats:
     errors: int = 0
@@ -81,7 +101,9 @@ class RedisTier:
     for a backoff period (doubling up to ``max_backoff_s``) and then tries again, so a
     dead Redis costs one timeout per backoff window, not one per image. redis-py's pool
     reconnects by itself once the server is back. A value that fails its checks is a
-    miss (and is counted); the next computation overwrites it.
+    miss (and is counted); the next computation overwrites it. With ``cluster`` the URL
+    names one seed node of a Redis Cluster; keys are spread over its masters by hash slot
+    and the same degrade-and-reconnect rules hold (the client re-learns the slot map).
     """
 
     def __init__(
@@ -91,8 +113,10 @@ class RedisTier:
         ttl_s: int | None = None,
         timeout_s: float = 0.5,
         max_backoff_s: float = 5.0,
+        cluster: bool = False,
     ) -> None:
-        self._client = aioredis.Redis.from_url(
+        client_class = RedisCluster if cluster else aioredis.Redis
+        self._client: Any = client_class.from_url(
             url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, health_check_interval=30
         )
         self._prefix = f"vitcache:v1:{namespace}:".encode()
@@ -104,8 +128,9 @@ class RedisTier:
         self.connected = False
         self.stats = RedisStats()
 
-    def key(self, digest: bytes) -> bytes:
-        return self._prefix + digest.hex().encode()
+    def key(self, digest: bytes, tenant: str = "") -> bytes:
+        scope = f"{tenant}:".encode() if tenant else b""
+        return self._prefix + scope + digest.hex().encode()
 
     def _available(self) -> bool:
         return self.connected or time.monotonic() >= self._retry_at
@@ -124,54 +149,54 @@ class RedisTier:
         self._backoff_s = min(self._max_backoff_s, max(0.1, self._backoff_s * 2))
         self._retry_at = time.monotonic() + self._backoff_s
 
-    async def _call(self, coro):  # type: ignore[no-untyped-def]
-        # asyncio.wait_for bounds the whole call, reconnects included.
-        return await asyncio.wait_for(coro, self._timeout_s)
+    async def execute(self, command: Callable[[Any], Awaitable[T]], *, probe: bool = False) -> T:
+        """Runs one call on the Redis client, bounded by the timeout (reconnects included).
+
+        Raises :class:`L2Unavailable` on failure, and without calling while backing off
+        (unless ``probe``). Other parts that keep state in the same Redis (the fleet lock)
+        go through here, so they share the tier's backoff.
+        """
+        if not probe and not self._available():
+            raise L2Unavailable("backing off")
+        try:
+            result = await asyncio.wait_for(command(self._client), self._timeout_s)
+        except REDIS_FAILURES as exc:
+            self._failed(exc)
+            raise L2Unavailable(str(exc)) from exc
+        self._ok()
+        return result
 
     async def ping(self) -> bool:
         try:
-            await self._call(self._client.ping())
-        except (RedisError, OSError, asyncio.TimeoutError) as exc:
-            self._failed(exc)
+            await self.execute(lambda r: r.ping(), probe=True)
+        except L2Unavailable:
             return False
-        self._ok()
         return True
 
-    async def get(self, digest: bytes) -> CachedEmbedding | None:
-        if not self._available():
-            return None
+    async def get(self, digest: bytes, tenant: str = "") -> CachedEmbedding | None:
+        key = self.key(digest, tenant)
         try:
-            value = await self._call(self._client.get(self.key(digest)))
-        except (RedisError, OSError, asyncio.TimeoutError) as exc:
-            self._failed(exc)
+            value = await self.execute(lambda r: r.get(key))
+        except L2Unavailable:
             return None
-        self._ok()
         if value is None:
             return None
         try:
             return CachedEmbedding.from_value(value)
         except CorruptEntry as exc:
             self.stats.corrupt += 1
-            log.warning("redis: dropping corrupt entry %s: %s", digest.hex(), exc)
-            await self._delete(digest)
+            log.warning("redis: dropping corrupt entry %s: %s", key.decode(), exc)
+            with contextlib.suppress(L2Unavailable):
+                await self.execute(lambda r: r.delete(key))
             return None
 
-    async def put(self, digest: bytes, entry: CachedEmbedding) -> bool:
-        if not self._available():
-            return False
+    async def put(self, digest: bytes, entry: CachedEmbedding, tenant: str = "") -> bool:
+        key, value = self.key(digest, tenant), entry.to_value()
         try:
-            await self._call(self._client.set(self.key(digest), entry.to_value(), ex=self._ttl_s))
-        except (RedisError, OSError, asyncio.TimeoutError) as exc:
-            self._failed(exc)
+            await self.execute(lambda r: r.set(key, value, ex=self._ttl_s))
+        except L2Unavailable:
             return False
-        self._ok()
         return True
-
-    async def _delete(self, digest: bytes) -> None:
-        try:
-            await self._call(self._client.delete(self.key(digest)))
-        except (RedisError, OSError, asyncio.TimeoutError) as exc:
-            self._failed(exc)
 
     async def close(self) -> None:
         await self._client.aclose()

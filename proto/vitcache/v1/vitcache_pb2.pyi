@@ -93,7 +93,7 @@ class GetStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Stats(_message.Message):
-    __slots__ = ("l1_hits", "l2_hits", "misses", "images_computed", "l1_entries", "l1_bytes", "redis_connected", "l1_capacity_bytes", "l1_evictions", "errors", "batches", "single_flight_joins", "l2_errors", "l2_corrupt", "uptime_seconds", "oom_splits", "not_found")
+    __slots__ = ("l1_hits", "l2_hits", "misses", "images_computed", "l1_entries", "l1_bytes", "redis_connected", "l1_capacity_bytes", "l1_evictions", "errors", "batches", "single_flight_joins", "l2_errors", "l2_corrupt", "uptime_seconds", "oom_splits", "not_found", "overloaded", "deadline_expired", "fleet_lock_waits")
     L1_HITS_FIELD_NUMBER: _ClassVar[int]
     L2_HITS_FIELD_NUMBER: _ClassVar[int]
     MISSES_FIELD_NUMBER: _ClassVar[int]
@@ -111,6 +111,9 @@ class Stats(_message.Message):
     UPTIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
     OOM_SPLITS_FIELD_NUMBER: _ClassVar[int]
     NOT_FOUND_FIELD_NUMBER: _ClassVar[int]
+    OVERLOADED_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_EXPIRED_FIELD_NUMBER: _ClassVar[int]
+    FLEET_LOCK_WAITS_FIELD_NUMBER: _ClassVar[int]
     l1_hits: int
     l2_hits: int
     misses: int
@@ -128,7 +131,10 @@ class Stats(_message.Message):
     uptime_seconds: float
     oom_splits: int
     not_found: int
-    def __init__(self, l1_hits: _Optional[int] = ..., l2_hits: _Optional[int] = ..., misses: _Optional[int] = ..., images_computed: _Optional[int] = ..., l1_entries: _Optional[int] = ..., l1_bytes: _Optional[int] = ..., redis_connected: _Optional[bool] = ..., l1_capacity_bytes: _Optional[int] = ..., l1_evictions: _Optional[int] = ..., errors: _Optional[int] = ..., batches: _Optional[int] = ..., single_flight_joins: _Optional[int] = ..., l2_errors: _Optional[int] = ..., l2_corrupt: _Optional[int] = ..., uptime_seconds: _Optional[float] = ..., oom_splits: _Optional[int] = ..., not_found: _Optional[int] = ...) -> None: ...
+    overloaded: int
+    deadline_expired: int
+    fleet_lock_waits: int
+    def __init__(self, l1_hits: _Optional[int] = ..., l2_hits: _Optional[int] = ..., misses: _Optional[int] = ..., images_computed: _Optional[int] = ..., l1_entries: _Optional[int] = ..., l1_bytes: _Optional[int] = ..., redis_connected: _Optional[bool] = ..., l1_capacity_bytes: _Optional[int] = ..., l1_evictions: _Optional[int] = ..., errors: _Optional[int] = ..., batches: _Optional[int] = ..., single_flight_joins: _Optional[int] = ..., l2_errors: _Optional[int] = ..., l2_corrupt: _Optional[int] = ..., uptime_seconds: _Optional[float] = ..., oom_splits: _Optional[int] = ..., not_found: _Optional[int] = ..., overloaded: _Optional[int] = ..., deadline_expired: _Optional[int] = ..., fleet_lock_waits: _Optional[int] = ...) -> None: ...
 
 class GetModelInfoRequest(_message.Message):
     __slots__ = ()

@@ -1,0 +1,259 @@
+"""Prometheus metrics of one server (``/metrics`` on ``--metrics-port``).
+
+Three sources, one registry:
+- :class:`ServerMetrics` is the engine's :class:`~vitcache.observer.EngineObserver`: images by
+  source and status code, cache lookups by tier, stage latencies, batch sizes.
+- :class:`RequestMetricsInterceptor` counts the VitCache RPCs by method and status code, times
+  them and tracks those in flight.
+- :class:`EngineStateCollector` reads the engine's own state at scrape time (L1 fill, Redis
+  state and errors, GPU memory), so the library keeps no second copy of it.
+
+Names follow Prometheus conventions: ``vitcache_`` prefix, base units in the name (seconds,
+bytes), counters end in ``_total``. Each server has its own registry, so servers sharing a
+process (tests) never share counters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any, get_args
+
+import grpc
+import torch
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from vitcache.engine import EmbeddingEngine, ImageOutcome
+from vitcache.observer import EngineObserver, Stage, Tier
+from vitcache.tensor_codec import dtype_name
+
+#: 5 µs (an L1 hit) to 30 s (a large forward on a busy device).
+LATENCY_BUCKETS = (
+    *(5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3),
+    *(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+)
+BATCH_IMAGES_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+BATCH_PATCHES_BUCKETS = (256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
+#: ImageResult.source of a success, lower case; "none" for an error.
+SOURCES = ("l1", "l2", "computed")
+#: Exported only while the encoder is on a CUDA device: name -> (help, torch.cuda function that reads it).
+GPU_METRICS = {
+    "vitcache_gpu_memory_allocated_bytes": ("Device memory held by tensors", "memory_allocated"),
+    "vitcache_gpu_memory_reserved_bytes": ("Device memory reserved by the caching allocator", "memory_reserved"),
+}
+
+
+class ServerMetrics(EngineObserver):
+    """The metrics registry of one server and the engine observer that feeds it."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)
+        r = self.registry
+        self.images = Counter(
+            "vitcache_images",
+            "Images answered, by where the embedding came from (none on error) and status code",
+            ["source", "code"],
+            registry=r,
+        )
+        self.cache_lookups = Counter(
+            "vitcache_cache_lookups", "Digest lookups in a cache tier, by result", ["tier", "result"], registry=r
+        )
+        self.stage_duration = Histogram(
+            "vitcache_stage_duration_seconds",
+            "Time in one stage: queue, preprocess, forward (per batch), l1/l2 get and put",
+            ["stage"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_images = Histogram(
+            "vitcache_batch_size_images", "Images per vision forward", buckets=BATCH_IMAGES_BUCKETS, registry=r
+        )
+        self.batch_patches = Histogram(
+            "vitcache_batch_size_patches", "Patches per vision forward", buckets=BATCH_PATCHES_BUCKETS, registry=r
+        )
+        self.requests = Counter(
+            "vitcache_requests", "VitCache RPCs by method and final status code", ["method", "code"], registry=r
+        )
+        self.request_duration = Histogram(
+            "vitcache_request_duration_seconds",
+            "Whole-RPC time, first byte in to last result out",
+            ["method"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.requests_in_flight = Gauge(
+            "vitcache_requests_in_flight", "VitCache RPCs being served", ["method"], registry=r
+        )
+        # Children made up front: the hot path skips the label lookup, and every series
+        # exists (at 0) from the first scrape, so dashboards and rate() see it at once.
+        self._stages = {stage: self.stage_duration.labels(stage) for stage in get_args(Stage)}
+        self._lookups = {
+            (tier, hit): self.cache_lookups.labels(tier, "hit" if hit else "miss")
+            for tier in get_args(Tier)
+            for hit in (True, False)
+        }
+        self._served = {source: self.images.labels(source, "OK") for source in SOURCES}
+
+    def watch(self, engine: EmbeddingEngine) -> None:
+        """Adds the engine's state (read at each scrape) to the registry."""
+        self.registry.register(EngineStateCollector(engine))
+
+    def interceptor(self, service_name: str) -> RequestMetricsInterceptor:
+        """Observes the RPCs of ``service_name`` (e.g. ``vitcache.v1.VitCache``)."""
+        return RequestMetricsInterceptor(self, service_name)
+
+    # EngineObserver: called from the event loop and worker threads; prometheus_client is thread-safe.
+
+    def stage_timed(self, stage: Stage, seconds: float) -> None:
+        self._stages[stage].observe(seconds)
+
+    def cache_lookup(self, tier: Tier, hit: bool) -> None:
+        self._lookups[tier, hit].inc()
+
+    def forward_done(self, images: int, patches: int) -> None:
+        self.batch_images.observe(images)
+        self.batch_patches.observe(patches)
+
+    def image_done(self, outcome: ImageOutcome) -> None:
+        if outcome.error is not None:
+            self.images.labels("none", outcome.error.code.name).inc()
+        elif outcome.source is not None:
+            self._served[outcome.source.name.lower()].inc()
+
+
+class RequestMetricsInterceptor(grpc.aio.ServerInterceptor):
+    """Counts, times and tracks in flight every RPC of the VitCache service (not health or reflection)."""
+
+    def __init__(self, metrics: ServerMetrics, service_name: str) -> None:
+        self._metrics = metrics
+        self._prefix = f"/{service_name}/"
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None or not handler_call_details.method.startswith(self._prefix):
+            return handler
+        method = handler_call_details.method.removeprefix(self._prefix)
+        if handler.unary_stream is not None:
+            behavior = self._stream(method, handler.unary_stream)
+            return grpc.unary_stream_rpc_method_handler(
+                behavior, handler.request_deserializer, handler.response_serializer
+            )
+        if handler.unary_unary is not None:
+            behavior = self._unary(method, handler.unary_unary)
+            return grpc.unary_unary_rpc_method_handler(
+                behavior, handler.request_deserializer, handler.response_serializer
+            )
+        return handler
+
+    def _stream(self, method: str, behavior: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
+        async def observed(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            with _RequestTimer(self._metrics, method, context):
+                async for response in behavior(request, context):
+                    yield response
+
+        return observed
+
+    def _unary(self, method: str, behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+        async def observed(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            with _RequestTimer(self._metrics, method, context):
+                return await behavior(request, context)
+
+        return observed
+
+
+class _RequestTimer:
+    """In flight while open; on close, the RPC's duration and final code (from ``context`` on abort)."""
+
+    def __init__(self, metrics: ServerMetrics, method: str, context: grpc.aio.ServicerContext) -> None:
+        self._metrics, self._method, self._context = metrics, method, context
+        self._start = 0.0
+
+    def __enter__(self) -> None:
+        self._start = time.perf_counter()
+        self._metrics.requests_in_flight.labels(self._method).inc()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        metrics = self._metrics
+        metrics.requests_in_flight.labels(self._method).dec()
+        metrics.request_duration.labels(self._method).observe(time.perf_counter() - self._start)
+        if exc_type is None:
+            code = grpc.StatusCode.OK
+        elif issubclass(exc_type, (asyncio.CancelledError, GeneratorExit)):
+            code = grpc.StatusCode.CANCELLED
+        else:
+            code = self._context.code() or grpc.StatusCode.UNKNOWN
+        metrics.requests.labels(self._method, code.name).inc()
+
+
+class EngineStateCollector(Collector):
+    """The engine's state, read at scrape time: L1 fill, Redis state and errors, GPU memory.
+
+    GPU memory is reported only when the encoder is on a CUDA device (CUDA is then already
+    initialised); on a CPU encoder this never touches ``torch.cuda``.
+    """
+
+    def __init__(self, engine: EmbeddingEngine) -> None:
+        self._engine = engine
+
+    def collect(self) -> Iterator[Metric]:
+        engine, l1, l2 = self._engine, self._engine.l1, self._engine.l2
+        encoder = engine.encoder
+        yield InfoMetricFamily(
+            "vitcache_model",
+            "The served model",
+            value={
+                "model": encoder.model_name,
+                "family": encoder.family,
+                "dtype": dtype_name(encoder.dtype),
+                "device": str(encoder.device),
+                "namespace": encoder.namespace,
+            },
+        )
+        yield GaugeMetricFamily("vitcache_l1_bytes", "Payload bytes held in L1", value=l1.bytes_used)
+        yield GaugeMetricFamily(
+            "vitcache_l1_capacity_bytes", "L1 payload capacity (--l1-bytes)", value=l1.capacity_bytes
+        )
+        yield GaugeMetricFamily("vitcache_l1_entries", "Images held in L1", value=len(l1))
+        yield CounterMetricFamily("vitcache_l1_evictions", "Entries evicted from L1 to make room", value=l1.evictions)
+        yield GaugeMetricFamily(
+            "vitcache_redis_enabled", "1 if an L2 (--redis-url) is configured", value=l2 is not None
+        )
+        yield GaugeMetricFamily(
+            "vitcache_redis_connected", "1 if the last Redis call succeeded", value=l2 is not None and l2.connected
+        )
+        yield CounterMetricFamily(
+            "vitcache_redis_errors", "Redis calls that failed or timed out", value=l2.stats.errors if l2 else 0
+        )
+        yield CounterMetricFamily(
+            "vitcache_redis_corrupt_entries",
+            "Redis values rejected by the header or checksum check",
+            value=l2.stats.corrupt if l2 else 0,
+        )
+        yield CounterMetricFamily(
+            "vitcache_single_flight_joins",
+            "Images that waited on a computation of the same image already running",
+            value=engine.stats.single_flight_joins,
+        )
+        yield CounterMetricFamily(
+            "vitcache_oom_splits",
+            "Forwards split after running out of device memory",
+            value=engine.batcher.stats.oom_splits,
+        )
+        yield GaugeMetricFamily("vitcache_uptime_seconds", "Seconds since the engine started", value=engine.uptime_s)
+        if encoder.device.type == "cuda":
+            yield from _gpu_memory(encoder.device)
+
+
+def _gpu_memory(device: torch.device) -> Iterator[Metric]:
+    for name, (documentation, reader) in GPU_METRICS.items():
+        family = GaugeMetricFamily(name, documentation, labels=["device"])
+        family.add_metric([str(device)], getattr(torch.cuda, reader)(device))
+        yield family

@@ -1,0 +1,325 @@
+"""Same-host delivery in shared memory: ``vitcache serve --shm-socket PATH`` (frames: ``vitcache.shm_protocol``).
+
+Why memfds passed over the socket rather than named ``/dev/shm`` segments: a memfd has no
+name in any file system, so nothing can outlive the processes that map it; a killed client
+or a killed server leaves nothing behind to clean up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import json
+import logging
+import mmap
+import os
+import socket
+import stat
+from pathlib import Path
+from typing import Any
+
+from vitcache.server.security import Access, AccessDenied
+from vitcache.server.status import wire_code
+
+from vitcache.engine import EmbeddingEngine, ImageOutcome, Scope
+from vitcache.entry import CachedEmbedding
+from vitcache.errors import ErrorCode
+from vitcache.shm_protocol import (
+    ALIGNMENT,
+    LENGTH,
+    MAX_HELLO_BYTES,
+    MEMFD_NAME,
+    REQUEST,
+    aligned,
+    json_frame,
+    parse_request_body,
+    request_body_size,
+)
+
+log = logging.getLogger(__name__)
+
+
+class FirstFitLeases:
+    """Leases of aligned ranges of ``[0, capacity)``, first fit.
+
+    Invariants:
+    - ``_free`` holds sorted, disjoint, non-empty ``(start, end)`` ranges, never two adjacent
+      (a release merges with its neighbours), so no fragmentation outlives its leases;
+    - every lease starts and ends on a multiple of ``ALIGNMENT``;
+    - ``leased_bytes`` + free bytes == ``capacity``.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity - capacity % ALIGNMENT
+        self.leased_bytes = 0
+        self._free: list[tuple[int, int]] = [(0, self.capacity)] if self.capacity else []
+        self._leases: dict[int, int] = {}
+
+    def __len__(self) -> int:
+        return len(self._leases)
+
+    def lease(self, size: int) -> int | None:
+        """The start of a free range of at least ``size`` bytes, now leased; None if none is free."""
+        size = max(ALIGNMENT, aligned(size))
+        for i, (start, end) in enumerate(self._free):
+            if end - start >= size:
+                if end - start == size:
+                    del self._free[i]
+                else:
+                    self._free[i] = (start + size, end)
+                self._leases[start] = start + size
+                self.leased_bytes += size
+                return start
+        return None
+
+    def release(self, start: int) -> bool:
+        """Frees the lease at ``start``; False if there is none."""
+        end = self._leases.pop(start, None)
+        if end is None:
+            return False
+        self.leased_bytes -= end - start
+        i = bisect.bisect_left(self._free, (start, end))
+        if i > 0 and self._free[i - 1][1] == start:
+            start = self._free.pop(i - 1)[0]
+            i -= 1
+        if i < len(self._free) and self._free[i][0] == end:
+            end = self._free.pop(i)[1]
+        self._free.insert(i, (start, end))
+        return True
+
+
+class Arena:
+    """One connection's shared memory: a 0600 memfd mapped here, whose fd the client gets.
+
+    Invariant: the server writes a leased range once, before the reply that names it, and
+    not again until the client has released it; the client's tensors never see a change.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        fd = os.memfd_create(MEMFD_NAME, os.MFD_CLOEXEC)
+        try:
+            os.fchmod(fd, 0o600)
+            os.ftruncate(fd, capacity)
+            self.map = mmap.mmap(fd, capacity)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.fd: int | None = fd
+        self.leases = FirstFitLeases(capacity)
+
+    def place(self, entry: CachedEmbedding) -> dict[str, Any] | None:
+        """Copies ``entry`` into a new lease; None when the arena has no room for it."""
+        offsets, size = [], 0
+        for out in entry.outputs:
+            offsets.append(size)
+            size += aligned(out.nbytes)
+        lease = self.leases.lease(size)
+        if lease is None:
+            return None
+        outputs = []
+        for out, offset in zip(entry.outputs, offsets, strict=True):
+            start = lease + offset
+            self.map[start : start + out.nbytes] = out.data
+            outputs.append([out.dtype, list(out.shape), start, out.nbytes])
+        return {"lease": lease, "grid_thw": list(entry.grid_thw), "outputs": outputs}
+
+    def close_fd(self) -> None:
+        """Once the client holds the fd, the mapping alone keeps the memory alive here."""
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def close(self) -> None:
+        self.close_fd()
+        self.map.close()
+
+
+class _Disconnect(Exception):
+    """The client closed the connection, or broke the protocol so that no reply can follow."""
+
+
+async def _read(reader: asyncio.StreamReader, size: int) -> bytes:
+    try:
+        return await reader.readexactly(size)
+    except asyncio.IncompleteReadError as exc:
+        raise _Disconnect("connection closed") from exc
+
+
+def _error(code: ErrorCode, message: str) -> dict[str, Any]:
+    return {"error": [wire_code(code), message]}
+
+
+def _prepare_socket_path(path: Path) -> None:
+    """Makes ``path``'s directory private (0700, ours) and removes a dead server's socket."""
+    directory = path.parent
+    if not directory.exists():
+        directory.mkdir(parents=True)
+        directory.chmod(0o700)
+    info = directory.stat()
+    if info.st_uid != os.getuid() or stat.S_IMODE(info.st_mode) & 0o077:
+        raise PermissionError(f"{directory} must belong to this user and be closed to others (chmod 700)")
+    if path.exists() or path.is_symlink():
+        if not stat.S_ISSOCK(path.lstat().st_mode):
+            raise FileExistsError(f"{path} exists and is not a socket")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            if probe.connect_ex(str(path)) == 0:
+                raise FileExistsError(f"another server listens on {path}")
+        path.unlink()
+
+
+class ShmServer:
+    """Answers digest lookups on a Unix socket with results placed in the caller's arena.
+
+    Invariants:
+    - the socket lives in a directory only this user can enter (0700) and is itself 0600;
+      arenas are 0600 memfds with no name, reachable only through the connection;
+    - a connection's arena is unmapped here when the connection ends, however it ends
+      (a killed client's socket is closed by its kernel), so memory lives only as long as
+      some process maps it;
+    - a malformed request ends only its own connection; a bad digest, a miss or a full
+      arena fails only its own image.
+    """
+
+    def __init__(
+        self,
+        engine: EmbeddingEngine,
+        path: str | os.PathLike,
+        arena_bytes: int,
+        max_images_per_request: int,
+        access: Access | None = None,
+    ) -> None:
+        if arena_bytes < ALIGNMENT:
+            raise ValueError(f"arena_bytes must be at least {ALIGNMENT}")
+        self.engine = engine
+        self.path = Path(path)
+        self.arena_bytes = arena_bytes
+        self.max_images_per_request = max_images_per_request
+        self.access = access or Access.open()
+        self._listener: socket.socket | None = None
+        self._accepting: asyncio.Task[None] | None = None
+        self._connections: set[asyncio.Task[None]] = set()
+        self._arenas: set[Arena] = set()
+
+    @property
+    def connections(self) -> int:
+        return len(self._arenas)
+
+    @property
+    def leased_bytes(self) -> int:
+        return sum(arena.leases.leased_bytes for arena in self._arenas)
+
+    async def start(self) -> None:
+        _prepare_socket_path(self.path)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            listener.bind(str(self.path))
+            self.path.chmod(0o600)
+            listener.listen(128)
+            listener.setblocking(False)
+        except BaseException:
+            listener.close()
+            raise
+        self._listener = listener
+        self._accepting = asyncio.get_running_loop().create_task(self._accept(), name="vitcache-shm-accept")
+        log.info("shared memory on %s (%d bytes per client)", self.path, self.arena_bytes)
+
+    async def stop(self) -> None:
+        tasks = [t for t in (self._accepting, *self._connections) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+            self.path.unlink(missing_ok=True)
+
+    async def _accept(self) -> None:
+        loop = asyncio.get_running_loop()
+        assert self._listener is not None
+        while True:
+            try:
+                conn, _ = await loop.sock_accept(self._listener)
+            except OSError as exc:  # out of file descriptors, say: the connections already open go on
+                log.warning("shm socket: accept failed: %s", exc)
+                await asyncio.sleep(0.1)
+                continue
+            task = loop.create_task(self._serve(conn), name="vitcache-shm-client")
+            self._connections.add(task)
+            task.add_done_callback(self._connections.discard)
+
+    async def _serve(self, conn: socket.socket) -> None:
+        arena: Arena | None = None
+        reader, writer = await asyncio.open_unix_connection(sock=conn)
+        try:
+            scope = await self._hello(reader, writer)
+            arena = Arena(self.arena_bytes)
+            self._arenas.add(arena)
+            welcome = json_frame({"arena_bytes": self.arena_bytes, "max_images": self.max_images_per_request})
+            # Past the stream, which holds nothing yet: the first bytes on an empty send buffer never block.
+            socket.send_fds(conn, [welcome], [arena.fd])
+            arena.close_fd()
+            while True:
+                await self._answer(reader, writer, arena, scope)
+        except _Disconnect as why:
+            log.debug("shm client gone: %s", why)
+        except OSError as exc:
+            log.debug("shm client connection failed: %s", exc)
+        finally:
+            writer.close()
+            if arena is not None:
+                self._arenas.discard(arena)
+                arena.close()
+
+    async def _hello(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> Scope:
+        (size,) = LENGTH.unpack(await _read(reader, LENGTH.size))
+        if size > MAX_HELLO_BYTES:
+            raise _Disconnect(f"hello of {size} bytes")
+        try:
+            hello = json.loads(await _read(reader, size))
+            metadata = [(str(key), str(value)) for key, value in hello["metadata"]]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise _Disconnect(f"malformed hello: {exc}") from exc
+        try:
+            tenant = self.access.tenant(metadata)
+        except AccessDenied as denied:
+            writer.write(json_frame(_error(denied.code, denied.message)))
+            await writer.drain()
+            raise _Disconnect(denied.message) from denied
+        return Scope(tenant)
+
+    async def _answer(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, arena: Arena, scope: Scope
+    ) -> None:
+        digest_count, release_count = REQUEST.unpack(await _read(reader, REQUEST.size))
+        if digest_count > self.max_images_per_request or release_count > len(arena.leases):
+            message = (
+                f"{digest_count} digests and {release_count} releases: at most "
+                f"--max-images-per-request={self.max_images_per_request} and the {len(arena.leases)} leases held"
+            )
+            writer.write(json_frame(_error(ErrorCode.INVALID_ARGUMENT, message)))
+            await writer.drain()
+            raise _Disconnect(message)
+        body = await _read(reader, request_body_size(digest_count, release_count))
+        digests, releases = parse_request_body(body, digest_count, release_count)
+        unknown = [lease for lease in releases if not arena.leases.release(lease)]
+        if unknown:
+            reply = _error(ErrorCode.INVALID_ARGUMENT, f"leases {unknown} are not held by this connection")
+        else:
+            reply = {"results": [self._place(arena, o) async for o in self.engine.fetch(digests, scope)]}
+        writer.write(json_frame(reply))
+        await writer.drain()
+
+    @staticmethod
+    def _place(arena: Arena, outcome: ImageOutcome) -> dict[str, Any]:
+        result: dict[str, Any] = {"index": outcome.index}
+        if outcome.error is not None:
+            return result | _error(outcome.error.code, outcome.error.message)
+        assert outcome.entry is not None and outcome.source is not None
+        placed = arena.place(outcome.entry)
+        if placed is None:
+            message = (
+                f"shared memory arena full ({arena.leases.leased_bytes} of {arena.leases.capacity} bytes leased): "
+                "drop tensors of earlier results, or raise --shm-arena-bytes"
+            )
+            return result | _error(ErrorCode.RESOURCE_EXHAUSTED, message)
+        return result | placed | {"source": int(outcome.source)}

@@ -1,0 +1,204 @@
+"""The dashboard's numbers (``/api/stats``, ``vitcache stats``), computed from the Prometheus registry.
+
+Rates, hit ratios, latency percentiles and batch sizes are over a recent window: the view keeps
+snapshots of the registry's samples (one per ``min_interval_s`` at most, none older than
+``max_window_s``) and compares the newest with the one a window back, the way ``rate()`` and
+``histogram_quantile()`` would in Prometheus. Cumulative totals and gauges are as of now.
+
+Hit ratios count images answered with an embedding: ``l1`` and ``l2`` are the shares served
+from each tier, ``overall`` their sum; the rest were computed. A hash-first NOT_FOUND is not a
+miss of its own: the image comes back with its bytes and is counted then.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, get_args
+
+from prometheus_client import CollectorRegistry
+
+from vitcache.observer import Stage
+
+from .metrics import SOURCES
+
+#: The RPCs that carry images; GetStats and GetModelInfo are not traffic.
+IMAGE_METHODS = ("Encode", "Fetch")
+QUANTILES = (0.5, 0.9, 0.95, 0.99)
+_Labels = tuple[tuple[str, str], ...]
+
+
+def histogram_quantile(q: float, buckets: Iterable[tuple[float, float]]) -> float | None:
+    """Prometheus' ``histogram_quantile``: ``buckets`` are (upper bound, cumulative count), +Inf last.
+
+    Linear within the bucket that holds the rank; a rank in the +Inf bucket gives the highest
+    finite bound. None when there are no observations.
+    """
+    buckets = sorted(buckets)
+    if not buckets or buckets[-1][1] <= 0:
+        return None
+    rank = q * buckets[-1][1]
+    lower, below = 0.0, 0.0
+    for upper, count in buckets:
+        if count >= rank:
+            if math.isinf(upper):
+                return lower
+            if count == below:
+                return upper
+            return lower + (upper - lower) * (rank - below) / (count - below)
+        lower, below = upper, count
+    return lower
+
+
+@dataclass(frozen=True)
+class _Snapshot:
+    at: float  # time.monotonic()
+    samples: Mapping[tuple[str, _Labels], float]
+
+    @classmethod
+    def take(cls, registry: CollectorRegistry) -> _Snapshot:
+        samples = {
+            (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in registry.collect()
+            for sample in family.samples
+        }
+        return cls(time.monotonic(), samples)
+
+    def total(self, name: str, **match: str | Iterable[str]) -> float:
+        """Sum of the samples called ``name`` whose labels match (a value, or any of several)."""
+        return sum(
+            value for (sample, labels), value in self.samples.items() if sample == name and _matches(labels, match)
+        )
+
+    def labels(self, name: str) -> dict[str, str]:
+        """The labels of the first sample called ``name`` (for info metrics)."""
+        return next((dict(labels) for (sample, labels), _ in self.samples.items() if sample == name), {})
+
+    def buckets(self, name: str, **match: str | Iterable[str]) -> dict[float, float]:
+        """Cumulative bucket counts of histogram ``name`` by upper bound, summed over the matching series."""
+        out: dict[float, float] = {}
+        for (sample, labels), value in self.samples.items():
+            if sample == f"{name}_bucket" and _matches(labels, match):
+                bound = float(dict(labels)["le"])
+                out[bound] = out.get(bound, 0.0) + value
+        return out
+
+
+def _matches(labels: _Labels, match: Mapping[str, str | Iterable[str]]) -> bool:
+    have = dict(labels)
+    for key, want in match.items():
+        allowed = (want,) if isinstance(want, str) else tuple(want)
+        if have.get(key) not in allowed:
+            return False
+    return True
+
+
+class StatsView:
+    """Windowed and cumulative numbers of one server, from its registry. Thread-safe."""
+
+    def __init__(self, registry: CollectorRegistry, min_interval_s: float = 0.5, max_window_s: float = 300.0) -> None:
+        self._registry = registry
+        self._min_interval_s = min_interval_s
+        self._max_window_s = max_window_s
+        self._history: deque[_Snapshot] = deque([_Snapshot.take(registry)])
+        self._lock = threading.Lock()
+
+    def stats(self, window_s: float = 10.0) -> dict[str, Any]:
+        window_s = min(max(window_s, self._min_interval_s), self._max_window_s)
+        now = _Snapshot.take(self._registry)
+        with self._lock:
+            base = next((s for s in reversed(self._history) if s.at <= now.at - window_s), self._history[0])
+            if now.at - self._history[-1].at >= self._min_interval_s:
+                self._history.append(now)
+            while len(self._history) > 1 and self._history[1].at < now.at - self._max_window_s:
+                self._history.popleft()
+        return _compute(now, base)
+
+
+def _compute(now: _Snapshot, base: _Snapshot) -> dict[str, Any]:
+    seconds = max(now.at - base.at, 1e-9)
+
+    def delta(name: str, **match: str | Iterable[str]) -> float:
+        return now.total(name, **match) - base.total(name, **match)
+
+    def quantiles_ms(name: str, **match: str | Iterable[str]) -> dict[str, float | None]:
+        new, old = now.buckets(name, **match), base.buckets(name, **match)
+        window = [(bound, count - old.get(bound, 0.0)) for bound, count in new.items()]
+        return {f"p{round(q * 100)}": _ms(histogram_quantile(q, window)) for q in QUANTILES}
+
+    served = {source: delta("vitcache_images_total", source=source) for source in SOURCES}
+    served_total = {source: now.total("vitcache_images_total", source=source) for source in SOURCES}
+    forwards = delta("vitcache_batch_size_images_count")
+    errors = {
+        labels_dict["code"]: value
+        for (name, labels), value in sorted(now.samples.items())
+        if name == "vitcache_images_total" and (labels_dict := dict(labels))["source"] == "none" and value > 0
+    }
+    capacity = now.total("vitcache_l1_capacity_bytes")
+    model = now.labels("vitcache_model_info")
+    gpu = {
+        "allocated_bytes": now.total("vitcache_gpu_memory_allocated_bytes"),
+        "reserved_bytes": now.total("vitcache_gpu_memory_reserved_bytes"),
+    }
+    return {
+        "time": time.time(),
+        "window_s": round(seconds, 3),
+        "uptime_s": now.total("vitcache_uptime_seconds"),
+        "model": model,
+        "rates": {
+            "requests_per_s": delta("vitcache_requests_total", method=IMAGE_METHODS) / seconds,
+            "images_per_s": delta("vitcache_images_total") / seconds,
+            "errors_per_s": (
+                delta("vitcache_images_total", source="none") - delta("vitcache_images_total", code="NOT_FOUND")
+            )
+            / seconds,
+            "forwards_per_s": forwards / seconds,
+        },
+        "hit_ratio": _hit_ratios(served),
+        "latency_ms": {
+            "request": quantiles_ms("vitcache_request_duration_seconds", method=IMAGE_METHODS),
+            **{stage: quantiles_ms("vitcache_stage_duration_seconds", stage=stage) for stage in get_args(Stage)},
+        },
+        "batch": {
+            "images_mean": delta("vitcache_batch_size_images_sum") / forwards if forwards else None,
+            "patches_mean": delta("vitcache_batch_size_patches_sum") / forwards if forwards else None,
+        },
+        "totals": {
+            "requests": now.total("vitcache_requests_total", method=IMAGE_METHODS),
+            "images": now.total("vitcache_images_total"),
+            **served_total,
+            "forwards": now.total("vitcache_batch_size_images_count"),
+            "hit_ratio": _hit_ratios(served_total)["overall"],
+        },
+        "errors_by_code": errors,
+        "requests_in_flight": now.total("vitcache_requests_in_flight", method=IMAGE_METHODS),
+        "l1": {
+            "bytes": now.total("vitcache_l1_bytes"),
+            "capacity_bytes": capacity,
+            "entries": now.total("vitcache_l1_entries"),
+            "evictions": now.total("vitcache_l1_evictions_total"),
+            "fill": now.total("vitcache_l1_bytes") / capacity if capacity else None,
+        },
+        "redis": {
+            "enabled": bool(now.total("vitcache_redis_enabled")),
+            "connected": bool(now.total("vitcache_redis_connected")),
+            "errors": now.total("vitcache_redis_errors_total"),
+            "corrupt_entries": now.total("vitcache_redis_corrupt_entries_total"),
+        },
+        "gpu": gpu if model.get("device", "").startswith("cuda") else None,
+    }
+
+
+def _hit_ratios(served: Mapping[str, float]) -> dict[str, float | None]:
+    total = sum(served.values())
+    if not total:
+        return {"overall": None, "l1": None, "l2": None}
+    return {"overall": (served["l1"] + served["l2"]) / total, "l1": served["l1"] / total, "l2": served["l2"] / total}
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else seconds * 1e3

@@ -1,0 +1,235 @@
+"""Several replicas sharing one L2: fleet-wide single flight, affinity routing, failover, Redis faults."""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from vitcache.client import FleetClient, VitCacheClient
+from vitcache.client.fleet import rendezvous_order
+from vitcache.server.app import ServerConfig
+
+from vitcache.digest import digest_file
+from vitcache.engine import EngineConfig
+
+from .conftest import png_bytes
+
+
+def test_rendezvous_order_is_stable_and_moves_only_the_removed_replicas_images() -> None:
+    targets = ["127.0.0.1:50051", "127.0.0.1:50052", "127.0.0.1:50053"]  # names only; nothing is called
+    digests = [digest_file(i.to_bytes(4, "big")) for i in range(300)]
+    owners = [targets[rendezvous_order(d, targets)[0]] for d in digests]
+    assert {t: owners.count(t) for t in targets}.keys() == set(targets)
+    assert all(60 < owners.count(t) < 140 for t in targets)  # roughly even
+    survivors = [targets[0], targets[2]]
+    for digest, owner in zip(digests, owners, strict=True):
+        new_owner = survivors[rendezvous_order(digest, survivors)[0]]
+        if owner != targets[1]:
+            assert new_owner == owner  # only the removed replica's images move
+        else:  # ... to the replica that was their second choice
+            assert new_owner == targets[rendezvous_order(digest, targets)[1]]
+
+
+def _lock_config(redis_url: str, **kwargs) -> ServerConfig:  # type: ignore[no-untyped-def]
+    # The batch waits 0.5 s to fill, so the holder keeps the lock long enough for the other to arrive.
+    return ServerConfig(redis_url=redis_url, engine=EngineConfig(max_batch_wait_s=0.5), **kwargs)
+
+
+def test_the_same_image_sent_to_two_replicas_at_once_is_computed_once(
+    start_server_thread, encoder, redis_server
+) -> None:  # type: ignore[no-untyped-def]
+    replicas = [start_server_thread(_lock_config(redis_server.url), encoder) for _ in range(2)]
+    image = png_bytes(112, 112, 600)
+    start = threading.Barrier(2)
+    results: list = [None, None]
+
+    def send(i: int) -> None:
+        with VitCacheClient(replicas[i].target) as client:
+            start.wait(timeout=10)
+            results[i] = client.encode([image], timeout=30)[0]
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert all(r is not None and r.ok for r in results)
+    stats = [VitCacheClient(r.target).stats() for r in replicas]
+    assert sum(s.images_computed for s in stats) == 1  # once in the whole fleet
+    assert sum(s.fleet_lock_waits for s in stats) == 1  # the other replica waited for it
+    assert sorted(r.source for r in results) == ["COMPUTED", "L2"]
+    assert results[0].embeddings[0].numpy().tobytes() == results[1].embeddings[0].numpy().tobytes()
+    assert not redis_server.client().keys("*:lock")  # released
+
+
+def test_a_dead_holders_lock_delays_but_never_blocks(start_server_thread, encoder, redis_server) -> None:  # type: ignore[no-untyped-def]
+    srv = start_server_thread(ServerConfig(redis_url=redis_server.url, fleet_lock_ttl_s=5.0), encoder)
+    image = png_bytes(56, 56, 610)
+    lock_key = f"vitcache:v1:{encoder.namespace}:{digest_file(image).hex()}:lock"
+    redis_server.client().set(lock_key, "token-of-a-replica-that-died", px=700)  # as a dead holder leaves it
+    with VitCacheClient(srv.target) as client:
+        result = client.encode([image], timeout=30)[0].raise_for_error()
+        stats = client.stats()
+    assert result.source == "COMPUTED" and stats.fleet_lock_waits == 1 and stats.images_computed == 1
+
+
+def test_redis_killed_and_restarted_under_load_fails_no_request(start_server_thread, encoder, own_redis) -> None:  # type: ignore[no-untyped-def]
+    srv = start_server_thread(ServerConfig(redis_url=own_redis.url, redis_timeout_s=0.2), encoder)
+    images = [png_bytes(56, 56, 700 + i) for i in range(16)]
+    done, failures = [0, 0, 0], []  # requests finished per worker
+
+    def load(worker: int) -> None:
+        with VitCacheClient(srv.target) as client:
+            for n in range(40):  # bounded in count; every call bounded in time
+                batch = [images[(worker * 5 + n + k) % len(images)] for k in range(2)]
+                failures.extend(r.error for r in client.encode(batch, timeout=30) if not r.ok)
+                done[worker] += 1
+
+    workers = [threading.Thread(target=load, args=(w,)) for w in range(3)]
+    for worker in workers:
+        worker.start()
+    _wait_for(lambda: sum(done) >= 10)
+    own_redis.kill()
+    _wait_for(lambda: sum(done) >= 40)
+    own_redis.start()  # same port, empty
+    for worker in workers:
+        worker.join(timeout=120)
+    assert not failures and sum(done) == 120
+    with VitCacheClient(srv.target) as client:
+        for attempt in range(50):
+            assert client.encode([png_bytes(84, 56, 800 + attempt)])[0].ok
+            if client.stats().redis_connected:
+                break
+            time.sleep(0.1)
+        stats = client.stats()
+    assert stats.redis_connected and stats.l2_errors >= 1
+    srv.call(srv.engine.drain())
+    assert own_redis.client().dbsize() >= 1  # writes flow again
+
+
+def _wait_for(condition, timeout_s: float = 60) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+class ReplicaProcess:
+    """``python -m vitcache.server.cli serve`` in its own process, on a free loopback port."""
+
+    def __init__(self, checkpoint: Path, redis_url: str, log: Path) -> None:
+        self._log = log.open("wb")
+        self.proc = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "vitcache.server.cli", "--log-level", "WARNING", "serve"),
+                *(
+                    "--model",
+                    str(checkpoint),
+                    "--port",
+                    "0",
+                    "--redis-url",
+                    redis_url,
+                    "--preprocess-workers",
+                    "1",
+                    "--metrics-port",
+                    "0",
+                ),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
+        self.target = ""
+
+    def wait_listening(self, timeout_s: float = 120) -> None:
+        assert self.proc.stdout is not None
+        deadline, line = time.monotonic() + timeout_s, b""
+        while not line.endswith(b"\n"):
+            remaining = deadline - time.monotonic()
+            assert remaining > 0 and self.proc.poll() is None, "replica did not start"
+            if select.select([self.proc.stdout], [], [], remaining)[0]:
+                line += os.read(self.proc.stdout.fileno(), 1)
+        self.target = line.decode().split()[-1]  # "vitcache listening on 127.0.0.1:PORT"
+
+    def stop(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        self.proc.wait(timeout=30)
+        self._log.close()
+
+
+@pytest.fixture
+def fleet(tiny_checkpoint, redis_server, tmp_path) -> Iterator[list[ReplicaProcess]]:  # type: ignore[no-untyped-def]
+    replicas = [ReplicaProcess(tiny_checkpoint, redis_server.url, tmp_path / f"replica{i}.log") for i in range(3)]
+    try:
+        for replica in replicas:
+            replica.wait_listening()
+        yield replicas
+    finally:
+        for replica in replicas:
+            replica.stop()
+
+
+def test_three_replicas_route_by_digest_and_survive_a_kill_and_a_drain(fleet) -> None:  # type: ignore[no-untyped-def]
+    images = [png_bytes(56, 56 + 28 * (i % 3), 900 + i) for i in range(18)]
+    client = FleetClient([r.target for r in fleet], min_backoff_s=0.2)
+    owners = {digest_file(image): fleet[rendezvous_order(digest_file(image), client.targets)[0]] for image in images}
+
+    first = client.encode(images, timeout=60)
+    assert all(r.ok and r.source == "COMPUTED" for r in first)
+    stats = client.stats()
+    # Affinity: each image was computed by, and is held in L1 by, exactly its owner.
+    for replica in fleet:
+        owned = sum(1 for owner in owners.values() if owner is replica)
+        assert stats[replica.target].images_computed == owned == stats[replica.target].l1_entries
+    assert [r.source for r in client.encode(images, timeout=60)] == ["L1"] * len(images)
+
+    # Load from two threads; one replica is killed and another drained (SIGTERM) while it runs.
+    done, results, raised = [0, 0], [], []  # requests finished per worker
+
+    def load(worker: int) -> None:
+        try:
+            for n in range(12):
+                batch = [images[(worker * 7 + n * 3 + k) % len(images)] for k in range(3)]
+                results.extend(client.encode(batch, timeout=60))
+                done[worker] += 1
+        except Exception as exc:  # a failed request: the assertion below shows it
+            raised.append(exc)
+
+    workers = [threading.Thread(target=load, args=(w,)) for w in range(2)]
+    for worker in workers:
+        worker.start()
+    _wait_for(lambda: sum(done) >= 4)
+    fleet[0].stop(signal.SIGKILL)
+    _wait_for(lambda: sum(done) >= 12)
+    fleet[1].stop(signal.SIGTERM)  # health NOT_SERVING, then refuses new calls
+    for worker in workers:
+        worker.join(timeout=120)
+    assert not raised and sum(done) == 24 and len(results) == 72, raised
+    failed = [r.error for r in results if not r.ok]
+    assert not failed, failed[:3]
+    # The survivor now answers everything, from L2 or its L1, computing nothing it can read from L2.
+    survivor = client.stats()
+    assert list(survivor) == [fleet[2].target]
+    assert survivor[fleet[2].target].images_computed == stats[fleet[2].target].images_computed
+    client.close()
+    with pytest.raises(grpc.RpcError):
+        VitCacheClient(fleet[0].target).stats(timeout=2)
+
+
+def test_with_every_replica_down_each_image_fails_unavailable_and_nothing_raises() -> None:
+    from .conftest import free_port
+
+    with FleetClient([f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"], min_backoff_s=0.1) as client:
+        results = client.encode([png_bytes(56, 56, 1), png_bytes(56, 56, 2)], timeout=10)
+    assert [r.index for r in results] == [0, 1]
+    assert all(r.error is not None and r.error.code == grpc.StatusCode.UNAVAILABLE for r in results)

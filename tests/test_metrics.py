@@ -1,0 +1,201 @@
+"""Prometheus metrics, /api/stats, the dashboard files and `vitcache stats`, after real traffic.
+
+Real gRPC servers on loopback with their metrics port, a real redis-server, the tiny Qwen2.5-VL.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import urllib.error
+import urllib.request
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+from vitcache.client import VitCacheClient
+from vitcache.server import cli
+from vitcache.server.app import ServerConfig
+from vitcache.server.stats_view import histogram_quantile
+from vitcache.v1 import vitcache_pb2 as pb
+from vitcache.v1 import vitcache_pb2_grpc as pb_grpc
+
+from vitcache.preprocess import preprocess
+
+from .conftest import png_bytes
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def http_get(port: int, path: str) -> tuple[int, str, bytes]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
+            return response.status, response.headers["Content-Type"], response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers["Content-Type"], exc.read()
+
+
+def scrape(port: int) -> Samples:
+    status, content_type, body = http_get(port, "/metrics")
+    assert status == 200 and content_type.startswith("text/plain")
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(body.decode())
+        for sample in family.samples
+    }
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    """Sum of the samples called ``name`` carrying ``labels`` (KeyError if there is none)."""
+    found = [v for (n, have), v in samples.items() if n == name and set(labels.items()) <= have]
+    if not found:
+        raise KeyError(f"{name}{labels} not exported")
+    return sum(found)
+
+
+@pytest.fixture
+def metered(start_server_thread, encoder, redis_server):  # type: ignore[no-untyped-def]
+    def start(**kwargs):  # type: ignore[no-untyped-def]
+        return start_server_thread(ServerConfig(redis_url=redis_server.url, metrics_port=0, **kwargs), encoder)
+
+    return start
+
+
+def test_metrics_follow_real_traffic_by_source_stage_and_code(metered, encoder) -> None:  # type: ignore[no-untyped-def]
+    server = metered(max_images_per_request=4)
+    images = [png_bytes(56, 56, 1), png_bytes(84, 56, 2), png_bytes(56, 112, 3)]
+    with VitCacheClient(server.target) as client:
+        computed = [r.raise_for_error() for r in client.encode(images)]  # 2 RPCs: digests, then bytes
+        again = [r.raise_for_error() for r in client.encode(images)]  # 1 RPC, all L1
+        (garbage,) = client.encode([b"this is not an image"])  # 2 RPCs: NOT_FOUND, then INVALID_ARGUMENT
+        (unknown,) = client.fetch([bytes(16)])  # NOT_FOUND
+    stub = pb_grpc.VitCacheStub(grpc.insecure_channel(server.target))
+    with pytest.raises(grpc.RpcError) as too_many:
+        list(stub.Encode(pb.EncodeRequest(images=[pb.Image(digest=bytes(16))] * 5)))
+    assert too_many.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert [r.source for r in computed] == ["COMPUTED"] * 3 and [r.source for r in again] == ["L1"] * 3
+    assert garbage.error.code == grpc.StatusCode.INVALID_ARGUMENT and unknown.error.code == grpc.StatusCode.NOT_FOUND
+    server.call(server.engine.drain())
+
+    m = scrape(server.running.metrics_port)
+    assert value(m, "vitcache_images_total", source="computed", code="OK") == 3
+    assert value(m, "vitcache_images_total", source="l1", code="OK") == 3
+    assert value(m, "vitcache_images_total", source="l2", code="OK") == 0
+    assert value(m, "vitcache_images_total", source="none", code="INVALID_ARGUMENT") == 1
+    assert value(m, "vitcache_images_total", source="none", code="NOT_FOUND") == 3 + 1 + 1  # hash-first misses, fetch
+    assert value(m, "vitcache_cache_lookups_total", tier="l1", result="hit") == 3
+    assert value(m, "vitcache_cache_lookups_total", tier="l2", result="hit") == 0
+    assert value(m, "vitcache_cache_lookups_total", tier="l2", result="miss") >= 3 + 1 + 1
+    assert value(m, "vitcache_requests_total", method="Encode", code="OK") == 5
+    assert value(m, "vitcache_requests_total", method="Encode", code="INVALID_ARGUMENT") == 1
+    assert value(m, "vitcache_requests_total", method="Fetch", code="OK") == 1
+    assert value(m, "vitcache_request_duration_seconds_count", method="Encode") == 6
+    assert value(m, "vitcache_requests_in_flight", method="Encode") == 0
+    # Every stage was timed: each miss queued once, 4 images preprocessed (one failed), one write per computed image.
+    assert value(m, "vitcache_stage_duration_seconds_count", stage="queue") == 3
+    assert value(m, "vitcache_stage_duration_seconds_count", stage="preprocess") == 4
+    assert value(m, "vitcache_stage_duration_seconds_count", stage="l1_put") == 3
+    assert value(m, "vitcache_stage_duration_seconds_count", stage="l2_put") == 3
+    lookups = value(m, "vitcache_cache_lookups_total", tier="l1")
+    assert value(m, "vitcache_stage_duration_seconds_count", stage="l1_get") == lookups
+    forwards = value(m, "vitcache_stage_duration_seconds_count", stage="forward")
+    assert 1 <= forwards == value(m, "vitcache_batch_size_images_count") <= 3
+    assert value(m, "vitcache_stage_duration_seconds_sum", stage="forward") > 0
+    assert value(m, "vitcache_batch_size_images_sum") == 3
+    patches = sum(t * h * w for r in computed for t, h, w in [r.grid_thw])
+    assert value(m, "vitcache_batch_size_patches_sum") == patches
+    # State read at scrape time.
+    payload = sum(t.numel() * t.element_size() for r in computed for t in r.embeddings)
+    assert value(m, "vitcache_l1_entries") == 3 and value(m, "vitcache_l1_bytes") == payload
+    assert value(m, "vitcache_l1_capacity_bytes") == 2 << 30 and value(m, "vitcache_l1_evictions_total") == 0
+    assert value(m, "vitcache_redis_enabled") == 1 and value(m, "vitcache_redis_connected") == 1
+    assert value(m, "vitcache_redis_errors_total") == 0
+    assert value(m, "vitcache_model_info", family=encoder.family, device="cpu") == 1
+    # A CPU encoder exports no GPU memory and never initialises CUDA.
+    assert not any(name.startswith("vitcache_gpu_") for name, _ in m)
+    assert not torch.cuda.is_initialized()
+
+    # A second replica on the same Redis answers from L2.
+    replica = metered()
+    with VitCacheClient(replica.target) as client:
+        assert [r.source for r in client.fetch([r.digest for r in computed])] == ["L2"] * 3
+    r = scrape(replica.running.metrics_port)
+    assert value(r, "vitcache_images_total", source="l2", code="OK") == 3
+    assert value(r, "vitcache_cache_lookups_total", tier="l2", result="hit") == 3
+    assert value(r, "vitcache_stage_duration_seconds_count", stage="l2_get") == 3
+
+
+def test_l1_evictions_and_redis_errors_are_exported(start_server_thread, encoder, own_redis) -> None:  # type: ignore[no-untyped-def]
+    rgb = np.asarray(Image.open(io.BytesIO(png_bytes(56, 56, 0))))
+    _, grid = preprocess(rgb, encoder.preprocess_config)
+    entry_bytes = encoder.tokens_for(grid) * sum(encoder.output_hidden_sizes) * torch.finfo(encoder.dtype).bits // 8
+    server = start_server_thread(
+        ServerConfig(redis_url=own_redis.url, redis_timeout_s=0.2, l1_bytes=2 * entry_bytes, metrics_port=0), encoder
+    )
+    own_redis.kill()
+    with VitCacheClient(server.target) as client:
+        results = client.encode([png_bytes(56, 56, seed) for seed in range(4)])
+    assert all(r.ok for r in results)
+    m = scrape(server.running.metrics_port)
+    assert value(m, "vitcache_redis_connected") == 0 and value(m, "vitcache_redis_errors_total") >= 1
+    assert value(m, "vitcache_l1_entries") == 2 and value(m, "vitcache_l1_evictions_total") == 2
+
+
+def test_api_stats_dashboard_files_and_stats_command(metered, capsys) -> None:  # type: ignore[no-untyped-def]
+    server = metered()
+    port = server.running.metrics_port
+    before = json.loads(http_get(port, "/api/stats")[2])
+    assert before["totals"]["images"] == 0 and before["hit_ratio"]["overall"] is None
+    images = [png_bytes(56, 56, 10 + i) for i in range(4)]
+    with VitCacheClient(server.target) as client:
+        client.encode(images)
+        client.encode(images)
+        client.encode(images[:2])
+
+    status, content_type, body = http_get(port, "/api/stats?window=60")
+    assert status == 200 and content_type == "application/json"
+    stats = json.loads(body)
+    assert stats["totals"]["computed"] == 4 and stats["totals"]["l1"] == 6 and stats["totals"]["l2"] == 0
+    assert stats["hit_ratio"] == {"overall": 0.6, "l1": 0.6, "l2": 0.0}
+    assert stats["totals"]["hit_ratio"] == 0.6
+    assert stats["errors_by_code"] == {"NOT_FOUND": 4}
+    assert stats["rates"]["images_per_s"] > 0 and stats["rates"]["requests_per_s"] > 0
+    assert stats["batch"]["images_mean"] is not None and 1 <= stats["batch"]["images_mean"] <= 4
+    for stage in ("request", "queue", "preprocess", "forward", "l1_get", "l1_put"):
+        p50, p99 = stats["latency_ms"][stage]["p50"], stats["latency_ms"][stage]["p99"]
+        assert 0 < p50 <= p99, stage
+    assert stats["l1"]["entries"] == 4 and 0 < stats["l1"]["fill"] < 1
+    assert stats["redis"] == {"enabled": True, "connected": True, "errors": 0, "corrupt_entries": 0}
+    assert stats["gpu"] is None
+
+    status, content_type, page = http_get(port, "/")
+    assert status == 200 and content_type.startswith("text/html") and b'src="vendor/uPlot.iife.min.js"' in page
+    status, content_type, script = http_get(port, "/vendor/uPlot.iife.min.js")
+    assert status == 200 and "javascript" in content_type and b"uPlot" in script
+    assert http_get(port, "/dashboard.js")[0] == 200
+    assert http_get(port, "/no/such/page")[0] == 404
+    assert http_get(port, "/api/stats?window=soon")[0] == 400
+
+    assert cli.main(["stats", "--metrics-url", f"http://127.0.0.1:{port}", "--window", "60"]) == 0
+    out = capsys.readouterr().out
+    assert "60.0 %   L1 60.0 %   L2 0.0 %" in out  # hit ratio: overall, per tier
+    assert "14   L1 6   L2 0   computed 4" in out  # image results (4 of them NOT_FOUND), by source
+    assert "NOT_FOUND 4" in out and "Redis" in out and "connected" in out
+    assert all(stage in out for stage in ("request", "queue", "preprocess", "forward", "l1_get"))
+
+
+def test_histogram_quantile_interpolates_like_prometheus() -> None:
+    # 10 observations: 4 in (0, 1], 4 in (1, 2], 2 in (2, +Inf).
+    buckets = [(1.0, 4.0), (2.0, 8.0), (float("inf"), 10.0)]
+    assert histogram_quantile(0.2, buckets) == pytest.approx(0.5)  # rank 2 of 4 in the first bucket
+    assert histogram_quantile(0.5, buckets) == pytest.approx(1.25)  # rank 5: 1 of 4 into (1, 2]
+    assert histogram_quantile(0.99, buckets) == 2.0  # in +Inf: the highest finite bound
+    assert histogram_quantile(0.5, [(1.0, 0.0), (float("inf"), 0.0)]) is None
+
+
+def test_metrics_port_off_by_default(start_server_thread, encoder) -> None:  # type: ignore[no-untyped-def]
+    server = start_server_thread(ServerConfig(), encoder)
+    assert server.running.metrics_port is None and server.running.metrics is not None

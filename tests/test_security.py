@@ -1,0 +1,205 @@
+"""TLS and mutual TLS, bearer tokens, tenant isolation, Redis AUTH and keyed digests, end to end."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from vitcache.client import AsyncVitCacheClient, ConnectOptions, VitCacheClient
+from vitcache.server.app import ServerConfig
+
+from vitcache.digest import digest_file, load_digest_key
+from vitcache.engine import EngineConfig
+
+from .conftest import RedisProcess, png_bytes
+from .pki import CertificateAuthority
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    folder = tmp_path_factory.mktemp("pki")
+    ca, other_ca = CertificateAuthority(folder, "ca"), CertificateAuthority(folder, "other-ca")
+    return {
+        "ca": ca,
+        "server": ca.issue("server", server=True),
+        "client": ca.issue("client", server=False),
+        "stranger": other_ca.issue("stranger", server=False),
+        "other_ca": other_ca,
+    }
+
+
+def _rpc_code(client: VitCacheClient) -> grpc.StatusCode | None:
+    try:
+        client.encode([png_bytes(56, 56, 1)], timeout=10)
+    except grpc.RpcError as exc:
+        return exc.code()
+    return None
+
+
+def test_tls_and_mutual_tls(start_server_thread, encoder, pki) -> None:  # type: ignore[no-untyped-def]
+    server, client_cert, stranger = pki["server"], pki["client"], pki["stranger"]
+    tls = start_server_thread(ServerConfig(tls_cert=str(server.cert), tls_key=str(server.key)), encoder)
+    mtls = start_server_thread(
+        ServerConfig(tls_cert=str(server.cert), tls_key=str(server.key), tls_client_ca=str(pki["ca"].cert)), encoder
+    )
+    ca = pki["ca"].cert.read_bytes()
+    with_cert = ConnectOptions(tls_ca=ca, tls_cert=client_cert.cert.read_bytes(), tls_key=client_cert.key.read_bytes())
+    cases = [
+        (tls, ConnectOptions(tls_ca=ca), None),
+        (tls, ConnectOptions(), grpc.StatusCode.UNAVAILABLE),  # plaintext to a TLS port
+        (tls, ConnectOptions(tls_ca=pki["other_ca"].cert.read_bytes()), grpc.StatusCode.UNAVAILABLE),  # untrusted
+        (mtls, with_cert, None),
+        (mtls, ConnectOptions(tls_ca=ca), grpc.StatusCode.UNAVAILABLE),  # no client certificate
+        (
+            mtls,
+            ConnectOptions(tls_ca=ca, tls_cert=stranger.cert.read_bytes(), tls_key=stranger.key.read_bytes()),
+            grpc.StatusCode.UNAVAILABLE,  # a client certificate from another CA
+        ),
+    ]
+    for server_thread, options, want in cases:
+        with VitCacheClient(server_thread.target, options=options) as client:
+            assert _rpc_code(client) == want, (server_thread.target, options.tls_cert is not None)
+    assert mtls.engine.stats.misses == 1 and tls.engine.stats.misses == 1
+
+
+def _token_file(folder: Path) -> Path:
+    path = folder / "tokens"
+    path.write_text("# token [tenant]\ngateway-token\nalice-token alice\nbob-token bob\n")
+    return path
+
+
+def test_bearer_tokens_guard_everything_but_health(start_server_thread, encoder, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    srv = start_server_thread(ServerConfig(auth_token_file=str(_token_file(tmp_path))), encoder)
+    for options, want in [
+        (ConnectOptions(), grpc.StatusCode.UNAUTHENTICATED),
+        (ConnectOptions(auth_token="guess"), grpc.StatusCode.UNAUTHENTICATED),
+        (ConnectOptions(auth_token="alice-token", tenant="bob"), grpc.StatusCode.PERMISSION_DENIED),
+        (ConnectOptions(auth_token="gateway-token", tenant="no spaces"), grpc.StatusCode.INVALID_ARGUMENT),
+        (ConnectOptions(auth_token="alice-token"), None),
+        (ConnectOptions(auth_token="gateway-token", tenant="carol"), None),
+    ]:
+        with VitCacheClient(srv.target, options=options) as client:
+            assert _rpc_code(client) == want, options
+    channel = grpc.insecure_channel(srv.target)
+    with pytest.raises(grpc.RpcError) as err:
+        VitCacheClient(srv.target).stats()
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    reflect = reflection_pb2_grpc.ServerReflectionStub(channel)
+    with pytest.raises(grpc.RpcError) as err:
+        next(reflect.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="vitcache.v1.VitCache"))
+    assert health.status == health_pb2.HealthCheckResponse.SERVING  # open to load balancers
+    channel.close()
+
+    async def with_async_client() -> list:
+        async with AsyncVitCacheClient(srv.target, options=ConnectOptions(auth_token="bob-token")) as client:
+            return await client.encode([png_bytes(56, 56, 2)])
+
+    assert asyncio.run(with_async_client())[0].source == "COMPUTED"
+    assert srv.engine.stats.misses == 3  # only the accepted calls reached the engine
+
+
+def test_tenants_never_receive_each_others_entries(start_server_thread, encoder, redis_server, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    cfg = ServerConfig(redis_url=redis_server.url, auth_token_file=str(_token_file(tmp_path)))
+    srv = start_server_thread(cfg, encoder)
+    image = png_bytes(56, 84, 7)
+    digest = digest_file(image)
+    alice = VitCacheClient(srv.target, options=ConnectOptions(auth_token="alice-token"))
+    bob = VitCacheClient(srv.target, options=ConnectOptions(auth_token="bob-token"))
+    gateway = VitCacheClient(srv.target, options=ConnectOptions(auth_token="gateway-token"))
+    assert alice.encode([image])[0].raise_for_error().source == "COMPUTED"
+    srv.call(srv.engine.drain())
+    for other in (bob, gateway):  # neither L1 nor L2 answers another tenant's digest
+        (missing,) = other.fetch([digest])
+        assert missing.error is not None and missing.error.code == grpc.StatusCode.NOT_FOUND
+    assert bob.encode([image])[0].raise_for_error().source == "COMPUTED"
+    assert alice.encode([image])[0].source == "L1"
+    srv.call(srv.engine.drain())
+    keys = sorted(k.decode() for k in redis_server.client().keys("vitcache:v1:*"))
+    assert [k.split(":")[3] for k in keys] == ["alice", "bob"] and all(k.endswith(digest.hex()) for k in keys)
+    # A second replica (empty L1) sees the same separation through L2.
+    other = start_server_thread(cfg, encoder)
+    with VitCacheClient(other.target, options=ConnectOptions(auth_token="alice-token")) as client:
+        assert client.fetch([digest])[0].source == "L2"
+    with VitCacheClient(other.target, options=ConnectOptions(auth_token="gateway-token", tenant="carol")) as client:
+        assert client.fetch([digest])[0].error is not None
+    for client in (alice, bob, gateway):
+        client.close()
+
+
+def test_redis_auth_through_the_url(start_server_thread, encoder, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    redis_proc = RedisProcess(tmp_path / "redis", password="s3cret-pass")
+    redis_proc.start()
+    try:
+        wrong = start_server_thread(
+            ServerConfig(redis_url=redis_proc.url.replace("s3cret-pass", "wrong"), redis_timeout_s=0.2), encoder
+        )
+        right = start_server_thread(ServerConfig(redis_url=redis_proc.url), encoder)
+        with VitCacheClient(wrong.target) as client:
+            assert client.encode([png_bytes(56, 56, 3)])[0].ok  # serves without its L2
+            stats = client.stats()
+        assert not stats.redis_connected and stats.l2_errors >= 1
+        with VitCacheClient(right.target) as client:
+            assert client.encode([png_bytes(56, 56, 4)])[0].ok
+            assert client.stats().redis_connected
+        right.call(right.engine.drain())
+        assert redis_proc.client().dbsize() == 1  # only the authenticated replica wrote
+    finally:
+        redis_proc.kill()
+
+
+def test_keyed_digests_need_the_key(start_server_thread, encoder, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    secret = tmp_path / "digest.key"
+    secret.write_text("a deployment secret of some length\n")
+    key = load_digest_key(secret)
+    srv = start_server_thread(ServerConfig(engine=EngineConfig(digest_key=key)), encoder)
+    image = png_bytes(84, 56, 9)
+    with VitCacheClient(srv.target, options=ConnectOptions.from_files(digest_key_file=str(secret))) as trusted:
+        first = trusted.encode([image])[0].raise_for_error()
+        again = trusted.encode([image])[0].raise_for_error()
+        assert first.digest == digest_file(image, key) != digest_file(image)
+        assert again.source == "L1"  # the keyed digest alone found it (hash-first hit)
+        plain_lookup = trusted.fetch([digest_file(image)])[0]
+        assert plain_lookup.error is not None and plain_lookup.error.code == grpc.StatusCode.NOT_FOUND
+    with VitCacheClient(srv.target) as keyless:
+        # Without the key its digests never match; it still gets answers by sending the bytes.
+        result = keyless.encode([image])[0].raise_for_error()
+    assert result.digest == first.digest and result.source == "L1"
+    assert srv.engine.stats.not_found == 3  # the first digest round, the plain Fetch, the keyless digest round
+    with pytest.raises(ValueError, match="at least 16"):
+        short = tmp_path / "short.key"
+        short.write_text("short")
+        load_digest_key(short)
+
+
+def test_cli_encode_over_mutual_tls_with_a_token_to_a_fleet(
+    start_server_thread, encoder, pki, tmp_path, capsys
+) -> None:  # type: ignore[no-untyped-def]
+    from vitcache.server.cli import main
+
+    server, client_cert = pki["server"], pki["client"]
+    cfg = {
+        "tls_cert": str(server.cert),
+        "tls_key": str(server.key),
+        "tls_client_ca": str(pki["ca"].cert),
+        "auth_token_file": str(_token_file(tmp_path)),
+    }
+    replicas = [start_server_thread(ServerConfig(**cfg), encoder) for _ in range(2)]
+    (tmp_path / "token").write_text("alice-token\n")
+    files = []
+    for i in range(4):
+        files.append(tmp_path / f"{i}.png")
+        files[-1].write_bytes(png_bytes(56, 56, 40 + i))
+    argv = ["encode", *map(str, files), "--target", ",".join(r.target for r in replicas)]
+    argv += ["--tls-ca", str(pki["ca"].cert), "--tls-cert", str(client_cert.cert), "--tls-key", str(client_cert.key)]
+    assert main([*argv, "--auth-token-file", str(tmp_path / "token")]) == 0
+    assert capsys.readouterr().out.count("COMPUTED") == 4
+    assert sum(r.engine.stats.misses for r in replicas) == 4
+    with pytest.raises(grpc.RpcError) as err:  # no token
+        main(argv)
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED

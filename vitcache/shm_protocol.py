@@ -1,0 +1,67 @@
+"""Frames of the same-host shared-memory path (``vitcache serve --shm-socket``).
+
+A client connects to the server's Unix socket and says hello; the server answers with a
+memfd (passed with SCM_RIGHTS) that becomes this connection's arena. Both map it: the
+server writes each result into it once, the client builds CPU tensors viewing it. A lookup
+then costs a small request and a JSON reply on the socket plus one copy from L1 into the
+arena; no tensor bytes cross the socket.
+
+Frames (integers little-endian)::
+
+    hello    client -> server  u32 n, n bytes of JSON {"metadata": [[key, value], ...]}  (token, tenant)
+    welcome  server -> client  u32 n, n bytes of JSON {"arena_bytes": int, "max_images": int}, the memfd;
+                               or {"error": [code, message]}, and the server closes the connection
+    request  client -> server  u32 digests, u32 releases, 16 bytes per digest, u64 per released lease
+    reply    server -> client  u32 n, n bytes of JSON {"results": [result, ...]} or {"error": [code, message]}
+
+A result is ``{"index", "lease", "grid_thw", "source", "outputs": [[dtype, shape, offset, nbytes], ...]}``
+or ``{"index", "error": [code, message]}``; codes are grpc.StatusCode numbers, offsets are
+into the arena. A lease is the offset of an image's range; the client releases it in a later
+request once no tensor views it, and the server reuses the range only after that (or after
+the connection closed).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Sequence
+from typing import Any
+
+from vitcache.digest import DIGEST_SIZE
+
+LENGTH = struct.Struct("<I")
+REQUEST = struct.Struct("<II")
+LEASE_SIZE = 8
+#: Largest hello the server reads; a welcome or reply is bounded by the server's own limits.
+MAX_HELLO_BYTES = 64 << 10
+#: Alignment of every tensor in an arena: a cache line, and a multiple of every dtype's size.
+ALIGNMENT = 64
+MEMFD_NAME = "vitcache-shm"
+
+
+def json_frame(message: dict[str, Any]) -> bytes:
+    body = json.dumps(message, separators=(",", ":")).encode()
+    return LENGTH.pack(len(body)) + body
+
+
+def request_frame(digests: Sequence[bytes], releases: Sequence[int]) -> bytes:
+    if any(len(d) != DIGEST_SIZE for d in digests):
+        raise ValueError(f"digests must be {DIGEST_SIZE} bytes")
+    return b"".join([REQUEST.pack(len(digests), len(releases)), *digests, struct.pack(f"<{len(releases)}Q", *releases)])
+
+
+def request_body_size(digests: int, releases: int) -> int:
+    return digests * DIGEST_SIZE + releases * LEASE_SIZE
+
+
+def parse_request_body(body: bytes, digests: int, releases: int) -> tuple[list[bytes], list[int]]:
+    split = digests * DIGEST_SIZE
+    return (
+        [body[i : i + DIGEST_SIZE] for i in range(0, split, DIGEST_SIZE)],
+        list(struct.unpack_from(f"<{releases}Q", body, split)),
+    )
+
+
+def aligned(size: int) -> int:
+    return -(-size // ALIGNMENT) * ALIGNMENT
