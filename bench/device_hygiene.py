@@ -161,7 +161,7 @@ def main() -> int:
                     }
                 )
             server_visible = os.getpid() in apps
-            clients_extra_mib = used_mib - baseline_mib
+            server_serving_mib = used_mib - baseline_mib
             finish(processes, release)
         finally:
             server.stop()
@@ -200,6 +200,7 @@ def main() -> int:
         )
     prefix_delta_mib = used_mib - before_mib
     finish(processes, release)
+    torch.cuda.ipc_collect()  # the workers are gone: free what they shared before this process exits
 
     device = torch.cuda.get_device_name(0)
     print(f"\ndevice hygiene on {device} (nvidia-smi lists this process, the server: {server_visible})")
@@ -210,7 +211,7 @@ def main() -> int:
             f"{row['opened_driver']!s:>13}{row['cuda_initialized']!s:>11}"
         )
     print(
-        f"GPU memory used, change: 4 vitcache clients {clients_extra_mib:+d} MiB, one bare context "
+        f"GPU memory used, change: the server serving 4 clients {server_serving_mib:+d} MiB, one bare context "
         f"{bare_delta_mib:+d} MiB, 4 pre-fix workers {prefix_delta_mib:+d} MiB"
     )
     vitcache_rows = [r for r in rows if r["case"].startswith("vitcache")]
@@ -228,7 +229,7 @@ def main() -> int:
         "torch": torch.__version__,
         "server_pid_in_nvidia_smi": server_visible,
         "gpu_mib_change": {
-            "vitcache_clients": clients_extra_mib,
+            "server_while_serving_clients": server_serving_mib,
             "bare_context": bare_delta_mib,
             "prefix_workers": prefix_delta_mib,
         },

@@ -200,7 +200,7 @@ def main() -> None:
                         "method": name,
                         "p50_ms": p50 * 1e3,
                         "p99_ms": p99 * 1e3,
-                        "gb_per_s": count * item_bytes / p50 / 1e9,
+                        "gb_per_s": None if "control path" in name else count * item_bytes / p50 / 1e9,
                         "vs_echo": p50 / echo_p50,
                         "rounds": iters,
                     }
@@ -216,7 +216,7 @@ def main() -> None:
     for row in rows:
         print(
             f"{row['images']:>6}  {row['method']:<42}{row['p50_ms']:>9.3f}{row['p99_ms']:>9.3f}"
-            f"{row['gb_per_s']:>8.2f}{row['vs_echo']:>12.2f}"
+            f"{'-' if row['gb_per_s'] is None else format(row['gb_per_s'], '.2f'):>8}{row['vs_echo']:>12.2f}"
         )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -12,6 +12,7 @@ import math
 import mmap
 import os
 import socket
+import threading
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -53,7 +54,7 @@ def _tensor_at(region: memoryview, start: int, dtype: str, shape: Sequence[int],
 
 
 class ShmChannel:
-    """One connection to a server's ``--shm-socket``; blocking, for one thread at a time.
+    """One connection to a server's ``--shm-socket``; blocking. Thread-safe: requests take turns.
 
     Invariant: an image's lease is released (with the next request) only once every tensor
     viewing it is gone: their storages all hold the one memoryview of the lease that
@@ -86,6 +87,7 @@ class ShmChannel:
         # Not closed explicitly: tensors may outlive the channel; the mapping goes with the last view.
         self._arena = memoryview(arena)
         self._released: collections.deque[int] = collections.deque()
+        self._turn = threading.Lock()
 
     def close(self) -> None:
         """Ends the connection; tensors already received stay valid."""
@@ -93,10 +95,13 @@ class ShmChannel:
 
     def fetch(self, digests: Sequence[bytes], timeout: float | None = None) -> list[ShmResult]:
         """Cached embeddings by digest, in input order; misses carry NOT_FOUND."""
-        self._sock.settimeout(timeout if timeout is not None else self.timeout_s)
+        timeout_s = timeout if timeout is not None else self.timeout_s
         results: list[ShmResult] = []
-        for start in range(0, len(digests), self.max_images):
-            results += self._fetch_chunk(digests[start : start + self.max_images], start)
+        with self._turn:
+            if self._sock.gettimeout() != timeout_s:  # a system call otherwise spent on every lookup
+                self._sock.settimeout(timeout_s)
+            for start in range(0, len(digests), self.max_images):
+                results += self._fetch_chunk(digests[start : start + self.max_images], start)
         return results
 
     def _fetch_chunk(self, digests: Sequence[bytes], first_index: int) -> list[ShmResult]:

@@ -14,6 +14,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -251,3 +252,24 @@ def test_shm_hello_checks_token_and_keeps_tenants_apart(start_server_thread, enc
     with pytest.raises(ShmRequestFailed) as refused:
         ShmChannel(socket_path)
     assert refused.value.code == UNAUTHENTICATED
+
+
+def test_threads_sharing_one_client_get_their_own_answers(start_server_thread, encoder, socket_path) -> None:  # type: ignore[no-untyped-def]
+    server = shm_server(start_server_thread, encoder, socket_path)
+    images = [png_bytes(64, 48, seed) for seed in (20, 21, 22, 23)]
+    with VitCacheClient(server.target) as plain:
+        reference = {r.digest: r.embeddings[0].numpy().tobytes() for r in plain.encode(images)}
+    digests = list(reference)
+    with VitCacheClient(server.target, shm_socket=socket_path) as client:
+
+        def lookups(offset: int) -> list[bool]:
+            order = digests[offset:] + digests[:offset]
+            return [
+                [r.raise_for_error().embeddings[0].numpy().tobytes() for r in client.fetch(order)]
+                == [reference[d] for d in order]
+                for _ in range(20)
+            ]
+
+        with ThreadPoolExecutor(4) as pool:
+            outcomes = [ok for batch in pool.map(lookups, range(4)) for ok in batch]
+    assert outcomes == [True] * 80

@@ -190,8 +190,20 @@ class EmbeddingEngine:
         An :class:`ImageError` in ``images`` stands for an input the caller already found
         invalid; it comes back as that image's outcome.
         """
-        tasks = [asyncio.ensure_future(self._serve(i, image, scope)) for i, image in enumerate(images)]
+        # Memory answers (L1 hits, invalid inputs) need no task: a hit costs a dict lookup, not a
+        # task and a trip through the event loop. Misses start resolving before hits are yielded.
+        answered: list[ImageOutcome] = []
+        tasks: list[asyncio.Future[ImageOutcome]] = []
+        for index, image in enumerate(images):
+            answer = self._answer_from_memory(index, image, scope)
+            if isinstance(answer, ImageOutcome):
+                answered.append(answer)
+            else:
+                tasks.append(asyncio.ensure_future(self._serve_miss(index, image, answer, scope)))  # type: ignore[arg-type]
         try:
+            for outcome in answered:
+                self.observer.image_done(outcome)
+                yield outcome
             for next_done in asyncio.as_completed(tasks):
                 outcome = await next_done
                 self.observer.image_done(outcome)
@@ -204,7 +216,8 @@ class EmbeddingEngine:
         async for outcome in self.encode([DigestOnly(d) for d in digests], scope):
             yield outcome
 
-    async def _serve(self, index: int, image: ImageInput | ImageError, scope: Scope) -> ImageOutcome:
+    def _answer_from_memory(self, index: int, image: ImageInput | ImageError, scope: Scope) -> ImageOutcome | bytes:
+        """The image's outcome if L1 or the input itself settles it, else its digest (to resolve)."""
         digest = b""
         try:
             if isinstance(image, ImageError):
@@ -213,9 +226,15 @@ class EmbeddingEngine:
             with self.observer.timed("l1_get"):
                 entry = self.l1.get(l1_key(digest, scope.tenant))
             self.observer.cache_lookup("l1", hit=entry is not None)
-            if entry is not None:
-                self.stats.l1_hits += 1
-                return ImageOutcome(index, digest, entry, Source.L1)
+            if entry is None:
+                return digest
+            self.stats.l1_hits += 1
+            return ImageOutcome(index, digest, entry, Source.L1)
+        except ImageError as exc:
+            return self._failed(index, digest, exc)
+
+    async def _serve_miss(self, index: int, image: ImageInput, digest: bytes, scope: Scope) -> ImageOutcome:
+        try:
             if isinstance(image, DigestOnly):
                 entry = await self._from_l2(digest, scope.tenant)
                 if entry is None:
@@ -226,9 +245,12 @@ class EmbeddingEngine:
             entry, source = await self._resolve_once(digest, image, scope)
             return ImageOutcome(index, digest, entry, source)
         except ImageError as exc:
-            if exc.code is not ErrorCode.NOT_FOUND:
-                self.stats.errors += 1
-            return ImageOutcome(index, digest, error=exc)
+            return self._failed(index, digest, exc)
+
+    def _failed(self, index: int, digest: bytes, exc: ImageError) -> ImageOutcome:
+        if exc.code is not ErrorCode.NOT_FOUND:
+            self.stats.errors += 1
+        return ImageOutcome(index, digest, error=exc)
 
     def _digest(self, image: ImageInput) -> bytes:
         if isinstance(image, DigestOnly):
