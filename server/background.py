@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from typing import Any
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+from vitcache.engine import EmbeddingEngine
 
 from .app import RunningServer, ServerConfig, start_server
+
+T = TypeVar("T")
 
 
 class BackgroundServer:
@@ -16,12 +21,23 @@ class BackgroundServer:
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="vitcache-server", daemon=True)
         self._thread.start()
-        self.running: RunningServer = asyncio.run_coroutine_threadsafe(start_server(config, encoder), self.loop).result(
-            timeout_s
-        )
+        self.running: RunningServer | None = self.call(start_server(config, encoder), timeout_s)
         self.target = f"{config.host}:{self.running.port}"
 
+    @property
+    def engine(self) -> EmbeddingEngine:
+        assert self.running is not None, "server stopped"
+        return self.running.engine
+
+    def call(self, coro: Coroutine[Any, Any, T], timeout_s: float = 60.0) -> T:
+        """Runs ``coro`` on the server's loop (e.g. ``engine.drain()``) and returns its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
+
     def stop(self, timeout_s: float = 30.0) -> None:
-        asyncio.run_coroutine_threadsafe(self.running.stop(grace_s=1), self.loop).result(timeout_s)
+        """Stops the server and its loop; a second call does nothing."""
+        if self.running is None:
+            return
+        self.call(self.running.stop(grace_s=1), timeout_s)
+        self.running = None
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout_s)

@@ -2,23 +2,21 @@
 
 from __future__ import annotations
 
-import asyncio
 import io
 import os
 import shutil
 import socket
 import subprocess
-import threading
 import time
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Future
 from pathlib import Path
 
 import numpy as np
 import pytest
 import redis
 from PIL import Image
-from vitcache.server.app import RunningServer, ServerConfig, start_server
+from vitcache.server.app import ServerConfig
+from vitcache.server.background import BackgroundServer
 
 from vitcache.models import VisionEncoder, load_encoder
 from vitcache.tiny import make_tiny_checkpoint
@@ -126,46 +124,24 @@ def encoder(tiny_checkpoint: Path) -> VisionEncoder:
     return load_encoder(str(tiny_checkpoint), "cpu")
 
 
-class ServerThread:
-    """A real gRPC server on loopback, run on its own event loop in a thread."""
-
-    def __init__(self, config: ServerConfig, encoder: VisionEncoder | None = None) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        config.port = 0
-        self.running: RunningServer = self.call(start_server(config, encoder))
-        self.target = f"127.0.0.1:{self.running.port}"
-
-    def call(self, coro):  # type: ignore[no-untyped-def]
-        future: Future = asyncio.run_coroutine_threadsafe(coro, self.loop)
-        return future.result(timeout=60)
-
-    @property
-    def engine(self):  # type: ignore[no-untyped-def]
-        return self.running.engine
-
-    def stop(self) -> None:
-        if self.running is not None:
-            self.call(self.running.stop(grace_s=1))
-            self.running = None  # type: ignore[assignment]
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(timeout=10)
+def server_thread(config: ServerConfig, encoder: VisionEncoder | None = None) -> BackgroundServer:
+    """A real gRPC server on loopback (a free port), on its own event loop in a thread."""
+    config.port = 0
+    return BackgroundServer(config, encoder)
 
 
 @pytest.fixture
 def start_server_thread() -> Iterator:
-    started: list[ServerThread] = []
+    started: list[BackgroundServer] = []
 
-    def start(config: ServerConfig, encoder: VisionEncoder | None = None) -> ServerThread:
-        server = ServerThread(config, encoder)
+    def start(config: ServerConfig, encoder: VisionEncoder | None = None) -> BackgroundServer:
+        server = server_thread(config, encoder)
         started.append(server)
         return server
 
     yield start
     for server in started:
-        if server.running is not None:
-            server.stop()
+        server.stop()
 
 
 def png_bytes(width: int, height: int, seed: int) -> bytes:

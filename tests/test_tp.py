@@ -14,19 +14,20 @@ from pathlib import Path
 import pytest
 import xxhash
 from vitcache.server.app import ServerConfig
+from vitcache.server.background import BackgroundServer
 
-from .conftest import ServerThread
+from .conftest import server_thread
 
 REPO = Path(__file__).resolve().parent.parent
 WORLD_SIZE = 4
 
 
 @pytest.fixture(scope="module")
-def fanout(encoder) -> Iterator[tuple[list[dict], ServerThread]]:  # type: ignore[no-untyped-def]
+def fanout(encoder) -> Iterator[tuple[list[dict], BackgroundServer]]:  # type: ignore[no-untyped-def]
     """Every rank's report of one run of the example, and the server it ran against."""
     workdir = Path(tempfile.mkdtemp(prefix="vctp-"))
     shm_socket = workdir / "shm" / "vitcache.sock"
-    server = ServerThread(ServerConfig(shm_socket=str(shm_socket)), encoder)
+    server = server_thread(ServerConfig(shm_socket=str(shm_socket)), encoder)
     try:
         report = workdir / "report.json"
         command = [sys.executable, "examples/tp_fanout.py", "--target", server.target, "--shm-socket", str(shm_socket)]
