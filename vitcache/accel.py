@@ -114,7 +114,15 @@ def batch_metadata(family: str, tower: nn.Module, grids: list[tuple[int, int, in
 
 
 def to_device(meta: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in meta.items()}
+    return {k: host_to_device(v, device) if torch.is_tensor(v) else v for k, v in meta.items()}
+
+
+def host_to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copies without waiting for the device: CUDA syncs the stream before a copy from pageable memory,
+    which would stall the launch of the next batch until the previous forward has finished."""
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
 
 
 class PatchLinear(nn.Module):

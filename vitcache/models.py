@@ -151,7 +151,7 @@ class VisionEncoder:
             raise ValueError(f"pixel_values {tuple(pixel_values.shape)} do not match grids {grids} x {patch_dim}")
         with torch.inference_mode():
             pixels = pixel_values.to(self.device, self.dtype)
-            grid_thw = grid_thw.to(self.device)
+            grid_thw = accel.host_to_device(grid_thw, self.device)
             outputs = self._forward(pixels, grid_thw, grids)
         sizes = [self.tokens_for(grid) for grid in grids]
         return [list(per_image) for per_image in zip(*(output.split(sizes) for output in outputs), strict=True)]
