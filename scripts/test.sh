@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/bootstrap.sh
-scripts/install_browser.sh  # chromium for the dashboard's browser test
+scripts/install_test_packages.sh  # chromium (dashboard test), a TLS-capable redis-server
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 exec .venv/bin/python -m pytest "$@"

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import time
 from pathlib import Path
 
 import grpc
 import pytest
+import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from vitcache.client import AsyncVitCacheClient, ConnectOptions, VitCacheClient
@@ -15,7 +18,7 @@ from vitcache.server.app import ServerConfig
 from vitcache.digest import digest_file, load_digest_key
 from vitcache.engine import EngineConfig
 
-from .conftest import RedisProcess, png_bytes
+from .conftest import RedisProcess, free_port, png_bytes
 from .pki import CertificateAuthority
 
 
@@ -151,6 +154,69 @@ def test_redis_auth_through_the_url(start_server_thread, encoder, tmp_path) -> N
         assert redis_proc.client().dbsize() == 1  # only the authenticated replica wrote
     finally:
         redis_proc.kill()
+
+
+DEBIAN_REDIS = Path("/usr/bin/redis-server")  # built with TLS; scripts/install_test_packages.sh installs it
+
+
+@pytest.fixture
+def tls_redis(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """A real redis-server that speaks TLS only, with a certificate from a throwaway CA."""
+    if not DEBIAN_REDIS.exists():
+        pytest.skip("no TLS-capable redis-server (Debian's redis-server package) on this machine")
+    pki = tmp_path / "pki"
+    pki.mkdir()
+    ca = CertificateAuthority(pki, "redis-ca")
+    issued = ca.issue("redis", server=True)
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            *(str(DEBIAN_REDIS), "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1"),
+            *("--tls-cert-file", str(issued.cert), "--tls-key-file", str(issued.key)),
+            *("--tls-ca-cert-file", str(ca.cert), "--tls-auth-clients", "no", "--save", "", "--appendonly", "no"),
+        ],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    client = redis.Redis(host="127.0.0.1", port=port, ssl=True, ssl_ca_certs=str(ca.cert), socket_timeout=2)
+    try:
+        for _ in range(200):
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if proc.poll() is not None:
+                    pytest.skip("this redis-server was built without TLS")
+                time.sleep(0.05)
+        else:
+            raise RuntimeError("TLS redis-server did not start")
+        yield port, ca.cert, client
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_redis_tls_through_the_url(start_server_thread, encoder, tls_redis) -> None:  # type: ignore[no-untyped-def]
+    port, ca_cert, tls_client = tls_redis
+    trusted = start_server_thread(
+        ServerConfig(redis_url=f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={ca_cert}", redis_timeout_s=0.5), encoder
+    )
+    untrusted = start_server_thread(  # rediss:// with the system CAs: the throwaway CA is not among them
+        ServerConfig(redis_url=f"rediss://127.0.0.1:{port}/0", redis_timeout_s=0.5), encoder
+    )
+    plaintext = start_server_thread(ServerConfig(redis_url=f"redis://127.0.0.1:{port}/0", redis_timeout_s=0.5), encoder)
+    with VitCacheClient(trusted.target) as client:
+        assert client.encode([png_bytes(56, 56, 21)])[0].ok
+        assert client.stats().redis_connected
+    trusted.call(trusted.engine.drain())
+    assert tls_client.dbsize() == 1  # the entry went over TLS
+    for server in (untrusted, plaintext):
+        with VitCacheClient(server.target) as client:
+            assert client.encode([png_bytes(56, 56, 22)])[0].ok  # serves without its L2
+            stats = client.stats()
+        assert not stats.redis_connected and stats.l2_errors >= 1
+    assert tls_client.dbsize() == 1
 
 
 def test_keyed_digests_need_the_key(start_server_thread, encoder, tmp_path) -> None:  # type: ignore[no-untyped-def]
