@@ -21,7 +21,6 @@ import json
 import os
 import platform
 import random
-import socket
 import subprocess
 import sys
 import threading
@@ -30,15 +29,10 @@ from concurrent.futures import Future
 from pathlib import Path
 
 import numpy as np
+from run_info import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class RedisServer:

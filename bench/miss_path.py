@@ -15,7 +15,6 @@ import io
 import json
 import multiprocessing as mp
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,8 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from run_info import REPO, commit, free_port
 
-REPO = Path(__file__).resolve().parent.parent
 QWEN25_7B_VISION = {
     "depth": 32,
     "hidden_size": 1280,
@@ -207,18 +206,6 @@ def _client(target: str, seed: int, side: int, deadline: float, queue: mp.Queue)
     queue.put((images, failed, done))
 
 
-def _git_commit() -> str:
-    """HEAD's hash, or "unknown" where the tree travelled without .git (set VITCACHE_COMMIT there)."""
-    done = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO)
-    return done.stdout.strip() if done.returncode == 0 else "unknown"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def bench_service(
     ckpt: Path, device: str, side: int, clients: int, seconds: float, extra: list[str], log: Path
 ) -> dict:
@@ -361,7 +348,7 @@ def main() -> None:
     result: dict = {
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
-        "commit": os.environ.get("VITCACHE_COMMIT") or _git_commit(),
+        "commit": commit(),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "model": "Qwen2.5-VL-7B vision config, random weights, bf16",
     }

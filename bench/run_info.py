@@ -1,9 +1,10 @@
-"""What a benchmark result records about where it ran."""
+"""What a benchmark result records about where it ran, and the free port its servers take."""
 
 from __future__ import annotations
 
 import datetime
 import os
+import socket
 import subprocess
 from pathlib import Path
 
@@ -22,3 +23,9 @@ def commit() -> str:
 
 def utc_stamp() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -54,15 +54,15 @@ def _qwen2_vl() -> tuple[PretrainedConfig, type[PreTrainedModel], dict]:
     return config, Qwen2VLForConditionalGeneration, {"patch_size": 14, **_QWEN_PIXELS}
 
 
+# Toy widths shared by the Qwen2.5-VL and Qwen3-VL towers (Qwen2-VL names its widths differently).
+_QWEN_VISION = {"depth": 4, "hidden_size": 32, "intermediate_size": 64, "num_heads": 4, "out_hidden_size": 32}
+
+
 def _qwen2_5_vl() -> tuple[PretrainedConfig, type[PreTrainedModel], dict]:
     config = Qwen2_5_VLConfig(
         text_config={**_QWEN_TEXT, "rope_parameters": _MROPE},
         vision_config={
-            "depth": 4,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_heads": 4,
-            "out_hidden_size": 32,
+            **_QWEN_VISION,
             "window_size": 112,  # the real 8x8-patch windows
             "fullatt_block_indexes": [1, 3],
         },
@@ -75,11 +75,7 @@ def _qwen3_vl() -> tuple[PretrainedConfig, type[PreTrainedModel], dict]:
     config = Qwen3VLConfig(
         text_config={**_QWEN_TEXT, "head_dim": 8, "rope_parameters": {**_MROPE, "mrope_interleaved": True}},
         vision_config={
-            "depth": 4,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_heads": 4,
-            "out_hidden_size": 32,
+            **_QWEN_VISION,
             "patch_size": 16,
             "num_position_embeddings": 64,  # an 8x8 learned grid, interpolated to each image
             "deepstack_visual_indexes": [1, 2],
