@@ -206,6 +206,17 @@ def _client(target: str, seed: int, side: int, deadline: float, queue: mp.Queue)
     queue.put((images, failed, done))
 
 
+def _profile_server(pid: int, side: int, seconds: float) -> subprocess.Popen | None:
+    """With VITCACHE_BENCH_PYSPY=DIR: py-spy samples the server (and its encoder process) while they
+    hold the GIL, into DIR/pyspy-SIDE-PID.txt (collapsed stacks) for one load test."""
+    folder = os.environ.get("VITCACHE_BENCH_PYSPY")
+    if not folder:
+        return None
+    command = ["py-spy", "record", "--pid", str(pid), "--subprocesses", "--gil", "--nonblocking", "--format", "raw"]
+    command += ["--duration", str(max(1, int(seconds / 2))), "-o", f"{folder}/pyspy-{side}-{pid}.txt"]
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+
+
 def bench_service(
     ckpt: Path, device: str, side: int, clients: int, seconds: float, extra: list[str], log: Path
 ) -> dict:
@@ -243,7 +254,10 @@ def bench_service(
         start = time.time()
         for p in procs:
             p.start()
+        profiler = _profile_server(server.pid, side, seconds)
         totals = [queue.get(timeout=seconds + 300) for _ in procs]
+        if profiler is not None:
+            profiler.wait(60)
         elapsed = time.time() - start
         for p in procs:
             p.join()
@@ -269,10 +283,32 @@ def bench_service(
         server.wait(timeout=60)
 
 
+def bench_encoder_batches(encoder, side: int, batch_images: int, iters: int = 10) -> float:  # type: ignore[no-untyped-def]
+    """img/s of the encoder alone, called in process on batches of ``batch_images`` images."""
+    from vitcache.preprocess import preprocess
+
+    rng = np.random.default_rng(side)
+    pixels = [
+        preprocess(rng.integers(0, 256, (side, side, 3), dtype=np.uint8), encoder.preprocess_config, encoder.device)
+        for _ in range(batch_images)
+    ]
+    values = torch.cat([p for p, _ in pixels])
+    grid = torch.tensor([g for _, g in pixels])
+    return batch_images / timed(lambda: encoder.encode(values, grid), iters)
+
+
 def bench_engine(
-    ckpt: Path, device: str, side: int, images: int, acceleration: str, batch_patches: int, workers: int = 4
+    ckpt: Path,
+    device: str,
+    side: int,
+    images: int,
+    acceleration: str,
+    batch_patches: int,
+    workers: int = 4,
+    bare_batch_images: tuple[int, ...] = (),
 ) -> dict:
-    """The service's own engine, in process, over the same kind of requests (no gRPC)."""
+    """The service's own engine, in process, over the same kind of requests (no gRPC); and its
+    encoder alone on batches of ``bare_batch_images`` images."""
     from vitcache.server.metrics import ServerMetrics
     from vitcache.server.stats_view import StatsView
 
@@ -281,6 +317,7 @@ def bench_engine(
     from vitcache.tiers import L1Cache
 
     encoder = load_encoder(str(ckpt), device, acceleration=acceleration)
+    bare = {n: bench_encoder_batches(encoder, side, n) for n in sorted(set(bare_batch_images))}
     base = jpeg(side, side, 0)
     rng = np.random.default_rng(0)
 
@@ -325,7 +362,12 @@ def bench_engine(
 
     img_s = asyncio.run(run())
     stats = view.stats(600)
-    return {"img_s": img_s, "stages_ms": stats.get("latency_ms"), "batch": stats.get("batch")}
+    return {
+        "img_s": img_s,
+        "stages_ms": stats.get("latency_ms"),
+        "batch": stats.get("batch"),
+        "encoder_alone_img_s": bare,
+    }
 
 
 def main() -> None:
@@ -339,6 +381,10 @@ def main() -> None:
     parser.add_argument("--switch-interval", type=float, default=None, help="sys.setswitchinterval for this process")
     parser.add_argument("--preprocess-workers", type=int, default=4)
     parser.add_argument("--parts", default="forward,preprocess,service")
+    parser.add_argument("--sides", default="448,1344", help="image sides of the service runs")
+    parser.add_argument(
+        "--encoder-process", default="on", help="server's --encoder-process values to compare, e.g. on,off"
+    )
     parser.add_argument("--out", default=str(REPO / "bench" / "results"))
     args = parser.parse_args()
     parts = set(args.parts.split(","))
@@ -377,17 +423,38 @@ def main() -> None:
     if "service" in parts:
         accel = ["--acceleration", args.acceleration, "--max-batch-patches", str(args.max_batch_patches)]
         result["service"] = {}
-        for side in (448, 1344):
+        for side in [int(v) for v in args.sides.split(",")]:
+            runs = {}
+            for mode in args.encoder_process.split(","):
+                extra = [*accel, "--encoder-process", mode]
+                runs[mode] = bench_service(
+                    ckpt, args.device, side, args.clients, args.seconds, extra, out / "server.log"
+                )
+                print(side, mode, json.dumps(runs[mode]), flush=True)
+            # In process: the engine over the same kind of requests, and the encoder alone on
+            # batches as large as the service's were (its rate at the service's own batches).
+            sizes = tuple(max(1, round(run["server_batch"]["images_mean"])) for run in runs.values())
             engine = bench_engine(
-                ckpt, args.device, side, 256 if side == 448 else 48, args.acceleration, args.max_batch_patches
+                ckpt,
+                args.device,
+                side,
+                256 if side == 448 else 48,
+                args.acceleration,
+                args.max_batch_patches,
+                bare_batch_images=sizes,
             )
-            e2e = bench_service(ckpt, args.device, side, args.clients, args.seconds, accel, out / "server.log")
-            e2e["engine_in_process_img_s"] = engine["img_s"]
-            e2e["engine_in_process_stages_ms"] = engine["stages_ms"]
-            e2e["engine_in_process_batch"] = engine["batch"]
-            e2e["e2e_over_in_process"] = e2e["img_s"] / engine["img_s"]
-            result["service"][f"{side}x{side}"] = e2e
-            print(side, json.dumps(e2e), flush=True)
+            for run, size in zip(runs.values(), sizes, strict=True):
+                run["encoder_alone_batch_images"] = size
+                run["encoder_alone_img_s"] = engine["encoder_alone_img_s"][size]
+                run["e2e_over_encoder_alone"] = run["img_s"] / run["encoder_alone_img_s"]
+                run["engine_in_process_img_s"] = engine["img_s"]
+                run["engine_in_process_stages_ms"] = engine["stages_ms"]
+                run["engine_in_process_batch"] = engine["batch"]
+                run["e2e_over_engine_in_process"] = run["img_s"] / engine["img_s"]
+            result["service"][f"{side}x{side}"] = runs
+            print(
+                side, json.dumps({mode: {k: v for k, v in run.items() if "ms" not in k} for mode, run in runs.items()})
+            )
             save()
     print(f"wrote {path}")
 

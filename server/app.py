@@ -12,9 +12,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from vitcache.v1 import vitcache_pb2 as pb
 
+from vitcache.encoder_process import EncoderProcess
 from vitcache.engine import EmbeddingEngine, EngineConfig
 from vitcache.fleet_lock import FleetLock
 from vitcache.models import VisionEncoder, load_encoder
+from vitcache.pipeline import Pipeline
 from vitcache.tiers import L1Cache, RedisTier
 
 from .metrics import ServerMetrics
@@ -54,6 +56,13 @@ class ServerConfig:
     shm_socket: str | None = None  # Unix socket of the same-host shared-memory path; None = off
     shm_arena_bytes: int = 256 << 20  # shared memory each shm client connection may hold
     engine: EngineConfig = field(default_factory=EngineConfig)
+    # Decode, preprocessing and the forward in a child process that owns the device, so
+    # serving never waits for the GIL of kernel launches (vitcache.encoder_process). None: on for CUDA.
+    encoder_process: bool | None = None
+
+    @property
+    def uses_encoder_process(self) -> bool:
+        return self.device.startswith("cuda") if self.encoder_process is None else self.encoder_process
 
 
 class RunningServer:
@@ -92,21 +101,40 @@ class RunningServer:
 
 
 async def start_server(config: ServerConfig, encoder: VisionEncoder | None = None) -> RunningServer:
-    if encoder is None:
-        encoder = load_encoder(config.model, config.device, config.dtype, config.acceleration)
+    """Serves ``encoder``; without one, loads ``config.model`` here or in an encoder process."""
+    metrics = ServerMetrics()
+    pipeline: VisionEncoder | Pipeline
+    if encoder is not None:
+        pipeline = encoder
+    elif config.uses_encoder_process:
+        engine_config = config.engine
+        pipeline = EncoderProcess(
+            config.model,
+            config.device,
+            config.dtype,
+            config.acceleration,
+            engine_config.max_batch_patches,
+            engine_config.max_batch_wait_s,
+            engine_config.preprocess_workers,
+            engine_config.limits,
+            metrics,
+        )
+        await pipeline.load()  # the namespace (and so the L2 keys) is known once the model is
+    else:
+        pipeline = load_encoder(config.model, config.device, config.dtype, config.acceleration)
+    namespace = pipeline.spec.namespace
     l2 = fleet_lock = None
     if config.redis_url:
         l2 = RedisTier(
             config.redis_url,
-            encoder.namespace,
+            namespace,
             config.redis_ttl_s,
             config.redis_timeout_s,
             cluster=config.redis_cluster,
         )
         if config.fleet_lock_ttl_s:
             fleet_lock = FleetLock(l2, config.fleet_lock_ttl_s)
-    metrics = ServerMetrics()
-    engine = EmbeddingEngine(encoder, L1Cache(config.l1_bytes), l2, config.engine, fleet_lock, observer=metrics)
+    engine = EmbeddingEngine(pipeline, L1Cache(config.l1_bytes), l2, config.engine, fleet_lock, observer=metrics)
     metrics.watch(engine)
     await engine.start()
 
@@ -143,11 +171,11 @@ async def start_server(config: ServerConfig, encoder: VisionEncoder | None = Non
         log.info("metrics and dashboard on http://%s:%d/", config.metrics_host, metrics_http.port)
     log.info(
         "serving %s (%s, %s on %s, namespace %s) on %s:%d; L2 %s",
-        encoder.model_name,
-        encoder.family,
-        encoder.dtype,
-        encoder.device,
-        encoder.namespace,
+        engine.spec.model_name,
+        engine.spec.family,
+        engine.spec.dtype,
+        engine.spec.device,
+        namespace,
         config.host,
         port,
         "redis" if l2 else "off",

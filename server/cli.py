@@ -38,6 +38,12 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         choices=["auto", "none", "varlen", "compile"],
         help="vision forward: transformers' (none), packed varlen attention, or varlen + torch.compile",
     )
+    p.add_argument(
+        "--encoder-process",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help="decode, preprocess and forward in a child process that owns the device (auto: on for cuda)",
+    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=50051, help="0 picks a free port")
     p.add_argument("--metrics-host", default="127.0.0.1", help="address of /metrics, /api/stats and the dashboard")
@@ -132,6 +138,7 @@ def _serve(args: argparse.Namespace) -> None:
             max_queued_images=args.max_queued_images,
             digest_key=load_digest_key(args.digest_key_file) if args.digest_key_file else None,
         ),
+        encoder_process={"auto": None, "on": True, "off": False}[args.encoder_process],
     )
     asyncio.run(serve_forever(config))
 

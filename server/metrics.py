@@ -21,7 +21,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, get_args
 
 import grpc
-import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -39,10 +38,10 @@ BATCH_IMAGES_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 BATCH_PATCHES_BUCKETS = (256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
 #: ImageResult.source of a success, lower case; "none" for an error.
 SOURCES = ("l1", "l2", "computed")
-#: Exported only while the encoder is on a CUDA device: name -> (help, torch.cuda function that reads it).
+#: Exported only while the encoder is on a CUDA device: name -> (help, key of Pipeline.device_memory()).
 GPU_METRICS = {
-    "vitcache_gpu_memory_allocated_bytes": ("Device memory held by tensors", "memory_allocated"),
-    "vitcache_gpu_memory_reserved_bytes": ("Device memory reserved by the caching allocator", "memory_reserved"),
+    "vitcache_gpu_memory_allocated_bytes": ("Device memory held by tensors", "allocated"),
+    "vitcache_gpu_memory_reserved_bytes": ("Device memory reserved by the caching allocator", "reserved"),
 }
 
 
@@ -196,8 +195,8 @@ class _RequestTimer:
 class EngineStateCollector(Collector):
     """The engine's state, read at scrape time: L1 fill, Redis state and errors, GPU memory.
 
-    GPU memory is reported only when the encoder is on a CUDA device (CUDA is then already
-    initialised); on a CPU encoder this never touches ``torch.cuda``.
+    GPU memory is reported only when the encoder is on a CUDA device, as its pipeline reads it
+    (in the encoder process, if there is one); this process never touches ``torch.cuda``.
     """
 
     def __init__(self, engine: EmbeddingEngine) -> None:
@@ -205,7 +204,7 @@ class EngineStateCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         engine, l1, l2 = self._engine, self._engine.l1, self._engine.l2
-        encoder = engine.encoder
+        encoder = engine.spec
         yield InfoMetricFamily(
             "vitcache_model",
             "The served model",
@@ -213,7 +212,7 @@ class EngineStateCollector(Collector):
                 "model": encoder.model_name,
                 "family": encoder.family,
                 "dtype": dtype_name(encoder.dtype),
-                "device": str(encoder.device),
+                "device": encoder.device,
                 "namespace": encoder.namespace,
             },
         )
@@ -245,15 +244,12 @@ class EngineStateCollector(Collector):
         yield CounterMetricFamily(
             "vitcache_oom_splits",
             "Forwards split after running out of device memory",
-            value=engine.batcher.stats.oom_splits,
+            value=engine.pipeline.stats.oom_splits,
         )
         yield GaugeMetricFamily("vitcache_uptime_seconds", "Seconds since the engine started", value=engine.uptime_s)
-        if encoder.device.type == "cuda":
-            yield from _gpu_memory(encoder.device)
-
-
-def _gpu_memory(device: torch.device) -> Iterator[Metric]:
-    for name, (documentation, reader) in GPU_METRICS.items():
-        family = GaugeMetricFamily(name, documentation, labels=["device"])
-        family.add_metric([str(device)], getattr(torch.cuda, reader)(device))
-        yield family
+        memory = engine.pipeline.device_memory()
+        for name, (documentation, key) in GPU_METRICS.items():
+            if key in memory:
+                family = GaugeMetricFamily(name, documentation, labels=["device"])
+                family.add_metric([encoder.device], memory[key])
+                yield family

@@ -102,7 +102,7 @@ class VitCacheServicer(pb_grpc.VitCacheServicer):
 
     async def GetStats(self, request: pb.GetStatsRequest, context: grpc.aio.ServicerContext) -> pb.Stats:
         engine = self.engine
-        stats, batcher = engine.stats, engine.batcher.stats
+        stats, batcher = engine.stats, engine.pipeline.stats
         l2 = engine.l2
         return pb.Stats(
             l1_hits=stats.l1_hits,
@@ -128,7 +128,7 @@ class VitCacheServicer(pb_grpc.VitCacheServicer):
         )
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
-        encoder = self.engine.encoder
+        encoder = self.engine.spec
         config = encoder.preprocess_config
         return pb.ModelInfo(
             family=encoder.family,
@@ -143,6 +143,6 @@ class VitCacheServicer(pb_grpc.VitCacheServicer):
             temporal_patch_size=config.temporal_patch_size,
             merge_size=encoder.merge_size,
             patch_dim=config.patch_dim,
-            device=str(encoder.device),
+            device=encoder.device,
             preprocess_config_json=config.to_json(),
         )

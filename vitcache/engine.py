@@ -1,7 +1,8 @@
 """The cache service without a transport: digest, look up L1 then L2, compute only misses.
 
 The gRPC server is a thin layer over :class:`EmbeddingEngine`; anything that embeds
-vitcache in-process (an inference server's own encoder path) can use it directly.
+vitcache in-process (an inference server's own encoder path) can use it directly. The device
+work of a miss is its :class:`~vitcache.pipeline.Pipeline`'s, in this process or another.
 """
 
 from __future__ import annotations
@@ -11,21 +12,20 @@ import enum
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
 
-from vitcache import accel
-from vitcache.batcher import Batcher, DecodeBatcher
 from vitcache.digest import DIGEST_SIZE, digest_file, digest_pixels, digest_rgb
 from vitcache.entry import CachedEmbedding
 from vitcache.errors import ErrorCode, ImageError
 from vitcache.fleet_lock import FleetLock
-from vitcache.models import VisionEncoder
+from vitcache.inputs import DigestOnly, EncodedFile, ImageInput, PixelRows, RawRGB, Scope
+from vitcache.models import EncoderSpec, VisionEncoder
 from vitcache.observer import EngineObserver
-from vitcache.preprocess import DecodeLimits, ImageRejected, decode_image_on, preprocess, raw_image
-from vitcache.tensor_codec import dtype_from_name, tensor_from_buffer
+from vitcache.pipeline import EncodePipeline, Pipeline
+from vitcache.preprocess import DecodeLimits
+from vitcache.tensor_codec import dtype_from_name
 from vitcache.tiers import L1Cache, RedisTier, l1_key
 
 log = logging.getLogger(__name__)
@@ -37,49 +37,6 @@ class Source(enum.IntEnum):
     L1 = 1
     L2 = 2
     COMPUTED = 3
-
-
-@dataclass(frozen=True)
-class EncodedFile:
-    data: bytes
-
-
-@dataclass(frozen=True)
-class RawRGB:
-    rgb: bytes
-    height: int
-    width: int
-
-
-@dataclass(frozen=True)
-class PixelRows:
-    """One image's rows of a client-preprocessed ``pixel_values`` batch."""
-
-    data: bytes | memoryview
-    dtype: str
-    grid_thw: tuple[int, int, int]
-    row_width: int
-
-
-@dataclass(frozen=True)
-class DigestOnly:
-    digest: bytes
-
-
-ImageInput = EncodedFile | RawRGB | PixelRows | DigestOnly
-
-
-@dataclass(frozen=True)
-class Scope:
-    """Who asks and until when: the tenant scopes every cache key; past the deadline
-    (``time.monotonic()``) an image that has not reached the device is dropped."""
-
-    tenant: str = ""
-    deadline: float | None = None
-
-    def check_deadline(self) -> None:
-        if self.deadline is not None and time.monotonic() >= self.deadline:
-            raise ImageError(ErrorCode.DEADLINE_EXCEEDED, "deadline passed while queued")
 
 
 @dataclass(frozen=True)
@@ -132,48 +89,51 @@ class EmbeddingEngine:
 
     def __init__(
         self,
-        encoder: VisionEncoder,
+        encoder: VisionEncoder | Pipeline,
         l1: L1Cache,
         l2: RedisTier | None = None,
         config: EngineConfig | None = None,
         fleet_lock: FleetLock | None = None,
         observer: EngineObserver | None = None,
     ) -> None:
-        self.encoder = encoder
+        self.config = config or EngineConfig()
+        self.observer = observer or EngineObserver()
+        self.pipeline: Pipeline = (
+            EncodePipeline(
+                encoder,
+                self.config.max_batch_patches,
+                self.config.max_batch_wait_s,
+                self.config.preprocess_workers,
+                self.config.limits,
+                self.observer,
+            )
+            if isinstance(encoder, VisionEncoder)
+            else encoder
+        )
         self.l1 = l1
         self.l2 = l2
-        self.config = config or EngineConfig()
         self.fleet_lock = fleet_lock
         self.stats = EngineStats()
-        self.observer = observer or EngineObserver()
-        self.batcher = Batcher(encoder, self.config.max_batch_patches, self.config.max_batch_wait_s, self.observer)
-        self._preprocess_pool = ThreadPoolExecutor(self.config.preprocess_workers, "vitcache-preprocess")
-        # On CUDA, files from concurrent requests are decoded together (batched nvJPEG).
-        self.decoder = (
-            DecodeBatcher(self.config.limits, encoder.device, self._preprocess_pool)
-            if encoder.device.type == "cuda"
-            else None
-        )
         self._inflight: dict[bytes, asyncio.Task[tuple[CachedEmbedding, Source]]] = {}
         self._l2_writes: set[asyncio.Future[None]] = set()
+
+    @property
+    def spec(self) -> EncoderSpec:
+        """What the encoder computes (known once the pipeline has started)."""
+        return self.pipeline.spec
 
     @property
     def uptime_s(self) -> float:
         return time.monotonic() - self.stats.started_at
 
     async def start(self) -> None:
-        self.batcher.start()
-        if self.decoder is not None:
-            self.decoder.start()
+        await self.pipeline.start()
         if self.l2 is not None:
             await self.l2.ping()
 
     async def stop(self) -> None:
         await self.drain()
-        await self.batcher.stop()
-        if self.decoder is not None:
-            await self.decoder.stop()
-        self._preprocess_pool.shutdown(wait=True)
+        await self.pipeline.stop()
         if self.l2 is not None:
             await self.l2.close()
 
@@ -332,14 +292,8 @@ class EmbeddingEngine:
                 return claim, Source.L2
             _, token = claim
         try:
-            scope.check_deadline()
-            loop = asyncio.get_running_loop()
-            with self.observer.timed("preprocess"):
-                decoded = await self._decode_on_device(image)
-                pixel_values, grid = await loop.run_in_executor(
-                    self._preprocess_pool, self._prepare, image, scope, decoded
-                )
-            entry = await self.batcher.encode(pixel_values, grid, scope.deadline)
+            assert not isinstance(image, DigestOnly)  # _serve_miss answers those from L2 alone
+            entry = await self.pipeline.compute(image, scope)
         except BaseException as exc:
             if isinstance(exc, ImageError) and exc.code is ErrorCode.DEADLINE_EXCEEDED:
                 self.stats.deadline_expired += 1
@@ -366,40 +320,6 @@ class EmbeddingEngine:
         self._l2_writes.add(task)
         task.add_done_callback(self._l2_writes.discard)
 
-    async def _decode_on_device(self, image: ImageInput) -> torch.Tensor | None:
-        if self.decoder is None or not isinstance(image, EncodedFile):
-            return None
-        try:
-            return await self.decoder.decode(image.data)
-        except ImageRejected as exc:
-            raise ImageError(ErrorCode.INVALID_ARGUMENT, str(exc)) from exc
-
-    def _prepare(
-        self, image: ImageInput, scope: Scope, decoded: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, tuple[int, int, int]]:
-        """Decode (unless ``decoded``) and preprocess on the encoder's device (preprocessing thread)."""
-        scope.check_deadline()  # it may have waited for a preprocessing thread
-        limits, encoder = self.config.limits, self.encoder
-        try:
-            with accel.side_stream(encoder.device):
-                if isinstance(image, PixelRows):
-                    return self._pixel_rows(image), image.grid_thw
-                if decoded is not None:
-                    pixels = decoded
-                elif isinstance(image, EncodedFile):
-                    pixels = decode_image_on(image.data, limits, encoder.device)
-                else:
-                    assert isinstance(image, RawRGB)
-                    pixels = raw_image(image.rgb, image.height, image.width, limits)
-                return preprocess(pixels, encoder.preprocess_config, encoder.device)
-        except ImageRejected as exc:
-            raise ImageError(ErrorCode.INVALID_ARGUMENT, str(exc)) from exc
-
-    def _pixel_rows(self, image: PixelRows) -> torch.Tensor:
-        t, h, w = image.grid_thw
-        rows = tensor_from_buffer(image.data, image.dtype, (t * h * w, image.row_width))
-        return rows.to(self.encoder.device)
-
     def validate_pixel_batch(
         self, data: bytes, dtype: str, shape: Sequence[int], grid_flat: Sequence[int]
     ) -> list[PixelRows | ImageError]:
@@ -416,7 +336,7 @@ class EmbeddingEngine:
         if dtype not in ("float32", "bfloat16", "float16"):
             raise invalid(f"pixel_values dtype must be float32, bfloat16 or float16, got {dtype!r}")
         itemsize = torch.empty((), dtype=dtype_from_name(dtype)).element_size()
-        patch_dim = self.encoder.preprocess_config.patch_dim
+        patch_dim = self.spec.preprocess_config.patch_dim
         if len(shape) != 2 or shape[1] != patch_dim:
             raise invalid(f"pixel_values must have shape (patches, {patch_dim}), got {list(shape)}")
         if shape[0] * shape[1] * itemsize != len(data):
@@ -429,14 +349,14 @@ class EmbeddingEngine:
         total = sum(t * h * w for t, h, w in grids)
         if total != shape[0]:
             raise invalid(f"image_grid_thw adds up to {total} patches but pixel_values has {shape[0]} rows")
-        max_patches = self.config.limits.max_image_pixels // self.encoder.preprocess_config.patch_size**2
+        max_patches = self.config.limits.max_image_pixels // self.spec.preprocess_config.patch_size**2
         view, row_bytes, start = memoryview(data), patch_dim * itemsize, 0
         images: list[PixelRows | ImageError] = []
         for grid in grids:
             patches = grid[0] * grid[1] * grid[2]
             end = start + patches * row_bytes
             try:
-                self.encoder.validate_grid(grid)  # type: ignore[arg-type]
+                self.spec.validate_grid(grid)  # type: ignore[arg-type]
                 if patches > max_patches:
                     raise ValueError(f"{patches} patches is over the limit of {max_patches}")
                 images.append(PixelRows(view[start:end], dtype, grid, patch_dim))  # type: ignore[arg-type]

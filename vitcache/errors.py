@@ -29,5 +29,8 @@ class ImageError(Exception):
         self.code = code
         self.message = message
 
+    def __reduce__(self) -> tuple[type[ImageError], tuple[ErrorCode, str]]:
+        return ImageError, (self.code, self.message)  # picklable: it crosses to and from the encoder process
+
     def __repr__(self) -> str:
         return f"ImageError({self.code.name}, {self.message!r})"

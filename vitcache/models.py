@@ -11,6 +11,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 import xxhash
@@ -87,44 +88,60 @@ _FAMILY_SPECS = {
 }
 
 
-class VisionEncoder:
-    """A vision tower (+ projector for Kimi) in eval/inference mode on one device."""
+@dataclass(frozen=True)
+class EncoderSpec:
+    """What an encoder computes, without its weights: enough to validate inputs, size outputs and
+    describe the model. Picklable, so a process that never touches the device can hold it."""
 
-    def __init__(
-        self,
+    family: str
+    model_name: str
+    dtype: torch.dtype
+    device: str
+    preprocess_config: PreprocessConfig
+    namespace: str
+    merge_size: int
+    output_names: tuple[str, ...]
+    output_hidden_sizes: tuple[int, ...]
+    max_frames: int | None  # Kimi embeds clips of at most this many frames
+
+    @classmethod
+    def of(
+        cls,
         family: str,
         model_name: str,
-        module: nn.ModuleDict,
         config: PretrainedConfig,
         preprocess_config: PreprocessConfig,
         dtype: torch.dtype,
+        device: torch.device,
         namespace: str,
-    ) -> None:
+    ) -> EncoderSpec:
         vision_config = config.vision_config
-        self.family = family
-        self.model_name = model_name
-        # Keys mirror the full model's submodules under `model.`: "visual" or "vision_tower" + "mm_projector".
-        self.module = module
-        self.device = next(module.parameters()).device
-        self.dtype = dtype
-        self.preprocess_config = preprocess_config
-        self.namespace = namespace
-        self.acceleration = "none"  # set by load_encoder
-        self.output_names = ["merged"]
+        names = ["merged"]
         if family == "kimi_k25":
             kernel_h, kernel_w = vision_config.merge_kernel_size
             if kernel_h != kernel_w:
                 raise ModelLoadError(f"non-square Kimi merge kernel {vision_config.merge_kernel_size} is unsupported")
-            self.merge_size = kernel_h
-            self.output_hidden_sizes = [config.text_config.hidden_size]
+            merge_size, sizes = kernel_h, [config.text_config.hidden_size]
         else:
-            self.merge_size = vision_config.spatial_merge_size
+            merge_size = vision_config.spatial_merge_size
             # Qwen2-VL's merger projects to `hidden_size`; later versions name it `out_hidden_size`.
             hidden = vision_config.hidden_size if family == "qwen2_vl" else vision_config.out_hidden_size
             deepstack = getattr(vision_config, "deepstack_visual_indexes", ())
-            self.output_names += [f"deepstack_{i}" for i in range(len(deepstack))]
-            self.output_hidden_sizes = [hidden] * len(self.output_names)
-        self._max_frames = vision_config.pos_emb_time if family == "kimi_k25" else None
+            names += [f"deepstack_{i}" for i in range(len(deepstack))]
+            sizes = [hidden] * len(names)
+        max_frames = vision_config.pos_emb_time if family == "kimi_k25" else None
+        return cls(
+            family,
+            model_name,
+            dtype,
+            str(device),
+            preprocess_config,
+            namespace,
+            merge_size,
+            tuple(names),
+            tuple(sizes),
+            max_frames,
+        )
 
     def tokens_for(self, grid_thw: tuple[int, int, int]) -> int:
         t, h, w = grid_thw
@@ -138,8 +155,37 @@ class VisionEncoder:
         t, h, w = grid_thw
         if h % self.merge_size or w % self.merge_size:
             raise ValueError(f"grid {grid_thw}: h and w must be multiples of the merge size {self.merge_size}")
-        if self._max_frames is not None and t > self._max_frames:
-            raise ValueError(f"grid {grid_thw}: this model embeds at most {self._max_frames} frames per clip")
+        if self.max_frames is not None and t > self.max_frames:
+            raise ValueError(f"grid {grid_thw}: this model embeds at most {self.max_frames} frames per clip")
+
+
+class VisionEncoder:
+    """A vision tower (+ projector for Kimi) in eval/inference mode on one device.
+
+    What it computes (family, dtype, output sizes, ...) is its :class:`EncoderSpec`, whose fields
+    and methods read as the encoder's own (``encoder.family``, ``encoder.tokens_for(grid)``).
+    """
+
+    def __init__(
+        self,
+        family: str,
+        model_name: str,
+        module: nn.ModuleDict,
+        config: PretrainedConfig,
+        preprocess_config: PreprocessConfig,
+        dtype: torch.dtype,
+        namespace: str,
+    ) -> None:
+        # Keys mirror the full model's submodules under `model.`: "visual" or "vision_tower" + "mm_projector".
+        self.module = module
+        self.device = next(module.parameters()).device
+        self.acceleration = "none"  # set by load_encoder
+        self.spec = EncoderSpec.of(family, model_name, config, preprocess_config, dtype, self.device, namespace)
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "spec":  # not set yet (during __init__ or unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.spec, name)
 
     def encode(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> list[list[torch.Tensor]]:
         """Encode a batch of images in one forward; per image, its outputs in `output_names` order."""

@@ -1,0 +1,118 @@
+"""The encoder in a child process: same embeddings as in process, the ring, errors, a dying child."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from vitcache.client import VitCacheClient
+from vitcache.server.app import ServerConfig
+from vitcache.server.metrics import ServerMetrics
+
+from tests.conftest import jpeg_bytes, png_bytes
+from vitcache.encoder_process import EncoderProcess
+from vitcache.engine import EmbeddingEngine, EncodedFile, ImageOutcome, Source
+from vitcache.errors import ErrorCode
+from vitcache.models import VisionEncoder
+from vitcache.tiers import L1Cache
+
+# 40x40 images: 2 x 2 tokens of 64 floats = 1 KiB per embedding on the tiny model.
+IMAGES = [png_bytes(40 + 28 * (i % 3), 40, seed=i) for i in range(24)]
+
+
+async def encode_all(engine: EmbeddingEngine, images: list[bytes]) -> dict[int, ImageOutcome]:
+    return {o.index: o async for o in engine.encode([EncodedFile(data) for data in images])}
+
+
+def run_engine(pipeline: EncoderProcess | VisionEncoder, images: list[bytes], **engine_kw) -> dict[int, ImageOutcome]:
+    async def run() -> dict[int, ImageOutcome]:
+        engine = EmbeddingEngine(pipeline, L1Cache(64 << 20), **engine_kw)
+        await engine.start()
+        try:
+            # Several concurrent requests, so batches mix images of different requests.
+            parts = await asyncio.gather(*(encode_all(engine, images[i::4]) for i in range(4)))
+            return {4 * index + i: outcome for i, part in enumerate(parts) for index, outcome in part.items()}
+        finally:
+            await engine.stop()
+
+    return asyncio.run(run())
+
+
+def assert_same_embeddings(got: dict[int, ImageOutcome], want: dict[int, ImageOutcome]) -> None:
+    assert sorted(got) == sorted(want)
+    for index, outcome in got.items():
+        assert outcome.error is None, outcome.error
+        assert outcome.entry.grid_thw == want[index].entry.grid_thw
+        for a, b in zip(outcome.entry.tensors(), want[index].entry.tensors(), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def in_process(encoder: VisionEncoder) -> dict[int, ImageOutcome]:
+    return run_engine(encoder, IMAGES)
+
+
+def test_child_computes_what_the_encoder_computes_in_process(tiny_checkpoint: Path, in_process, encoder) -> None:
+    metrics = ServerMetrics()
+    process = EncoderProcess(str(tiny_checkpoint), "cpu", max_batch_patches=64, observer=metrics)
+    got = run_engine(process, IMAGES, observer=metrics)
+    assert_same_embeddings(got, in_process)
+    assert all(o.source is Source.COMPUTED for o in got.values())
+    assert process.spec == encoder.spec  # the parent learns the model from the child
+    # The child's forwards reach the parent's stats and metrics.
+    assert process.stats.images == len(IMAGES) and process.stats.batches > 1
+    assert metrics.registry.get_sample_value("vitcache_batch_size_images_sum") == len(IMAGES)
+    assert metrics.registry.get_sample_value("vitcache_batch_size_images_count") == process.stats.batches
+    preprocessed = metrics.registry.get_sample_value("vitcache_stage_duration_seconds_count", {"stage": "preprocess"})
+    assert preprocessed == len(IMAGES)
+
+
+def test_ring_wraps_and_oversized_entries_travel_through_the_pipe(tiny_checkpoint: Path, in_process) -> None:
+    # 24 embeddings of 512 to 1024 bytes (18 KiB) through a 12 KiB ring: replies wait for the
+    # parent to free space, and wrap around.
+    small_ring = EncoderProcess(str(tiny_checkpoint), "cpu", ring_bytes=3 * 4096 + 100)
+    assert_same_embeddings(run_engine(small_ring, IMAGES), in_process)
+    # Smaller than any embedding: every one is pickled through the pipe instead.
+    no_ring = EncoderProcess(str(tiny_checkpoint), "cpu", ring_bytes=256)
+    assert_same_embeddings(run_engine(no_ring, IMAGES[:6]), {i: in_process[i] for i in range(6)})
+
+
+def test_bad_image_fails_alone_and_a_dead_child_fails_misses_not_hits(tiny_checkpoint: Path, in_process) -> None:
+    async def run() -> None:
+        process = EncoderProcess(str(tiny_checkpoint), "cpu")
+        engine = EmbeddingEngine(process, L1Cache(64 << 20))
+        await engine.start()
+        try:
+            got = await encode_all(engine, [IMAGES[0], b"not an image", IMAGES[1]])
+            assert got[1].error is not None and got[1].error.code is ErrorCode.INVALID_ARGUMENT
+            assert got[0].error is None and got[2].error is None
+            torch.testing.assert_close(got[0].entry.tensors()[0], in_process[0].entry.tensors()[0])
+
+            os.kill(process.pid, signal.SIGKILL)
+            for _ in range(100):
+                got = await encode_all(engine, [IMAGES[0], IMAGES[5]])
+                if got[1].error is not None:
+                    break
+                await asyncio.sleep(0.05)  # the reply may have been on its way
+            assert got[1].error.code is ErrorCode.UNAVAILABLE and "encoder process exited" in got[1].error.message
+            assert got[0].source is Source.L1  # cached answers are unaffected
+        finally:
+            await engine.stop()
+
+    asyncio.run(run())
+
+
+def test_server_with_encoder_process(tiny_checkpoint: Path, start_server_thread, in_process) -> None:
+    server = start_server_thread(ServerConfig(model=str(tiny_checkpoint), encoder_process=True))
+    assert isinstance(server.engine.pipeline, EncoderProcess)
+    with VitCacheClient(server.target) as client:
+        assert client.model_info().model == str(tiny_checkpoint)
+        results = client.encode([IMAGES[3], jpeg_bytes(64, 48, seed=1), b"junk"])
+        assert results[2].error is not None and results[2].error.code.name == "INVALID_ARGUMENT"
+        torch.testing.assert_close(results[0].embeddings[0], in_process[3].entry.tensors()[0], rtol=1e-4, atol=1e-5)
+        assert results[1].ok and results[1].source == "COMPUTED"
+        assert client.stats().images_computed == 2

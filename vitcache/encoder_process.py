@@ -1,0 +1,401 @@
+"""The device side of misses in a child process that owns the device.
+
+Why a process: in one process, the thread that launches the vision forward's kernels shares
+the GIL with the event loop that speaks gRPC and copies megabytes of embeddings per image, so
+launches wait behind serialization and the GPU idles between kernels (the reason vLLM's V1
+engine core runs apart from its API server). The child runs an :class:`EncodePipeline` on an
+event loop of its own; the parent, which serves requests, never opens a CUDA context.
+
+Protocol, over one duplex ``multiprocessing`` pipe of pickled tuples:
+
+- parent -> child: ``(request id, image, deadline)`` per image; ``None`` to stop.
+- child -> parent: ``("ready", EncoderSpec)`` or ``("failed", message)`` once, then per image
+  ``(request id, result, observer events, BatcherStats fields, device memory)``, where the
+  result is an :class:`ImageError`, a :class:`_InRing` or, for an image larger than the ring,
+  the :class:`CachedEmbedding` itself.
+
+Embeddings travel through a shared-memory ring (a memfd both processes map, handed over the
+pipe). Invariants: the child reserves space in the order it sends replies and the parent reads
+replies in that order, so the parent frees space by publishing the end position of the last
+reply it has copied out (``_Ring.release``); the child never writes past that position plus the
+ring's capacity. The parent copies each image out of the ring before the engine sees it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import mmap
+import multiprocessing as mp
+import os
+import threading
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import astuple, dataclass, replace
+from multiprocessing import reduction
+from multiprocessing.connection import Connection
+
+from vitcache.batcher import BatcherStats
+from vitcache.entry import CachedEmbedding
+from vitcache.errors import ErrorCode, ImageError
+from vitcache.inputs import Computable, PixelRows, Scope
+from vitcache.models import EncoderSpec
+from vitcache.observer import EngineObserver, Stage
+from vitcache.preprocess import DecodeLimits
+from vitcache.tensor_codec import TensorBytes
+
+log = logging.getLogger(__name__)
+
+_HEADER = 64  # the ring's first bytes: the parent's release position (int64)
+
+
+class _Ring:
+    """A byte ring over shared memory: positions only grow; a position's offset is ``pos % capacity``."""
+
+    def __init__(self, buffer: mmap.mmap) -> None:
+        self._buffer = buffer
+        self._view = memoryview(buffer)
+        self._released = self._view[:8].cast("q")  # written by the parent only; an aligned 8-byte store
+        self.capacity = len(buffer) - _HEADER
+        self._reserved = 0  # child side: end of the last reservation
+
+    def reserve(self, nbytes: int) -> tuple[int, int] | None:
+        """Child: (start, end) of ``nbytes`` of contiguous space, or None until the parent frees some.
+        A reservation that would wrap skips the ring's tail instead."""
+        start = self._reserved
+        offset = start % self.capacity
+        if offset + nbytes > self.capacity:
+            start += self.capacity - offset
+        end = start + nbytes
+        if end - self._released[0] > self.capacity:
+            return None
+        self._reserved = end
+        return start, end
+
+    def write(self, start: int, chunks: Sequence[bytes | memoryview]) -> None:
+        at = _HEADER + start % self.capacity
+        for chunk in chunks:
+            self._view[at : at + len(chunk)] = chunk
+            at += len(chunk)
+
+    def read(self, start: int, lengths: Sequence[int]) -> list[bytes]:
+        """Parent: copies of consecutive chunks from ``start``."""
+        at, chunks = _HEADER + start % self.capacity, []
+        for length in lengths:
+            chunks.append(bytes(self._view[at : at + length]))
+            at += length
+        return chunks
+
+    def release(self, end: int) -> None:
+        """Parent: everything before ``end`` has been read."""
+        self._released[0] = end
+
+    def close(self) -> None:
+        self._released.release()
+        self._view.release()
+        self._buffer.close()
+
+
+@dataclass(frozen=True)
+class _InRing:
+    """An embedding the child wrote into the ring at [start, end)."""
+
+    grid_thw: tuple[int, int, int]
+    outputs: tuple[tuple[str, tuple[int, ...], int], ...]  # (dtype, shape, nbytes) per output
+    start: int
+    end: int
+
+    def take(self, ring: _Ring) -> CachedEmbedding:
+        data = ring.read(self.start, [nbytes for _, _, nbytes in self.outputs])
+        ring.release(self.end)
+        return CachedEmbedding(
+            self.grid_thw,
+            tuple(
+                TensorBytes(dtype, shape, chunk) for (dtype, shape, _), chunk in zip(self.outputs, data, strict=True)
+            ),
+        )
+
+
+@dataclass(frozen=True)
+class _Settings:
+    """What the child needs to build its pipeline (picklable)."""
+
+    model: str
+    device: str
+    dtype: str | None
+    acceleration: str
+    max_batch_patches: int
+    max_batch_wait_s: float
+    preprocess_workers: int
+    limits: DecodeLimits
+
+
+class EncoderProcess:
+    """A :class:`~vitcache.pipeline.Pipeline` whose encoder lives in a child process.
+
+    ``load`` (or ``start``, which loads if needed) spawns the child and waits until the model
+    is loaded (and compiled) there; ``spec`` is then the child's :class:`EncoderSpec`. If the
+    child dies, pending and later images fail with UNAVAILABLE; answers from the caches are
+    unaffected.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        device: str,
+        dtype: str | None = None,
+        acceleration: str = "auto",
+        max_batch_patches: int = 16384,
+        max_batch_wait_s: float = 0.002,
+        preprocess_workers: int = 4,
+        limits: DecodeLimits | None = None,
+        observer: EngineObserver | None = None,
+        ring_bytes: int = 512 << 20,
+        start_timeout_s: float = 3600.0,
+    ) -> None:
+        self._settings = _Settings(
+            model,
+            device,
+            dtype,
+            acceleration,
+            max_batch_patches,
+            max_batch_wait_s,
+            preprocess_workers,
+            limits or DecodeLimits(),
+        )
+        self.observer = observer or EngineObserver()
+        self.ring_bytes = ring_bytes
+        self.start_timeout_s = start_timeout_s
+        self.spec: EncoderSpec
+        self._stats = BatcherStats()
+        self._memory: dict[str, int] = {}
+        self._ids = itertools.count()
+        self._pending: dict[int, asyncio.Future[CachedEmbedding]] = {}
+        self._unavailable: str | None = None  # set once the child is gone
+        self._stopping = False
+        self._process: mp.process.BaseProcess | None = None
+
+    @property
+    def stats(self) -> BatcherStats:
+        return self._stats
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    def device_memory(self) -> dict[str, int]:
+        return self._memory
+
+    async def start(self) -> None:
+        if self._process is None:
+            await self.load()
+
+    async def load(self) -> None:
+        context = mp.get_context("spawn")  # a forked child could not use CUDA
+        self._conn, child_end = context.Pipe(duplex=True)
+        self._process = context.Process(
+            target=_child_main, args=(child_end, self._settings), name="vitcache-encoder", daemon=False
+        )
+        self._process.start()
+        child_end.close()
+        fd = os.memfd_create("vitcache-encoder-ring")
+        try:
+            os.ftruncate(fd, _HEADER + self.ring_bytes)
+            self._ring = _Ring(mmap.mmap(fd, _HEADER + self.ring_bytes))
+            reduction.send_handle(self._conn, fd, self._process.pid)
+        finally:
+            os.close(fd)
+        self._loop = asyncio.get_running_loop()
+        first = await self._loop.run_in_executor(None, self._first_message)
+        if first[0] != "ready":
+            await self._reap()
+            raise RuntimeError(f"encoder process failed to start: {first[1]}")
+        self.spec = first[1]
+        self._reader = threading.Thread(target=self._read, name="vitcache-encoder-reader", daemon=True)
+        self._reader.start()
+
+    def _first_message(self) -> tuple[str, object]:
+        if not self._conn.poll(self.start_timeout_s):
+            return "failed", f"no answer within {self.start_timeout_s:.0f} s"
+        try:
+            return self._conn.recv()
+        except EOFError:
+            assert self._process is not None
+            self._process.join(5)
+            return "failed", f"exited with code {self._process.exitcode} (see its log above)"
+
+    async def stop(self) -> None:
+        self._stopping = True
+        with contextlib.suppress(OSError):  # already gone
+            self._conn.send(None)
+        await self._reap()
+        self._reader.join(10)
+        self._ring.close()
+
+    async def _reap(self) -> None:
+        assert self._process is not None
+        await self._loop.run_in_executor(None, self._process.join, 30)
+        if self._process.is_alive():
+            self._process.kill()
+            await self._loop.run_in_executor(None, self._process.join)
+        self._conn.close()
+
+    async def compute(self, image: Computable, scope: Scope) -> CachedEmbedding:
+        if self._unavailable is not None:
+            raise ImageError(ErrorCode.UNAVAILABLE, self._unavailable)
+        if isinstance(image, PixelRows) and not isinstance(image.data, bytes):
+            image = replace(image, data=bytes(image.data))  # a view of the request: copy to pickle
+        request_id = next(self._ids)
+        future = self._loop.create_future()
+        self._pending[request_id] = future
+        try:
+            self._conn.send((request_id, image, scope.deadline))
+            return await future
+        finally:
+            self._pending.pop(request_id, None)
+
+    def _read(self) -> None:
+        """Reader thread: takes each reply out of the ring (in order) and resolves its future."""
+        while True:
+            try:
+                request_id, result, events, stats, memory = self._conn.recv()
+            except (EOFError, OSError):
+                break
+            if isinstance(result, _InRing):
+                result = result.take(self._ring)
+            for event in events:
+                if event[0] == "forward":
+                    self.observer.forward_done(event[1], event[2])
+                else:
+                    self.observer.stage_timed(event[1], event[2])
+            self._stats, self._memory = BatcherStats(*stats), memory
+            self._loop.call_soon_threadsafe(self._resolve, request_id, result)
+        self._loop.call_soon_threadsafe(self._child_gone)
+
+    def _resolve(self, request_id: int, result: CachedEmbedding | ImageError) -> None:
+        future = self._pending.get(request_id)
+        if future is None or future.done():
+            return  # its caller gave up (deadline, cancelled request)
+        if isinstance(result, ImageError):
+            future.set_exception(result)
+        else:
+            future.set_result(result)
+
+    def _child_gone(self) -> None:
+        if self._stopping:
+            return
+        assert self._process is not None
+        self._process.join(5)
+        self._unavailable = f"encoder process exited (code {self._process.exitcode}); no image can be computed"
+        log.error(self._unavailable)
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(ImageError(ErrorCode.UNAVAILABLE, self._unavailable))
+
+
+class _RelayObserver(EngineObserver):
+    """Child side: keeps the pipeline's timings for the next reply to carry to the parent's observer."""
+
+    def __init__(self) -> None:
+        self.events: deque[tuple[str, Stage | int, float | int]] = deque()
+
+    def stage_timed(self, stage: Stage, seconds: float) -> None:
+        self.events.append(("stage", stage, seconds))
+
+    def forward_done(self, images: int, patches: int) -> None:
+        self.events.append(("forward", images, patches))
+
+    def drain(self) -> list[tuple[str, Stage | int, float | int]]:
+        drained = []
+        while self.events:
+            drained.append(self.events.popleft())
+        return drained
+
+
+def _child_main(conn: Connection, settings: _Settings) -> None:
+    from vitcache.models import load_encoder
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s (encoder): %(message)s")
+    fd = reduction.recv_handle(conn)
+    ring = _Ring(mmap.mmap(fd, 0))
+    os.close(fd)
+    try:
+        encoder = load_encoder(settings.model, settings.device, settings.dtype, settings.acceleration)
+    except Exception as exc:
+        log.exception("loading the encoder failed")
+        conn.send(("failed", f"{type(exc).__name__}: {exc}"))
+        return
+    asyncio.run(_ChildServer(conn, ring).run(encoder, settings))
+
+
+class _ChildServer:
+    def __init__(self, conn: Connection, ring: _Ring) -> None:
+        self.conn = conn
+        self.ring = ring
+        self.relay = _RelayObserver()
+
+    async def run(self, encoder: object, settings: _Settings) -> None:
+        from vitcache.pipeline import EncodePipeline
+
+        self.pipeline = EncodePipeline(
+            encoder,  # type: ignore[arg-type]
+            settings.max_batch_patches,
+            settings.max_batch_wait_s,
+            settings.preprocess_workers,
+            settings.limits,
+            self.relay,
+        )
+        await self.pipeline.start()
+        loop = asyncio.get_running_loop()
+        stopped = asyncio.Event()
+        tasks: set[asyncio.Task[None]] = set()
+
+        def start_one(message: tuple[int, Computable, float | None]) -> None:
+            task = loop.create_task(self._serve(*message))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
+        def read() -> None:  # reader thread: the parent's requests onto the loop
+            while True:
+                try:
+                    message = self.conn.recv()
+                except (EOFError, OSError):  # the parent is gone
+                    message = None
+                if message is None:
+                    loop.call_soon_threadsafe(stopped.set)
+                    return
+                loop.call_soon_threadsafe(start_one, message)
+
+        self.conn.send(("ready", self.pipeline.spec))
+        threading.Thread(target=read, name="vitcache-encoder-requests", daemon=True).start()
+        await stopped.wait()
+        for task in list(tasks):
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self.pipeline.stop()
+
+    async def _serve(self, request_id: int, image: Computable, deadline: float | None) -> None:
+        result: _InRing | CachedEmbedding | ImageError
+        try:
+            result = await self._place(await self.pipeline.compute(image, Scope("", deadline)))
+        except ImageError as exc:
+            result = exc
+        except Exception as exc:  # a bug, not bad input: fail this image, keep serving
+            log.exception("computing an image failed")
+            result = ImageError(ErrorCode.INTERNAL, f"encoder process: {type(exc).__name__}: {exc}")
+        stats = astuple(self.pipeline.stats)
+        with contextlib.suppress(OSError):  # the parent is gone; the reader thread stops the loop
+            self.conn.send((request_id, result, self.relay.drain(), stats, self.pipeline.device_memory()))
+
+    async def _place(self, entry: CachedEmbedding) -> _InRing | CachedEmbedding:
+        """Reserves ring space (waiting while the parent catches up) and writes the entry there.
+        No await between reserving and sending: reservations stay in reply order."""
+        if entry.nbytes > self.ring.capacity:
+            return entry  # travels pickled through the pipe
+        while (span := self.ring.reserve(entry.nbytes)) is None:
+            await asyncio.sleep(0.0005)
+        self.ring.write(span[0], [out.data for out in entry.outputs])
+        outputs = tuple((out.dtype, out.shape, out.nbytes) for out in entry.outputs)
+        return _InRing(entry.grid_thw, outputs, *span)

@@ -1,0 +1,132 @@
+"""The device side of a miss: decode, preprocess and the batched vision forward.
+
+:class:`EncodePipeline` runs them in this process; ``vitcache.encoder_process.EncoderProcess``
+runs one in a child process and answers through the same methods, so the engine does not
+care which it has.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+from typing import Protocol
+
+import torch
+
+from vitcache import accel
+from vitcache.batcher import Batcher, BatcherStats, DecodeBatcher
+from vitcache.entry import CachedEmbedding
+from vitcache.errors import ErrorCode, ImageError
+from vitcache.inputs import Computable, EncodedFile, PixelRows, RawRGB, Scope
+from vitcache.models import EncoderSpec, VisionEncoder
+from vitcache.observer import EngineObserver
+from vitcache.preprocess import DecodeLimits, ImageRejected, decode_image_on, preprocess, raw_image
+from vitcache.tensor_codec import tensor_from_buffer
+
+
+class EncodePipeline:
+    """Turns an image into its :class:`CachedEmbedding` on the encoder's device.
+
+    Encoded files from concurrent calls are decoded together (batched nvJPEG on CUDA),
+    preprocessed on ``preprocess_workers`` threads and packed into forwards by a
+    :class:`Batcher`. Raises :class:`ImageError` for the image alone.
+    """
+
+    def __init__(
+        self,
+        encoder: VisionEncoder,
+        max_batch_patches: int,
+        max_batch_wait_s: float,
+        preprocess_workers: int,
+        limits: DecodeLimits,
+        observer: EngineObserver | None = None,
+    ) -> None:
+        self.encoder = encoder
+        self.spec: EncoderSpec = encoder.spec
+        self.limits = limits
+        self.observer = observer or EngineObserver()
+        self.batcher = Batcher(encoder, max_batch_patches, max_batch_wait_s, self.observer)
+        self._pool = ThreadPoolExecutor(preprocess_workers, "vitcache-preprocess")
+        self.decoder = DecodeBatcher(limits, encoder.device, self._pool) if encoder.device.type == "cuda" else None
+
+    @property
+    def stats(self) -> BatcherStats:
+        return self.batcher.stats
+
+    def device_memory(self) -> dict[str, int]:
+        """Allocated and reserved bytes of the encoder's CUDA device; empty on the CPU."""
+        device = self.encoder.device
+        if device.type != "cuda":
+            return {}
+        return {"allocated": torch.cuda.memory_allocated(device), "reserved": torch.cuda.memory_reserved(device)}
+
+    async def start(self) -> None:
+        self.batcher.start()
+        if self.decoder is not None:
+            self.decoder.start()
+
+    async def stop(self) -> None:
+        await self.batcher.stop()
+        if self.decoder is not None:
+            await self.decoder.stop()
+        self._pool.shutdown(wait=True)
+
+    async def compute(self, image: Computable, scope: Scope) -> CachedEmbedding:
+        scope.check_deadline()
+        with self.observer.timed("preprocess"):
+            decoded = await self._decode_on_device(image)
+            pixel_values, grid = await asyncio.get_running_loop().run_in_executor(
+                self._pool, self._prepare, image, scope, decoded
+            )
+        return await self.batcher.encode(pixel_values, grid, scope.deadline)
+
+    async def _decode_on_device(self, image: Computable) -> torch.Tensor | None:
+        if self.decoder is None or not isinstance(image, EncodedFile):
+            return None
+        try:
+            return await self.decoder.decode(image.data)
+        except ImageRejected as exc:
+            raise ImageError(ErrorCode.INVALID_ARGUMENT, str(exc)) from exc
+
+    def _prepare(
+        self, image: Computable, scope: Scope, decoded: torch.Tensor | None
+    ) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """Decode (unless ``decoded``) and preprocess on the encoder's device (preprocessing thread)."""
+        scope.check_deadline()  # it may have waited for a preprocessing thread
+        encoder = self.encoder
+        try:
+            with accel.side_stream(encoder.device):
+                if isinstance(image, PixelRows):
+                    return self._pixel_rows(image), image.grid_thw
+                if decoded is not None:
+                    pixels = decoded
+                elif isinstance(image, EncodedFile):
+                    pixels = decode_image_on(image.data, self.limits, encoder.device)
+                else:
+                    assert isinstance(image, RawRGB)
+                    pixels = raw_image(image.rgb, image.height, image.width, self.limits)
+                return preprocess(pixels, encoder.preprocess_config, encoder.device)
+        except ImageRejected as exc:
+            raise ImageError(ErrorCode.INVALID_ARGUMENT, str(exc)) from exc
+
+    def _pixel_rows(self, image: PixelRows) -> torch.Tensor:
+        t, h, w = image.grid_thw
+        rows = tensor_from_buffer(image.data, image.dtype, (t * h * w, image.row_width))
+        return rows.to(self.encoder.device)
+
+
+class Pipeline(Protocol):
+    """What the engine needs of a device side: :class:`EncodePipeline` or an ``EncoderProcess``."""
+
+    spec: EncoderSpec
+
+    @property
+    def stats(self) -> BatcherStats: ...
+
+    def device_memory(self) -> dict[str, int]: ...
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    async def compute(self, image: Computable, scope: Scope) -> CachedEmbedding: ...
