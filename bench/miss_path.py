@@ -188,37 +188,55 @@ def bench_preprocess(device: str, quick: bool) -> dict:
     }
 
 
-def _client(target: str, seed: int, side: int, deadline: float, queue: mp.Queue) -> None:
+def _client(target: str, seed: int, side: int, deadline: float, hash_first: bool, queue: mp.Queue) -> None:
+    """One closed-loop client: a request of 1-4 new images at a time. Hash-first is done as its two
+    calls (a digest lookup, then the bytes of the misses) so that each is timed on its own."""
     from vitcache.client import VitCacheClient
+
+    from vitcache.digest import digest_file
 
     rng = np.random.default_rng(seed)
     base = jpeg(side, side, seed)
-    images = done = failed = 0
+    images = failed = 0
+    lookup_s, encode_s = [], []
     with VitCacheClient(target) as client:
         while time.time() < deadline:
             count = int(rng.integers(1, 5))
             # Unique bytes per image (all misses): vary the JPEG comment segment.
             batch = [base[:2] + b"\xff\xfe\x00\x10" + rng.bytes(14) + base[2:] for _ in range(count)]
-            results = client.encode(batch, timeout=120)
-            done += 1
+            start = time.perf_counter()
+            if hash_first:
+                found = client.fetch([digest_file(data) for data in batch], timeout=120)
+                assert not any(r.ok for r in found), "images meant to be new were cached"
+                lookup_s.append(time.perf_counter() - start)
+            sent = time.perf_counter()
+            results = client.encode(batch, timeout=120, hash_first=False)
+            encode_s.append(time.perf_counter() - sent)
             images += sum(r.ok for r in results)
             failed += sum(not r.ok for r in results)
-    queue.put((images, failed, done))
+    queue.put((images, failed, lookup_s, encode_s))
 
 
 def _profile_server(pid: int, side: int, seconds: float) -> subprocess.Popen | None:
-    """With VITCACHE_BENCH_PYSPY=DIR: py-spy samples the server (and its encoder process) while they
-    hold the GIL, into DIR/pyspy-SIDE-PID.txt (collapsed stacks) for one load test."""
+    """With VITCACHE_BENCH_PYSPY=DIR: py-spy samples every thread of the server (and of its encoder
+    process), idle or not, into DIR/pyspy-SIDE-PID.txt (collapsed stacks) during one load test."""
     folder = os.environ.get("VITCACHE_BENCH_PYSPY")
     if not folder:
         return None
-    command = ["py-spy", "record", "--pid", str(pid), "--subprocesses", "--gil", "--nonblocking", "--format", "raw"]
+    command = ["py-spy", "record", "--pid", str(pid), "--subprocesses", "--idle", "--nonblocking", "--format", "raw"]
     command += ["--duration", str(max(1, int(seconds / 2))), "-o", f"{folder}/pyspy-{side}-{pid}.txt"]
     return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
 
 
 def bench_service(
-    ckpt: Path, device: str, side: int, clients: int, seconds: float, extra: list[str], log: Path
+    ckpt: Path,
+    device: str,
+    side: int,
+    clients: int,
+    seconds: float,
+    extra: list[str],
+    log: Path,
+    hash_first: bool = True,
 ) -> dict:
     port, metrics_port = free_port(), free_port()
     command = [sys.executable, "-m", "vitcache.server.cli", "--log-level", "WARNING", "serve", "--model", str(ckpt)]
@@ -250,7 +268,9 @@ def bench_service(
         ctx = mp.get_context("spawn")
         queue: mp.Queue = ctx.Queue()
         deadline = time.time() + seconds
-        procs = [ctx.Process(target=_client, args=(target, i, side, deadline, queue)) for i in range(clients)]
+        procs = [
+            ctx.Process(target=_client, args=(target, i, side, deadline, hash_first, queue)) for i in range(clients)
+        ]
         start = time.time()
         for p in procs:
             p.start()
@@ -267,10 +287,16 @@ def bench_service(
 
         server_view = fetch_stats(f"http://127.0.0.1:{metrics_port}", seconds)
         images = sum(t[0] for t in totals)
+        lookups, encodes = [s for t in totals for s in t[2]], [s for t in totals for s in t[3]]
         return {
             "images": images,
             "failed": sum(t[1] for t in totals),
-            "requests": sum(t[2] for t in totals),
+            "requests": len(encodes),
+            "hash_first": hash_first,
+            "client_ms": {
+                name: {f"p{q}": float(np.percentile(values, q)) * 1e3 for q in (50, 90, 99)} if values else None
+                for name, values in (("lookup", lookups), ("encode", encodes))
+            },
             "seconds": elapsed,
             "img_s": images / elapsed,
             "batches": after.batches - before.batches,
@@ -382,6 +408,7 @@ def main() -> None:
     parser.add_argument("--preprocess-workers", type=int, default=4)
     parser.add_argument("--parts", default="forward,preprocess,service")
     parser.add_argument("--sides", default="448,1344", help="image sides of the service runs")
+    parser.add_argument("--single-trip", action="store_true", help="clients send image bytes without a lookup first")
     parser.add_argument(
         "--encoder-process", default="on", help="server's --encoder-process values to compare, e.g. on,off"
     )

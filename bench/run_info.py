@@ -12,13 +12,16 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def commit() -> str:
-    """The checkout's commit, else $VITCACHE_COMMIT (a copy of the tree without .git), else "unknown"."""
+    """$VITCACHE_COMMIT if set (a copy of the tree whose .git is absent or stale), else the checkout's
+    commit, else "unknown"."""
+    if os.environ.get("VITCACHE_COMMIT"):
+        return os.environ["VITCACHE_COMMIT"]
     try:
         return subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("VITCACHE_COMMIT", "unknown")
+        return "unknown"
 
 
 def utc_stamp() -> str:

@@ -79,7 +79,7 @@ def test_encode_matches_transformers_full_model(family, checkpoints, encoders):
     expected = [features.pooler_output, *getattr(features, "deepstack_features", ())]
     assert len(encoder.output_names) == len(expected) == len(encoder.output_hidden_sizes)
     if family == "qwen3_vl":
-        assert encoder.output_names == ["merged", "deepstack_0", "deepstack_1"]
+        assert encoder.output_names == ("merged", "deepstack_0", "deepstack_1")
     assert len(outputs) == len(GRIDS)
     for image, grid in zip(outputs, GRIDS, strict=True):
         assert [tuple(o.shape) for o in image] == [(encoder.tokens_for(grid), h) for h in encoder.output_hidden_sizes]

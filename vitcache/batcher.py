@@ -69,7 +69,7 @@ def copy_to_host(
             host = torch.empty(full.shape, dtype=full.dtype, pin_memory=True)
             host.copy_(full, non_blocking=True)
             full = host
-            copied = torch.cuda.Event()
+            copied = torch.cuda.Event(enable_timing=True)
         host_outputs.append(full.split([t.shape[0] for t in per_image]))
     if copied is not None:
         copied.record()
@@ -162,6 +162,7 @@ class _Launched:
     host: list[tuple[torch.Tensor, ...]]  # per output kind, per image
     copied: torch.cuda.Event | None  # None on the CPU: already done
     started: float
+    on_device: torch.cuda.Event | None = None  # recorded before the forward, timing it with `copied`
 
 
 @dataclass
@@ -278,8 +279,14 @@ class Batcher:
     def _launch(self, batch: list[_Pending]) -> _Launched | list[CachedEmbedding | ImageError]:
         """Worker thread: queues the forward and the copies to the host; splits on out-of-memory."""
         started = time.perf_counter()
+        on_device = None
+        if self.encoder.device.type == "cuda":
+            on_device = torch.cuda.Event(enable_timing=True)
+            on_device.record()
         try:
-            return _Launched(batch, *copy_to_host(self._run_encoder(batch)), started)
+            host, copied = copy_to_host(self._run_encoder(batch))
+            self.observer.stage_timed("launch", time.perf_counter() - started)
+            return _Launched(batch, host, copied, started, on_device)
         except torch.OutOfMemoryError:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
@@ -302,6 +309,8 @@ class Batcher:
             return launched
         if launched.copied is not None:
             launched.copied.synchronize()
+            if launched.on_device is not None:
+                self.observer.stage_timed("device", launched.on_device.elapsed_time(launched.copied) / 1e3)
         batch = launched.batch
         self.stats.batches += 1
         self.stats.images += len(batch)

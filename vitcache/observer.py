@@ -18,9 +18,12 @@ if TYPE_CHECKING:
 
 #: queue: batcher wait from a miss's arrival to the start of its forward;
 #: preprocess: decode + preprocess, including the wait for a preprocessing thread;
-#: forward: one vision forward, outputs copied to CPU bytes;
+#: forward: one vision forward, outputs copied to CPU bytes (from its launch, so it includes
+#: waiting for the batch ahead of it on the device);
+#: launch: the CPU time to queue one forward and its copies on the device;
+#: device: one forward and its copies executing on the device (CUDA only);
 #: l1_get/l2_get, l1_put/l2_put: one cache read or write.
-Stage = Literal["queue", "preprocess", "forward", "l1_get", "l2_get", "l1_put", "l2_put"]
+Stage = Literal["queue", "preprocess", "forward", "launch", "device", "l1_get", "l2_get", "l1_put", "l2_put"]
 Tier = Literal["l1", "l2"]
 
 
