@@ -101,6 +101,16 @@ def timed(fn, iters: int) -> float:  # type: ignore[no-untyped-def]
     return (time.perf_counter() - start) / iters
 
 
+def launch_ms(encoder, values: torch.Tensor, grid: torch.Tensor) -> float:  # type: ignore[no-untyped-def]
+    """CPU time to queue one forward (the call returns before the device finishes)."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    encoder.encode(values, grid)
+    elapsed = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return elapsed * 1e3
+
+
 def bench_forward(ckpt: Path, device: str, quick: bool) -> tuple[list[dict], dict]:
     from vitcache.models import load_encoder
     from vitcache.preprocess import preprocess
@@ -108,6 +118,7 @@ def bench_forward(ckpt: Path, device: str, quick: bool) -> tuple[list[dict], dic
     reference = load_encoder(str(ckpt), device, acceleration="none")
     fast = load_encoder(str(ckpt), device, acceleration="varlen")
     compiled = load_encoder(str(ckpt), device, acceleration="compile")
+    graphed = load_encoder(str(ckpt), device, acceleration="graphs")
     n_params = sum(p.numel() for p in reference.module.parameters())
     rows, checks = [], {}
     for label, count, side in (("448x448", 32, 448), ("1344x1344", 4, 1344)):
@@ -121,7 +132,8 @@ def bench_forward(ckpt: Path, device: str, quick: bool) -> tuple[list[dict], dic
         flops = count * flops_per_image(n_params, pixels[0][1], QWEN25_7B_VISION)
         want = reference.encode(values, grid)
         row = {"workload": f"{count} images {label}", "tflop_per_image": flops / count / 1e12}
-        for name, encoder in (("transformers", reference), ("varlen", fast), ("varlen+compile", compiled)):
+        encoders = (("transformers", reference), ("varlen", fast), ("varlen+compile", compiled), ("graphs", graphed))
+        for name, encoder in encoders:
             got = encoder.encode(values, grid)
             err = max(
                 float((g[0].float() - w[0].float()).abs().max() / w[0].float().abs().max())
@@ -130,6 +142,7 @@ def bench_forward(ckpt: Path, device: str, quick: bool) -> tuple[list[dict], dic
             seconds = timed(lambda e=encoder, v=values, g=grid: e.encode(v, g), 3 if quick else 10)
             row[f"{name}_img_s"] = count / seconds
             row[f"{name}_tflop_s"] = flops / seconds / 1e12
+            row[f"{name}_launch_ms"] = launch_ms(encoder, values, grid)
             checks[f"{label}:{name}:max_rel_err"] = err
         rows.append(row)
     return rows, checks
@@ -188,9 +201,10 @@ def bench_preprocess(device: str, quick: bool) -> dict:
     }
 
 
-def _client(target: str, seed: int, side: int, deadline: float, hash_first: bool, queue: mp.Queue) -> None:
+def _client(target: str, seed: int, side: int, hash_first: bool, start, queue: mp.Queue) -> None:  # type: ignore[no-untyped-def]
     """One closed-loop client: a request of 1-4 new images at a time. Hash-first is done as its two
-    calls (a digest lookup, then the bytes of the misses) so that each is timed on its own."""
+    calls (a digest lookup, then the bytes of the misses) so that each is timed on its own.
+    Starts when ``start`` (an Event) is set, with every other client; runs until its ``deadline``."""
     from vitcache.client import VitCacheClient
 
     from vitcache.digest import digest_file
@@ -200,6 +214,9 @@ def _client(target: str, seed: int, side: int, deadline: float, hash_first: bool
     images = failed = 0
     lookup_s, encode_s = [], []
     with VitCacheClient(target) as client:
+        queue.put("ready")
+        start.wait()
+        deadline = start.deadline.value
         while time.time() < deadline:
             count = int(rng.integers(1, 5))
             # Unique bytes per image (all misses): vary the JPEG comment segment.
@@ -215,6 +232,41 @@ def _client(target: str, seed: int, side: int, deadline: float, hash_first: bool
             images += sum(r.ok for r in results)
             failed += sum(not r.ok for r in results)
     queue.put((images, failed, lookup_s, encode_s))
+
+
+class _Start:
+    """An Event that also carries the deadline the clients run to."""
+
+    def __init__(self, ctx) -> None:  # type: ignore[no-untyped-def]
+        self.event = ctx.Event()
+        self.deadline = ctx.Value("d", 0.0)
+
+    def wait(self) -> None:
+        self.event.wait()
+
+
+def _run_clients(
+    target: str, side: int, clients: int, seconds: float, hash_first: bool, seed: int
+) -> tuple[list[tuple], float]:
+    """Runs ``clients`` client processes together for ``seconds`` (not counting their start-up)."""
+    ctx = mp.get_context("spawn")
+    queue: mp.Queue = ctx.Queue()
+    start = _Start(ctx)
+    procs = [
+        ctx.Process(target=_client, args=(target, seed + i, side, hash_first, start, queue)) for i in range(clients)
+    ]
+    for p in procs:
+        p.start()
+    for _ in procs:
+        assert queue.get(timeout=300) == "ready"
+    began = time.time()
+    start.deadline.value = began + seconds
+    start.event.set()
+    totals = [queue.get(timeout=seconds + 300) for _ in procs]
+    elapsed = time.time() - began
+    for p in procs:
+        p.join()
+    return totals, elapsed
 
 
 def _profile_server(pid: int, side: int, seconds: float) -> subprocess.Popen | None:
@@ -237,6 +289,7 @@ def bench_service(
     extra: list[str],
     log: Path,
     hash_first: bool = True,
+    warmup_seconds: float = 10.0,
 ) -> dict:
     port, metrics_port = free_port(), free_port()
     command = [sys.executable, "-m", "vitcache.server.cli", "--log-level", "WARNING", "serve", "--model", str(ckpt)]
@@ -261,26 +314,14 @@ def bench_service(
                     if server.poll() is not None:
                         raise RuntimeError(f"server exited with {server.returncode}; see {log}") from None
                     time.sleep(0.5)
-            # Warm up every shape path (compile, cudnn autotune) before timing.
-            for seed in range(3):
-                client.encode([jpeg(side, side, 10_000 + seed) for _ in range(4)], timeout=600)
+        # Warm up under the same load (compilation, CUDA graphs of each batch size) before timing.
+        _run_clients(target, side, clients, warmup_seconds, hash_first, seed=0)
+        with VitCacheClient(target) as client:
             before = client.stats()
-        ctx = mp.get_context("spawn")
-        queue: mp.Queue = ctx.Queue()
-        deadline = time.time() + seconds
-        procs = [
-            ctx.Process(target=_client, args=(target, i, side, deadline, hash_first, queue)) for i in range(clients)
-        ]
-        start = time.time()
-        for p in procs:
-            p.start()
         profiler = _profile_server(server.pid, side, seconds)
-        totals = [queue.get(timeout=seconds + 300) for _ in procs]
+        totals, elapsed = _run_clients(target, side, clients, seconds, hash_first, seed=1000)
         if profiler is not None:
             profiler.wait(60)
-        elapsed = time.time() - start
-        for p in procs:
-            p.join()
         with VitCacheClient(target) as client:
             after = client.stats()
         from vitcache.server.stats_table import fetch_stats
@@ -402,7 +443,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--seconds", type=float, default=20)
     parser.add_argument("--clients", type=int, default=16)
-    parser.add_argument("--acceleration", default="compile")
+    parser.add_argument("--acceleration", default="graphs")
+    parser.add_argument("--warmup-seconds", type=float, default=10, help="load before the timed run of each service")
     parser.add_argument("--max-batch-patches", type=int, default=32768)
     parser.add_argument("--switch-interval", type=float, default=None, help="sys.setswitchinterval for this process")
     parser.add_argument("--preprocess-workers", type=int, default=4)
@@ -455,7 +497,15 @@ def main() -> None:
             for mode in args.encoder_process.split(","):
                 extra = [*accel, "--encoder-process", mode]
                 runs[mode] = bench_service(
-                    ckpt, args.device, side, args.clients, args.seconds, extra, out / "server.log"
+                    ckpt,
+                    args.device,
+                    side,
+                    args.clients,
+                    args.seconds,
+                    extra,
+                    out / "server.log",
+                    not args.single_trip,
+                    args.warmup_seconds,
                 )
                 print(side, mode, json.dumps(runs[mode]), flush=True)
             # In process: the engine over the same kind of requests, and the encoder alone on

@@ -121,7 +121,13 @@ async def start_server(config: ServerConfig, encoder: VisionEncoder | None = Non
         )
         await pipeline.load()  # the namespace (and so the L2 keys) is known once the model is
     else:
-        pipeline = load_encoder(config.model, config.device, config.dtype, config.acceleration)
+        pipeline = load_encoder(
+            config.model,
+            config.device,
+            config.dtype,
+            config.acceleration,
+            graph_max_patches=config.engine.max_batch_patches,
+        )
     namespace = pipeline.spec.namespace
     l2 = fleet_lock = None
     if config.redis_url:

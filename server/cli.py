@@ -35,8 +35,9 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--acceleration",
         default="auto",
-        choices=["auto", "none", "varlen", "compile"],
-        help="vision forward: transformers' (none), packed varlen attention, or varlen + torch.compile",
+        choices=["auto", "none", "varlen", "compile", "graphs"],
+        help="vision forward: transformers' (none), packed varlen attention, varlen + torch.compile, "
+        "or compile + CUDA graphs per batch size (Qwen families)",
     )
     p.add_argument(
         "--encoder-process",

@@ -322,7 +322,13 @@ def _child_main(conn: Connection, settings: _Settings) -> None:
     ring = _Ring(mmap.mmap(fd, 0))
     os.close(fd)
     try:
-        encoder = load_encoder(settings.model, settings.device, settings.dtype, settings.acceleration)
+        encoder = load_encoder(
+            settings.model,
+            settings.device,
+            settings.dtype,
+            settings.acceleration,
+            graph_max_patches=settings.max_batch_patches,
+        )
     except Exception as exc:
         log.exception("loading the encoder failed")
         conn.send(("failed", f"{type(exc).__name__}: {exc}"))

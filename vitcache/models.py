@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 import tempfile
 from collections.abc import Callable
@@ -37,11 +38,14 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTra
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
 
 from vitcache import accel
+from vitcache.graphs import GRAPH_FAMILIES, GraphedTower
 from vitcache.preprocess import PreprocessConfig
 from vitcache.tiny import make_tiny_checkpoint
 
+log = logging.getLogger(__name__)
+
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "kimi_k25")
-ACCELERATIONS = ("none", "varlen", "compile")
+ACCELERATIONS = ("none", "varlen", "compile", "graphs")
 
 # Bump when the meaning of cached outputs changes without any hashed input changing (e.g. a new output layout).
 NAMESPACE_VERSION = "vitcache-namespace-v1"
@@ -180,6 +184,7 @@ class VisionEncoder:
         self.module = module
         self.device = next(module.parameters()).device
         self.acceleration = "none"  # set by load_encoder
+        self.graphs: GraphedTower | None = None  # set by load_encoder for acceleration="graphs"
         self.spec = EncoderSpec.of(family, model_name, config, preprocess_config, dtype, self.device, namespace)
 
     def __getattr__(self, name: str) -> Any:
@@ -202,16 +207,25 @@ class VisionEncoder:
         sizes = [self.tokens_for(grid) for grid in grids]
         return [list(per_image) for per_image in zip(*(output.split(sizes) for output in outputs), strict=True)]
 
+    @property
+    def tower(self) -> nn.Module:
+        return self.module["vision_tower" if self.family == "kimi_k25" else "visual"]
+
     def _forward(
         self, pixels: torch.Tensor, grid_thw: torch.Tensor, grids: list[tuple[int, int, int]]
     ) -> list[torch.Tensor]:
-        tower = self.module["vision_tower" if self.family == "kimi_k25" else "visual"]
+        if self.graphs is not None and (outputs := self.graphs.run(pixels, grids)) is not None:
+            return outputs
         # Accelerated: grid-derived metadata computed once on the CPU instead of per layer on the device.
         meta = (
             {}
             if self.acceleration == "none"
-            else accel.to_device(accel.batch_metadata(self.family, tower, grids), self.device)
+            else accel.to_device(accel.batch_metadata(self.family, self.tower, grids), self.device)
         )
+        return self._run_tower(pixels, grid_thw, meta)
+
+    def _run_tower(self, pixels: torch.Tensor, grid_thw: torch.Tensor, meta: dict[str, Any]) -> list[torch.Tensor]:
+        tower = self.tower
         if self.family == "kimi_k25":
             # As Kimi_K25Model.get_image_features: the tower pools each merge window, the projector embeds it.
             patch = self.preprocess_config.patch_size
@@ -227,13 +241,15 @@ def load_encoder(
     device: str | torch.device = "cpu",
     dtype: str | torch.dtype | None = None,
     acceleration: str = "auto",
+    graph_max_patches: int = 32768,
 ) -> VisionEncoder:
     """Load the vision encoder of a local HF checkpoint directory (or the built-in "tiny-random").
 
     ``acceleration`` picks the forward (see vitcache.accel): "none" is transformers' own with SDPA,
     "varlen" one packed attention call per layer, "compile" varlen plus compiled blocks; "auto" is
-    varlen where it is available (CUDA) and none elsewhere. It is not part of the namespace: the
-    outputs agree within the dtype's rounding.
+    varlen where it is available (CUDA) and none elsewhere; "graphs" is compile plus CUDA graphs
+    (vitcache.graphs) for batches of up to ``graph_max_patches`` patches, on the Qwen families. It
+    is not part of the namespace: the outputs agree within the dtype's rounding.
     """
     device = torch.device(device)
     dtype = _resolve_dtype(dtype, device)
@@ -248,6 +264,7 @@ def load_encoder(
     family = config.model_type
     if family not in FAMILIES:
         raise ModelLoadError(f"unsupported model_type {family!r}, expected one of {FAMILIES}")
+    acceleration = _resolve_family_acceleration(acceleration, family)
     spec = _FAMILY_SPECS[family]
     try:
         preprocess_config = PreprocessConfig.from_pretrained(path, spec.preprocess_kind)
@@ -276,12 +293,23 @@ def load_encoder(
     if acceleration != "none":
         accel.linear_patch_embed(module[spec.tower])
         accel.pad_mlp_width(module[spec.tower])
-    if acceleration == "compile":
+    if acceleration in ("compile", "graphs"):
         accel.compile_blocks(module[spec.tower])
     encoder = VisionEncoder(family, model, module, config, preprocess_config, dtype, namespace.hexdigest())
     encoder.acceleration = acceleration
-    if acceleration == "compile":
+    if acceleration in ("compile", "graphs"):
         _warm_up(encoder)
+    if acceleration == "graphs":
+        encoder.graphs = GraphedTower(
+            encoder._run_tower,
+            family,
+            encoder.tower,
+            encoder.merge_size,
+            preprocess_config.patch_dim,
+            device,
+            dtype,
+            max_patches=graph_max_patches,
+        )
     return encoder
 
 
@@ -308,6 +336,13 @@ def _resolve_acceleration(acceleration: str, device: torch.device, dtype: torch.
         raise ModelLoadError(f"acceleration must be one of {ACCELERATIONS} or 'auto', got {acceleration!r}")
     if acceleration != "none" and not available:
         raise ModelLoadError(f"acceleration {acceleration!r} needs CUDA, bfloat16/float16 and torch's varlen_attn")
+    return acceleration
+
+
+def _resolve_family_acceleration(acceleration: str, family: str) -> str:
+    if acceleration == "graphs" and family not in GRAPH_FAMILIES:
+        log.warning("CUDA graphs do not support %s; compiling without them", family)
+        return "compile"
     return acceleration
 
 
