@@ -54,3 +54,20 @@ def test_mlp_is_padded_to_the_multiple_and_metadata_is_really_used(tmp_path: Pat
         right = tower(pixels, grid_thw=grid, **meta).pooler_output
         broken = tower(pixels, grid_thw=grid, **wrong).pooler_output
     assert not torch.allclose(right, broken)  # the tower consumed the precomputed positions
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_batch_metadata_joined_from_cached_images_equals_the_helpers(family: str, tmp_path: Path) -> None:
+    encoder = load_encoder(str(make_tiny_checkpoint(family, tmp_path / family)), "cpu", "float32")
+    rng = torch.Generator().manual_seed(0)
+    batches = [GRIDS, [(1, 4, 4)], [(2, 8, 12), (1, 4, 6), (3, 6, 4)]]
+    batches += [[(int(t), 2 * int(h), 2 * int(w)) for t, h, w in torch.randint(1, 9, (5, 3), generator=rng)]]
+    for grids in batches:
+        joined = accel.batch_metadata(family, encoder.tower, grids)
+        direct = accel._helper_metadata(family, encoder.tower, grids)
+        assert joined.keys() == direct.keys()
+        for name, value in direct.items():
+            if torch.is_tensor(value):
+                assert torch.equal(joined[name], value), name
+            else:
+                assert joined[name] == value, name

@@ -72,13 +72,16 @@ def test_child_computes_what_the_encoder_computes_in_process(tiny_checkpoint: Pa
 
 
 def test_ring_wraps_and_oversized_entries_travel_through_the_pipe(tiny_checkpoint: Path, in_process) -> None:
-    # 24 embeddings of 512 to 1024 bytes (18 KiB) through a 12 KiB ring: replies wait for the
-    # parent to free space, and wrap around.
-    small_ring = EncoderProcess(str(tiny_checkpoint), "cpu", ring_bytes=3 * 4096 + 100)
+    # Embeddings of 512 to 1024 bytes through a ring with room for two: what finds it full travels
+    # through the pipe, and five or more through the ring (2.5 KiB or more) means it wrapped.
+    small_ring = EncoderProcess(str(tiny_checkpoint), "cpu", max_batch_patches=32, ring_bytes=2100)
     assert_same_embeddings(run_engine(small_ring, IMAGES), in_process)
-    # Smaller than any embedding: every one is pickled through the pipe instead.
+    assert small_ring.through_ring >= 5
+    assert small_ring.through_ring + small_ring.through_pipe == len(IMAGES)
+    # Smaller than any embedding: every one travels through the pipe.
     no_ring = EncoderProcess(str(tiny_checkpoint), "cpu", ring_bytes=256)
     assert_same_embeddings(run_engine(no_ring, IMAGES[:6]), {i: in_process[i] for i in range(6)})
+    assert (no_ring.through_ring, no_ring.through_pipe) == (0, 6)
 
 
 def test_bad_image_fails_alone_and_a_dead_child_fails_misses_not_hits(tiny_checkpoint: Path, in_process) -> None:

@@ -16,6 +16,8 @@ The transformers forward with SDPA stays the reference and the fallback (CPU, ot
 
 from __future__ import annotations
 
+import functools
+import itertools
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -73,11 +75,45 @@ def _max_len(cu_seqlens: torch.Tensor) -> int:
     return int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
 
 
+#: Metadata tensors with one row per patch, which a batch stacks image after image.
+_PER_PATCH = ("position_ids", "interp_indices", "interp_weights")
+
+
 def batch_metadata(family: str, tower: nn.Module, grids: list[tuple[int, int, int]]) -> dict[str, Any]:
     """Everything the tower derives from ``grid_thw``, computed on the CPU (no device syncs).
 
-    Keys are the ones transformers' vision helpers pop from the forward's kwargs.
+    Keys are the ones transformers' vision helpers pop from the forward's kwargs. For the Qwen
+    families a batch's metadata is its images' (each computed once per grid and cached: batches
+    repeat resolutions) joined with offsets, which costs far less than the helpers' loops.
     """
+    if family == "kimi_k25":
+        return _helper_metadata(family, tower, grids)
+    parts = [_image_metadata(family, tower, tuple(grid)) for grid in grids]
+    merge_unit = tower.config.spatial_merge_size**2
+    meta: dict[str, Any] = {}
+    for name, first in parts[0].items():
+        values = [part[name] for part in parts]
+        if isinstance(first, int):
+            meta[name] = max(values)
+        elif name in _PER_PATCH:
+            meta[name] = torch.cat(values)
+        else:
+            offsets = itertools.accumulate((t * h * w for t, h, w in grids[:-1]), initial=0)
+            if name == "window_index":  # indexes merged tokens
+                meta[name] = torch.cat([v + offset // merge_unit for v, offset in zip(values, offsets, strict=True)])
+            else:  # cu_*: boundaries in patches, each image's starting at 0
+                shifted = [v[1:] + offset for v, offset in zip(values, offsets, strict=True)]
+                meta[name] = torch.cat([first[:1], *shifted])
+    return meta
+
+
+@functools.lru_cache(maxsize=4096)
+def _image_metadata(family: str, tower: nn.Module, grid: tuple[int, int, int]) -> dict[str, Any]:
+    return _helper_metadata(family, tower, [grid])
+
+
+def _helper_metadata(family: str, tower: nn.Module, grids: list[tuple[int, int, int]]) -> dict[str, Any]:
+    """``batch_metadata`` straight from transformers' helpers."""
     grid = torch.tensor(grids, dtype=torch.int64)
     config = tower.config
     meta: dict[str, Any] = {}

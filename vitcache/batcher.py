@@ -25,6 +25,11 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 R = TypeVar("R")
 
+#: Turns one image's outputs, CPU tensors viewing a batch's host buffer, into its entry, in the
+#: order the batch's images come (one collector thread). Copying them out is its job: the
+#: buffer is reused.
+Materialize = Callable[[tuple[int, int, int], list[torch.Tensor]], CachedEmbedding]
+
 
 async def gather_batch(
     queue: deque[T], wakeup: asyncio.Event, budget: int, cost: Callable[[T], int], max_wait_s: float
@@ -197,6 +202,7 @@ class Batcher:
         max_batch_patches: int,
         max_wait_s: float = 0.002,
         observer: EngineObserver | None = None,
+        materialize: Materialize = CachedEmbedding.from_tensors,
     ) -> None:
         if max_batch_patches < 1:
             raise ValueError("max_batch_patches must be >= 1")
@@ -205,6 +211,7 @@ class Batcher:
         self.max_wait_s = max_wait_s
         self.stats = BatcherStats()
         self.observer = observer or EngineObserver()
+        self.materialize = materialize
         self._queue: deque[_Pending] = deque()
         self._wakeup = asyncio.Event()
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vitcache-forward")
@@ -318,10 +325,7 @@ class Batcher:
         self.stats.patches += patches
         self.observer.stage_timed("forward", time.perf_counter() - launched.started)
         self.observer.forward_done(len(batch), patches)
-        return [
-            CachedEmbedding.from_tensors(item.grid_thw, [kind[i] for kind in launched.host])
-            for i, item in enumerate(batch)
-        ]
+        return [self.materialize(item.grid_thw, [kind[i] for kind in launched.host]) for i, item in enumerate(batch)]
 
     def _run_encoder(self, batch: list[_Pending]) -> list[list[torch.Tensor]]:
         device = self.encoder.device

@@ -11,14 +11,17 @@ Protocol, over one duplex ``multiprocessing`` pipe of pickled tuples:
 - parent -> child: ``(request id, image, deadline)`` per image; ``None`` to stop.
 - child -> parent: ``("ready", EncoderSpec)`` or ``("failed", message)`` once, then per image
   ``(request id, result, observer events, BatcherStats fields, device memory)``, where the
-  result is an :class:`ImageError`, a :class:`_InRing` or, for an image larger than the ring,
-  the :class:`CachedEmbedding` itself.
+  result is an :class:`ImageError`, a :class:`_InRing` or, for an image the ring has no room
+  for, the :class:`CachedEmbedding` itself.
 
 Embeddings travel through a shared-memory ring (a memfd both processes map, handed over the
-pipe). Invariants: the child reserves space in the order it sends replies and the parent reads
-replies in that order, so the parent frees space by publishing the end position of the last
-reply it has copied out (``_Ring.release``); the child never writes past that position plus the
-ring's capacity. The parent copies each image out of the ring before the engine sees it.
+pipe). The batcher's collector thread copies each image's outputs from the pinned host buffer
+straight into the ring (torch copies, which release the GIL the kernel launches need).
+Invariants: the child reserves space in the order it sends replies (the collector reserves in
+batch order, and the batch's futures resolve, and so its replies leave, in that order) and the
+parent reads replies in that order, so the parent frees space by publishing the end position of
+the last reply it has copied out (``_Ring.release``); the child never writes past that position
+plus the ring's capacity. The parent copies each image out of the ring before the engine sees it.
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ from dataclasses import astuple, dataclass, replace
 from multiprocessing import reduction
 from multiprocessing.connection import Connection
 
+import torch
+
 from vitcache.batcher import BatcherStats
 from vitcache.entry import CachedEmbedding
 from vitcache.errors import ErrorCode, ImageError
@@ -44,7 +49,7 @@ from vitcache.inputs import Computable, PixelRows, Scope
 from vitcache.models import EncoderSpec
 from vitcache.observer import EngineObserver, Stage
 from vitcache.preprocess import DecodeLimits
-from vitcache.tensor_codec import TensorBytes
+from vitcache.tensor_codec import TensorBytes, dtype_name
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +65,7 @@ class _Ring:
         self._released = self._view[:8].cast("q")  # written by the parent only; an aligned 8-byte store
         self.capacity = len(buffer) - _HEADER
         self._reserved = 0  # child side: end of the last reservation
+        self._bytes: torch.Tensor | None = None  # the buffer as a tensor, to copy with
 
     def reserve(self, nbytes: int) -> tuple[int, int] | None:
         """Child: (start, end) of ``nbytes`` of contiguous space, or None until the parent frees some.
@@ -74,17 +80,28 @@ class _Ring:
         self._reserved = end
         return start, end
 
-    def write(self, start: int, chunks: Sequence[bytes | memoryview]) -> None:
-        at = _HEADER + start % self.capacity
-        for chunk in chunks:
-            self._view[at : at + len(chunk)] = chunk
-            at += len(chunk)
+    def write(self, start: int, tensors: Sequence[torch.Tensor]) -> list[memoryview]:
+        """Child: copies contiguous CPU tensors in one after another (torch copies, without the
+        GIL); returns the ring's bytes that now hold each."""
+        if self._bytes is None:
+            self._bytes = torch.frombuffer(self._buffer, dtype=torch.uint8)
+        at, views = _HEADER + start % self.capacity, []
+        for tensor in tensors:
+            flat = tensor.reshape(-1).view(torch.uint8)
+            self._bytes[at : at + flat.numel()].copy_(flat)
+            views.append(self._view[at : at + flat.numel()])
+            at += flat.numel()
+        return views
 
-    def read(self, start: int, lengths: Sequence[int]) -> list[bytes]:
-        """Parent: copies of consecutive chunks from ``start``."""
+    def read(self, start: int, lengths: Sequence[int]) -> list[memoryview]:
+        """Parent: copies of consecutive chunks from ``start`` (torch copies, without the GIL)."""
+        if self._bytes is None:
+            self._bytes = torch.frombuffer(self._buffer, dtype=torch.uint8)
         at, chunks = _HEADER + start % self.capacity, []
         for length in lengths:
-            chunks.append(bytes(self._view[at : at + length]))
+            copy = torch.empty(length, dtype=torch.uint8)
+            copy.copy_(self._bytes[at : at + length])
+            chunks.append(memoryview(copy.numpy()))
             at += length
         return chunks
 
@@ -93,6 +110,7 @@ class _Ring:
         self._released[0] = end
 
     def close(self) -> None:
+        self._bytes = None
         self._released.release()
         self._view.release()
         self._buffer.close()
@@ -116,6 +134,18 @@ class _InRing:
                 TensorBytes(dtype, shape, chunk) for (dtype, shape, _), chunk in zip(self.outputs, data, strict=True)
             ),
         )
+
+
+@dataclass(frozen=True)
+class _RingEntry(CachedEmbedding):
+    """Child side: an entry written into the ring at [start, end) (its outputs carry no bytes)."""
+
+    start: int = 0
+    end: int = 0
+
+    def reply(self) -> _InRing:
+        outputs = tuple((out.dtype, out.shape, out.nbytes) for out in self.outputs)
+        return _InRing(self.grid_thw, outputs, self.start, self.end)
 
 
 @dataclass(frozen=True)
@@ -174,6 +204,8 @@ class EncoderProcess:
         self._ids = itertools.count()
         self._pending: dict[int, asyncio.Future[CachedEmbedding]] = {}
         self._unavailable: str | None = None  # set once the child is gone
+        # Embeddings that came through the ring, and those that found it full (a bigger ring helps).
+        self.through_ring = self.through_pipe = 0
         self._stopping = False
         self._process: mp.process.BaseProcess | None = None
 
@@ -265,6 +297,9 @@ class EncoderProcess:
                 break
             if isinstance(result, _InRing):
                 result = result.take(self._ring)
+                self.through_ring += 1
+            elif isinstance(result, CachedEmbedding):
+                self.through_pipe += 1
             for event in events:
                 if event[0] == "forward":
                     self.observer.forward_done(event[1], event[2])
@@ -352,6 +387,7 @@ class _ChildServer:
             settings.preprocess_workers,
             settings.limits,
             self.relay,
+            materialize=self._into_ring,
         )
         await self.pipeline.start()
         loop = asyncio.get_running_loop()
@@ -385,7 +421,9 @@ class _ChildServer:
     async def _serve(self, request_id: int, image: Computable, deadline: float | None) -> None:
         result: _InRing | CachedEmbedding | ImageError
         try:
-            result = await self._place(await self.pipeline.compute(image, Scope("", deadline)))
+            entry = await self.pipeline.compute(image, Scope("", deadline))
+            # No await from here to the send: replies leave in the order their ring space was reserved.
+            result = entry.reply() if isinstance(entry, _RingEntry) else entry
         except ImageError as exc:
             result = exc
         except Exception as exc:  # a bug, not bad input: fail this image, keep serving
@@ -395,13 +433,15 @@ class _ChildServer:
         with contextlib.suppress(OSError):  # the parent is gone; the reader thread stops the loop
             self.conn.send((request_id, result, self.relay.drain(), stats, self.pipeline.device_memory()))
 
-    async def _place(self, entry: CachedEmbedding) -> _InRing | CachedEmbedding:
-        """Reserves ring space (waiting while the parent catches up) and writes the entry there.
-        No await between reserving and sending: reservations stay in reply order."""
-        if entry.nbytes > self.ring.capacity:
-            return entry  # travels pickled through the pipe
-        while (span := self.ring.reserve(entry.nbytes)) is None:
-            await asyncio.sleep(0.0005)
-        self.ring.write(span[0], [out.data for out in entry.outputs])
-        outputs = tuple((out.dtype, out.shape, out.nbytes) for out in entry.outputs)
-        return _InRing(entry.grid_thw, outputs, *span)
+    def _into_ring(self, grid_thw: tuple[int, int, int], tensors: list[torch.Tensor]) -> CachedEmbedding:
+        """The batcher's collector thread: writes an image's outputs into the ring, in batch order.
+        One that does not fit (the parent has not caught up, or it is larger than the ring) travels
+        as bytes instead: waiting here could wait for this very batch's replies."""
+        span = self.ring.reserve(sum(t.numel() * t.element_size() for t in tensors))
+        if span is None:
+            return CachedEmbedding.from_tensors(grid_thw, tensors)
+        views = self.ring.write(span[0], tensors)
+        outputs = tuple(
+            TensorBytes(dtype_name(t.dtype), tuple(t.shape), v) for t, v in zip(tensors, views, strict=True)
+        )
+        return _RingEntry(tuple(grid_thw), outputs, *span)

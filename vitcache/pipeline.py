@@ -14,7 +14,7 @@ from typing import Protocol
 import torch
 
 from vitcache import accel
-from vitcache.batcher import Batcher, BatcherStats, DecodeBatcher
+from vitcache.batcher import Batcher, BatcherStats, DecodeBatcher, Materialize
 from vitcache.entry import CachedEmbedding
 from vitcache.errors import ErrorCode, ImageError
 from vitcache.inputs import Computable, EncodedFile, PixelRows, RawRGB, Scope
@@ -40,12 +40,13 @@ class EncodePipeline:
         preprocess_workers: int,
         limits: DecodeLimits,
         observer: EngineObserver | None = None,
+        materialize: Materialize = CachedEmbedding.from_tensors,
     ) -> None:
         self.encoder = encoder
         self.spec: EncoderSpec = encoder.spec
         self.limits = limits
         self.observer = observer or EngineObserver()
-        self.batcher = Batcher(encoder, max_batch_patches, max_batch_wait_s, self.observer)
+        self.batcher = Batcher(encoder, max_batch_patches, max_batch_wait_s, self.observer, materialize)
         self._pool = ThreadPoolExecutor(preprocess_workers, "vitcache-preprocess")
         self.decoder = DecodeBatcher(limits, encoder.device, self._pool) if encoder.device.type == "cuda" else None
 
