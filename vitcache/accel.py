@@ -239,14 +239,16 @@ def side_stream(device: torch.device) -> Iterator[None]:
     """Runs the block on this thread's own CUDA stream and waits for it at the end.
 
     Preprocessing threads use it so their kernels neither queue behind the running forward on
-    the default stream nor make it wait; the results are complete when the block returns.
+    the default stream nor make it wait; the results are complete when the block returns. The
+    stream has high priority: its few small kernels go ahead of the forward's, so an image's
+    preprocessing does not wait out a forward.
     """
     if device.type != "cuda":
         yield
         return
     stream = getattr(_thread_streams, "stream", None)
     if stream is None:
-        stream = _thread_streams.stream = torch.cuda.Stream(device)
+        stream = _thread_streams.stream = torch.cuda.Stream(device, priority=-1)
     with torch.cuda.stream(stream):
         yield
     stream.synchronize()

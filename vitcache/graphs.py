@@ -8,7 +8,8 @@ at the cost of one call.
 Graphs need fixed shapes, so a batch is padded to a *bucket*:
 
 - its patches to the next multiple of ``patch_step``, the padding being one extra *filler*
-  image of grid ``(1, 2, rest / 2)`` that attends only to itself and whose tokens are dropped;
+  image, as near square as the padding allows (so it adds few attention windows), that attends
+  only to itself and whose tokens are dropped;
 - each ``cu_*`` boundary tensor to the next power of two in length, by repeating its last
   value (empty sequences, which attention skips);
 - each ``max_*`` length to the next power of two (an upper bound, as attention allows).
@@ -22,6 +23,7 @@ replay's outputs are copied off on that stream before the next replay is queued.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -60,7 +62,9 @@ def pad_batch(
     """The metadata of ``grids`` plus a filler image, padded to fixed shapes (see the module doc)."""
     patches = sum(t * h * w for t, h, w in grids)
     bucket = -(-(patches + merge_size**2) // patch_step) * patch_step
-    filler = (1, merge_size, (bucket - patches) // merge_size)
+    units = (bucket - patches) // merge_size**2  # of merge_size x merge_size patches
+    rows = max(d for d in range(1, math.isqrt(units) + 1) if units % d == 0)  # near square: few windows
+    filler = (1, rows * merge_size, units // rows * merge_size)
     tensors, ints = {}, {}
     for name, value in accel.batch_metadata(family, tower, [*grids, filler]).items():
         if isinstance(value, int):
