@@ -20,6 +20,7 @@ from vitcache.v1 import vitcache_pb2 as pb
 from vitcache.v1 import vitcache_pb2_grpc as pb_grpc
 
 from vitcache.digest import digest_file
+from vitcache.encoder_process import EncoderProcess
 from vitcache.engine import EngineConfig
 from vitcache.models import load_encoder
 from vitcache.preprocess import DecodeLimits, preprocess
@@ -337,12 +338,20 @@ def test_too_many_images_in_one_request_is_rejected(start_server_thread, encoder
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-def test_cuda_service_agrees_with_cpu_and_rejects_bad_files(start_server_thread, tiny_checkpoint) -> None:  # type: ignore[no-untyped-def]
-    """The GPU path (batched nvJPEG, side streams, varlen attention, pinned copies) end to end."""
-    gpu = load_encoder(str(tiny_checkpoint), "cuda", "bfloat16", acceleration="varlen")
+@pytest.mark.parametrize("acceleration", ["varlen", "graphs"])
+def test_cuda_service_agrees_with_cpu_and_rejects_bad_files(start_server_thread, tiny_checkpoint, acceleration) -> None:  # type: ignore[no-untyped-def]
+    """The GPU path (batched nvJPEG, side streams, varlen attention, pinned copies) end to end:
+    in this process with varlen attention, and in an encoder process with CUDA graphs."""
     cpu = load_encoder(str(tiny_checkpoint), "cpu", "float32")
     images = [jpeg_bytes(336, 224, 1), jpeg_bytes(448, 448, 2), png_bytes(120, 90, 3), b"\xff\xd8\xff\xe0garbage"]
-    srv = start_server_thread(config(), gpu)
+    if acceleration == "graphs":
+        settings = {"device": "cuda", "dtype": "bfloat16", "acceleration": "graphs", "encoder_process": True}
+        srv = start_server_thread(config(model=str(tiny_checkpoint), **settings))
+        assert isinstance(srv.engine.pipeline, EncoderProcess)
+    else:
+        srv = start_server_thread(
+            config(), load_encoder(str(tiny_checkpoint), "cuda", "bfloat16", acceleration="varlen")
+        )
     ref = start_server_thread(config(), cpu)
     with VitCacheClient(srv.target) as client, VitCacheClient(ref.target) as reference:
         got, want = client.encode(images), reference.encode(images)
