@@ -33,6 +33,7 @@ import logging
 import mmap
 import multiprocessing as mp
 import os
+import sys
 import threading
 from collections import deque
 from collections.abc import Sequence
@@ -54,6 +55,7 @@ from vitcache.tensor_codec import TensorBytes, dtype_name
 log = logging.getLogger(__name__)
 
 _HEADER = 64  # the ring's first bytes: the parent's release position (int64)
+_SWITCH_INTERVAL_S = 0.0005
 
 
 class _Ring:
@@ -353,6 +355,9 @@ def _child_main(conn: Connection, settings: _Settings) -> None:
     from vitcache.models import load_encoder
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s (encoder): %(message)s")
+    # The launching thread gives up the GIL at every torch call; with the default 5 ms switch
+    # interval each call can wait that long to get it back from a preprocessing thread.
+    sys.setswitchinterval(_SWITCH_INTERVAL_S)
     fd = reduction.recv_handle(conn)
     ring = _Ring(mmap.mmap(fd, 0))
     os.close(fd)
