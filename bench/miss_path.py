@@ -111,14 +111,16 @@ def launch_ms(encoder, values: torch.Tensor, grid: torch.Tensor) -> float:  # ty
     return elapsed * 1e3
 
 
-def bench_forward(ckpt: Path, device: str, quick: bool) -> tuple[list[dict], dict]:
+def bench_forward(
+    ckpt: Path, device: str, quick: bool, accelerations: tuple[str, ...] = ("varlen", "compile", "graphs")
+) -> tuple[list[dict], dict]:
+    """transformers' forward (the reference) against each of ``accelerations``: speed and error."""
     from vitcache.models import load_encoder
     from vitcache.preprocess import preprocess
 
     reference = load_encoder(str(ckpt), device, acceleration="none")
-    fast = load_encoder(str(ckpt), device, acceleration="varlen")
-    compiled = load_encoder(str(ckpt), device, acceleration="compile")
-    graphed = load_encoder(str(ckpt), device, acceleration="graphs")
+    encoders = [("transformers", reference)]
+    encoders += [(name, load_encoder(str(ckpt), device, acceleration=name)) for name in accelerations]
     n_params = sum(p.numel() for p in reference.module.parameters())
     rows, checks = [], {}
     for label, count, side in (("448x448", 32, 448), ("1344x1344", 4, 1344)):
@@ -132,7 +134,6 @@ def bench_forward(ckpt: Path, device: str, quick: bool) -> tuple[list[dict], dic
         flops = count * flops_per_image(n_params, pixels[0][1], QWEN25_7B_VISION)
         want = reference.encode(values, grid)
         row = {"workload": f"{count} images {label}", "tflop_per_image": flops / count / 1e12}
-        encoders = (("transformers", reference), ("varlen", fast), ("varlen+compile", compiled), ("graphs", graphed))
         for name, encoder in encoders:
             got = encoder.encode(values, grid)
             err = max(
@@ -449,6 +450,7 @@ def main() -> None:
     parser.add_argument("--switch-interval", type=float, default=None, help="sys.setswitchinterval for this process")
     parser.add_argument("--preprocess-workers", type=int, default=4)
     parser.add_argument("--parts", default="forward,preprocess,service")
+    parser.add_argument("--forward-accelerations", default="varlen,compile,graphs", help="compared with transformers'")
     parser.add_argument("--sides", default="448,1344", help="image sides of the service runs")
     parser.add_argument("--single-trip", action="store_true", help="clients send image bytes without a lookup first")
     parser.add_argument(
@@ -469,15 +471,18 @@ def main() -> None:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"miss_path-{result['date'][:10]}-{result['commit'][:8]}.json"
+    parts_name = "-".join(sorted(parts))
+    path = out / f"miss_path-{result['date'][:10]}-{result['commit'][:8]}-{parts_name}.json"
 
     def save() -> None:  # after every part, so a later failure keeps what was measured
         path.write_text(json.dumps(result, indent=2))
 
     if "forward" in parts:
-        result["forward"], result["forward_checks"] = bench_forward(ckpt, args.device, args.quick)
+        accelerations = tuple(args.forward_accelerations.split(","))
+        result["forward"], result["forward_checks"] = bench_forward(ckpt, args.device, args.quick, accelerations)
         for row in result["forward"]:
             print(json.dumps(row), flush=True)
+        print(json.dumps(result["forward_checks"]), flush=True)
         save()
     if "preprocess" in parts:
         result["preprocess"] = bench_preprocess(args.device, args.quick)
