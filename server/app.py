@@ -171,6 +171,10 @@ async def start_server(config: ServerConfig, encoder: VisionEncoder | None = Non
     await server.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    if isinstance(pipeline, EncoderProcess):
+        # Without its encoder a server still answers hits, but it can compute nothing: let the
+        # orchestrator (or a FleetClient's health checks) route around it and restart it.
+        pipeline.on_unavailable = lambda: _set_not_serving(health_servicer)
     metrics_http = None
     if config.metrics_port is not None:
         metrics_http = MetricsHttpServer(metrics, config.metrics_host, config.metrics_port)
@@ -191,6 +195,11 @@ async def start_server(config: ServerConfig, encoder: VisionEncoder | None = Non
         shm = ShmServer(engine, config.shm_socket, config.shm_arena_bytes, config.max_images_per_request, access)
         await shm.start()
     return RunningServer(server, engine, health_servicer, port, metrics, metrics_http, shm)
+
+
+async def _set_not_serving(health_servicer: health.aio.HealthServicer) -> None:
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
 
 
 async def serve_forever(config: ServerConfig) -> None:

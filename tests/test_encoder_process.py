@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import time
 from pathlib import Path
 
+import grpc
 import pytest
 import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from vitcache.client import VitCacheClient
 from vitcache.server.app import ServerConfig
 from vitcache.server.metrics import ServerMetrics
@@ -111,11 +114,25 @@ def test_bad_image_fails_alone_and_a_dead_child_fails_misses_not_hits(tiny_check
 
 def test_server_with_encoder_process(tiny_checkpoint: Path, start_server_thread, in_process) -> None:
     server = start_server_thread(ServerConfig(model=str(tiny_checkpoint), encoder_process=True))
-    assert isinstance(server.engine.pipeline, EncoderProcess)
-    with VitCacheClient(server.target) as client:
+    process = server.engine.pipeline
+    assert isinstance(process, EncoderProcess)
+    with VitCacheClient(server.target) as client, grpc.insecure_channel(server.target) as channel:
         assert client.model_info().model == str(tiny_checkpoint)
         results = client.encode([IMAGES[3], jpeg_bytes(64, 48, seed=1), b"junk"])
         assert results[2].error is not None and results[2].error.code.name == "INVALID_ARGUMENT"
         torch.testing.assert_close(results[0].embeddings[0], in_process[3].entry.tensors()[0], rtol=1e-4, atol=1e-5)
         assert results[1].ok and results[1].source == "COMPUTED"
         assert client.stats().images_computed == 2
+
+        # Its encoder gone, the server says so to health checks, fails misses and still serves hits.
+        health = health_pb2_grpc.HealthStub(channel)
+        os.kill(process.pid, signal.SIGKILL)
+        for _ in range(200):
+            status = health.Check(health_pb2.HealthCheckRequest(service="vitcache.v1.VitCache")).status
+            if status == health_pb2.HealthCheckResponse.NOT_SERVING:
+                break
+            time.sleep(0.05)
+        assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+        results = client.encode([IMAGES[3], IMAGES[4]])
+        assert results[0].source == "L1"
+        assert results[1].error is not None and results[1].error.code == grpc.StatusCode.UNAVAILABLE

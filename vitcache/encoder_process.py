@@ -36,7 +36,7 @@ import os
 import sys
 import threading
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import astuple, dataclass, replace
 from multiprocessing import reduction
 from multiprocessing.connection import Connection
@@ -210,6 +210,9 @@ class EncoderProcess:
         self.through_ring = self.through_pipe = 0
         self._stopping = False
         self._process: mp.process.BaseProcess | None = None
+        #: Run on the event loop once the child has died (a server marks itself not serving).
+        self.on_unavailable: Callable[[], Awaitable[None]] | None = None
+        self._notified: asyncio.Future[None] | None = None
 
     @property
     def stats(self) -> BatcherStats:
@@ -330,6 +333,8 @@ class EncoderProcess:
         for future in self._pending.values():
             if not future.done():
                 future.set_exception(ImageError(ErrorCode.UNAVAILABLE, self._unavailable))
+        if self.on_unavailable is not None:
+            self._notified = asyncio.ensure_future(self.on_unavailable())
 
 
 class _RelayObserver(EngineObserver):

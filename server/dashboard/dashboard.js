@@ -9,7 +9,7 @@ const WINDOW_S = Math.max(1, Number(params.get("window")) || 10);
 const MAX_POINTS = Math.max(10, Number(params.get("points")) || 600);
 
 const COLORS = { blue: "#2563eb", green: "#0e9f6e", orange: "#f59e0b", red: "#e02424", purple: "#7c3aed", grey: "#52606d" };
-const STAGES = ["queue", "preprocess", "forward", "l2_get"];
+const STAGES = ["queue", "preprocess", "forward", "launch", "device", "l2_get"];
 
 // Each chart: its series (label, colour, how to read the value from a stats snapshot).
 const CHARTS = {
