@@ -89,8 +89,9 @@ class _Captured:
 class GraphedTower:
     """Runs a tower's forward through CUDA graphs, for batches of up to ``max_patches`` patches.
 
-    ``run`` returns None for a batch it does not take (more than ``max_patches`` patches); the
-    caller then runs the forward directly.
+    ``run`` returns None for a batch it does not take (more than ``max_patches`` patches, or a
+    new shape once ``max_graphs`` are held: each costs a capture and device memory); the caller
+    then runs the forward directly.
     """
 
     def __init__(
@@ -104,6 +105,7 @@ class GraphedTower:
         dtype: torch.dtype,
         max_patches: int = 65536,
         patch_step: int = 1024,
+        max_graphs: int = 128,
     ) -> None:
         if family not in GRAPH_FAMILIES:
             raise ValueError(f"CUDA graphs support {GRAPH_FAMILIES}, not {family!r}")
@@ -116,6 +118,7 @@ class GraphedTower:
         self._dtype = dtype
         self.max_patches = max_patches
         self.patch_step = patch_step
+        self.max_graphs = max_graphs
         self._pool = torch.cuda.graph_pool_handle()
         self._graphs: dict[tuple, _Captured] = {}
 
@@ -131,6 +134,8 @@ class GraphedTower:
         batch = pad_batch(self._family, self._tower, self._merge_size, grids, self.patch_step)
         captured = self._graphs.get(batch.key)
         if captured is None:
+            if len(self._graphs) >= self.max_graphs:
+                return None  # too many batch shapes (resolutions) to hold a graph for each
             captured = self._graphs[batch.key] = self._capture(batch)
             log.info("captured a CUDA graph for %d patches (%d graphs)", batch.patches, len(self._graphs))
         captured.pixels[:patches].copy_(pixels, non_blocking=True)
