@@ -3,9 +3,10 @@
 Rendezvous (highest-random-weight) hashing ranks the replicas per digest, so every client
 sends a given image to the same replica, which then holds it in its L1; adding or removing
 a replica moves only the images it wins or held. A replica that answers UNAVAILABLE or CANCELLED
-(down, killed mid-call, or draining) is skipped for a backoff and probed with the health service
-before it is used again; its images go to their next replica in the same request, so a
-replica failure fails no request while another replica is up.
+(down, killed mid-call, or draining), or fails images with UNAVAILABLE (it cannot compute), is
+skipped for a backoff and probed with the health service before it is used again; its images
+go to their next replica in the same request, so a replica failure fails no request while
+another replica is up.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import xxhash
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from vitcache.v1 import vitcache_pb2 as pb
 
-from .client import EncodedImage, ImageFailed, ImageLike, VitCacheClient, _as_input
+from .client import EncodedImage, ImageFailed, ImageLike, VitCacheClient, _as_input, _failed_with
 from .connect import ConnectOptions
 
 _SERVICE = "vitcache.v1.VitCache"
@@ -156,8 +157,16 @@ class FleetClient:
                         tried[i].add(r)
                     pending.extend(groups[r])
                     continue
+                unavailable = False
                 for i, result in zip(groups[r], answered, strict=True):
-                    results[i] = _reindexed(result, i)
+                    if _failed_with(result, grpc.StatusCode.UNAVAILABLE):  # e.g. its encoder process died
+                        unavailable = True
+                        tried[i].add(r)
+                        pending.append(i)
+                    else:
+                        results[i] = _reindexed(result, i)
+                if unavailable:
+                    self._replicas[r].mark_down()
             if not pending:
                 break
         for i in pending:

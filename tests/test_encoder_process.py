@@ -12,7 +12,8 @@ import grpc
 import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from vitcache.client import VitCacheClient
+from vitcache.client import FleetClient, VitCacheClient
+from vitcache.client.fleet import rendezvous_order
 from vitcache.server.app import ServerConfig
 from vitcache.server.metrics import ServerMetrics
 
@@ -112,7 +113,7 @@ def test_bad_image_fails_alone_and_a_dead_child_fails_misses_not_hits(tiny_check
     asyncio.run(run())
 
 
-def test_server_with_encoder_process(tiny_checkpoint: Path, start_server_thread, in_process) -> None:
+def test_server_with_encoder_process(tiny_checkpoint: Path, start_server_thread, in_process, encoder) -> None:
     server = start_server_thread(ServerConfig(model=str(tiny_checkpoint), encoder_process=True))
     process = server.engine.pipeline
     assert isinstance(process, EncoderProcess)
@@ -136,3 +137,14 @@ def test_server_with_encoder_process(tiny_checkpoint: Path, start_server_thread,
         results = client.encode([IMAGES[3], IMAGES[4]])
         assert results[0].source == "L1"
         assert results[1].error is not None and results[1].error.code == grpc.StatusCode.UNAVAILABLE
+
+    # A fleet sends the images this replica cannot compute to the next replica.
+    other = start_server_thread(ServerConfig(), encoder)
+    with FleetClient([server.target, other.target]) as fleet:
+        results = fleet.encode(IMAGES[8:16])
+    assert all(r.ok for r in results), [r.error for r in results if not r.ok]
+    first_choice = [rendezvous_order(r.digest, [server.target, other.target])[0] for r in results]
+    assert 0 < first_choice.count(0) < len(results)  # both replicas were some images' first choice
+    for result, want in zip(results, range(8, 16), strict=True):
+        torch.testing.assert_close(result.embeddings[0], in_process[want].entry.tensors()[0], rtol=1e-4, atol=1e-5)
+    assert other.engine.stats.misses == len(results)
