@@ -165,34 +165,38 @@ def test_socket_directory_socket_and_segments_are_private(start_server_thread, e
 
 
 def test_killed_clients_leave_no_segments_behind(start_server_thread, encoder, socket_path) -> None:  # type: ignore[no-untyped-def]
+    """10,000 requests from clients killed mid-stream, four at a time, each holding leases."""
     server = shm_server(start_server_thread, encoder, socket_path)
     with VitCacheClient(server.target) as plain:
         digests = [r.raise_for_error().digest for r in plain.encode([png_bytes(64, 48, s) for s in (7, 8)])]
     shm = server.running.shm
     before = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+    fds_before = len(os.listdir("/proc/self/fd"))
     command = [sys.executable, "-m", "tests.shm_client_process", str(socket_path), *(d.hex() for d in digests)]
-    clients = [subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, text=True) for _ in range(4)]
     requests_done = 0
-    try:
-        for client in clients:
-            assert client.stdout is not None
-            done = 0
-            while done < 60:  # each client is mid-stream, holding leases, when it is killed
-                line = client.stdout.readline()
-                assert line, f"client exited early with {client.wait(timeout=10)}"
-                done = int(line)
-            requests_done += done
-        assert shm.connections == 4 and shm.leased_bytes > 0
-    finally:
-        for client in clients:
-            client.send_signal(signal.SIGKILL)
-            client.wait(timeout=10)
-            assert client.stdout is not None
-            client.stdout.close()
-    assert wait_until(lambda: shm.connections == 0), "the server kept a dead client's arena"
-    assert requests_done >= 240
-    assert shm.leased_bytes == 0
-    assert arena_mappings() == []  # the server unmapped every arena (the clients were other processes)
+    while requests_done < 10_000:
+        clients = [subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, text=True) for _ in range(4)]
+        try:
+            for client in clients:
+                assert client.stdout is not None
+                done = 0
+                while done < 625:  # each client is mid-stream, holding leases, when it is killed
+                    line = client.stdout.readline()
+                    assert line, f"client exited early with {client.wait(timeout=10)}"
+                    done = int(line)
+                requests_done += done
+            assert shm.connections == 4 and shm.leased_bytes > 0
+        finally:
+            for client in clients:
+                client.send_signal(signal.SIGKILL)
+                client.wait(timeout=10)
+                assert client.stdout is not None
+                client.stdout.close()
+        assert wait_until(lambda: shm.connections == 0), "the server kept a dead client's arena"
+        assert shm.leased_bytes == 0
+        assert arena_mappings() == []  # the server unmapped every arena (the clients were other processes)
+    assert requests_done >= 10_000
+    assert wait_until(lambda: len(os.listdir("/proc/self/fd")) <= fds_before), "the server leaked descriptors"
     after = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
     assert not [name for name in after - before if "vitcache" in name]
     with VitCacheClient(server.target, shm_socket=socket_path) as client:
