@@ -140,7 +140,7 @@ class _InRing:
 
 @dataclass(frozen=True)
 class _RingEntry(CachedEmbedding):
-    """Child side: an entry written into the ring at [start, end) (its outputs carry no bytes)."""
+    """Child side: an entry written into the ring at [start, end) (its outputs view the ring)."""
 
     start: int = 0
     end: int = 0
@@ -288,7 +288,10 @@ class EncoderProcess:
         future = self._loop.create_future()
         self._pending[request_id] = future
         try:
-            self._conn.send((request_id, image, scope.deadline))
+            try:
+                self._conn.send((request_id, image, scope.deadline))
+            except OSError as exc:  # died before the reader thread noticed
+                raise ImageError(ErrorCode.UNAVAILABLE, f"encoder process is gone: {exc}") from exc
             return await future
         finally:
             self._pending.pop(request_id, None)
@@ -327,7 +330,7 @@ class EncoderProcess:
         if self._stopping:
             return
         assert self._process is not None
-        self._process.join(5)
+        self._process.join(1)  # it has closed its end: it is exiting or gone
         self._unavailable = f"encoder process exited (code {self._process.exitcode}); no image can be computed"
         log.error(self._unavailable)
         for future in self._pending.values():
