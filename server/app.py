@@ -59,6 +59,7 @@ class ServerConfig:
     # Decode, preprocessing and the forward in a child process that owns the device, so
     # serving never waits for the GIL of kernel launches (vitcache.encoder_process). None: on for CUDA.
     encoder_process: bool | None = None
+    encoder_ring_bytes: int = 512 << 20  # shared memory the encoder process hands embeddings back through
 
     @property
     def uses_encoder_process(self) -> bool:
@@ -118,6 +119,7 @@ async def start_server(config: ServerConfig, encoder: VisionEncoder | None = Non
             engine_config.preprocess_workers,
             engine_config.limits,
             metrics,
+            ring_bytes=config.encoder_ring_bytes,
         )
         await pipeline.load()  # the namespace (and so the L2 keys) is known once the model is
     else:

@@ -45,6 +45,12 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         choices=["auto", "on", "off"],
         help="decode, preprocess and forward in a child process that owns the device (auto: on for cuda)",
     )
+    p.add_argument(
+        "--encoder-ring-bytes",
+        type=byte_size,
+        default="512MiB",
+        help="shared memory the encoder process returns embeddings through (more travel by pipe when full)",
+    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=50051, help="0 picks a free port")
     p.add_argument("--metrics-host", default="127.0.0.1", help="address of /metrics, /api/stats and the dashboard")
@@ -140,6 +146,7 @@ def _serve(args: argparse.Namespace) -> None:
             digest_key=load_digest_key(args.digest_key_file) if args.digest_key_file else None,
         ),
         encoder_process={"auto": None, "on": True, "off": False}[args.encoder_process],
+        encoder_ring_bytes=args.encoder_ring_bytes,
     )
     asyncio.run(serve_forever(config))
 

@@ -114,9 +114,11 @@ def test_bad_image_fails_alone_and_a_dead_child_fails_misses_not_hits(tiny_check
 
 
 def test_server_with_encoder_process(tiny_checkpoint: Path, start_server_thread, in_process, encoder) -> None:
-    server = start_server_thread(ServerConfig(model=str(tiny_checkpoint), encoder_process=True))
+    server = start_server_thread(
+        ServerConfig(model=str(tiny_checkpoint), encoder_process=True, encoder_ring_bytes=1 << 20)
+    )
     process = server.engine.pipeline
-    assert isinstance(process, EncoderProcess)
+    assert isinstance(process, EncoderProcess) and process.ring_bytes == 1 << 20
     with VitCacheClient(server.target) as client, grpc.insecure_channel(server.target) as channel:
         assert client.model_info().model == str(tiny_checkpoint)
         results = client.encode([IMAGES[3], jpeg_bytes(64, 48, seed=1), b"junk"])
