@@ -1,6 +1,7 @@
 """Miss-path throughput on a GPU: transformers' forward vs vitcache's encoder vs the service end to end.
 
-    python bench/miss_path.py --device cuda            # ~5 min on an H100; writes bench/results/miss_path-*.json
+    python bench/miss_path.py --device cuda            # ~10 min on an H200; writes bench/results/miss_path-*.json
+    python bench/miss_path.py --print bench/results/miss_path-h200-*.json   # the tables of saved results
 
 Uses the Qwen2.5-VL-7B vision config (676.5M parameters) with random weights in bf16. Every
 number in a table is measured in this process (or its child processes) in the same run, so
@@ -438,6 +439,34 @@ def bench_engine(
     }
 
 
+def tables(result: dict) -> str:
+    """The result as the README's tables: forward speeds side by side, then the service end to end
+    beside its encoder alone on batches as large as the service's and the in-process engine."""
+    lines = [f"{result['device']}, commit {result['commit']}, {result['date']}"]
+    for row in result.get("forward", []):
+        names = [k.removesuffix("_img_s") for k in row if k.endswith("_img_s")]
+        speeds = ", ".join(f"{n} {row[n + '_img_s']:.1f} img/s ({row[n + '_tflop_s']:.0f} TFLOP/s)" for n in names)
+        best = max(names, key=lambda n: row[n + "_img_s"])
+        lines.append(
+            f"forward {row['workload']}: {speeds}; {best} {row[best + '_img_s'] / row['transformers_img_s']:.1f}x"
+        )
+    if "preprocess" in result:
+        pre = result["preprocess"]
+        lines.append(
+            f"{pre['workload']}: CPU {pre['cpu_pil_ms']:.1f} ms, GPU batched {pre['gpu_nvjpeg_batched_ms']:.1f} ms"
+        )
+    for size, runs in result.get("service", {}).items():
+        for mode, run in runs.items():
+            lines.append(
+                f"service {size} (encoder process {mode}): {run['img_s']:.1f} img/s end to end, "
+                f"{run['server_batch']['images_mean']:.1f} images per forward; encoder alone on "
+                f"{run['encoder_alone_batch_images']}-image batches {run['encoder_alone_img_s']:.1f} img/s "
+                f"(ratio {run['e2e_over_encoder_alone']:.2f}); "
+                f"in-process engine {run['engine_in_process_img_s']:.1f} img/s"
+            )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--device", default="cuda")
@@ -450,6 +479,7 @@ def main() -> None:
     parser.add_argument("--switch-interval", type=float, default=None, help="sys.setswitchinterval for this process")
     parser.add_argument("--preprocess-workers", type=int, default=4)
     parser.add_argument("--parts", default="forward,preprocess,service")
+    parser.add_argument("--print", nargs="+", metavar="JSON", help="only print the tables of saved results")
     parser.add_argument("--forward-accelerations", default="varlen,compile,graphs", help="compared with transformers'")
     parser.add_argument("--sides", default="448,1344", help="image sides of the service runs")
     parser.add_argument("--single-trip", action="store_true", help="clients send image bytes without a lookup first")
@@ -458,6 +488,9 @@ def main() -> None:
     )
     parser.add_argument("--out", default=str(REPO / "bench" / "results"))
     args = parser.parse_args()
+    if args.print:
+        print("\n\n".join(tables(json.loads(Path(file).read_text())) for file in args.print))
+        return
     parts = set(args.parts.split(","))
     if args.switch_interval:
         sys.setswitchinterval(args.switch_interval)
@@ -538,6 +571,7 @@ def main() -> None:
                 side, json.dumps({mode: {k: v for k, v in run.items() if "ms" not in k} for mode, run in runs.items()})
             )
             save()
+    print(tables(result))
     print(f"wrote {path}")
 
 
