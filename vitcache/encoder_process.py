@@ -67,7 +67,7 @@ class _Ring:
         self._released = self._view[:8].cast("q")  # written by the parent only; an aligned 8-byte store
         self.capacity = len(buffer) - _HEADER
         self._reserved = 0  # child side: end of the last reservation
-        self._bytes: torch.Tensor | None = None  # the buffer as a tensor, to copy with
+        self._bytes = torch.frombuffer(buffer, dtype=torch.uint8)  # the buffer as a tensor, to copy with
 
     def reserve(self, nbytes: int) -> tuple[int, int] | None:
         """Child: (start, end) of ``nbytes`` of contiguous space, or None until the parent frees some.
@@ -85,8 +85,6 @@ class _Ring:
     def write(self, start: int, tensors: Sequence[torch.Tensor]) -> list[memoryview]:
         """Child: copies contiguous CPU tensors in one after another (torch copies, without the
         GIL); returns the ring's bytes that now hold each."""
-        if self._bytes is None:
-            self._bytes = torch.frombuffer(self._buffer, dtype=torch.uint8)
         at, views = _HEADER + start % self.capacity, []
         for tensor in tensors:
             flat = tensor.reshape(-1).view(torch.uint8)
@@ -97,8 +95,6 @@ class _Ring:
 
     def read(self, start: int, lengths: Sequence[int]) -> list[memoryview]:
         """Parent: copies of consecutive chunks from ``start`` (torch copies, without the GIL)."""
-        if self._bytes is None:
-            self._bytes = torch.frombuffer(self._buffer, dtype=torch.uint8)
         at, chunks = _HEADER + start % self.capacity, []
         for length in lengths:
             copy = torch.empty(length, dtype=torch.uint8)
@@ -112,7 +108,7 @@ class _Ring:
         self._released[0] = end
 
     def close(self) -> None:
-        self._bytes = None
+        del self._bytes  # its export of the buffer must go before the buffer can close
         self._released.release()
         self._view.release()
         self._buffer.close()
