@@ -271,15 +271,19 @@ def _run_clients(
     return totals, elapsed
 
 
-def _profile_server(pid: int, side: int, seconds: float) -> subprocess.Popen | None:
+def _profile_server(pid: int, side: int, seconds: float) -> list[subprocess.Popen]:
     """With VITCACHE_BENCH_PYSPY=DIR: py-spy samples every thread of the server (and of its encoder
-    process), idle or not, into DIR/pyspy-SIDE-PID.txt (collapsed stacks) during one load test."""
+    process) during one load test, into DIR as collapsed stacks per thread: every sample, idle or
+    not (pyspy-SIDE-all.txt), and only the threads holding the GIL (pyspy-SIDE-gil.txt)."""
     folder = os.environ.get("VITCACHE_BENCH_PYSPY")
     if not folder:
-        return None
-    command = ["py-spy", "record", "--pid", str(pid), "--subprocesses", "--idle", "--nonblocking", "--format", "raw"]
-    command += ["--duration", str(max(1, int(seconds / 2))), "-o", f"{folder}/pyspy-{side}-{pid}.txt"]
-    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        return []
+    command = ["py-spy", "record", "--pid", str(pid), "--subprocesses", "--threads", "--nonblocking"]
+    command += ["--format", "raw", "--duration", str(max(1, int(seconds / 2)))]
+    return [
+        subprocess.Popen([*command, *flags, "-o", f"{folder}/pyspy-{side}-{name}.txt"], stdout=subprocess.DEVNULL)
+        for name, flags in (("all", ["--idle"]), ("gil", ["--gil"]))
+    ]
 
 
 def bench_service(
@@ -320,9 +324,9 @@ def bench_service(
         _run_clients(target, side, clients, warmup_seconds, hash_first, seed=0)
         with VitCacheClient(target) as client:
             before = client.stats()
-        profiler = _profile_server(server.pid, side, seconds)
+        profilers = _profile_server(server.pid, side, seconds)
         totals, elapsed = _run_clients(target, side, clients, seconds, hash_first, seed=1000)
-        if profiler is not None:
+        for profiler in profilers:
             profiler.wait(60)
         with VitCacheClient(target) as client:
             after = client.stats()

@@ -41,6 +41,7 @@ from dataclasses import astuple, dataclass, replace
 from multiprocessing import reduction
 from multiprocessing.connection import Connection
 
+import numpy as np
 import torch
 
 from vitcache.batcher import BatcherStats
@@ -94,12 +95,14 @@ class _Ring:
         return views
 
     def read(self, start: int, lengths: Sequence[int]) -> list[memoryview]:
-        """Parent: copies of consecutive chunks from ``start`` (torch copies, without the GIL)."""
+        """Parent: copies of consecutive chunks from ``start``. numpy copies, which release the GIL
+        and stay on this thread: torch's would wake its intra-op thread pool, whose spinning
+        workers took seven cores from the clients and the encoder process (bench/miss_path.py)."""
         at, chunks = _HEADER + start % self.capacity, []
         for length in lengths:
-            copy = torch.empty(length, dtype=torch.uint8)
-            copy.copy_(self._bytes[at : at + length])
-            chunks.append(memoryview(copy.numpy()))
+            copy = np.empty(length, dtype=np.uint8)
+            np.copyto(copy, np.frombuffer(self._buffer, np.uint8, length, at))
+            chunks.append(memoryview(copy))
             at += length
         return chunks
 
@@ -362,6 +365,10 @@ def _child_main(conn: Connection, settings: _Settings) -> None:
     # The launching thread gives up the GIL at every torch call; with the default 5 ms switch
     # interval each call can wait that long to get it back from a preprocessing thread.
     sys.setswitchinterval(_SWITCH_INTERVAL_S)
+    if settings.device.startswith("cuda"):
+        # On CUDA the CPU only copies bytes here; an intra-op pool's spinning workers would take
+        # cores from the serving process and its clients for nothing.
+        torch.set_num_threads(1)
     fd = reduction.recv_handle(conn)
     ring = _Ring(mmap.mmap(fd, 0))
     os.close(fd)
