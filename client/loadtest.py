@@ -381,7 +381,8 @@ def _num(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
-def _image_size(text: str) -> tuple[int, int]:
+def image_size(text: str) -> tuple[int, int]:
+    """argparse type of a WIDTHxHEIGHT argument."""
     width, _, height = text.lower().partition("x")
     try:
         size = (int(width), int(height))
@@ -404,7 +405,7 @@ def add_arguments(p: argparse.ArgumentParser, byte_size: Callable[[str], int]) -
     p.add_argument("--zipf-exponent", type=float, default=1.0, help="popularity skew s: P(rank k) ~ 1/k^s")
     p.add_argument(
         "--image-size",
-        type=_image_size,
+        type=image_size,
         action="append",
         help="WIDTHxHEIGHT of synthetic images; repeat for a mix (default 448x448)",
     )

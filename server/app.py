@@ -60,6 +60,8 @@ class ServerConfig:
     # serving never waits for the GIL of kernel launches (vitcache.encoder_process). None: on for CUDA.
     encoder_process: bool | None = None
     encoder_ring_bytes: int = 512 << 20  # shared memory the encoder process hands embeddings back through
+    # (width, height) of images whose batches are run at load, capturing their CUDA graphs then.
+    warmup_image_sizes: tuple[tuple[int, int], ...] = ()
 
     @property
     def uses_encoder_process(self) -> bool:
@@ -120,6 +122,7 @@ async def start_server(config: ServerConfig, encoder: VisionEncoder | None = Non
             engine_config.limits,
             metrics,
             ring_bytes=config.encoder_ring_bytes,
+            warmup_image_sizes=config.warmup_image_sizes,
         )
         await pipeline.load()  # the namespace (and so the L2 keys) is known once the model is
     else:
@@ -129,6 +132,7 @@ async def start_server(config: ServerConfig, encoder: VisionEncoder | None = Non
             config.dtype,
             config.acceleration,
             graph_max_patches=config.engine.max_batch_patches,
+            warmup_image_sizes=config.warmup_image_sizes,
         )
     namespace = pipeline.spec.namespace
     l2 = fleet_lock = None

@@ -87,6 +87,13 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         default=1024,
         help="misses waiting for preprocessing or the forward; beyond it images fail with RESOURCE_EXHAUSTED",
     )
+    p.add_argument(
+        "--warmup-image-sizes",
+        type=lambda text: tuple(loadtest.image_size(size) for size in text.split(",")),
+        default=(),
+        help="WIDTHxHEIGHT,...: at start-up, run batches of 1 to --max-batch-patches of images of these sizes, "
+        "so their CUDA graphs (--acceleration graphs) are captured before serving instead of under load",
+    )
     p.add_argument("--tls-cert", default=None, help="PEM certificate chain: serve TLS")
     p.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
     p.add_argument("--tls-client-ca", default=None, help="PEM CA: require client certificates it signed (mutual TLS)")
@@ -147,6 +154,7 @@ def _serve(args: argparse.Namespace) -> None:
         ),
         encoder_process={"auto": None, "on": True, "off": False}[args.encoder_process],
         encoder_ring_bytes=args.encoder_ring_bytes,
+        warmup_image_sizes=args.warmup_image_sizes,
     )
     asyncio.run(serve_forever(config))
 

@@ -10,6 +10,7 @@ import torch
 from vitcache import accel
 from vitcache.graphs import GRAPH_FAMILIES, pad_batch
 from vitcache.models import load_encoder
+from vitcache.preprocess import image_grid
 from vitcache.tiny import make_tiny_checkpoint
 
 BATCHES = [[(1, 4, 6), (1, 8, 8), (1, 6, 4)], [(1, 8, 8)], [(1, 4, 4)] * 5, [(1, 10, 6), (1, 4, 8)]]
@@ -76,3 +77,24 @@ def test_cuda_graph_replays_match_the_compiled_forward(family: str, tmp_path: Pa
     want, got = reference.encode(pixels, torch.tensor(large)), graphed.encode(pixels, torch.tensor(large))
     torch.testing.assert_close(got[0][0].float(), want[0][0].float(), rtol=0.05, atol=0.05)
     assert graphed.graphs.captured == captured
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_warmup_image_sizes_capture_every_batch_size_at_load(tmp_path: Path) -> None:
+    checkpoint = str(make_tiny_checkpoint("qwen2_5_vl", tmp_path / "qwen2_5_vl"))
+    plain = load_encoder(checkpoint, "cuda", "bfloat16", acceleration="graphs", graph_max_patches=512)
+    grid = image_grid(84, 112, plain.preprocess_config)
+    patches = grid[0] * grid[1] * grid[2]
+    buckets = {
+        pad_batch("qwen2_5_vl", plain.tower, plain.merge_size, [grid] * count, plain.graphs.patch_step).key
+        for count in range(1, 512 // patches + 1)
+    }
+    assert plain.graphs.captured == 0
+    warm = load_encoder(
+        checkpoint, "cuda", "bfloat16", acceleration="graphs", graph_max_patches=512, warmup_image_sizes=[(112, 84)]
+    )
+    assert warm.graphs.captured == len(buckets) > 1
+    for count in (1, 512 // patches):  # served from the graphs captured at load
+        pixels = _pixels([grid] * count, warm.preprocess_config.patch_dim, count).cuda()
+        warm.encode(pixels, torch.tensor([grid] * count))
+    assert warm.graphs.captured == len(buckets)

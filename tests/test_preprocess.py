@@ -16,6 +16,7 @@ from vitcache.preprocess import (
     ImageRejected,
     PreprocessConfig,
     decode_image,
+    image_grid,
     preprocess,
     raw_image,
 )
@@ -263,6 +264,12 @@ def test_qwen_matches_pil_processor(tmp_path, height, width):
     if (height, width) == (56, 84):
         assert diff.max() < 1e-3
     assert_close_in_levels(diff)
+
+
+@pytest.mark.parametrize(("height", "width"), SIZES)
+def test_image_grid_is_the_grid_preprocessing_gives(tmp_path, height, width):
+    config = qwen_config(tmp_path)
+    assert image_grid(height, width, config) == preprocess(photo(height, width), config)[1]
 
 
 def test_preprocess_accepts_torch_and_read_only_views(tmp_path):

@@ -161,6 +161,7 @@ class _Settings:
     max_batch_wait_s: float
     preprocess_workers: int
     limits: DecodeLimits
+    warmup_image_sizes: tuple[tuple[int, int], ...]
 
 
 class EncoderProcess:
@@ -185,6 +186,7 @@ class EncoderProcess:
         observer: EngineObserver | None = None,
         ring_bytes: int = 512 << 20,
         start_timeout_s: float = 3600.0,
+        warmup_image_sizes: Sequence[tuple[int, int]] = (),
     ) -> None:
         self._settings = _Settings(
             model,
@@ -195,6 +197,7 @@ class EncoderProcess:
             max_batch_wait_s,
             preprocess_workers,
             limits or DecodeLimits(),
+            tuple(warmup_image_sizes),
         )
         self.observer = observer or EngineObserver()
         self.ring_bytes = ring_bytes
@@ -379,6 +382,7 @@ def _child_main(conn: Connection, settings: _Settings) -> None:
             settings.dtype,
             settings.acceleration,
             graph_max_patches=settings.max_batch_patches,
+            warmup_image_sizes=settings.warmup_image_sizes,
         )
     except Exception as exc:
         log.exception("loading the encoder failed")

@@ -7,7 +7,7 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from functools import partial
@@ -39,7 +39,7 @@ from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransforme
 
 from vitcache import accel
 from vitcache.graphs import GRAPH_FAMILIES, GraphedTower
-from vitcache.preprocess import PreprocessConfig
+from vitcache.preprocess import PreprocessConfig, image_grid
 from vitcache.tiny import make_tiny_checkpoint
 
 log = logging.getLogger(__name__)
@@ -242,6 +242,7 @@ def load_encoder(
     dtype: str | torch.dtype | None = None,
     acceleration: str = "auto",
     graph_max_patches: int = 32768,
+    warmup_image_sizes: Sequence[tuple[int, int]] = (),
 ) -> VisionEncoder:
     """Load the vision encoder of a local HF checkpoint directory (or the built-in "tiny-random").
 
@@ -250,6 +251,10 @@ def load_encoder(
     varlen where it is available (CUDA) and none elsewhere; "graphs" is compile plus CUDA graphs
     (vitcache.graphs) for batches of up to ``graph_max_patches`` patches, on the Qwen families. It
     is not part of the namespace: the outputs agree within the dtype's rounding.
+
+    ``warmup_image_sizes`` ((width, height) pairs) are run before returning, in batches of 1 to
+    as many as ``graph_max_patches`` holds, so the CUDA graph of each such batch is captured at
+    load instead of stalling forwards under load (a capture takes a warm-up forward and more).
     """
     device = torch.device(device)
     dtype = _resolve_dtype(dtype, device)
@@ -310,7 +315,17 @@ def load_encoder(
             dtype,
             max_patches=graph_max_patches,
         )
+    for width, height in warmup_image_sizes:
+        _run_batches_of(encoder, image_grid(height, width, preprocess_config), graph_max_patches)
     return encoder
+
+
+def _run_batches_of(encoder: VisionEncoder, grid: tuple[int, int, int], max_patches: int) -> None:
+    """One forward of each batch size of images of ``grid``, up to ``max_patches`` (at least one image)."""
+    patches = grid[0] * grid[1] * grid[2]
+    for count in range(1, max(1, max_patches // patches) + 1):
+        pixels = torch.zeros(count * patches, encoder.preprocess_config.patch_dim, device=encoder.device)
+        encoder.encode(pixels, torch.tensor([grid] * count))
 
 
 def _warm_up(encoder: VisionEncoder) -> None:

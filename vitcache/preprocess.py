@@ -276,6 +276,12 @@ def _target_size(height: int, width: int, config: PreprocessConfig) -> tuple[tup
     )
 
 
+def image_grid(height: int, width: int, config: PreprocessConfig) -> tuple[int, int, int]:
+    """The (t, h, w) patch grid ``preprocess`` gives an image of ``height`` x ``width``."""
+    _, (padded_h, padded_w) = _target_size(height, width, config)
+    return 1, padded_h // config.patch_size, padded_w // config.patch_size
+
+
 def preprocess(
     image: np.ndarray | torch.Tensor, config: PreprocessConfig, device: torch.device | str = "cpu"
 ) -> tuple[torch.Tensor, tuple[int, int, int]]:
