@@ -389,7 +389,9 @@ def bench_engine(
     from vitcache.models import load_encoder
     from vitcache.tiers import L1Cache
 
-    encoder = load_encoder(str(ckpt), device, acceleration=acceleration)
+    encoder = load_encoder(
+        str(ckpt), device, acceleration=acceleration, graph_max_patches=batch_patches, warmup_image_sizes=[(side, side)]
+    )
     bare = {n: bench_encoder_batches(encoder, side, n) for n in sorted(set(bare_batch_images))}
     base = jpeg(side, side, 0)
     rng = np.random.default_rng(0)
@@ -539,7 +541,7 @@ def main() -> None:
         for side in [int(v) for v in args.sides.split(",")]:
             runs = {}
             for mode in args.encoder_process.split(","):
-                extra = [*accel, "--encoder-process", mode]
+                extra = [*accel, "--encoder-process", mode, "--warmup-image-sizes", f"{side}x{side}"]
                 runs[mode] = bench_service(
                     ckpt,
                     args.device,
