@@ -219,6 +219,7 @@ def _client(target: str, seed: int, side: int, hash_first: bool, start, queue: m
         queue.put("ready")
         start.wait()
         deadline = start.deadline.value
+        cpu_began = time.process_time()
         while time.time() < deadline:
             count = int(rng.integers(1, 5))
             # Unique bytes per image (all misses): vary the JPEG comment segment.
@@ -233,7 +234,7 @@ def _client(target: str, seed: int, side: int, hash_first: bool, start, queue: m
             encode_s.append(time.perf_counter() - sent)
             images += sum(r.ok for r in results)
             failed += sum(not r.ok for r in results)
-    queue.put((images, failed, lookup_s, encode_s))
+    queue.put((images, failed, lookup_s, encode_s, time.process_time() - cpu_began))
 
 
 class _Start:
@@ -247,10 +248,43 @@ class _Start:
         self.event.wait()
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far, all threads (0 once it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _children(pid: int) -> list[int]:
+    """The processes ``pid`` started, theirs too (an encoder process, its compile workers)."""
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+    found, frontier = [], [pid]
+    while frontier:
+        frontier = [child for child, parent in parents.items() if parent in frontier]
+        found += frontier
+    return found
+
+
+def _machine_busy() -> tuple[int, int]:
+    """(busy, total) jiffies of all CPUs so far."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return sum(values) - values[3] - values[4], sum(values)
+
+
 def _run_clients(
-    target: str, side: int, clients: int, seconds: float, hash_first: bool, seed: int
-) -> tuple[list[tuple], float]:
-    """Runs ``clients`` client processes together for ``seconds`` (not counting their start-up)."""
+    target: str, side: int, clients: int, seconds: float, hash_first: bool, seed: int, server_pid: int
+) -> tuple[list[tuple], float, dict[str, float]]:
+    """Runs ``clients`` client processes together for ``seconds`` (not counting their start-up).
+    Also returns the cores each side used meanwhile: a server whose threads look idle to a Python
+    profiler can still burn cores in native thread pools (it did: README, GPU miss path)."""
     ctx = mp.get_context("spawn")
     queue: mp.Queue = ctx.Queue()
     start = _Start(ctx)
@@ -261,14 +295,26 @@ def _run_clients(
         p.start()
     for _ in procs:
         assert queue.get(timeout=300) == "ready"
+    children = _children(server_pid)
+    cpu_before = [_cpu_seconds(pid) for pid in (server_pid, *children)]
+    machine_before = _machine_busy()
     began = time.time()
     start.deadline.value = began + seconds
     start.event.set()
     totals = [queue.get(timeout=seconds + 300) for _ in procs]
     elapsed = time.time() - began
+    cpu_after = [_cpu_seconds(pid) for pid in (server_pid, *children)]
+    machine_after = _machine_busy()
     for p in procs:
         p.join()
-    return totals, elapsed
+    used = [after - before for before, after in zip(cpu_before, cpu_after, strict=True)]
+    cores = {
+        "server": used[0] / elapsed,
+        "server_children": sum(used[1:]) / elapsed,
+        "clients": sum(t[4] for t in totals) / elapsed,
+        "machine_busy_fraction": (machine_after[0] - machine_before[0]) / (machine_after[1] - machine_before[1]),
+    }
+    return totals, elapsed, cores
 
 
 def _profile_server(pid: int, side: int, seconds: float) -> list[subprocess.Popen]:
@@ -321,11 +367,11 @@ def bench_service(
                         raise RuntimeError(f"server exited with {server.returncode}; see {log}") from None
                     time.sleep(0.5)
         # Warm up under the same load (compilation, CUDA graphs of each batch size) before timing.
-        _run_clients(target, side, clients, warmup_seconds, hash_first, seed=0)
+        _run_clients(target, side, clients, warmup_seconds, hash_first, 0, server.pid)
         with VitCacheClient(target) as client:
             before = client.stats()
         profilers = _profile_server(server.pid, side, seconds)
-        totals, elapsed = _run_clients(target, side, clients, seconds, hash_first, seed=1000)
+        totals, elapsed, cores = _run_clients(target, side, clients, seconds, hash_first, 1000, server.pid)
         for profiler in profilers:
             profiler.wait(60)
         with VitCacheClient(target) as client:
@@ -350,6 +396,7 @@ def bench_service(
             "images_computed": after.images_computed - before.images_computed,
             "server_stages_ms": server_view.get("latency_ms"),
             "server_batch": server_view.get("batch"),
+            "cpu_cores": cores,
         }
     finally:
         server.terminate()
@@ -472,6 +519,13 @@ def tables(result: dict) -> str:
                 f"(ratio {run['e2e_over_encoder_alone']:.2f}); "
                 f"in-process engine {run['engine_in_process_img_s']:.1f} img/s"
             )
+            if "cpu_cores" in run:
+                cores = run["cpu_cores"]
+                lines.append(
+                    f"  cores used: server {cores['server']:.2f}, its children (encoder process) "
+                    f"{cores['server_children']:.2f}, clients {cores['clients']:.2f}; "
+                    f"machine {cores['machine_busy_fraction']:.0%} busy"
+                )
     return "\n".join(lines)
 
 
