@@ -536,7 +536,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20)
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--acceleration", default="graphs")
-    parser.add_argument("--warmup-seconds", type=float, default=10, help="load before the timed run of each service")
+    parser.add_argument("--warmup-seconds", type=float, default=20, help="load before the timed run of each service")
     parser.add_argument("--max-batch-patches", type=int, default=32768)
     parser.add_argument("--switch-interval", type=float, default=None, help="sys.setswitchinterval for this process")
     parser.add_argument("--preprocess-workers", type=int, default=4)
