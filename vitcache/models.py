@@ -316,16 +316,17 @@ def load_encoder(
             max_patches=graph_max_patches,
         )
     for width, height in warmup_image_sizes:
-        _run_batches_of(encoder, image_grid(height, width, preprocess_config), graph_max_patches)
+        t, h, w = grid = image_grid(height, width, preprocess_config)
+        for count in range(1, max(1, graph_max_patches // (t * h * w)) + 1):
+            _run_blank(encoder, [grid] * count)
     return encoder
 
 
-def _run_batches_of(encoder: VisionEncoder, grid: tuple[int, int, int], max_patches: int) -> None:
-    """One forward of each batch size of images of ``grid``, up to ``max_patches`` (at least one image)."""
-    patches = grid[0] * grid[1] * grid[2]
-    for count in range(1, max(1, max_patches // patches) + 1):
-        pixels = torch.zeros(count * patches, encoder.preprocess_config.patch_dim, device=encoder.device)
-        encoder.encode(pixels, torch.tensor([grid] * count))
+def _run_blank(encoder: VisionEncoder, grids: list[tuple[int, int, int]]) -> None:
+    """One forward of all-zero pixels for a batch of images of ``grids``."""
+    patches = sum(t * h * w for t, h, w in grids)
+    pixels = torch.zeros(patches, encoder.preprocess_config.patch_dim, device=encoder.device)
+    encoder.encode(pixels, torch.tensor(grids))
 
 
 def _warm_up(encoder: VisionEncoder) -> None:
@@ -337,9 +338,7 @@ def _warm_up(encoder: VisionEncoder) -> None:
     """
     m = encoder.merge_size
     for h, w in ((4, 4), (16, 32), (32, 64), (64, 128)):
-        grid = (1, h * m, w * m)
-        pixels = torch.zeros(grid[1] * grid[2], encoder.preprocess_config.patch_dim, device=encoder.device)
-        encoder.encode(pixels, torch.tensor([grid]))
+        _run_blank(encoder, [(1, h * m, w * m)])
 
 
 def _resolve_acceleration(acceleration: str, device: torch.device, dtype: torch.dtype) -> str:
