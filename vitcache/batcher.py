@@ -165,7 +165,7 @@ class _Launched:
 
     batch: list[_Pending]
     host: list[tuple[torch.Tensor, ...]]  # per output kind, per image
-    copied: torch.cuda.Event | None  # None on the CPU: already done
+    copied: torch.cuda.Event | None  # None once waited for, and on the CPU (done at once)
     started: float
     on_device: torch.cuda.Event | None = None  # recorded before the forward, timing it with `copied`
 
@@ -186,9 +186,9 @@ class Batcher:
       exceeds the budget, which runs alone (it may still fit in memory).
     - Images start in arrival order; one that does not fit opens the next batch.
     - Forwards are launched by one worker thread, in order; at most ``max_batches_in_flight``
-      are queued on the device at once, so the next batch's CPU work (concatenation, grid
-      metadata, kernel launches) overlaps the current batch's GPU work, and a collector thread
-      turns finished batches into entries.
+      are queued on the device at once (until their copies to the host are done), so the next
+      batch's CPU work (concatenation, grid metadata, kernel launches) overlaps the current
+      batch's GPU work, and a collector thread turns finished batches into entries meanwhile.
     - A forward that runs out of device memory is split in halves and retried; an image
       that runs out alone fails with RESOURCE_EXHAUSTED. Other images are unaffected.
     - Results leave the worker as CPU bytes (:class:`CachedEmbedding`), never device tensors.
@@ -252,10 +252,15 @@ class Batcher:
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
+        # A slot is a batch on the device; it frees when the batch's copies to the host are done,
+        # before its entries are built, so the next batch is launched while that goes on.
+        slots = asyncio.Semaphore(self.max_batches_in_flight)
         finishing: set[asyncio.Future[None]] = set()
         while True:
+            await slots.acquire()
             batch = await self._next_batch()
             if not batch:
+                slots.release()
                 continue
             started = time.perf_counter()
             for item in batch:
@@ -265,15 +270,23 @@ class Batcher:
             except Exception as exc:  # a bug, not bad input: fail this batch, keep serving
                 launched = self._failed(batch, exc)
             # The next batch is prepared (CPU) while this one still runs on the device.
-            finish = asyncio.ensure_future(self._complete(batch, launched))
+            finish = asyncio.ensure_future(self._complete(batch, launched, slots.release))
             finishing.add(finish)
             finish.add_done_callback(finishing.discard)
-            while len(finishing) >= self.max_batches_in_flight:
-                await asyncio.wait(finishing, return_when=asyncio.FIRST_COMPLETED)
 
-    async def _complete(self, batch: list[_Pending], launched: _Launched | list[CachedEmbedding | ImageError]) -> None:
+    async def _complete(
+        self,
+        batch: list[_Pending],
+        launched: _Launched | list[CachedEmbedding | ImageError],
+        free_slot: Callable[[], None],
+    ) -> None:
+        loop = asyncio.get_running_loop()
         try:
-            results = await asyncio.get_running_loop().run_in_executor(self._collector, self._finish, launched)
+            try:
+                await loop.run_in_executor(self._collector, self._wait_for_device, launched)
+            finally:
+                free_slot()
+            results = await loop.run_in_executor(self._collector, self._finish, launched)
         except Exception as exc:
             results = self._failed(batch, exc)
         deliver([item.future for item in batch], results)
@@ -310,14 +323,20 @@ class Batcher:
             log.warning("out of memory on %d images; retrying as %d + %d", len(batch), half, len(batch) - half)
             return self._finish(self._launch(batch[:half])) + self._finish(self._launch(batch[half:]))
 
+    def _wait_for_device(self, launched: _Launched | list[CachedEmbedding | ImageError]) -> None:
+        """Waits until a launched batch's copies to the host are done (once; later calls return)."""
+        if isinstance(launched, list) or launched.copied is None:
+            return
+        launched.copied.synchronize()
+        if launched.on_device is not None:
+            self.observer.stage_timed("device", launched.on_device.elapsed_time(launched.copied) / 1e3)
+        launched.copied = None
+
     def _finish(self, launched: _Launched | list[CachedEmbedding | ImageError]) -> list[CachedEmbedding | ImageError]:
         """Waits for a launched batch's copies and cuts them into per-image CPU entries."""
         if isinstance(launched, list):
             return launched
-        if launched.copied is not None:
-            launched.copied.synchronize()
-            if launched.on_device is not None:
-                self.observer.stage_timed("device", launched.on_device.elapsed_time(launched.copied) / 1e3)
+        self._wait_for_device(launched)
         batch = launched.batch
         self.stats.batches += 1
         self.stats.images += len(batch)

@@ -104,7 +104,7 @@ class GraphedTower:
         device: torch.device,
         dtype: torch.dtype,
         max_patches: int = 65536,
-        patch_step: int = 1024,
+        patch_step: int = 256,
         max_graphs: int = 128,
     ) -> None:
         if family not in GRAPH_FAMILIES:
