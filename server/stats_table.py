@@ -62,7 +62,8 @@ def format_stats(stats: dict[str, Any]) -> str:
     if stats["gpu"] is not None:
         rows.append(
             (
-                "GPU memory",
+                "GPU",
+                f"busy {_pct(stats['gpu']['busy_fraction'])} (forwards), memory "
                 f"{_bytes(stats['gpu']['allocated_bytes'])} allocated, "
                 f"{_bytes(stats['gpu']['reserved_bytes'])} reserved",
             )

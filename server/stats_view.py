@@ -143,6 +143,8 @@ def _compute(now: _Snapshot, base: _Snapshot) -> dict[str, Any]:
     gpu = {
         "allocated_bytes": now.total("vitcache_gpu_memory_allocated_bytes"),
         "reserved_bytes": now.total("vitcache_gpu_memory_reserved_bytes"),
+        # Share of the window the encoder's device spent running forwards: near 1, it is the bottleneck.
+        "busy_fraction": delta("vitcache_stage_duration_seconds_sum", stage="device") / seconds,
     }
     return {
         "time": time.time(),

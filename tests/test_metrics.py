@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from vitcache.client import VitCacheClient
 from vitcache.server import cli
 from vitcache.server.app import ServerConfig
-from vitcache.server.stats_view import histogram_quantile
+from vitcache.server.stats_view import _compute, _Snapshot, histogram_quantile
 from vitcache.v1 import vitcache_pb2 as pb
 from vitcache.v1 import vitcache_pb2_grpc as pb_grpc
 
@@ -194,6 +194,18 @@ def test_histogram_quantile_interpolates_like_prometheus() -> None:
     assert histogram_quantile(0.5, buckets) == pytest.approx(1.25)  # rank 5: 1 of 4 into (1, 2]
     assert histogram_quantile(0.99, buckets) == 2.0  # in +Inf: the highest finite bound
     assert histogram_quantile(0.5, [(1.0, 0.0), (float("inf"), 0.0)]) is None
+
+
+def test_gpu_busy_fraction_is_device_seconds_per_second_of_the_window() -> None:
+    """The device stage's seconds (one per batch, forward plus copies) over the window's seconds:
+    how close the encoder is to its limit. None for an encoder on the CPU."""
+    device_seconds = ("vitcache_stage_duration_seconds_sum", (("stage", "device"),))
+    on = (("device", "cuda:0"), ("model", "m"))
+    base = _Snapshot(100.0, {("vitcache_model_info", on): 1.0, device_seconds: 4.0})
+    now = _Snapshot(104.0, {("vitcache_model_info", on): 1.0, device_seconds: 7.0})
+    assert _compute(now, base)["gpu"]["busy_fraction"] == pytest.approx(0.75)
+    on_cpu = {("vitcache_model_info", (("device", "cpu"),)): 1.0}
+    assert _compute(_Snapshot(104.0, on_cpu), _Snapshot(100.0, on_cpu))["gpu"] is None
 
 
 def test_metrics_port_off_by_default(start_server_thread, encoder) -> None:  # type: ignore[no-untyped-def]
