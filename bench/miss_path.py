@@ -282,11 +282,14 @@ def _machine_busy() -> tuple[int, int]:
 
 
 def _run_clients(
-    target: str, side: int, clients: int, seconds: float, hash_first: bool, seed: int, server_pid: int
-) -> tuple[list[tuple], float, dict[str, float]]:
+    target: str, side: int, clients: int, seconds: float, hash_first: bool, seed: int, server_pid: int, metrics: str
+) -> tuple[list[tuple], float, dict[str, float], dict]:
     """Runs ``clients`` client processes together for ``seconds`` (not counting their start-up).
-    Also returns the cores each side used meanwhile: a server whose threads look idle to a Python
-    profiler can still burn cores in native thread pools (it did: README, GPU miss path)."""
+    Also returns the cores each side used meanwhile (a server whose threads look idle to a Python
+    profiler can still burn cores in native thread pools: it did, README, GPU miss path) and the
+    server's own view of those seconds (``/api/stats`` at ``metrics``)."""
+    from vitcache.server.stats_table import fetch_stats
+
     ctx = mp.get_context("spawn")
     queue: mp.Queue = ctx.Queue()
     start = _Start(ctx)
@@ -300,11 +303,13 @@ def _run_clients(
     children = _children(server_pid)
     cpu_before = [_cpu_seconds(pid) for pid in (server_pid, *children)]
     machine_before = _machine_busy()
+    fetch_stats(metrics, 1)  # the snapshot the view of the run starts from
     began = time.time()
     start.deadline.value = began + seconds
     start.event.set()
     totals = [queue.get(timeout=seconds + 300) for _ in procs]
     elapsed = time.time() - began
+    view = fetch_stats(metrics, elapsed)
     cpu_after = [_cpu_seconds(pid) for pid in (server_pid, *children)]
     machine_after = _machine_busy()
     for p in procs:
@@ -316,7 +321,7 @@ def _run_clients(
         "clients": sum(t[4] for t in totals) / elapsed,
         "machine_busy_fraction": (machine_after[0] - machine_before[0]) / (machine_after[1] - machine_before[1]),
     }
-    return totals, elapsed, cores
+    return totals, elapsed, cores, view
 
 
 def _profile_server(pid: int, side: int, seconds: float) -> list[subprocess.Popen]:
@@ -369,18 +374,18 @@ def bench_service(
                         raise RuntimeError(f"server exited with {server.returncode}; see {log}") from None
                     time.sleep(0.5)
         # Warm up under the same load (compilation, CUDA graphs of each batch size) before timing.
-        _run_clients(target, side, clients, warmup_seconds, hash_first, 0, server.pid)
+        metrics = f"http://127.0.0.1:{metrics_port}"
+        _run_clients(target, side, clients, warmup_seconds, hash_first, 0, server.pid, metrics)
         with VitCacheClient(target) as client:
             before = client.stats()
         profilers = _profile_server(server.pid, side, seconds)
-        totals, elapsed, cores = _run_clients(target, side, clients, seconds, hash_first, 1000, server.pid)
+        totals, elapsed, cores, server_view = _run_clients(
+            target, side, clients, seconds, hash_first, 1000, server.pid, metrics
+        )
         for profiler in profilers:
             profiler.wait(60)
         with VitCacheClient(target) as client:
             after = client.stats()
-        from vitcache.server.stats_table import fetch_stats
-
-        server_view = fetch_stats(f"http://127.0.0.1:{metrics_port}", seconds)
         images = sum(t[0] for t in totals)
         lookups, encodes = [s for t in totals for s in t[2]], [s for t in totals for s in t[3]]
         return {
@@ -398,6 +403,7 @@ def bench_service(
             "images_computed": after.images_computed - before.images_computed,
             "server_stages_ms": server_view.get("latency_ms"),
             "server_batch": server_view.get("batch"),
+            "gpu_busy_fraction": (server_view.get("gpu") or {}).get("busy_fraction"),
             "cpu_cores": cores,
         }
     finally:
@@ -528,6 +534,8 @@ def tables(result: dict) -> str:
                     f"{cores['server_children']:.2f}, clients {cores['clients']:.2f}; "
                     f"machine {cores['machine_busy_fraction']:.0%} busy"
                 )
+            if run.get("gpu_busy_fraction") is not None:
+                lines.append(f"  GPU running forwards {run['gpu_busy_fraction']:.0%} of the time")
     return "\n".join(lines)
 
 
