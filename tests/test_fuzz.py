@@ -26,7 +26,7 @@ from vitcache.v1 import vitcache_pb2 as pb
 from vitcache.v1 import vitcache_pb2_grpc as pb_grpc
 
 from vitcache.entry import CachedEmbedding, CorruptEntry
-from vitcache.tiers import RedisTier
+from vitcache.tiers import L2Unavailable, RedisTier
 
 from .conftest import png_bytes
 
@@ -180,6 +180,25 @@ def test_any_damage_to_a_stored_value_is_a_miss_never_a_wrong_answer(redis_serve
     got, corrupt = asyncio.run(read_back())
     assert got is None and corrupt == 1  # every damage is caught, counted ...
     assert redis_server.client().dbsize() == 0  # ... and the damaged value dropped
+
+
+def test_whatever_the_redis_client_raises_is_redis_unavailable(redis_server) -> None:  # type: ignore[no-untyped-def]
+    """redis-py's cluster client has raised AttributeError from inside a command while a node died
+    (tests/test_cluster.py, about one run in five): that must cost a miss, not the request."""
+
+    async def run() -> None:
+        tier = RedisTier(redis_server.url, "ns")
+        try:
+            assert await tier.ping() and tier.connected
+            with pytest.raises(L2Unavailable, match="AttributeError"):
+                await tier.execute(lambda client: client.no_such_command())
+            assert not tier.connected and tier.stats.errors == 1
+            assert await tier.get(b"\x01" * 16) is None  # backing off: a miss, without calling Redis
+            assert tier.stats.errors == 1
+        finally:
+            await tier.close()
+
+    asyncio.run(run())
 
 
 def test_a_rewritten_grid_in_the_header_is_caught() -> None:

@@ -163,6 +163,14 @@ class RedisTier:
         except REDIS_FAILURES as exc:
             self._failed(exc)
             raise L2Unavailable(str(exc)) from exc
+        except Exception as exc:
+            # redis-py's clients raise other errors too while nodes fail (an AttributeError from a
+            # connection closed under a command: redis/redis-py#3546, #3835; seen in
+            # tests/test_cluster.py). A cache tier failing must cost a miss, never the request.
+            # The backoff keeps this to one traceback per window.
+            log.warning("redis: the client raised %s", type(exc).__name__, exc_info=exc)
+            self._failed(exc)
+            raise L2Unavailable(f"{type(exc).__name__}: {exc}") from exc
         self._ok()
         return result
 
