@@ -110,16 +110,12 @@ async def start_server(config: ServerConfig, encoder: VisionEncoder | None = Non
     if encoder is not None:
         pipeline = encoder
     elif config.uses_encoder_process:
-        engine_config = config.engine
         pipeline = EncoderProcess(
             config.model,
             config.device,
             config.dtype,
             config.acceleration,
-            engine_config.max_batch_patches,
-            engine_config.max_batch_wait_s,
-            engine_config.preprocess_workers,
-            engine_config.limits,
+            config.engine.pipeline,
             metrics,
             ring_bytes=config.encoder_ring_bytes,
             warmup_image_sizes=config.warmup_image_sizes,

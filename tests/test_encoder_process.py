@@ -22,6 +22,7 @@ from vitcache.encoder_process import EncoderProcess
 from vitcache.engine import EmbeddingEngine, EncodedFile, ImageOutcome, Source
 from vitcache.errors import ErrorCode
 from vitcache.models import VisionEncoder
+from vitcache.pipeline import PipelineConfig
 from vitcache.tiers import L1Cache
 
 # 40x40 images: 2 x 2 tokens of 64 floats = 1 KiB per embedding on the tiny model.
@@ -62,7 +63,9 @@ def in_process(encoder: VisionEncoder) -> dict[int, ImageOutcome]:
 
 def test_child_computes_what_the_encoder_computes_in_process(tiny_checkpoint: Path, in_process, encoder) -> None:
     metrics = ServerMetrics()
-    process = EncoderProcess(str(tiny_checkpoint), "cpu", max_batch_patches=64, observer=metrics)
+    process = EncoderProcess(
+        str(tiny_checkpoint), "cpu", pipeline=PipelineConfig(max_batch_patches=64), observer=metrics
+    )
     got = run_engine(process, IMAGES, observer=metrics)
     assert_same_embeddings(got, in_process)
     assert all(o.source is Source.COMPUTED for o in got.values())
@@ -78,7 +81,9 @@ def test_child_computes_what_the_encoder_computes_in_process(tiny_checkpoint: Pa
 def test_ring_wraps_and_oversized_entries_travel_through_the_pipe(tiny_checkpoint: Path, in_process) -> None:
     # Embeddings of 512 to 1024 bytes through a ring with room for two: what finds it full travels
     # through the pipe, and five or more through the ring (2.5 KiB or more) means it wrapped.
-    small_ring = EncoderProcess(str(tiny_checkpoint), "cpu", max_batch_patches=32, ring_bytes=2100)
+    small_ring = EncoderProcess(
+        str(tiny_checkpoint), "cpu", pipeline=PipelineConfig(max_batch_patches=32), ring_bytes=2100
+    )
     assert_same_embeddings(run_engine(small_ring, IMAGES), in_process)
     assert small_ring.through_ring >= 5
     assert small_ring.through_ring + small_ring.through_pipe == len(IMAGES)

@@ -48,9 +48,9 @@ from vitcache.batcher import BatcherStats
 from vitcache.entry import CachedEmbedding
 from vitcache.errors import ErrorCode, ImageError
 from vitcache.inputs import Computable, PixelRows, Scope
-from vitcache.models import EncoderSpec
+from vitcache.models import EncoderSpec, VisionEncoder
 from vitcache.observer import EngineObserver, Stage
-from vitcache.preprocess import DecodeLimits
+from vitcache.pipeline import EncodePipeline, PipelineConfig
 from vitcache.tensor_codec import TensorBytes, dtype_name
 
 log = logging.getLogger(__name__)
@@ -157,10 +157,7 @@ class _Settings:
     device: str
     dtype: str | None
     acceleration: str
-    max_batch_patches: int
-    max_batch_wait_s: float
-    preprocess_workers: int
-    limits: DecodeLimits
+    pipeline: PipelineConfig
     warmup_image_sizes: tuple[tuple[int, int], ...]
 
 
@@ -179,25 +176,14 @@ class EncoderProcess:
         device: str,
         dtype: str | None = None,
         acceleration: str = "auto",
-        max_batch_patches: int = 16384,
-        max_batch_wait_s: float = 0.002,
-        preprocess_workers: int = 4,
-        limits: DecodeLimits | None = None,
+        pipeline: PipelineConfig | None = None,
         observer: EngineObserver | None = None,
         ring_bytes: int = 512 << 20,
         start_timeout_s: float = 3600.0,
         warmup_image_sizes: Sequence[tuple[int, int]] = (),
     ) -> None:
         self._settings = _Settings(
-            model,
-            device,
-            dtype,
-            acceleration,
-            max_batch_patches,
-            max_batch_wait_s,
-            preprocess_workers,
-            limits or DecodeLimits(),
-            tuple(warmup_image_sizes),
+            model, device, dtype, acceleration, pipeline or PipelineConfig(), tuple(warmup_image_sizes)
         )
         self.observer = observer or EngineObserver()
         self.ring_bytes = ring_bytes
@@ -381,7 +367,7 @@ def _child_main(conn: Connection, settings: _Settings) -> None:
             settings.device,
             settings.dtype,
             settings.acceleration,
-            graph_max_patches=settings.max_batch_patches,
+            graph_max_patches=settings.pipeline.max_batch_patches,
             warmup_image_sizes=settings.warmup_image_sizes,
         )
     except Exception as exc:
@@ -397,15 +383,10 @@ class _ChildServer:
         self.ring = ring
         self.relay = _RelayObserver()
 
-    async def run(self, encoder: object, settings: _Settings) -> None:
-        from vitcache.pipeline import EncodePipeline
-
+    async def run(self, encoder: VisionEncoder, settings: _Settings) -> None:
         self.pipeline = EncodePipeline(
-            encoder,  # type: ignore[arg-type]
-            settings.max_batch_patches,
-            settings.max_batch_wait_s,
-            settings.preprocess_workers,
-            settings.limits,
+            encoder,
+            settings.pipeline,
             self.relay,
             materialize=self._into_ring,
         )

@@ -23,8 +23,7 @@ from vitcache.fleet_lock import FleetLock
 from vitcache.inputs import DigestOnly, EncodedFile, ImageInput, PixelRows, RawRGB, Scope
 from vitcache.models import EncoderSpec, VisionEncoder
 from vitcache.observer import EngineObserver
-from vitcache.pipeline import EncodePipeline, Pipeline
-from vitcache.preprocess import DecodeLimits
+from vitcache.pipeline import EncodePipeline, Pipeline, PipelineConfig
 from vitcache.tensor_codec import dtype_from_name
 from vitcache.tiers import L1Cache, RedisTier, l1_key
 
@@ -49,13 +48,16 @@ class ImageOutcome:
 
 
 @dataclass(frozen=True)
-class EngineConfig:
-    max_batch_patches: int = 16384
-    max_batch_wait_s: float = 0.002
-    preprocess_workers: int = 4
-    limits: DecodeLimits = field(default_factory=DecodeLimits)
+class EngineConfig(PipelineConfig):
+    """The device side's fields (:class:`PipelineConfig`) and the engine's own."""
+
     max_queued_images: int = 1024  # misses being resolved at once; more are RESOURCE_EXHAUSTED
     digest_key: bytes | None = None  # keyed digests (vitcache.digest); None = plain xxh3-128
+
+    @property
+    def pipeline(self) -> PipelineConfig:
+        """The device side's fields alone: what an encoder process is sent (not the digest key)."""
+        return PipelineConfig(self.max_batch_patches, self.max_batch_wait_s, self.preprocess_workers, self.limits)
 
 
 @dataclass
@@ -99,16 +101,7 @@ class EmbeddingEngine:
         self.config = config or EngineConfig()
         self.observer = observer or EngineObserver()
         self.pipeline: Pipeline = (
-            EncodePipeline(
-                encoder,
-                self.config.max_batch_patches,
-                self.config.max_batch_wait_s,
-                self.config.preprocess_workers,
-                self.config.limits,
-                self.observer,
-            )
-            if isinstance(encoder, VisionEncoder)
-            else encoder
+            EncodePipeline(encoder, self.config, self.observer) if isinstance(encoder, VisionEncoder) else encoder
         )
         self.l1 = l1
         self.l2 = l2

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -24,6 +25,16 @@ from vitcache.preprocess import DecodeLimits, ImageRejected, decode_image_on, pr
 from vitcache.tensor_codec import tensor_from_buffer
 
 
+@dataclass(frozen=True)
+class PipelineConfig:
+    """How misses are prepared and packed into forwards; picklable, for an encoder process."""
+
+    max_batch_patches: int = 16384
+    max_batch_wait_s: float = 0.002
+    preprocess_workers: int = 4
+    limits: DecodeLimits = field(default_factory=DecodeLimits)
+
+
 class EncodePipeline:
     """Turns an image into its :class:`CachedEmbedding` on the encoder's device.
 
@@ -35,20 +46,17 @@ class EncodePipeline:
     def __init__(
         self,
         encoder: VisionEncoder,
-        max_batch_patches: int,
-        max_batch_wait_s: float,
-        preprocess_workers: int,
-        limits: DecodeLimits,
+        config: PipelineConfig,
         observer: EngineObserver | None = None,
         materialize: Materialize = CachedEmbedding.from_tensors,
     ) -> None:
         self.encoder = encoder
         self.spec: EncoderSpec = encoder.spec
-        self.limits = limits
+        self.limits = config.limits
         self.observer = observer or EngineObserver()
-        self.batcher = Batcher(encoder, max_batch_patches, max_batch_wait_s, self.observer, materialize)
-        self._pool = ThreadPoolExecutor(preprocess_workers, "vitcache-preprocess")
-        self.decoder = DecodeBatcher(limits, encoder.device, self._pool) if encoder.device.type == "cuda" else None
+        self.batcher = Batcher(encoder, config.max_batch_patches, config.max_batch_wait_s, self.observer, materialize)
+        self._pool = ThreadPoolExecutor(config.preprocess_workers, "vitcache-preprocess")
+        self.decoder = DecodeBatcher(self.limits, encoder.device, self._pool) if encoder.device.type == "cuda" else None
 
     @property
     def stats(self) -> BatcherStats:
