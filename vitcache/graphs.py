@@ -9,7 +9,8 @@ Graphs need fixed shapes, so a batch is padded to a *bucket*:
 
 - its patches to the next multiple of ``patch_step``, the padding being one extra *filler*
   image, as near square as the padding allows (so it adds few attention windows), that attends
-  only to itself and whose tokens are dropped;
+  only to itself and whose tokens are dropped (none when the batch fills its bucket: batches of
+  448x448 images, 1024 patches each, always do);
 - each ``cu_*`` boundary tensor to the next power of two in length, by repeating its last
   value (empty sequences, which attention skips);
 - each ``max_*`` length to the next power of two (an upper bound, as attention allows).
@@ -50,7 +51,7 @@ def _next_power_of_two(value: int) -> int:
 class PaddedBatch:
     """A batch's metadata padded to its bucket; ``key`` names the bucket (one graph each)."""
 
-    patches: int  # the real patches, then the filler image's
+    patches: int  # the real patches, then the filler image's if any
     tensors: dict[str, torch.Tensor]  # on the CPU
     ints: dict[str, int]
     key: tuple
@@ -61,12 +62,13 @@ def pad_batch(
 ) -> PaddedBatch:
     """The metadata of ``grids`` plus a filler image, padded to fixed shapes (see the module doc)."""
     patches = sum(t * h * w for t, h, w in grids)
-    bucket = -(-(patches + merge_size**2) // patch_step) * patch_step
+    bucket = -(-patches // patch_step) * patch_step
     units = (bucket - patches) // merge_size**2  # of merge_size x merge_size patches
-    rows = max(d for d in range(1, math.isqrt(units) + 1) if units % d == 0)  # near square: few windows
-    filler = (1, rows * merge_size, units // rows * merge_size)
+    if units:
+        rows = max(d for d in range(1, math.isqrt(units) + 1) if units % d == 0)  # near square: few windows
+        grids = [*grids, (1, rows * merge_size, units // rows * merge_size)]
     tensors, ints = {}, {}
-    for name, value in accel.batch_metadata(family, tower, [*grids, filler]).items():
+    for name, value in accel.batch_metadata(family, tower, grids).items():
         if isinstance(value, int):
             ints[name] = _next_power_of_two(value)
         elif name.startswith("cu_"):
