@@ -2,6 +2,7 @@
 
     python bench/miss_path.py --device cuda            # ~10 min on an H200; writes bench/results/miss_path-*.json
     python bench/miss_path.py --print bench/results/miss_path-h200-*.json   # the tables of saved results
+    python bench/miss_path.py --parts overheads        # the device's work per batch besides the forward
 
 Uses the Qwen2.5-VL-7B vision config (676.5M parameters) with random weights in bf16. Every
 number in a table is measured in this process (or its child processes) in the same run, so
@@ -91,14 +92,19 @@ def flops_per_image(n_params: int, grid: tuple[int, int, int], config: dict) -> 
     return 2 * n_params * patches + attn
 
 
+def _synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def timed(fn, iters: int) -> float:  # type: ignore[no-untyped-def]
     fn()
     fn()
-    torch.cuda.synchronize()
+    _synchronize()
     start = time.perf_counter()
     for _ in range(iters):
         fn()
-    torch.cuda.synchronize()
+    _synchronize()
     return (time.perf_counter() - start) / iters
 
 
@@ -425,6 +431,46 @@ def bench_encoder_batches(encoder, side: int, batch_images: int, iters: int = 10
     return batch_images / timed(lambda: encoder.encode(values, grid), iters)
 
 
+def bench_device_overheads(
+    ckpt: Path, device: str, side: int, batch_images: int, acceleration: str = "graphs", iters: int = 20
+) -> dict:
+    """The encoder alone on batches of ``batch_images`` JPEGs, then with what the service's device
+    also does per batch added one at a time: the copies of the outputs to pinned host memory (the
+    batcher's), then the decoding and preprocessing of the next batch's JPEGs on a side stream
+    (the preprocessing threads'). Tells apart why a service whose GPU is busy all the time still
+    runs below its encoder alone."""
+    from vitcache import accel
+    from vitcache.batcher import copy_to_host
+    from vitcache.models import load_encoder
+    from vitcache.preprocess import DecodeLimits, decode_images_on, preprocess
+
+    encoder = load_encoder(
+        str(ckpt),
+        device,
+        acceleration=acceleration,
+        graph_max_patches=32768,
+        warmup_image_sizes=[(side, side)] if acceleration == "graphs" else (),
+    )
+    files, limits = [jpeg(side, side, seed) for seed in range(batch_images)], DecodeLimits()
+
+    def prepare() -> list[tuple[torch.Tensor, tuple[int, int, int]]]:
+        with accel.side_stream(encoder.device):
+            decoded = decode_images_on(files, limits, encoder.device)
+            return [preprocess(pixels, encoder.preprocess_config, encoder.device) for pixels in decoded]
+
+    prepared = prepare()
+    values, grid = torch.cat([p for p, _ in prepared]), torch.tensor([g for _, g in prepared])
+    steps = {
+        "forward": lambda: encoder.encode(values, grid),
+        "forward_d2h": lambda: copy_to_host(encoder.encode(values, grid)),
+        "forward_d2h_prepare": lambda: (copy_to_host(encoder.encode(values, grid)), prepare()),
+    }
+    result: dict = {"side": side, "batch_images": batch_images}
+    for name, step in steps.items():
+        result[f"{name}_img_s"] = batch_images / timed(step, iters)
+    return result
+
+
 def bench_engine(
     ckpt: Path,
     device: str,
@@ -518,6 +564,14 @@ def tables(result: dict) -> str:
         lines.append(
             f"{pre['workload']}: CPU {pre['cpu_pil_ms']:.1f} ms, GPU batched {pre['gpu_nvjpeg_batched_ms']:.1f} ms"
         )
+    for row in result.get("device_overheads", []):
+        base = row["forward_img_s"]
+        lines.append(
+            f"device per batch of {row['batch_images']} {row['side']}x{row['side']} JPEGs: forward {base:.1f} img/s; "
+            f"+ copies to host {row['forward_d2h_img_s']:.1f} ({row['forward_d2h_img_s'] / base:.2f}); "
+            f"+ decode and preprocessing alongside {row['forward_d2h_prepare_img_s']:.1f} "
+            f"({row['forward_d2h_prepare_img_s'] / base:.2f})"
+        )
     for size, runs in result.get("service", {}).items():
         for mode, run in runs.items():
             lines.append(
@@ -592,6 +646,14 @@ def main() -> None:
     if "preprocess" in parts:
         result["preprocess"] = bench_preprocess(args.device, args.quick)
         print(json.dumps(result["preprocess"]), flush=True)
+        save()
+    if "overheads" in parts:  # the device's work per batch besides the forward, one part at a time
+        result["device_overheads"] = [
+            bench_device_overheads(ckpt, args.device, side, batch_images, args.acceleration)
+            for side, batch_images in ((448, 8), (1344, 3))
+        ]
+        for row in result["device_overheads"]:
+            print(json.dumps(row), flush=True)
         save()
     if "engine" in parts:  # the in-process engine alone, for tuning
         for side in (448,):
