@@ -12,7 +12,7 @@ import enum
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 
@@ -57,7 +57,7 @@ class EngineConfig(PipelineConfig):
     @property
     def pipeline(self) -> PipelineConfig:
         """The device side's fields alone: what an encoder process is sent (not the digest key)."""
-        return PipelineConfig(self.max_batch_patches, self.max_batch_wait_s, self.preprocess_workers, self.limits)
+        return PipelineConfig(**{f.name: getattr(self, f.name) for f in fields(PipelineConfig)})
 
 
 @dataclass
