@@ -171,12 +171,11 @@ async def start_server(config: ServerConfig, encoder: VisionEncoder | None = Non
     else:
         port = server.add_insecure_port(address)
     await server.start()
-    for name in ("", SERVICE_NAME):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    await _set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING)
     if isinstance(pipeline, EncoderProcess):
         # Without its encoder a server still answers hits, but it can compute nothing: let the
         # orchestrator (or a FleetClient's health checks) route around it and restart it.
-        pipeline.on_unavailable = lambda: _set_not_serving(health_servicer)
+        pipeline.on_unavailable = lambda: _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
     metrics_http = None
     if config.metrics_port is not None:
         metrics_http = MetricsHttpServer(metrics, config.metrics_host, config.metrics_port)
@@ -199,9 +198,10 @@ async def start_server(config: ServerConfig, encoder: VisionEncoder | None = Non
     return RunningServer(server, engine, health_servicer, port, metrics, metrics_http, shm)
 
 
-async def _set_not_serving(health_servicer: health.aio.HealthServicer) -> None:
+async def _set_health(health_servicer: health.aio.HealthServicer, status: int) -> None:
+    """``status`` for the server as a whole and for the VitCache service alike."""
     for name in ("", SERVICE_NAME):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await health_servicer.set(name, status)
 
 
 async def serve_forever(config: ServerConfig) -> None:
