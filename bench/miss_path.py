@@ -230,11 +230,11 @@ def _client(target: str, seed: int, side: int, hash_first: bool, start, queue: m
             count = int(rng.integers(1, 5))
             # Unique bytes per image (all misses): vary the JPEG comment segment.
             batch = [base[:2] + b"\xff\xfe\x00\x10" + rng.bytes(14) + base[2:] for _ in range(count)]
-            start = time.perf_counter()
+            looked_up = time.perf_counter()
             if hash_first:
                 found = client.fetch([digest_file(data) for data in batch], timeout=120)
                 assert not any(r.ok for r in found), "images meant to be new were cached"
-                lookup_s.append(time.perf_counter() - start)
+                lookup_s.append(time.perf_counter() - looked_up)
             sent = time.perf_counter()
             results = client.encode(batch, timeout=120, hash_first=False)
             encode_s.append(time.perf_counter() - sent)
