@@ -460,10 +460,11 @@ def bench_device_overheads(
 
     prepared = prepare()
     values, grid = torch.cat([p for p, _ in prepared]), torch.tensor([g for _, g in prepared])
+    tokens = [encoder.tokens_for(g) for _, g in prepared]
     steps = {
-        "forward": lambda: encoder.encode(values, grid),
-        "forward_d2h": lambda: copy_to_host(encoder.encode(values, grid)),
-        "forward_d2h_prepare": lambda: (copy_to_host(encoder.encode(values, grid)), prepare()),
+        "forward": lambda: encoder.encode_packed(values, grid),
+        "forward_d2h": lambda: copy_to_host(encoder.encode_packed(values, grid), tokens),
+        "forward_d2h_prepare": lambda: (copy_to_host(encoder.encode_packed(values, grid), tokens), prepare()),
     }
     result: dict = {"side": side, "batch_images": batch_images}
     for name, step in steps.items():

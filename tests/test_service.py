@@ -287,7 +287,7 @@ def test_out_of_memory_splits_the_batch_and_fails_only_the_image_that_cannot_fit
     start_server_thread, tiny_checkpoint
 ) -> None:  # type: ignore[no-untyped-def]
     encoder = load_encoder(str(tiny_checkpoint))
-    real_encode = encoder.encode
+    real_encode = encoder.encode_packed
     seen_batches: list[int] = []
 
     def encode_with_small_memory(pixel_values, grid_thw):  # type: ignore[no-untyped-def]
@@ -296,7 +296,7 @@ def test_out_of_memory_splits_the_batch_and_fails_only_the_image_that_cannot_fit
             raise torch.OutOfMemoryError("simulated: CUDA out of memory")
         return real_encode(pixel_values, grid_thw)
 
-    encoder.encode = encode_with_small_memory  # type: ignore[method-assign]
+    encoder.encode_packed = encode_with_small_memory  # type: ignore[method-assign]
     srv = start_server_thread(config(engine=EngineConfig(max_batch_patches=4096, max_batch_wait_s=0.2)), encoder)
     images = [png_bytes(224, 224, 80 + i) for i in range(4)]  # 256 patches each
     huge = png_bytes(420, 420, 90)  # more than 400 patches alone

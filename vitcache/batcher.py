@@ -63,19 +63,19 @@ async def gather_batch(
 
 
 def copy_to_host(
-    outputs: list[list[torch.Tensor]],
+    outputs: list[torch.Tensor], tokens: list[int]
 ) -> tuple[list[tuple[torch.Tensor, ...]], torch.cuda.Event | None]:
     """Queues one device-to-host copy per output kind (into pinned memory, at full bus speed) instead
-    of one per image; returns per kind the per-image host views, and the event that marks them done."""
+    of one per image; returns per kind the host views of each image's ``tokens`` rows, and the event
+    that marks the copies done."""
     host_outputs, copied = [], None
-    for per_image in zip(*outputs, strict=True):
-        full = torch.cat(per_image) if len(per_image) > 1 else per_image[0]
-        if full.device.type == "cuda":
-            host = torch.empty(full.shape, dtype=full.dtype, pin_memory=True)
-            host.copy_(full, non_blocking=True)
-            full = host
+    for output in outputs:
+        if output.device.type == "cuda":
+            host = torch.empty(output.shape, dtype=output.dtype, pin_memory=True)
+            host.copy_(output, non_blocking=True)
+            output = host
             copied = torch.cuda.Event(enable_timing=True)
-        host_outputs.append(full.split([t.shape[0] for t in per_image]))
+        host_outputs.append(output.split(tokens))
     if copied is not None:
         copied.record()
     return host_outputs, copied
@@ -299,12 +299,14 @@ class Batcher:
     def _launch(self, batch: list[_Pending]) -> _Launched | list[CachedEmbedding | ImageError]:
         """Worker thread: queues the forward and the copies to the host; splits on out-of-memory."""
         started = time.perf_counter()
-        on_device = None
-        if self.encoder.device.type == "cuda":
-            on_device = torch.cuda.Event(enable_timing=True)
-            on_device.record()
         try:
-            host, copied = copy_to_host(self._run_encoder(batch))
+            pixel_values, grid = self._inputs(batch)
+            on_device = None
+            if self.encoder.device.type == "cuda":  # after the CPU work above: device time is the GPU's alone
+                on_device = torch.cuda.Event(enable_timing=True)
+                on_device.record()
+            outputs = self.encoder.encode_packed(pixel_values, grid)
+            host, copied = copy_to_host(outputs, [self.encoder.tokens_for(item.grid_thw) for item in batch])
             self.observer.stage_timed("launch", time.perf_counter() - started)
             return _Launched(batch, host, copied, started, on_device)
         except torch.OutOfMemoryError:
@@ -346,7 +348,8 @@ class Batcher:
         self.observer.forward_done(len(batch), patches)
         return [self.materialize(item.grid_thw, [kind[i] for kind in launched.host]) for i, item in enumerate(batch)]
 
-    def _run_encoder(self, batch: list[_Pending]) -> list[list[torch.Tensor]]:
+    def _inputs(self, batch: list[_Pending]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's pixel values joined on the device, and its grids (on the CPU: no sync to read them)."""
         device = self.encoder.device
         if device.type == "cuda":
             stream = torch.cuda.current_stream(device)
@@ -354,5 +357,4 @@ class Batcher:
                 if item.pixel_values.is_cuda:
                     item.pixel_values.record_stream(stream)
         pixel_values = torch.cat([item.pixel_values.to(device, non_blocking=True) for item in batch])
-        grid = torch.tensor([item.grid_thw for item in batch], dtype=torch.int64)  # CPU: no sync to read it
-        return self.encoder.encode(pixel_values, grid)
+        return pixel_values, torch.tensor([item.grid_thw for item in batch], dtype=torch.int64)

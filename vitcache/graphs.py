@@ -23,10 +23,11 @@ replay's outputs are copied off on that stream before the next replay is queued.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -86,6 +87,7 @@ class _Captured:
     pixels: torch.Tensor  # static inputs, written before each replay
     meta: dict[str, torch.Tensor]
     outputs: list[torch.Tensor]  # static outputs, read after each replay
+    loaded: PaddedBatch  # the batch whose metadata ``meta`` holds
 
 
 class GraphedTower:
@@ -123,6 +125,9 @@ class GraphedTower:
         self.max_graphs = max_graphs
         self._pool = torch.cuda.graph_pool_handle()
         self._graphs: dict[tuple, _Captured] = {}
+        # Traffic repeats its batches' grids (one resolution's batches of each size), so each is
+        # padded and pinned once; a graph whose last replay had the same grids needs no copies.
+        self._padded = functools.lru_cache(maxsize=64)(self._pad)
 
     @property
     def captured(self) -> int:
@@ -133,7 +138,7 @@ class GraphedTower:
         patches = pixels.shape[0]
         if patches > self.max_patches:
             return None
-        batch = pad_batch(self._family, self._tower, self._merge_size, grids, self.patch_step)
+        batch = self._padded(tuple(grids))
         captured = self._graphs.get(batch.key)
         if captured is None:
             if len(self._graphs) >= self.max_graphs:
@@ -141,11 +146,18 @@ class GraphedTower:
             captured = self._graphs[batch.key] = self._capture(batch)
             log.info("captured a CUDA graph for %d patches (%d graphs)", batch.patches, len(self._graphs))
         captured.pixels[:patches].copy_(pixels, non_blocking=True)
-        for name, value in batch.tensors.items():
-            captured.meta[name].copy_(value.pin_memory(), non_blocking=True)  # pinned: no wait for the device
+        if captured.loaded is not batch:
+            for name, value in batch.tensors.items():
+                captured.meta[name].copy_(value, non_blocking=True)
+            captured.loaded = batch
         captured.graph.replay()
         tokens = patches // self._merge_size**2
         return [output[:tokens] for output in captured.outputs]
+
+    def _pad(self, grids: tuple[tuple[int, int, int], ...]) -> PaddedBatch:
+        batch = pad_batch(self._family, self._tower, self._merge_size, list(grids), self.patch_step)
+        # Pinned: a copy from it does not wait for the device.
+        return replace(batch, tensors={name: value.pin_memory() for name, value in batch.tensors.items()})
 
     def _capture(self, batch: PaddedBatch) -> _Captured:
         pixels = torch.zeros(batch.patches, self._patch_dim, device=self._device, dtype=self._dtype)
@@ -167,4 +179,4 @@ class GraphedTower:
         # thread_local: the preprocessing threads keep using CUDA while this thread captures.
         with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
             outputs = forward()
-        return _Captured(graph, pixels, meta, outputs)
+        return _Captured(graph, pixels, meta, outputs, batch)

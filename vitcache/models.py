@@ -194,6 +194,13 @@ class VisionEncoder:
 
     def encode(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> list[list[torch.Tensor]]:
         """Encode a batch of images in one forward; per image, its outputs in `output_names` order."""
+        sizes = [self.tokens_for(tuple(grid)) for grid in grid_thw.tolist()]
+        outputs = self.encode_packed(pixel_values, grid_thw)
+        return [list(per_image) for per_image in zip(*(output.split(sizes) for output in outputs), strict=True)]
+
+    def encode_packed(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> list[torch.Tensor]:
+        """As :meth:`encode`, but per output the batch's tokens in one tensor, image after image
+        (``tokens_for`` each): what one copy to the host takes."""
         grids = [tuple(g) for g in grid_thw.tolist()]
         for grid in grids:
             self.validate_grid(grid)
@@ -201,11 +208,7 @@ class VisionEncoder:
         if pixel_values.shape != (sum(t * h * w for t, h, w in grids), patch_dim):
             raise ValueError(f"pixel_values {tuple(pixel_values.shape)} do not match grids {grids} x {patch_dim}")
         with torch.inference_mode():
-            pixels = pixel_values.to(self.device, self.dtype)
-            grid_thw = accel.host_to_device(grid_thw, self.device)
-            outputs = self._forward(pixels, grid_thw, grids)
-        sizes = [self.tokens_for(grid) for grid in grids]
-        return [list(per_image) for per_image in zip(*(output.split(sizes) for output in outputs), strict=True)]
+            return self._forward(pixel_values.to(self.device, self.dtype), grid_thw, grids)
 
     @property
     def tower(self) -> nn.Module:
@@ -216,6 +219,7 @@ class VisionEncoder:
     ) -> list[torch.Tensor]:
         if self.graphs is not None and (outputs := self.graphs.run(pixels, grids)) is not None:
             return outputs
+        grid_thw = accel.host_to_device(grid_thw, self.device)
         # Accelerated: grid-derived metadata computed once on the CPU instead of per layer on the device.
         meta = (
             {}
