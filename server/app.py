@@ -15,7 +15,7 @@ from vitcache.v1 import vitcache_pb2 as pb
 from vitcache.encoder_process import EncoderProcess
 from vitcache.engine import EmbeddingEngine, EngineConfig
 from vitcache.fleet_lock import FleetLock
-from vitcache.models import VisionEncoder, load_encoder
+from vitcache.models import EncoderLoader, VisionEncoder
 from vitcache.pipeline import Pipeline
 from vitcache.tiers import L1Cache, RedisTier
 
@@ -109,27 +109,20 @@ async def start_server(config: ServerConfig, encoder: VisionEncoder | None = Non
     pipeline: VisionEncoder | Pipeline
     if encoder is not None:
         pipeline = encoder
-    elif config.uses_encoder_process:
-        pipeline = EncoderProcess(
-            config.model,
-            config.device,
-            config.dtype,
-            config.acceleration,
-            config.engine.pipeline,
-            metrics,
-            ring_bytes=config.encoder_ring_bytes,
-            warmup_image_sizes=config.warmup_image_sizes,
-        )
-        await pipeline.load()  # the namespace (and so the L2 keys) is known once the model is
     else:
-        pipeline = load_encoder(
+        loader = EncoderLoader(
             config.model,
             config.device,
             config.dtype,
             config.acceleration,
-            graph_max_patches=config.engine.max_batch_patches,
+            graph_max_patches=config.engine.max_batch_patches,  # every batch the batcher makes has its graph
             warmup_image_sizes=config.warmup_image_sizes,
         )
+        if config.uses_encoder_process:
+            pipeline = EncoderProcess(loader, config.engine.pipeline, metrics, ring_bytes=config.encoder_ring_bytes)
+            await pipeline.load()  # the namespace (and so the L2 keys) is known once the model is
+        else:
+            pipeline = loader.load()
     namespace = pipeline.spec.namespace
     l2 = fleet_lock = None
     if config.redis_url:

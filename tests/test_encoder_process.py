@@ -21,7 +21,7 @@ from tests.conftest import jpeg_bytes, png_bytes
 from vitcache.encoder_process import EncoderProcess
 from vitcache.engine import EmbeddingEngine, EncodedFile, ImageOutcome, Source
 from vitcache.errors import ErrorCode
-from vitcache.models import VisionEncoder
+from vitcache.models import EncoderLoader, VisionEncoder
 from vitcache.pipeline import PipelineConfig
 from vitcache.tiers import L1Cache
 
@@ -64,7 +64,7 @@ def in_process(encoder: VisionEncoder) -> dict[int, ImageOutcome]:
 def test_child_computes_what_the_encoder_computes_in_process(tiny_checkpoint: Path, in_process, encoder) -> None:
     metrics = ServerMetrics()
     process = EncoderProcess(
-        str(tiny_checkpoint), "cpu", pipeline=PipelineConfig(max_batch_patches=64), observer=metrics
+        EncoderLoader(str(tiny_checkpoint)), pipeline=PipelineConfig(max_batch_patches=64), observer=metrics
     )
     got = run_engine(process, IMAGES, observer=metrics)
     assert_same_embeddings(got, in_process)
@@ -82,20 +82,20 @@ def test_ring_wraps_and_oversized_entries_travel_through_the_pipe(tiny_checkpoin
     # Embeddings of 512 to 1024 bytes through a ring with room for two: what finds it full travels
     # through the pipe, and five or more through the ring (2.5 KiB or more) means it wrapped.
     small_ring = EncoderProcess(
-        str(tiny_checkpoint), "cpu", pipeline=PipelineConfig(max_batch_patches=32), ring_bytes=2100
+        EncoderLoader(str(tiny_checkpoint)), pipeline=PipelineConfig(max_batch_patches=32), ring_bytes=2100
     )
     assert_same_embeddings(run_engine(small_ring, IMAGES), in_process)
     assert small_ring.through_ring >= 5
     assert small_ring.through_ring + small_ring.through_pipe == len(IMAGES)
     # Smaller than any embedding: every one travels through the pipe.
-    no_ring = EncoderProcess(str(tiny_checkpoint), "cpu", ring_bytes=256)
+    no_ring = EncoderProcess(EncoderLoader(str(tiny_checkpoint)), ring_bytes=256)
     assert_same_embeddings(run_engine(no_ring, IMAGES[:6]), {i: in_process[i] for i in range(6)})
     assert (no_ring.through_ring, no_ring.through_pipe) == (0, 6)
 
 
 def test_bad_image_fails_alone_and_a_dead_child_fails_misses_not_hits(tiny_checkpoint: Path, in_process) -> None:
     async def run() -> None:
-        process = EncoderProcess(str(tiny_checkpoint), "cpu")
+        process = EncoderProcess(EncoderLoader(str(tiny_checkpoint)))
         engine = EmbeddingEngine(process, L1Cache(64 << 20))
         await engine.start()
         try:

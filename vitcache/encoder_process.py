@@ -48,7 +48,7 @@ from vitcache.batcher import BatcherStats
 from vitcache.entry import CachedEmbedding
 from vitcache.errors import ErrorCode, ImageError
 from vitcache.inputs import Computable, PixelRows, Scope
-from vitcache.models import EncoderSpec, VisionEncoder
+from vitcache.models import EncoderLoader, EncoderSpec, VisionEncoder
 from vitcache.observer import EngineObserver, Stage
 from vitcache.pipeline import EncodePipeline, PipelineConfig
 from vitcache.tensor_codec import TensorBytes, dtype_name
@@ -149,42 +149,25 @@ class _RingEntry(CachedEmbedding):
         return _InRing(self.grid_thw, outputs, self.start, self.end)
 
 
-@dataclass(frozen=True)
-class _Settings:
-    """What the child needs to build its pipeline (picklable)."""
-
-    model: str
-    device: str
-    dtype: str | None
-    acceleration: str
-    pipeline: PipelineConfig
-    warmup_image_sizes: tuple[tuple[int, int], ...]
-
-
 class EncoderProcess:
     """A :class:`~vitcache.pipeline.Pipeline` whose encoder lives in a child process.
 
     ``load`` (or ``start``, which loads if needed) spawns the child and waits until the model
-    is loaded (and compiled) there; ``spec`` is then the child's :class:`EncoderSpec`. If the
+    ``loader`` describes is loaded (and compiled) there; ``spec`` is then the child's :class:`EncoderSpec`. If the
     child dies, pending and later images fail with UNAVAILABLE; answers from the caches are
     unaffected.
     """
 
     def __init__(
         self,
-        model: str,
-        device: str,
-        dtype: str | None = None,
-        acceleration: str = "auto",
+        loader: EncoderLoader,
         pipeline: PipelineConfig | None = None,
         observer: EngineObserver | None = None,
         ring_bytes: int = 512 << 20,
         start_timeout_s: float = 3600.0,
-        warmup_image_sizes: Sequence[tuple[int, int]] = (),
     ) -> None:
-        self._settings = _Settings(
-            model, device, dtype, acceleration, pipeline or PipelineConfig(), tuple(warmup_image_sizes)
-        )
+        self.loader = loader
+        self.pipeline_config = pipeline or PipelineConfig()
         self.observer = observer or EngineObserver()
         self.ring_bytes = ring_bytes
         self.start_timeout_s = start_timeout_s
@@ -221,7 +204,10 @@ class EncoderProcess:
         context = mp.get_context("spawn")  # a forked child could not use CUDA
         self._conn, child_end = context.Pipe(duplex=True)
         self._process = context.Process(
-            target=_child_main, args=(child_end, self._settings), name="vitcache-encoder", daemon=False
+            target=_child_main,
+            args=(child_end, self.loader, self.pipeline_config),
+            name="vitcache-encoder",
+            daemon=False,
         )
         self._process.start()
         child_end.close()
@@ -347,14 +333,12 @@ class _RelayObserver(EngineObserver):
         return drained
 
 
-def _child_main(conn: Connection, settings: _Settings) -> None:
-    from vitcache.models import load_encoder
-
+def _child_main(conn: Connection, loader: EncoderLoader, pipeline: PipelineConfig) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s (encoder): %(message)s")
     # The launching thread gives up the GIL at every torch call; with the default 5 ms switch
     # interval each call can wait that long to get it back from a preprocessing thread.
     sys.setswitchinterval(_SWITCH_INTERVAL_S)
-    if settings.device.startswith("cuda"):
+    if loader.device.startswith("cuda"):
         # On CUDA the CPU only copies bytes here; an intra-op pool's spinning workers would take
         # cores from the serving process and its clients for nothing.
         torch.set_num_threads(1)
@@ -362,19 +346,12 @@ def _child_main(conn: Connection, settings: _Settings) -> None:
     ring = _Ring(mmap.mmap(fd, 0))
     os.close(fd)
     try:
-        encoder = load_encoder(
-            settings.model,
-            settings.device,
-            settings.dtype,
-            settings.acceleration,
-            graph_max_patches=settings.pipeline.max_batch_patches,
-            warmup_image_sizes=settings.warmup_image_sizes,
-        )
+        encoder = loader.load()
     except Exception as exc:
         log.exception("loading the encoder failed")
         conn.send(("failed", f"{type(exc).__name__}: {exc}"))
         return
-    asyncio.run(_ChildServer(conn, ring).run(encoder, settings))
+    asyncio.run(_ChildServer(conn, ring).run(encoder, pipeline))
 
 
 class _ChildServer:
@@ -383,13 +360,8 @@ class _ChildServer:
         self.ring = ring
         self.relay = _RelayObserver()
 
-    async def run(self, encoder: VisionEncoder, settings: _Settings) -> None:
-        self.pipeline = EncodePipeline(
-            encoder,
-            settings.pipeline,
-            self.relay,
-            materialize=self._into_ring,
-        )
+    async def run(self, encoder: VisionEncoder, config: PipelineConfig) -> None:
+        self.pipeline = EncodePipeline(encoder, config, self.relay, materialize=self._into_ring)
         await self.pipeline.start()
         loop = asyncio.get_running_loop()
         stopped = asyncio.Event()

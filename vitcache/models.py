@@ -326,6 +326,24 @@ def load_encoder(
     return encoder
 
 
+@dataclass(frozen=True)
+class EncoderLoader:
+    """:func:`load_encoder`'s arguments, picklable: one description of the model to load, whether
+    the server loads it or hands it to an encoder process."""
+
+    model: str
+    device: str = "cpu"
+    dtype: str | None = None
+    acceleration: str = "auto"
+    graph_max_patches: int = 32768
+    warmup_image_sizes: tuple[tuple[int, int], ...] = ()
+
+    def load(self) -> VisionEncoder:
+        return load_encoder(
+            self.model, self.device, self.dtype, self.acceleration, self.graph_max_patches, self.warmup_image_sizes
+        )
+
+
 def _run_blank(encoder: VisionEncoder, grids: list[tuple[int, int, int]]) -> None:
     """One forward of all-zero pixels for a batch of images of ``grids``."""
     patches = sum(t * h * w for t, h, w in grids)
