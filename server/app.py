@@ -12,7 +12,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from vitcache.v1 import vitcache_pb2 as pb
 
-from vitcache.encoder_process import EncoderProcess
+from vitcache.encoder_pool import EncoderPool, parse_devices, pool_loaders
 from vitcache.engine import EmbeddingEngine, EngineConfig
 from vitcache.fleet_lock import FleetLock
 from vitcache.models import EncoderLoader, VisionEncoder
@@ -34,7 +34,7 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["VitCache"].full_name
 @dataclass
 class ServerConfig:
     model: str = "tiny-random"
-    device: str = "cpu"
+    device: str = "cpu"  # cpu, cuda:N, a list (cuda:0,cuda:1), or cuda / all: every visible GPU
     dtype: str | None = None
     acceleration: str = "auto"
     host: str = "127.0.0.1"
@@ -60,12 +60,13 @@ class ServerConfig:
     # serving never waits for the GIL of kernel launches (vitcache.encoder_process). None: on for CUDA.
     encoder_process: bool | None = None
     encoder_ring_bytes: int = 512 << 20  # shared memory the encoder process hands embeddings back through
+    encoder_restart_backoff_s: float = 1.0  # first wait before a dead encoder process is started again
     # (width, height) of images whose batches are run at load, capturing their CUDA graphs then.
     warmup_image_sizes: tuple[tuple[int, int], ...] = ()
 
     @property
     def uses_encoder_process(self) -> bool:
-        return self.device.startswith("cuda") if self.encoder_process is None else self.encoder_process
+        return self.device.startswith(("cuda", "all")) if self.encoder_process is None else self.encoder_process
 
 
 class RunningServer:
@@ -110,17 +111,26 @@ async def start_server(config: ServerConfig, encoder: VisionEncoder | None = Non
     if encoder is not None:
         pipeline = encoder
     else:
+        devices = parse_devices(config.device)
         loader = EncoderLoader(
             config.model,
-            config.device,
+            devices[0],
             config.dtype,
             config.acceleration,
             graph_max_patches=config.engine.max_batch_patches,  # every batch the batcher makes has its graph
             warmup_image_sizes=config.warmup_image_sizes,
         )
         if config.uses_encoder_process:
-            pipeline = EncoderProcess(loader, config.engine.pipeline, metrics, ring_bytes=config.encoder_ring_bytes)
+            pipeline = EncoderPool(
+                pool_loaders(loader, devices),
+                config.engine.pipeline,
+                metrics,
+                ring_bytes=config.encoder_ring_bytes,
+                restart_backoff_s=config.encoder_restart_backoff_s,
+            )
             await pipeline.load()  # the namespace (and so the L2 keys) is known once the model is
+        elif len(devices) > 1:
+            raise ValueError(f"--device {config.device}: several devices need --encoder-process on")
         else:
             pipeline = loader.load()
     namespace = pipeline.spec.namespace
@@ -165,10 +175,11 @@ async def start_server(config: ServerConfig, encoder: VisionEncoder | None = Non
         port = server.add_insecure_port(address)
     await server.start()
     await _set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING)
-    if isinstance(pipeline, EncoderProcess):
-        # Without its encoder a server still answers hits, but it can compute nothing: let the
-        # orchestrator (or a FleetClient's health checks) route around it and restart it.
+    if isinstance(pipeline, EncoderPool):
+        # Without any encoder a server still answers hits, but it can compute nothing: let the
+        # orchestrator (or a FleetClient's health checks) route around it until one is back.
         pipeline.on_unavailable = lambda: _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
+        pipeline.on_available = lambda: _set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING)
     metrics_http = None
     if config.metrics_port is not None:
         metrics_http = MetricsHttpServer(metrics, config.metrics_host, config.metrics_port)

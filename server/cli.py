@@ -30,7 +30,11 @@ def byte_size(text: str) -> int:
 def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="run the gRPC server")
     p.add_argument("--model", default="tiny-random", help="HF checkpoint directory, or the built-in tiny-random")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="cpu, cuda:N, a list such as cuda:0,cuda:1, or cuda / all: one encoder process per GPU, all visible GPUs",
+    )
     p.add_argument("--dtype", default=None, help="bfloat16, float16, float32 (default: bf16 on cuda, fp32 on cpu)")
     p.add_argument(
         "--acceleration",
@@ -50,6 +54,12 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         type=byte_size,
         default="512MiB",
         help="shared memory the encoder process returns embeddings through (more travel by pipe when full)",
+    )
+    p.add_argument(
+        "--encoder-restart-backoff-ms",
+        type=float,
+        default=1000,
+        help="wait before a dead encoder process is started again (doubles while starts fail, up to 60 s)",
     )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=50051, help="0 picks a free port")
@@ -156,6 +166,7 @@ def _serve(args: argparse.Namespace) -> None:
         ),
         encoder_process={"auto": None, "on": True, "off": False}[args.encoder_process],
         encoder_ring_bytes=args.encoder_ring_bytes,
+        encoder_restart_backoff_s=args.encoder_restart_backoff_ms / 1000,
         warmup_image_sizes=args.warmup_image_sizes,
     )
     asyncio.run(serve_forever(config))

@@ -162,6 +162,21 @@ class VitCacheServicer(pb_grpc.VitCacheServicer):
             deadline_expired=stats.deadline_expired,
             fleet_lock_waits=engine.fleet_lock.waits if engine.fleet_lock else 0,
             puts=stats.puts,
+            encoders=[
+                pb.EncoderStats(
+                    device=e.device,
+                    alive=e.alive,
+                    in_flight=e.in_flight,
+                    restarts=e.restarts,
+                    batches=e.stats.batches,
+                    images=e.stats.images,
+                    patches=e.stats.patches,
+                    device_seconds=e.stats.device_seconds,
+                    memory_allocated=e.memory.get("allocated", 0),
+                    memory_reserved=e.memory.get("reserved", 0),
+                )
+                for e in engine.pipeline.encoders()
+            ],
         )
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:

@@ -20,7 +20,7 @@ from vitcache.v1 import vitcache_pb2 as pb
 from vitcache.v1 import vitcache_pb2_grpc as pb_grpc
 
 from vitcache.digest import digest_file
-from vitcache.encoder_process import EncoderProcess
+from vitcache.encoder_pool import EncoderPool
 from vitcache.engine import EngineConfig
 from vitcache.models import load_encoder
 from vitcache.preprocess import DecodeLimits, preprocess
@@ -347,7 +347,7 @@ def test_cuda_service_agrees_with_cpu_and_rejects_bad_files(start_server_thread,
     if acceleration == "graphs":
         settings = {"device": "cuda", "dtype": "bfloat16", "acceleration": "graphs", "encoder_process": True}
         srv = start_server_thread(config(model=str(tiny_checkpoint), **settings))
-        assert isinstance(srv.engine.pipeline, EncoderProcess)
+        assert isinstance(srv.engine.pipeline, EncoderPool)
     else:
         srv = start_server_thread(
             config(), load_encoder(str(tiny_checkpoint), "cuda", "bfloat16", acceleration="varlen")

@@ -50,7 +50,7 @@ from vitcache.errors import ErrorCode, ImageError
 from vitcache.inputs import Computable, PixelRows, Scope
 from vitcache.models import EncoderLoader, EncoderSpec, VisionEncoder
 from vitcache.observer import EngineObserver, Stage
-from vitcache.pipeline import EncodePipeline, PipelineConfig
+from vitcache.pipeline import EncodePipeline, EncoderStatus, PipelineConfig
 from vitcache.tensor_codec import TensorBytes, dtype_name
 
 log = logging.getLogger(__name__)
@@ -190,11 +190,19 @@ class EncoderProcess:
         return self._stats
 
     @property
+    def alive(self) -> bool:
+        """Started and not known to have died."""
+        return self._process is not None and self._unavailable is None and not self._stopping
+
+    @property
     def pid(self) -> int | None:
         return self._process.pid if self._process is not None else None
 
     def device_memory(self) -> dict[str, int]:
         return self._memory
+
+    def encoders(self) -> list[EncoderStatus]:
+        return [EncoderStatus(self.loader.device, self.alive, self._stats, self._memory)]
 
     async def start(self) -> None:
         if self._process is None:
@@ -265,7 +273,8 @@ class EncoderProcess:
             try:
                 self._conn.send((request_id, image, scope.deadline))
             except OSError as exc:  # died before the reader thread noticed
-                raise ImageError(ErrorCode.UNAVAILABLE, f"encoder process is gone: {exc}") from exc
+                self._unavailable = f"encoder process is gone: {exc}"
+                raise ImageError(ErrorCode.UNAVAILABLE, self._unavailable) from exc
             return await future
         finally:
             self._pending.pop(request_id, None)
