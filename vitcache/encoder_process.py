@@ -348,6 +348,9 @@ def _child_main(conn: Connection, loader: EncoderLoader, pipeline: PipelineConfi
     # interval each call can wait that long to get it back from a preprocessing thread.
     sys.setswitchinterval(_SWITCH_INTERVAL_S)
     if loader.device.startswith("cuda"):
+        # Its own GPU is the current device before anything touches CUDA: streams, graph captures
+        # and any tensor made without a device go there, and no context opens on another GPU.
+        torch.cuda.set_device(torch.device(loader.device))
         # On CUDA the CPU only copies bytes here; an intra-op pool's spinning workers would take
         # cores from the serving process and its clients for nothing.
         torch.set_num_threads(1)
