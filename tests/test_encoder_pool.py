@@ -94,3 +94,15 @@ def test_pool_spreads_work_survives_a_dead_encoder_and_restarts_it(tiny_checkpoi
     assert [e.alive for e in encoders] == [True, True]
     assert [e.restarts for e in encoders] == [1, 0]
     assert all(e.images > 0 for e in encoders), encoders  # both encoders computed images
+
+
+def test_an_encoder_process_sees_only_its_own_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vitcache.encoder_process import _sees_only_its_gpu
+    from vitcache.models import EncoderLoader
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    loader, visible = _sees_only_its_gpu(EncoderLoader("m", "cuda:1"))
+    assert (loader.device, visible) == ("cuda:0", "1")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4, 6")  # the server itself was given GPUs 4 and 6
+    assert _sees_only_its_gpu(EncoderLoader("m", "cuda:1"))[1] == "6"
+    assert _sees_only_its_gpu(EncoderLoader("m", "cpu")) == (EncoderLoader("m", "cpu"), None)

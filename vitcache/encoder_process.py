@@ -36,7 +36,7 @@ import os
 import sys
 import threading
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import astuple, dataclass, replace
 from multiprocessing import reduction
 from multiprocessing.connection import Connection
@@ -211,13 +211,12 @@ class EncoderProcess:
     async def load(self) -> None:
         context = mp.get_context("spawn")  # a forked child could not use CUDA
         self._conn, child_end = context.Pipe(duplex=True)
+        loader, visible = _sees_only_its_gpu(self.loader)
         self._process = context.Process(
-            target=_child_main,
-            args=(child_end, self.loader, self.pipeline_config),
-            name="vitcache-encoder",
-            daemon=False,
+            target=_child_main, args=(child_end, loader, self.pipeline_config), name="vitcache-encoder", daemon=False
         )
-        self._process.start()
+        with _environment("CUDA_VISIBLE_DEVICES", visible):  # the spawned child's environment is copied in start()
+            self._process.start()
         child_end.close()
         fd = os.memfd_create("vitcache-encoder-ring")
         try:
@@ -323,6 +322,38 @@ class EncoderProcess:
             self._notified = asyncio.ensure_future(self.on_unavailable())
 
 
+def _sees_only_its_gpu(loader: EncoderLoader) -> tuple[EncoderLoader, str | None]:
+    """The loader as the child runs it, and the CUDA_VISIBLE_DEVICES it runs under.
+
+    A child on ``cuda:N`` sees that GPU alone, as its ``cuda:0``: the threads of its pipeline
+    (preprocessing, the batcher's launches) each start on device 0, so any stream, event or
+    tensor made without naming a device lands on the right GPU, and no context opens on another.
+    """
+    if not loader.device.startswith("cuda:"):
+        return loader, None
+    index = int(loader.device.partition(":")[2])
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    physical = visible.split(",")[index].strip() if visible else str(index)
+    return replace(loader, device="cuda:0"), physical
+
+
+@contextlib.contextmanager
+def _environment(name: str, value: str | None) -> Iterator[None]:
+    """``name=value`` in this process's environment meanwhile (nothing when ``value`` is None)."""
+    if value is None:
+        yield
+        return
+    before = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = before
+
+
 class _RelayObserver(EngineObserver):
     """Child side: keeps the pipeline's timings for the next reply to carry to the parent's observer."""
 
@@ -348,9 +379,6 @@ def _child_main(conn: Connection, loader: EncoderLoader, pipeline: PipelineConfi
     # interval each call can wait that long to get it back from a preprocessing thread.
     sys.setswitchinterval(_SWITCH_INTERVAL_S)
     if loader.device.startswith("cuda"):
-        # Its own GPU is the current device before anything touches CUDA: streams, graph captures
-        # and any tensor made without a device go there, and no context opens on another GPU.
-        torch.cuda.set_device(torch.device(loader.device))
         # On CUDA the CPU only copies bytes here; an intra-op pool's spinning workers would take
         # cores from the serving process and its clients for nothing.
         torch.set_num_threads(1)
