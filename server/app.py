@@ -20,6 +20,7 @@ from vitcache.pipeline import Pipeline
 from vitcache.tiers import L1Cache, RedisTier
 
 from .metrics import ServerMetrics
+from .ports import GRPC_OPTIONS, add_grpc_port, check_port_free
 from .security import Access, AuthInterceptor, server_credentials
 from .service import VitCacheServicer
 from .shm import ShmServer
@@ -106,6 +107,9 @@ class RunningServer:
 
 async def start_server(config: ServerConfig, encoder: VisionEncoder | None = None) -> RunningServer:
     """Serves ``encoder``; without one, loads ``config.model`` here or in an encoder process."""
+    check_port_free(config.host, config.port, "--port")
+    if config.metrics_port:
+        check_port_free(config.metrics_host, config.metrics_port, "--metrics-port")
     metrics = ServerMetrics()
     pipeline: VisionEncoder | Pipeline
     if encoder is not None:
@@ -155,6 +159,7 @@ async def start_server(config: ServerConfig, encoder: VisionEncoder | None = Non
         options=[
             ("grpc.max_receive_message_length", config.max_request_bytes),
             ("grpc.max_send_message_length", -1),
+            *GRPC_OPTIONS,
         ],
     )
     add_servicer(VitCacheServicer(engine, config.max_images_per_request, access), server)
@@ -163,16 +168,15 @@ async def start_server(config: ServerConfig, encoder: VisionEncoder | None = Non
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
     )
-    address = f"{config.host}:{config.port}"
     if config.tls_cert or config.tls_key:
         if not (config.tls_cert and config.tls_key):
             raise ValueError("--tls-cert and --tls-key go together")
         credentials = server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
-        port = server.add_secure_port(address, credentials)
+        port = add_grpc_port(server, config.host, config.port, credentials)
     elif config.tls_client_ca:
         raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
     else:
-        port = server.add_insecure_port(address)
+        port = add_grpc_port(server, config.host, config.port)
     await server.start()
     await _set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING)
     if isinstance(pipeline, EncoderPool):
