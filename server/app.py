@@ -1,4 +1,4 @@
-"""Assembles encoder, tiers, engine and the gRPC server (with health and reflection)."""
+"""Assembles encoder, tiers, engine and the gRPC server (with health and reflection, v1 and v1alpha)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 from vitcache.v1 import vitcache_pb2 as pb
 
 from vitcache.encoder_pool import EncoderPool, parse_devices, pool_loaders
@@ -21,6 +20,7 @@ from vitcache.tiers import L1Cache, RedisTier
 
 from .metrics import ServerMetrics
 from .ports import GRPC_OPTIONS, add_grpc_port, check_port_free
+from .reflection import enable_reflection
 from .security import Access, AuthInterceptor, server_credentials
 from .service import VitCacheServicer
 from .shm import ShmServer
@@ -165,9 +165,7 @@ async def start_server(config: ServerConfig, encoder: VisionEncoder | None = Non
     add_servicer(VitCacheServicer(engine, config.max_images_per_request, access), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
-    )
+    enable_reflection((SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name), server)
     if config.tls_cert or config.tls_key:
         if not (config.tls_cert and config.tls_key):
             raise ValueError("--tls-cert and --tls-key go together")
