@@ -1,4 +1,4 @@
-"""Assembles encoder, tiers, engine and the gRPC server (with health and reflection)."""
+"""Assembles encoder, tiers, engine and the gRPC server (with health and reflection, v1 and v1alpha)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 from vitcache.v1 import vitcache_pb2 as pb
 
 from vitcache.encoder_pool import EncoderPool, parse_devices, pool_loaders
@@ -20,6 +19,8 @@ from vitcache.pipeline import Pipeline
 from vitcache.tiers import L1Cache, RedisTier
 
 from .metrics import ServerMetrics
+from .ports import GRPC_OPTIONS, add_grpc_port, check_port_free
+from .reflection import enable_reflection
 from .security import Access, AuthInterceptor, server_credentials
 from .service import VitCacheServicer
 from .shm import ShmServer
@@ -106,6 +107,9 @@ class RunningServer:
 
 async def start_server(config: ServerConfig, encoder: VisionEncoder | None = None) -> RunningServer:
     """Serves ``encoder``; without one, loads ``config.model`` here or in an encoder process."""
+    check_port_free(config.host, config.port, "--port")
+    if config.metrics_port:
+        check_port_free(config.metrics_host, config.metrics_port, "--metrics-port")
     metrics = ServerMetrics()
     pipeline: VisionEncoder | Pipeline
     if encoder is not None:
@@ -155,24 +159,22 @@ async def start_server(config: ServerConfig, encoder: VisionEncoder | None = Non
         options=[
             ("grpc.max_receive_message_length", config.max_request_bytes),
             ("grpc.max_send_message_length", -1),
+            *GRPC_OPTIONS,
         ],
     )
     add_servicer(VitCacheServicer(engine, config.max_images_per_request, access), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
-    )
-    address = f"{config.host}:{config.port}"
+    enable_reflection((SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name), server)
     if config.tls_cert or config.tls_key:
         if not (config.tls_cert and config.tls_key):
             raise ValueError("--tls-cert and --tls-key go together")
         credentials = server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
-        port = server.add_secure_port(address, credentials)
+        port = add_grpc_port(server, config.host, config.port, credentials)
     elif config.tls_client_ca:
         raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
     else:
-        port = server.add_insecure_port(address)
+        port = add_grpc_port(server, config.host, config.port)
     await server.start()
     await _set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING)
     if isinstance(pipeline, EncoderPool):

@@ -129,8 +129,9 @@ def _client_parsers(sub: argparse._SubParsersAction) -> None:
     loadtest.add_arguments(p, byte_size)
 
 
-def _serve(args: argparse.Namespace) -> None:
+def _serve(args: argparse.Namespace) -> int:
     from vitcache.server.app import ServerConfig, serve_forever
+    from vitcache.server.ports import PortInUse
 
     config = ServerConfig(
         model=args.model,
@@ -169,7 +170,12 @@ def _serve(args: argparse.Namespace) -> None:
         encoder_restart_backoff_s=args.encoder_restart_backoff_ms / 1000,
         warmup_image_sizes=args.warmup_image_sizes,
     )
-    asyncio.run(serve_forever(config))
+    try:
+        asyncio.run(serve_forever(config))
+    except PortInUse as busy:
+        print(f"vitcache serve: {busy}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _encode(args: argparse.Namespace) -> int:
@@ -211,10 +217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _client_parsers(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.command == "serve":
-        _serve(args)
-        return 0
-    return {"encode": _encode, "stats": _stats, "loadtest": loadtest.main}[args.command](args)
+    return {"serve": _serve, "encode": _encode, "stats": _stats, "loadtest": loadtest.main}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from outside at run time.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import mimetypes
@@ -22,6 +23,7 @@ from prometheus_client import make_wsgi_app
 from prometheus_client.exposition import ThreadingWSGIServer
 
 from .metrics import ServerMetrics
+from .ports import PortInUse
 from .stats_view import StatsView
 
 log = logging.getLogger(__name__)
@@ -95,7 +97,12 @@ class MetricsHttpServer:
 
     def __init__(self, metrics: ServerMetrics, host: str, port: int) -> None:
         app = MetricsApp(metrics, StatsView(metrics.registry))
-        self._server = make_server(host, port, app, ThreadingWSGIServer, handler_class=_QuietHandler)
+        try:
+            self._server = make_server(host, port, app, ThreadingWSGIServer, handler_class=_QuietHandler)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise PortInUse(host, port, "--metrics-port") from exc
+            raise
         self.port: int = self._server.server_port
         self._thread = threading.Thread(target=self._server.serve_forever, name="vitcache-metrics", daemon=True)
         self._thread.start()

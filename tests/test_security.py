@@ -91,10 +91,15 @@ def test_bearer_tokens_guard_everything_but_health(start_server_thread, encoder,
     with pytest.raises(grpc.RpcError) as err:
         VitCacheClient(srv.target).stats()
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    reflect = reflection_pb2_grpc.ServerReflectionStub(channel)
-    with pytest.raises(grpc.RpcError) as err:
-        next(reflect.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
-    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    reflect_v1 = channel.stream_stream(  # v1 has v1alpha's messages
+        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+        request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+        response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+    )
+    for reflect in (reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo, reflect_v1):
+        with pytest.raises(grpc.RpcError) as err:
+            next(reflect(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
     health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="vitcache.v1.VitCache"))
     assert health.status == health_pb2.HealthCheckResponse.SERVING  # open to load balancers
     channel.close()
