@@ -138,8 +138,25 @@ def test_decode_accepts_only_raster_formats():
     for fmt in ("JPEG", "WEBP", "GIF", "BMP", "TIFF"):
         assert decode_image(encode(image, fmt), LIMITS).shape == (20, 30, 3), fmt
     for fmt in ("TGA", "PCX", "EPS"):  # Pillow reads these, the service does not
-        with pytest.raises(ImageRejected, match="cannot decode"):
+        with pytest.raises(ImageRejected, match="not a decodable image: its bytes are none of PNG, JPEG, WEBP"):
             decode_image(encode(image, fmt), LIMITS)
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"definitely not an image", "not a decodable image: its bytes are none of PNG, JPEG, WEBP, GIF, BMP, TIFF"),
+        (encode(Image.fromarray(photo(64, 64)))[:600], "not a decodable PNG image: image file is truncated"),
+        (encode(Image.fromarray(photo(64, 64)), "JPEG")[:-200], "not a decodable JPEG image: image file is truncated"),
+    ],
+    ids=["garbage", "truncated-png", "truncated-jpeg"],
+)
+def test_decode_errors_say_what_the_file_is_not(data, message):
+    """Not Pillow's "cannot identify image file <_io.BytesIO object at 0x...>": no Python reprs."""
+    with pytest.raises(ImageRejected) as rejected:
+        decode_image(data, LIMITS)
+    assert str(rejected.value).startswith(message)
+    assert " at 0x" not in str(rejected.value) and "<" not in str(rejected.value)
 
 
 def test_decode_rejects_too_many_bytes():
