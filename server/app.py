@@ -17,7 +17,7 @@ from vitcache.engine import EmbeddingEngine, EngineConfig
 from vitcache.fleet_lock import FleetLock
 from vitcache.models import EncoderLoader, VisionEncoder
 from vitcache.pipeline import Pipeline
-from vitcache.tiers import L1Cache, RedisTier
+from vitcache.tiers import L1Cache, RedisTier, check_redis_url
 
 from .metrics import ServerMetrics
 from .security import Access, AuthInterceptor, server_credentials
@@ -105,6 +105,8 @@ class RunningServer:
 
 async def start_server(config: ServerConfig, encoder: VisionEncoder | None = None) -> RunningServer:
     """Serves ``encoder``; without one, loads ``config.model`` here or in an encoder process."""
+    if config.redis_url:
+        check_redis_url(config.redis_url)  # before the model loads, which takes a while
     metrics = ServerMetrics()
     pipeline: VisionEncoder | Pipeline
     if encoder is not None:
