@@ -16,7 +16,7 @@ from vitcache.engine import EmbeddingEngine, EngineConfig
 from vitcache.fleet_lock import FleetLock
 from vitcache.models import EncoderLoader, VisionEncoder
 from vitcache.pipeline import Pipeline
-from vitcache.tiers import L1Cache, RedisTier
+from vitcache.tiers import L1Cache, RedisTier, check_redis_url
 
 from .metrics import ServerMetrics
 from .ports import GRPC_OPTIONS, add_grpc_port, check_port_free
@@ -107,9 +107,12 @@ class RunningServer:
 
 async def start_server(config: ServerConfig, encoder: VisionEncoder | None = None) -> RunningServer:
     """Serves ``encoder``; without one, loads ``config.model`` here or in an encoder process."""
+    # Mistakes an operator can see before the model loads, which takes a while.
     check_port_free(config.host, config.port, "--port")
     if config.metrics_port:
         check_port_free(config.metrics_host, config.metrics_port, "--metrics-port")
+    if config.redis_url:
+        check_redis_url(config.redis_url)
     metrics = ServerMetrics()
     pipeline: VisionEncoder | Pipeline
     if encoder is not None:

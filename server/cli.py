@@ -1,4 +1,8 @@
-"""The ``vitcache`` command: serve, encode, stats, loadtest."""
+"""The ``vitcache`` command: serve, encode, stats, loadtest.
+
+torch and transformers are imported by the subcommands that use them only (``serve``; ``encode`` and
+``loadtest`` through the client's tensors), so ``--help`` and ``stats`` answer at once.
+"""
 
 from __future__ import annotations
 
@@ -8,13 +12,14 @@ import logging
 import re
 import sys
 import time
-from collections.abc import Sequence
+import urllib.error
+from collections.abc import Callable, Sequence
 
-from vitcache.client import loadtest
+import grpc
 
-from vitcache.digest import load_digest_key
-from vitcache.engine import EngineConfig
-from vitcache.preprocess import DecodeLimits
+from vitcache.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 _UNITS = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12, "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
 
@@ -25,6 +30,18 @@ def byte_size(text: str) -> int:
     if not match:
         raise argparse.ArgumentTypeError(f"not a byte size: {text!r} (try 512MiB or 2GiB)")
     return int(float(match.group(1)) * _UNITS[match.group(2) or ""])
+
+
+def image_size(text: str) -> tuple[int, int]:
+    """WIDTHxHEIGHT -> (width, height)."""
+    width, _, height = text.lower().partition("x")
+    try:
+        size = (int(width), int(height))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not WIDTHxHEIGHT: {text!r}") from None
+    if min(size) < 1:
+        raise argparse.ArgumentTypeError(f"image size must be positive: {text!r}")
+    return size
 
 
 def _serve_parser(sub: argparse._SubParsersAction) -> None:
@@ -100,7 +117,7 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--warmup-image-sizes",
-        type=lambda text: tuple(loadtest.image_size(size) for size in text.split(",")),
+        type=lambda text: tuple(image_size(size) for size in text.split(",")),
         default=(),
         help="WIDTHxHEIGHT,...: at start-up, run batches of 1 to --max-batch-patches of images of these sizes, "
         "so their CUDA graphs (--acceleration graphs) are captured before serving instead of under load",
@@ -126,12 +143,36 @@ def _client_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--metrics-url", default="http://127.0.0.1:9400", help="the server's --metrics-host/--metrics-port")
     p.add_argument("--window", type=float, default=10.0, help="seconds the rates and percentiles cover")
     p = sub.add_parser("loadtest", help="drive a server with Zipf-popular images; report latency and hit ratios")
-    loadtest.add_arguments(p, byte_size)
+    p.add_argument("--target", default="localhost:50051")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--rate", type=float, help="open loop: requests started per second")
+    mode.add_argument("--concurrency", type=int, help="closed loop: requests in flight (default 4)")
+    p.add_argument("--duration", type=float, default=30.0, help="seconds the run lasts at most")
+    p.add_argument("--max-requests", type=int, default=None, help="requests the run sends at most")
+    p.add_argument("--images-per-request", type=int, default=1)
+    p.add_argument("--pool-size", type=int, default=1000, help="distinct images")
+    p.add_argument("--zipf-exponent", type=float, default=1.0, help="popularity skew s: P(rank k) ~ 1/k^s")
+    p.add_argument(
+        "--image-size",
+        type=image_size,
+        action="append",
+        help="WIDTHxHEIGHT of synthetic images; repeat for a mix (default 448x448)",
+    )
+    p.add_argument("--image-dir", default=None, help="use the files of this folder instead of synthetic images")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-in-flight", type=int, default=1024, help="open loop: outstanding requests before dropping")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds one request may take")
+    p.add_argument("--lru-bytes", type=byte_size, action="append", default=[], help="also simulate an LRU this big")
+    p.add_argument("--output-dir", default=None, help="write report.json, latency_cdf.png and hit_ratio.png here")
+    p.add_argument("--no-progress", action="store_true")
 
 
 def _serve(args: argparse.Namespace) -> int:
     from vitcache.server.app import ServerConfig, serve_forever
-    from vitcache.server.ports import PortInUse
+
+    from vitcache.digest import load_digest_key
+    from vitcache.engine import EngineConfig
+    from vitcache.preprocess import DecodeLimits
 
     config = ServerConfig(
         model=args.model,
@@ -170,11 +211,7 @@ def _serve(args: argparse.Namespace) -> int:
         encoder_restart_backoff_s=args.encoder_restart_backoff_ms / 1000,
         warmup_image_sizes=args.warmup_image_sizes,
     )
-    try:
-        asyncio.run(serve_forever(config))
-    except PortInUse as busy:
-        print(f"vitcache serve: {busy}", file=sys.stderr)
-        return 1
+    asyncio.run(serve_forever(config))
     return 0
 
 
@@ -209,15 +246,54 @@ def _stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _loadtest(args: argparse.Namespace) -> int:
+    from vitcache.client import loadtest
+
+    return loadtest.main(args)
+
+
+_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "serve": _serve,
+    "encode": _encode,
+    "stats": _stats,
+    "loadtest": _loadtest,
+}
+
+
+def _operator_message(exc: Exception, args: argparse.Namespace) -> str | None:
+    """What an operator's mistake (a setting, a file, a server that is not there) means, in a line;
+    None for anything else, which is a bug and keeps its traceback."""
+    if isinstance(exc, ConfigError):
+        return str(exc)
+    if isinstance(exc, OSError) and exc.filename is not None:  # FileNotFoundError, IsADirectoryError, ...
+        return f"{exc.filename}: {exc.strerror}"
+    if isinstance(exc, urllib.error.HTTPError):
+        return f"{args.metrics_url} answered HTTP {exc.code} {exc.reason}"
+    if isinstance(exc, urllib.error.URLError):
+        return f"cannot reach {args.metrics_url}: {exc.reason}; is `vitcache serve` running with that metrics port?"
+    if isinstance(exc, grpc.RpcError) and isinstance(exc, grpc.Call):
+        hint = "; is `vitcache serve` running there?" if exc.code() == grpc.StatusCode.UNAVAILABLE else ""
+        return f"{args.target}: {exc.code().name}: {exc.details()}{hint}"
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vitcache", description=__doc__)
-    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-level", default="INFO", help="debug also shows the traceback of a failed command")
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
     _client_parsers(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return {"serve": _serve, "encode": _encode, "stats": _stats, "loadtest": loadtest.main}[args.command](args)
+    try:
+        return _COMMANDS[args.command](args)
+    except Exception as exc:
+        message = _operator_message(exc, args)
+        if message is None:
+            raise
+        log.debug("vitcache %s failed", args.command, exc_info=True)
+        print(f"vitcache {args.command}: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

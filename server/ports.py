@@ -14,11 +14,13 @@ import socket
 
 import grpc
 
+from vitcache.errors import ConfigError
+
 #: Options of every gRPC server: exclusive ports.
 GRPC_OPTIONS = [("grpc.so_reuseport", 0)]
 
 
-class PortInUse(Exception):
+class PortInUse(ConfigError):
     """Another process listens on the port; ``flag`` is the option that picks another."""
 
     def __init__(self, host: str, port: int, flag: str) -> None:

@@ -28,7 +28,7 @@ def test_a_second_server_on_a_served_port_exits_with_one_line(start_server_threa
     first = start_server_thread(ServerConfig(metrics_port=0), encoder)
     port, metrics_port = first.running.port, first.running.metrics_port
     second = serve("--port", str(port), "--metrics-port", "0")
-    assert second.returncode == 1
+    assert second.returncode == 2
     assert second.stderr.splitlines() == [
         f"vitcache serve: port {port} on 127.0.0.1 is in use: stop the other server or pick --port"
     ]

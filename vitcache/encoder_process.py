@@ -9,7 +9,7 @@ event loop of its own; the parent, which serves requests, never opens a CUDA con
 Protocol, over one duplex ``multiprocessing`` pipe of pickled tuples:
 
 - parent -> child: ``(request id, image, deadline)`` per image; ``None`` to stop.
-- child -> parent: ``("ready", EncoderSpec)`` or ``("failed", message)`` once, then per image
+- child -> parent: ``("ready", EncoderSpec)`` or ``("failed", message or ConfigError)`` once, then per image
   ``(request id, result, observer events, BatcherStats fields, device memory)``, where the
   result is an :class:`ImageError`, a :class:`_InRing` or, for an image the ring has no room
   for, the :class:`CachedEmbedding` itself.
@@ -46,7 +46,7 @@ import torch
 
 from vitcache.batcher import BatcherStats
 from vitcache.entry import CachedEmbedding
-from vitcache.errors import ErrorCode, ImageError
+from vitcache.errors import ConfigError, ErrorCode, ImageError
 from vitcache.inputs import Computable, PixelRows, Scope
 from vitcache.models import EncoderLoader, EncoderSpec, VisionEncoder
 from vitcache.observer import EngineObserver, Stage
@@ -229,6 +229,8 @@ class EncoderProcess:
         first = await self._loop.run_in_executor(None, self._first_message)
         if first[0] != "ready":
             await self._reap()
+            if isinstance(first[1], ConfigError):
+                raise first[1]
             raise RuntimeError(f"encoder process failed to start: {first[1]}")
         self.spec = first[1]
         self._reader = threading.Thread(target=self._read, name="vitcache-encoder-reader", daemon=True)
@@ -387,6 +389,9 @@ def _child_main(conn: Connection, loader: EncoderLoader, pipeline: PipelineConfi
     os.close(fd)
     try:
         encoder = loader.load()
+    except ConfigError as exc:  # the operator's to fix, said in its message: the parent raises it as it is
+        conn.send(("failed", exc))
+        return
     except Exception as exc:
         log.exception("loading the encoder failed")
         conn.send(("failed", f"{type(exc).__name__}: {exc}"))

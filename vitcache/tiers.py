@@ -21,9 +21,11 @@ from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.connection import parse_url
 from redis.exceptions import RedisClusterException, RedisError
 
 from vitcache.entry import CachedEmbedding, CorruptEntry
+from vitcache.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +90,17 @@ class L1Cache:
             self._entries[key] = entry
             self.bytes_used += size
             return True
+
+
+def check_redis_url(url: str) -> None:
+    """Raises ConfigError for a URL redis-py cannot connect with. Its message never repeats the URL,
+    which may hold a password."""
+    try:
+        parse_url(url)
+    except ValueError as e:
+        raise ConfigError(
+            f"bad Redis URL: {e}; write redis://HOST:PORT/DB (rediss:// for TLS, unix:///PATH for a socket)"
+        ) from e
 
 
 class L2Unavailable(Exception):
