@@ -139,9 +139,12 @@ def test_serve_mistakes_end_in_a_line_that_says_what_to_do(capfd, tmp_path: Path
 
 @pytest.mark.skipif(torch.cuda.device_count() > 0, reason="checks the error of a machine without a CUDA GPU")
 def test_serve_on_a_cuda_device_that_is_not_there(capfd):
-    """On cuda the model loads in an encoder process (the default): its error comes back as it is."""
+    """Every GPU (--device cuda) is counted before anything loads; a named one is found missing by its
+    encoder process (the default on cuda), whose error comes back as it is."""
     message = run_main(capfd, *serve("--device", "cuda"))
-    assert message.startswith("vitcache serve: device 'cuda': no CUDA GPU is visible here")
+    assert message.startswith("vitcache serve: --device cuda: no CUDA device is visible") and "cpu" in message
+    message = run_main(capfd, *serve("--device", "cuda:0"))
+    assert message.startswith("vitcache serve: device 'cuda:0': no CUDA GPU is visible here")
     assert "cpu" in message
 
 

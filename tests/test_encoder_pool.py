@@ -16,6 +16,7 @@ from vitcache.server.app import ServerConfig
 
 from tests.conftest import png_bytes
 from vitcache.encoder_pool import EncoderPool, parse_devices
+from vitcache.errors import ConfigError
 
 
 def test_parse_devices() -> None:
@@ -33,7 +34,7 @@ def test_parse_devices() -> None:
         ("cuda:x", "is not cpu, cuda or cuda:N"),
         ("", "empty"),
     ]:
-        with pytest.raises(ValueError, match=words):
+        with pytest.raises(ConfigError, match=words):
             parse_devices(bad, cuda_count=lambda: 0)
 
 

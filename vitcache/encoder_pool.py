@@ -16,7 +16,7 @@ from dataclasses import fields, replace
 from vitcache.batcher import BatcherStats
 from vitcache.encoder_process import EncoderProcess
 from vitcache.entry import CachedEmbedding
-from vitcache.errors import ErrorCode, ImageError
+from vitcache.errors import ConfigError, ErrorCode, ImageError
 from vitcache.inputs import Computable, Scope
 from vitcache.models import EncoderLoader, EncoderSpec
 from vitcache.observer import EngineObserver
@@ -36,17 +36,17 @@ def parse_devices(text: str, cuda_count: Callable[[], int] | None = None) -> lis
             cuda_count = torch.cuda.device_count
         count = cuda_count()
         if count == 0:
-            raise ValueError(f"--device {text}: no CUDA device is visible (check the driver, or use --device cpu)")
+            raise ConfigError(f"--device {text}: no CUDA device is visible (check the driver, or use --device cpu)")
         return [f"cuda:{i}" for i in range(count)]
     if not names:
-        raise ValueError("--device is empty: name cpu, cuda, cuda:N, a list such as cuda:0,cuda:1, or all")
+        raise ConfigError("--device is empty: name cpu, cuda, cuda:N, a list such as cuda:0,cuda:1, or all")
     for name in names:
         kind, _, index = name.partition(":")
         if kind not in ("cpu", "cuda") or (index and not index.isdigit()) or (kind == "cpu" and index):
-            raise ValueError(f"--device {text}: {name!r} is not cpu, cuda or cuda:N")
+            raise ConfigError(f"--device {text}: {name!r} is not cpu, cuda or cuda:N")
     cuda = [name for name in names if name.startswith("cuda")]
     if len(set(cuda)) != len(cuda) or (cuda and len(cuda) != len(names)):
-        raise ValueError(f"--device {text}: name each GPU once, and do not mix cpu with cuda")
+        raise ConfigError(f"--device {text}: name each GPU once, and do not mix cpu with cuda")
     return names
 
 
@@ -152,6 +152,8 @@ class EncoderPool:
         if failures:
             await self.stop()
             slot, exc = failures[0]
+            if isinstance(exc, ConfigError):  # the operator's to fix: its message says how
+                raise exc
             raise RuntimeError(f"the encoder on {slot.loader.device} did not start: {exc}") from exc
         specs = {slot.process.spec.namespace for slot in self._slots if slot.process is not None}
         if len(specs) != 1:
