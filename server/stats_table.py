@@ -47,6 +47,7 @@ def format_stats(stats: dict[str, Any]) -> str:
             f"{totals['requests']:.0f}   in flight {stats['requests_in_flight']:.0f}   "
             f"forwards {totals['forwards']:.0f}",
         ),
+        ("  digest lookups", f"{totals['lookups_not_found']:.0f} not found (hash-first, Fetch; not errors)"),
         ("  by error code", ", ".join(f"{code} {n:.0f}" for code, n in stats["errors_by_code"].items()) or "none"),
         (
             "L1",

@@ -6,8 +6,9 @@ snapshots of the registry's samples (one per ``min_interval_s`` at most, none ol
 ``histogram_quantile()`` would in Prometheus. Cumulative totals and gauges are as of now.
 
 Hit ratios count images answered with an embedding: ``l1`` and ``l2`` are the shares served
-from each tier, ``overall`` their sum; the rest were computed. A hash-first NOT_FOUND is not a
-miss of its own: the image comes back with its bytes and is counted then.
+from each tier, ``overall`` their sum; the rest were computed. A digest-only lookup that found
+nothing (hash-first NOT_FOUND, a Fetch miss) is neither an image nor an error: it is counted apart
+(``lookups_not_found``); the image comes back with its bytes and is counted then.
 """
 
 from __future__ import annotations
@@ -154,10 +155,8 @@ def _compute(now: _Snapshot, base: _Snapshot) -> dict[str, Any]:
         "rates": {
             "requests_per_s": delta("vitcache_requests_total", method=IMAGE_METHODS) / seconds,
             "images_per_s": delta("vitcache_images_total") / seconds,
-            "errors_per_s": (
-                delta("vitcache_images_total", source="none") - delta("vitcache_images_total", code="NOT_FOUND")
-            )
-            / seconds,
+            "errors_per_s": delta("vitcache_images_total", source="none") / seconds,
+            "lookups_not_found_per_s": delta("vitcache_lookups_not_found_total") / seconds,
             "forwards_per_s": forwards / seconds,
         },
         "hit_ratio": _hit_ratios(served),
@@ -174,6 +173,7 @@ def _compute(now: _Snapshot, base: _Snapshot) -> dict[str, Any]:
             "images": now.total("vitcache_images_total"),
             **served_total,
             "forwards": now.total("vitcache_batch_size_images_count"),
+            "lookups_not_found": now.total("vitcache_lookups_not_found_total"),
             "hit_ratio": _hit_ratios(served_total)["overall"],
         },
         "errors_by_code": errors,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import urllib.error
 import urllib.request
 
@@ -85,7 +86,10 @@ def test_metrics_follow_real_traffic_by_source_stage_and_code(metered, encoder) 
     assert value(m, "vitcache_images_total", source="l1", code="OK") == 3
     assert value(m, "vitcache_images_total", source="l2", code="OK") == 0
     assert value(m, "vitcache_images_total", source="none", code="INVALID_ARGUMENT") == 1
-    assert value(m, "vitcache_images_total", source="none", code="NOT_FOUND") == 3 + 1 + 1  # hash-first misses, fetch
+    # Digest-only lookups that found nothing (3 + 1 hash-first rounds, the Fetch) are neither images nor errors.
+    assert value(m, "vitcache_lookups_not_found_total") == 3 + 1 + 1
+    assert value(m, "vitcache_images_total") == 3 + 3 + 1
+    assert not any(n == "vitcache_images_total" and ("code", "NOT_FOUND") in labels for n, labels in m)
     assert value(m, "vitcache_cache_lookups_total", tier="l1", result="hit") == 3
     assert value(m, "vitcache_cache_lookups_total", tier="l2", result="hit") == 0
     assert value(m, "vitcache_cache_lookups_total", tier="l2", result="miss") >= 3 + 1 + 1
@@ -161,7 +165,10 @@ def test_api_stats_dashboard_files_and_stats_command(metered, capsys) -> None:  
     assert stats["totals"]["computed"] == 4 and stats["totals"]["l1"] == 6 and stats["totals"]["l2"] == 0
     assert stats["hit_ratio"] == {"overall": 0.6, "l1": 0.6, "l2": 0.0}
     assert stats["totals"]["hit_ratio"] == 0.6
-    assert stats["errors_by_code"] == {"NOT_FOUND": 4}
+    # The 4 hash-first NOT_FOUND rounds are lookups, not errors and not images.
+    assert stats["errors_by_code"] == {} and stats["rates"]["errors_per_s"] == 0
+    assert stats["totals"]["images"] == 10 and stats["totals"]["lookups_not_found"] == 4
+    assert stats["rates"]["lookups_not_found_per_s"] > 0
     assert stats["rates"]["images_per_s"] > 0 and stats["rates"]["requests_per_s"] > 0
     assert stats["batch"]["images_mean"] is not None and 1 <= stats["batch"]["images_mean"] <= 4
     for stage in ("request", "queue", "preprocess", "forward", "l1_get", "l1_put"):
@@ -182,8 +189,9 @@ def test_api_stats_dashboard_files_and_stats_command(metered, capsys) -> None:  
     assert cli.main(["stats", "--metrics-url", f"http://127.0.0.1:{port}", "--window", "60"]) == 0
     out = capsys.readouterr().out
     assert "60.0 %   L1 60.0 %   L2 0.0 %" in out  # hit ratio: overall, per tier
-    assert "14   L1 6   L2 0   computed 4" in out  # image results (4 of them NOT_FOUND), by source
-    assert "NOT_FOUND 4" in out and "Redis" in out and "connected" in out
+    assert re.search(r"images +10   L1 6   L2 0   computed 4", out)  # image results by source
+    assert re.search(r"digest lookups +4 not found", out) and re.search(r"by error code +none", out)
+    assert "NOT_FOUND" not in out and "Redis" in out and "connected" in out
     assert all(stage in out for stage in ("request", "queue", "preprocess", "forward", "l1_get"))
 
 

@@ -26,6 +26,7 @@ const CHARTS = {
       ["requests/s", COLORS.blue, (s) => s.rates.requests_per_s],
       ["images/s", COLORS.green, (s) => s.rates.images_per_s],
       ["errors/s", COLORS.red, (s) => s.rates.errors_per_s],
+      ["digests not found/s", COLORS.grey, (s) => s.rates.lookups_not_found_per_s],
     ],
   },
   "chart-latency": {
@@ -127,7 +128,10 @@ function render(stats) {
   setText("tile-requests-rate", fmt(stats.rates.requests_per_s));
   setText("tile-requests-total", `${stats.totals.requests} total`);
   setText("tile-images-rate", fmt(stats.rates.images_per_s));
-  setText("tile-images-total", `${stats.totals.images} total · hit ratio ${fmt(pct(stats.totals.hit_ratio), 1, " %")}`);
+  setText(
+    "tile-images-total",
+    `${stats.totals.images} total · hit ratio ${fmt(pct(stats.totals.hit_ratio), 1, " %")} · ${stats.totals.lookups_not_found} digests not found`,
+  );
   setText("tile-p99", fmt(stats.latency_ms.request.p99, 2, " ms"));
   setText("tile-p50", `p50 ${fmt(stats.latency_ms.request.p50, 2, " ms")}`);
   const l1 = stats.l1;
