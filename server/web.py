@@ -94,13 +94,16 @@ class MetricsHttpServer:
     """Serves :class:`MetricsApp` on ``host:port`` (0 picks a free port) until :meth:`stop`."""
 
     def __init__(self, metrics: ServerMetrics, host: str, port: int) -> None:
-        app = MetricsApp(metrics, StatsView(metrics.registry))
+        self._view = StatsView(metrics.registry)
+        app = MetricsApp(metrics, self._view)
         self._server = make_server(host, port, app, ThreadingWSGIServer, handler_class=_QuietHandler)
         self.port: int = self._server.server_port
         self._thread = threading.Thread(target=self._server.serve_forever, name="vitcache-metrics", daemon=True)
         self._thread.start()
+        self._view.start()
 
     def stop(self) -> None:
+        self._view.stop()
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(timeout=5)

@@ -8,6 +8,8 @@ from __future__ import annotations
 import io
 import json
 import re
+import threading
+import time
 import urllib.error
 import urllib.request
 
@@ -20,7 +22,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from vitcache.client import VitCacheClient
 from vitcache.server import cli
 from vitcache.server.app import ServerConfig
-from vitcache.server.stats_view import _compute, _Snapshot, histogram_quantile
+from vitcache.server.metrics import ServerMetrics
+from vitcache.server.stats_view import StatsView, _compute, _Snapshot, histogram_quantile
 from vitcache.v1 import vitcache_pb2 as pb
 from vitcache.v1 import vitcache_pb2_grpc as pb_grpc
 
@@ -193,6 +196,43 @@ def test_api_stats_dashboard_files_and_stats_command(metered, capsys) -> None:  
     assert re.search(r"digest lookups +4 not found", out) and re.search(r"by error code +none", out)
     assert "NOT_FOUND" not in out and "Redis" in out and "connected" in out
     assert all(stage in out for stage in ("request", "queue", "preprocess", "forward", "l1_get"))
+
+
+def test_stats_window_covers_the_seconds_asked_for_however_long_since_the_last_poll() -> None:
+    """`vitcache stats --window 5` printed "last 31.1 s" when the last poll was 31 s ago: the server's
+    own samples (one a second here, on a clock the test turns) must set the window, not the polls."""
+    clock = [0.0]
+    metrics = ServerMetrics()
+    view = StatsView(metrics.registry, sample_interval_s=1.0, max_window_s=20.0, clock=lambda: clock[0])
+    served = metrics.images.labels("l1", "OK")
+    for second in range(1, 41):  # one image a second, sampled each second; one poll, at 10 s
+        clock[0] = float(second)
+        served.inc()
+        view.sample()
+        if second == 10:
+            view.stats(5)
+    clock[0] = 40.3
+    for _ in range(5):
+        served.inc()
+    stats = view.stats(5)
+    assert stats["window_s"] == pytest.approx(5.3)  # from the sample at 35 s, the nearest to 35.3 s
+    assert stats["rates"]["images_per_s"] == pytest.approx((5 + 5) / 5.3)
+    assert view.stats(1000)["window_s"] == pytest.approx(20.3)  # at most max_window_s, the ring's reach
+    assert view.stats(0)["window_s"] == pytest.approx(1.3)  # at least one sample interval
+
+
+def test_stats_sampler_thread_samples_until_stopped() -> None:
+    metrics = ServerMetrics()
+    view = StatsView(metrics.registry, sample_interval_s=0.01)
+    metrics.images.labels("computed", "OK").inc()
+    view.start()
+    deadline = time.monotonic() + 30
+    # Only the first sample predates the image: the shortest window leaves it out once the thread took more.
+    while view.stats(0.01)["rates"]["images_per_s"] > 0:
+        assert time.monotonic() < deadline, "the sampler took no sample"
+        time.sleep(0.01)
+    view.stop()
+    assert not any(thread.name == "vitcache-stats" for thread in threading.enumerate())
 
 
 def test_histogram_quantile_interpolates_like_prometheus() -> None:
