@@ -10,8 +10,6 @@ import json
 import re
 import threading
 import time
-import urllib.error
-import urllib.request
 
 import grpc
 import numpy as np
@@ -29,17 +27,9 @@ from vitcache.v1 import vitcache_pb2_grpc as pb_grpc
 
 from vitcache.preprocess import preprocess
 
-from .conftest import png_bytes
+from .conftest import http_get, png_bytes
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-def http_get(port: int, path: str) -> tuple[int, str, bytes]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
-            return response.status, response.headers["Content-Type"], response.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.headers["Content-Type"], exc.read()
 
 
 def scrape(port: int) -> Samples:

@@ -1,12 +1,17 @@
 // vitcache dashboard: polls /api/stats and draws its numbers over time with uPlot.
 // Query parameters: ?interval=ms between polls (default 1000), &window=s of each rate (default 10),
 // &points=how many polls the charts keep (default 600).
+// A server with tokens (--metrics-token-file, --auth-token-file) wants one for /api/stats: open the page
+// as /#token=TOKEN (a fragment never leaves the browser: not in server logs, not in a Referer), or type
+// it when the page asks. It is kept in this tab's sessionStorage; the fragment leaves the address bar.
 "use strict";
 
 const params = new URLSearchParams(location.search);
 const INTERVAL_MS = Math.max(200, Number(params.get("interval")) || 1000);
 const WINDOW_S = Math.max(1, Number(params.get("window")) || 10);
 const MAX_POINTS = Math.max(10, Number(params.get("points")) || 600);
+
+const TOKEN_KEY = "vitcache-metrics-token";
 
 const COLORS = { blue: "#2563eb", green: "#0e9f6e", orange: "#f59e0b", red: "#e02424", purple: "#7c3aed", grey: "#52606d" };
 const STAGES = ["queue", "preprocess", "forward", "launch", "device", "l2_get"];
@@ -165,10 +170,37 @@ function row(cells) {
   return tr;
 }
 
+function takeTokenFromFragment() {
+  const fragment = new URLSearchParams(location.hash.slice(1));
+  if (!fragment.has("token")) return;
+  sessionStorage.setItem(TOKEN_KEY, fragment.get("token"));
+  window.history.replaceState(null, "", location.pathname + location.search); // "history" is the charts' here
+}
+
+function askForToken(reason) {
+  setText("status", `this server wants a metrics token (${reason})`);
+  document.getElementById("status").className = "bad";
+  document.getElementById("token-form").hidden = false;
+}
+
+document.getElementById("token-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  const input = document.getElementById("token-input");
+  sessionStorage.setItem(TOKEN_KEY, input.value.trim());
+  input.value = "";
+});
+
 async function poll() {
   try {
-    const response = await fetch(`api/stats?window=${WINDOW_S}`, { cache: "no-store" });
+    const token = sessionStorage.getItem(TOKEN_KEY);
+    const headers = token ? { Authorization: `Bearer ${token}` } : {};
+    const response = await fetch(`api/stats?window=${WINDOW_S}`, { cache: "no-store", headers });
+    if (response.status === 401 || response.status === 403) {
+      askForToken((await response.text()).trim());
+      return;
+    }
     if (!response.ok) throw new Error(`HTTP ${response.status}`);
+    document.getElementById("token-form").hidden = true;
     const stats = await response.json();
     render(stats);
     record(stats);
@@ -183,5 +215,6 @@ async function poll() {
   }
 }
 
+takeTokenFromFragment();
 makePlots();
 poll();
