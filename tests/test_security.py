@@ -182,6 +182,7 @@ def test_get_stats_counts_only_the_callers_tenant_under_auth(start_server_thread
     # Nothing server-wide: L1 fill, forwards and computed images tell of the other tenants' traffic.
     for stats in (alice_stats, bob_stats, carol_stats):
         assert stats.l1_entries == stats.l1_bytes == stats.batches == stats.images_computed == 0
+        assert not stats.encoders  # per-device stats are the server's too
         assert stats.uptime_seconds > 0
     assert srv.engine.stats.misses == 3 and len(srv.engine.l1) == 3  # the server's own view is whole
 
