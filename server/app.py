@@ -21,7 +21,7 @@ from vitcache.tiers import L1Cache, RedisTier, check_redis_url
 from .metrics import ServerMetrics
 from .ports import GRPC_OPTIONS, add_grpc_port, check_port_free
 from .reflection import enable_reflection
-from .security import Access, AuthInterceptor, server_credentials
+from .security import Access, AuthInterceptor, MetricsAccess, server_credentials
 from .service import VitCacheServicer
 from .shm import ShmServer
 from .web import MetricsHttpServer
@@ -49,6 +49,8 @@ class ServerConfig:
     tls_key: str | None = None
     tls_client_ca: str | None = None  # set: mutual TLS, clients need a certificate it signed
     auth_token_file: str | None = None
+    # Tokens (one a line) that may read /metrics and /api/stats; so may unbound --auth-token-file tokens.
+    metrics_token_file: str | None = None
     l1_bytes: int = 2 << 30
     max_images_per_request: int = 256
     max_request_bytes: int = 256 << 20
@@ -113,6 +115,8 @@ async def start_server(config: ServerConfig, encoder: VisionEncoder | None = Non
         check_port_free(config.metrics_host, config.metrics_port, "--metrics-port")
     if config.redis_url:
         check_redis_url(config.redis_url)
+    access = Access.from_token_file(config.auth_token_file) if config.auth_token_file else Access.open()
+    metrics_access = MetricsAccess.build(access, config.metrics_token_file)
     metrics = ServerMetrics()
     pipeline: VisionEncoder | Pipeline
     if encoder is not None:
@@ -156,7 +160,6 @@ async def start_server(config: ServerConfig, encoder: VisionEncoder | None = Non
     metrics.watch(engine)
     await engine.start()
 
-    access = Access.from_token_file(config.auth_token_file) if config.auth_token_file else Access.open()
     server = grpc.aio.server(
         interceptors=[metrics.interceptor(SERVICE_NAME), AuthInterceptor(access)],
         options=[
@@ -187,8 +190,13 @@ async def start_server(config: ServerConfig, encoder: VisionEncoder | None = Non
         pipeline.on_available = lambda: _set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING)
     metrics_http = None
     if config.metrics_port is not None:
-        metrics_http = MetricsHttpServer(metrics, config.metrics_host, config.metrics_port)
+        metrics_http = MetricsHttpServer(metrics, config.metrics_host, config.metrics_port, metrics_access)
         log.info("metrics and dashboard on http://%s:%d/", config.metrics_host, metrics_http.port)
+        if metrics_access.locked:
+            log.warning(
+                "every --auth-token-file token is bound to a tenant, so none may read /metrics and /api/stats: "
+                "give Prometheus and operators tokens with --metrics-token-file"
+            )
     log.info(
         "serving %s (%s, %s on %s, namespace %s) on %s:%d; L2 %s",
         engine.spec.model_name,

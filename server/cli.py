@@ -126,6 +126,12 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
     p.add_argument("--tls-client-ca", default=None, help="PEM CA: require client certificates it signed (mutual TLS)")
     p.add_argument("--auth-token-file", default=None, help="lines 'TOKEN [TENANT]': require 'authorization: Bearer'")
+    p.add_argument(
+        "--metrics-token-file",
+        default=None,
+        help="one token a line: require 'Authorization: Bearer' for /metrics and /api/stats "
+        "(unbound --auth-token-file tokens may read them too)",
+    )
     p.add_argument("--digest-key-file", default=None, help="secret shared with trusted clients: keyed digests")
 
 
@@ -142,6 +148,7 @@ def _client_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("stats", help="print a running server's dashboard numbers (from its metrics port)")
     p.add_argument("--metrics-url", default="http://127.0.0.1:9400", help="the server's --metrics-host/--metrics-port")
     p.add_argument("--window", type=float, default=10.0, help="seconds the rates and percentiles cover")
+    p.add_argument("--auth-token-file", default=None, help="a file holding a bearer token the metrics port accepts")
     p = sub.add_parser("loadtest", help="drive a server with Zipf-popular images; report latency and hit ratios")
     p.add_argument("--target", default="localhost:50051")
     mode = p.add_mutually_exclusive_group()
@@ -192,6 +199,7 @@ def _serve(args: argparse.Namespace) -> int:
         tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca,
         auth_token_file=args.auth_token_file,
+        metrics_token_file=args.metrics_token_file,
         l1_bytes=args.l1_bytes,
         max_images_per_request=args.max_images_per_request,
         max_request_bytes=args.max_request_bytes,
@@ -240,9 +248,16 @@ def _encode(args: argparse.Namespace) -> int:
 
 
 def _stats(args: argparse.Namespace) -> int:
-    from vitcache.server.stats_table import fetch_stats, format_stats
+    from vitcache.client import ConnectOptions
+    from vitcache.server.stats_table import StatsRefused, fetch_stats, format_stats
 
-    print(format_stats(fetch_stats(args.metrics_url, args.window)), end="")
+    token = ConnectOptions.from_files(auth_token_file=args.auth_token_file).auth_token
+    try:
+        stats = fetch_stats(args.metrics_url, args.window, token)
+    except StatsRefused as refused:
+        print(f"vitcache stats: {refused}", file=sys.stderr)
+        return 1
+    print(format_stats(stats), end="")
     return 0
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import grpc
 from vitcache.server.security import Access, AccessDenied
@@ -14,7 +14,16 @@ from vitcache.server.wire import with_tensors
 from vitcache.v1 import vitcache_pb2 as pb
 from vitcache.v1 import vitcache_pb2_grpc as pb_grpc
 
-from vitcache.engine import DigestOnly, EmbeddingEngine, EncodedFile, ImageInput, ImageOutcome, RawRGB, Scope
+from vitcache.engine import (
+    DigestOnly,
+    EmbeddingEngine,
+    EncodedFile,
+    ImageInput,
+    ImageOutcome,
+    RawRGB,
+    Scope,
+    TenantStats,
+)
 from vitcache.entry import CachedEmbedding
 from vitcache.errors import ErrorCode, ImageError
 from vitcache.tensor_codec import TensorBytes, dtype_name
@@ -70,6 +79,8 @@ class VitCacheServicer(pb_grpc.VitCacheServicer):
         self.engine = engine
         self.max_images_per_request = max_images_per_request
         self.access = access or Access.open()
+        if self.access.requires_token:
+            engine.count_by_tenant()  # GetStats answers each tenant with its own counts
 
     async def _scope(self, context: grpc.aio.ServicerContext) -> Scope:
         """The caller's tenant and the call's deadline (the client's gRPC deadline, if it set one)."""
@@ -137,6 +148,8 @@ class VitCacheServicer(pb_grpc.VitCacheServicer):
         return pb.PutResponse(results=results)
 
     async def GetStats(self, request: pb.GetStatsRequest, context: grpc.aio.ServicerContext) -> pb.Stats:
+        if self.access.requires_token:
+            return self._tenant_stats((await self._scope(context)).tenant)
         engine = self.engine
         stats, batcher = engine.stats, engine.pipeline.stats
         l2 = engine.l2
@@ -177,6 +190,19 @@ class VitCacheServicer(pb_grpc.VitCacheServicer):
                 )
                 for e in engine.pipeline.encoders()
             ],
+        )
+
+    def _tenant_stats(self, tenant: str) -> pb.Stats:
+        """One tenant's counts; the server-wide ones (L1 fill, batches, Redis errors...) stay 0."""
+        assert self.engine.tenant_stats is not None  # count_by_tenant() since __init__
+        counts = self.engine.tenant_stats.get(tenant, TenantStats())
+        l2 = self.engine.l2
+        return pb.Stats(
+            **asdict(counts),
+            uptime_seconds=self.engine.uptime_s,
+            redis_connected=l2 is not None and l2.connected,
+            tenant_only=True,
+            tenant=tenant,
         )
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:

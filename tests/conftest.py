@@ -11,6 +11,8 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -23,6 +25,16 @@ from vitcache.server.background import BackgroundServer
 
 from vitcache.models import VisionEncoder, load_encoder
 from vitcache.tiny import make_tiny_checkpoint
+
+
+def http_get(port: int, path: str, headers: dict[str, str] | None = None) -> tuple[int, str, bytes]:
+    """(status, content type, body) of a GET on 127.0.0.1:port, errors included."""
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, response.headers["Content-Type"], response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers["Content-Type"], exc.read()
 
 
 def free_port() -> int:

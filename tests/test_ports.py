@@ -14,6 +14,7 @@ from vitcache.client import VitCacheClient
 from vitcache.server.app import ServerConfig, start_server
 from vitcache.server.metrics import ServerMetrics
 from vitcache.server.ports import GRPC_OPTIONS, PortInUse, add_grpc_port
+from vitcache.server.security import Access, MetricsAccess
 from vitcache.server.web import MetricsHttpServer
 
 
@@ -50,4 +51,6 @@ def test_binding_a_port_taken_after_the_probe_is_told_the_same_way(start_server_
     with pytest.raises(PortInUse, match=f"^port {first.running.port} on 127.0.0.1 is in use: .* pick --port$"):
         asyncio.run(bind_grpc())
     with pytest.raises(PortInUse, match=f"^port {first.running.metrics_port} on 127.0.0.1 .* pick --metrics-port$"):
-        MetricsHttpServer(ServerMetrics(), "127.0.0.1", first.running.metrics_port)
+        MetricsHttpServer(
+            ServerMetrics(), "127.0.0.1", first.running.metrics_port, MetricsAccess.build(Access.open(), None)
+        )

@@ -80,6 +80,35 @@ class EngineStats:
     started_at: float = field(default_factory=time.monotonic)
 
 
+@dataclass
+class TenantStats:
+    """One tenant's images by outcome: what its own ``GetStats`` may show under authentication."""
+
+    l1_hits: int = 0
+    l2_hits: int = 0
+    misses: int = 0  # computed for it (alone or in a single flight it joined)
+    not_found: int = 0  # digest-only lookups that found nothing
+    errors: int = 0  # answered with an error other than NOT_FOUND
+    overloaded: int = 0  # of the errors, RESOURCE_EXHAUSTED
+    deadline_expired: int = 0  # of the errors, DEADLINE_EXCEEDED
+    puts: int = 0  # entries it stored by Put
+
+    def count(self, outcome: ImageOutcome) -> None:
+        if outcome.error is None:
+            if outcome.source is Source.L1:
+                self.l1_hits += 1
+            elif outcome.source is Source.L2:
+                self.l2_hits += 1
+            else:
+                self.misses += 1
+        elif outcome.error.code is ErrorCode.NOT_FOUND:
+            self.not_found += 1
+        else:
+            self.errors += 1
+            self.overloaded += outcome.error.code is ErrorCode.RESOURCE_EXHAUSTED
+            self.deadline_expired += outcome.error.code is ErrorCode.DEADLINE_EXCEEDED
+
+
 class EmbeddingEngine:
     """Serves per-image embeddings from L1, L2 or one shared computation.
 
@@ -114,6 +143,8 @@ class EmbeddingEngine:
         self.l2 = l2
         self.fleet_lock = fleet_lock
         self.stats = EngineStats()
+        # Per-tenant counts, once count_by_tenant() asked for them (tenant names are the clients' to choose).
+        self.tenant_stats: dict[str, TenantStats] | None = None
         self._inflight: dict[bytes, asyncio.Task[tuple[CachedEmbedding, Source]]] = {}
         self._l2_writes: set[asyncio.Future[None]] = set()
 
@@ -121,6 +152,11 @@ class EmbeddingEngine:
     def spec(self) -> EncoderSpec:
         """What the encoder computes (known once the pipeline has started)."""
         return self.pipeline.spec
+
+    def count_by_tenant(self) -> None:
+        """Keeps :attr:`tenant_stats` from now on (under authentication, where tokens bound the tenants)."""
+        if self.tenant_stats is None:
+            self.tenant_stats = {}
 
     @property
     def uptime_s(self) -> float:
@@ -162,15 +198,20 @@ class EmbeddingEngine:
                 tasks.append(asyncio.ensure_future(self._serve_miss(index, image, answer, scope)))  # type: ignore[arg-type]
         try:
             for outcome in answered:
-                self.observer.image_done(outcome)
+                self._report(outcome, scope)
                 yield outcome
             for next_done in asyncio.as_completed(tasks):
                 outcome = await next_done
-                self.observer.image_done(outcome)
+                self._report(outcome, scope)
                 yield outcome
         finally:
             for task in tasks:
                 task.cancel()
+
+    def _report(self, outcome: ImageOutcome, scope: Scope) -> None:
+        self.observer.image_done(outcome)
+        if self.tenant_stats is not None:
+            self.tenant_stats.setdefault(scope.tenant, TenantStats()).count(outcome)
 
     async def fetch(self, digests: Sequence[bytes], scope: Scope = Scope()) -> AsyncIterator[ImageOutcome]:
         async for outcome in self.encode([DigestOnly(d) for d in digests], scope):
@@ -186,6 +227,8 @@ class EmbeddingEngine:
         self._check_put(key, entry)
         self.l1.put(l1_put_key(key, scope.tenant), entry)
         self.stats.puts += 1
+        if self.tenant_stats is not None:
+            self.tenant_stats.setdefault(scope.tenant, TenantStats()).puts += 1
         if self.l2 is not None:
             with self.observer.timed("l2_put"):
                 await self.l2.put_at(self.l2.put_key(key, scope.tenant), entry)
@@ -197,7 +240,7 @@ class EmbeddingEngine:
         lookups = [self._fetch_key(first_index + offset, key, scope) for offset, key in enumerate(keys)]
         for next_done in asyncio.as_completed(lookups):
             outcome = await next_done
-            self.observer.image_done(outcome)
+            self._report(outcome, scope)
             yield outcome
 
     async def _fetch_key(self, index: int, key: str, scope: Scope) -> ImageOutcome:
