@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import signal
 import threading
 from pathlib import Path
 
@@ -180,15 +181,21 @@ def test_redis_unreachable_at_start_and_every_change_are_logged_without_the_pass
         answers += [await tier.ping(), await tier.ping()]  # down (logged once)
         redis.start()
         answers.append(await tier.ping())
+        assert redis.proc is not None
+        redis.proc.send_signal(signal.SIGSTOP)  # hung: a timeout, whose exception has no text
+        answers.append(await tier.ping())
+        redis.proc.send_signal(signal.SIGCONT)
+        answers.append(await tier.ping())
         await tier.close()
         return answers
 
     try:
-        assert asyncio.run(run()) == [False, True, True, False, False, True]
+        assert asyncio.run(run()) == [False, True, True, False, False, True, False, True]
     finally:
         redis.kill()
     logged = [(r.levelno, r.getMessage()) for r in caplog.records]
-    assert [level for level, _ in logged] == [logging.WARNING, logging.INFO, logging.WARNING, logging.INFO]
+    assert [level for level, _ in logged] == [logging.WARNING, logging.INFO] * 3
+    assert "(TimeoutError)" in logged[-2][1]
     where = f"redis://:***@127.0.0.1:{redis.port}/0"
     assert all(where in message and "s3cret" not in message for _, message in logged), logged
 

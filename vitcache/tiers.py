@@ -163,7 +163,9 @@ class RedisTier:
     def _failed(self, exc: BaseException) -> None:
         if self._logged_connected is not False:
             log.warning(
-                "redis: %s unavailable (%s); serving from L1 and compute, retrying in the background", self.url, exc
+                "redis: %s unavailable (%s); serving from L1 and compute, retrying in the background",
+                self.url,
+                str(exc) or type(exc).__name__,  # a timeout's text is empty
             )
         self.connected = self._logged_connected = False
         self.stats.errors += 1
