@@ -9,7 +9,8 @@ with a compare-and-delete script, so it never deletes a lock that expired and wa
 by another replica since.
 
 Invariants:
-- A dead holder blocks the others for at most ``ttl_s`` (the lock expires by itself).
+- A dead holder blocks the others for at most ``ttl_s`` (the lock expires by itself); a live
+  one releases its lock even when its L2 write failed and the tier is backing off.
 - A waiter never waits longer than ``ttl_s`` plus one poll, whatever Redis does.
 - A replica that takes the lock looks in L2 once more before computing, so a value written
   between its last poll and its taking the lock is used, not recomputed.
@@ -107,5 +108,7 @@ class FleetLock:
 
     async def release(self, digest: bytes, tenant: str, token: str) -> None:
         key = self._lock_key(digest, tenant)
+        # Tried even while the tier backs off (a failed or slow L2 write just before sets it off):
+        # a lock left behind holds the other replicas' misses of this image for its whole lifetime.
         with contextlib.suppress(L2Unavailable):  # else it expires by itself
-            await self.l2.execute(lambda r: r.eval(_RELEASE, 1, key, token))
+            await self.l2.execute(lambda r: r.eval(_RELEASE, 1, key, token), probe=True)
