@@ -127,14 +127,14 @@ def test_a_request_arriving_as_the_computation_ends_uses_its_result(encoder) -> 
 
 
 def test_a_joiner_without_a_deadline_outlives_the_first_requests_deadline(start_server_thread, encoder) -> None:  # type: ignore[no-untyped-def]
-    # A batch waits 2 s to fill: the first request's 0.5 s deadline passes while its image is queued.
-    srv = start_server_thread(ServerConfig(engine=EngineConfig(max_batch_wait_s=2.0)), encoder)
+    # A batch waits 3 s to fill: the first request's 1 s deadline passes while its image is queued.
+    srv = start_server_thread(ServerConfig(engine=EngineConfig(max_batch_wait_s=3.0)), encoder)
     image = png_bytes(56, 56, 8100)
 
     async def run() -> tuple[BaseException | None, str, str]:
         async with AsyncVitCacheClient(srv.target) as client:
             hurried, patient = await asyncio.gather(
-                client.encode([image], timeout=0.5), _after(0.1, client.encode([image])), return_exceptions=True
+                client.encode([image], timeout=1.0), _after(0.2, client.encode([image])), return_exceptions=True
             )
             stats = await client.stats()
         assert not isinstance(patient, BaseException)
