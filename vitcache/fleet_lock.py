@@ -2,8 +2,8 @@
 
 A replica that misses in L2 takes a lock key next to the value's key (``SET key token NX
 PX ttl``, in a script that also takes over a key of another type, which no replica left: a
-corrupt entry, counted as such); the replicas that fail to take it poll L2 until the holder's value appears, and
-compute themselves once the lock is gone without a value (the holder died or failed) or
+corrupt entry, counted as such); the replicas that fail to take it poll L2 until the
+holder's value appears, and compute themselves once the lock is gone without a value (the holder died or failed) or
 after the lock's lifetime. The holder writes the value to L2 before it releases the lock
 with a compare-and-delete script, so it never deletes a lock that expired and was taken
 by another replica since.
