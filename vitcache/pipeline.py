@@ -119,9 +119,15 @@ class EncodePipeline:
             raise ImageError(ErrorCode.INVALID_ARGUMENT, str(exc)) from exc
 
     def _pixel_rows(self, image: PixelRows) -> torch.Tensor:
+        """The image's rows on the device; raises ImageRejected for NaN or infinite values, which
+        would come out as an all-NaN embedding. One reduction on the device, waited for on this
+        thread's side stream, so the image never joins a batch."""
         t, h, w = image.grid_thw
         rows = tensor_from_buffer(image.data, image.dtype, (t * h * w, image.row_width))
-        return rows.to(self.encoder.device)
+        rows = rows.to(self.encoder.device)
+        if not torch.isfinite(rows).all():
+            raise ImageRejected(f"pixel_values of the image of image_grid_thw {[t, h, w]} hold NaN or infinite values")
+        return rows
 
 
 class Pipeline(Protocol):
