@@ -176,6 +176,7 @@ class BatcherStats:
     images: int = 0
     patches: int = 0
     oom_splits: int = 0
+    decoded_pixels_peak: int = 0  # most decoded pixels in flight at once (the pipeline's PixelBudget)
 
 
 class Batcher:
