@@ -51,7 +51,8 @@ class EncodePipeline:
 
     Encoded files from concurrent calls are decoded together (batched nvJPEG on CUDA),
     preprocessed on ``preprocess_workers`` threads and packed into forwards by a
-    :class:`Batcher`. Raises :class:`ImageError` for the image alone.
+    :class:`Batcher`. Decoding waits for room in a :class:`PixelBudget` shared by all
+    calls. Raises :class:`ImageError` for the image alone.
     """
 
     def __init__(
