@@ -105,6 +105,38 @@ def test_pixel_batch_split_equals_single_images_and_transformers(server, tiny_ch
     assert [r.source for r in alone] == ["L1"] * 3  # the batch already cached each image on its own
 
 
+def test_non_finite_pixels_fail_alone_and_non_finite_outputs_are_never_cached(  # type: ignore[no-untyped-def]
+    redis_backed, redis_server, tiny_checkpoint
+) -> None:
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    rng = np.random.default_rng(8)
+    valid, grid = preprocess(
+        rng.integers(0, 256, (56, 56, 3), dtype=np.uint8), redis_backed.engine.spec.preprocess_config
+    )
+    nan, inf = valid.clone(), valid.clone()
+    nan[5, 17] = float("nan")
+    inf[0, 0] = float("-inf")
+    huge = torch.full_like(valid, 3e38)  # finite, but the forward overflows: a non-finite output
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_checkpoint).eval()
+    with torch.inference_mode():
+        want = model.model.get_image_features(valid, torch.tensor([grid])).pooler_output[0]
+        assert not model.model.get_image_features(huge, torch.tensor([grid])).pooler_output[0].isfinite().all()
+    with VitCacheClient(redis_backed.target) as client:
+        for source in ("COMPUTED", "L1"):  # the second time only the valid image comes from a cache
+            results = client.encode_pixels(torch.cat([nan, valid, inf, huge]), [grid] * 4)
+            for i in (0, 2):
+                assert results[i].error is not None and results[i].error.code == grpc.StatusCode.INVALID_ARGUMENT
+                assert "NaN or infinite" in results[i].error.message
+            assert results[3].error is not None and results[3].error.code == grpc.StatusCode.INTERNAL
+            assert "not finite" in results[3].error.message
+            assert results[1].source == source
+            torch.testing.assert_close(results[1].embeddings[0], want, atol=1e-5, rtol=1e-5)
+        assert client.stats().l1_entries == 1
+    redis_backed.call(redis_backed.engine.drain())
+    assert len(redis_server.client().keys("vitcache:v1:*")) == 1
+
+
 def test_restart_keeps_l2_hits_and_fetch_finds_them(start_server_thread, encoder, redis_server) -> None:  # type: ignore[no-untyped-def]
     images = [png_bytes(56, 56, 11), png_bytes(84, 56, 12)]
     first_server = start_server_thread(config(redis_url=redis_server.url), encoder)

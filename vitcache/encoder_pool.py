@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import fields, replace
+from dataclasses import replace
 
 from vitcache.batcher import BatcherStats
 from vitcache.encoder_process import EncoderProcess
@@ -50,10 +50,6 @@ def parse_devices(text: str, cuda_count: Callable[[], int] | None = None) -> lis
     return names
 
 
-def _added(a: BatcherStats, b: BatcherStats) -> BatcherStats:
-    return BatcherStats(**{f.name: getattr(a, f.name) + getattr(b, f.name) for f in fields(BatcherStats)})
-
-
 class _Slot:
     """A device's encoder process, and what it did before its last restart."""
 
@@ -68,7 +64,7 @@ class _Slot:
 
     @property
     def stats(self) -> BatcherStats:
-        return self.retired if self.process is None else _added(self.retired, self.process.stats)
+        return self.retired if self.process is None else self.retired + self.process.stats
 
 
 class EncoderPool:
@@ -109,10 +105,7 @@ class EncoderPool:
 
     @property
     def stats(self) -> BatcherStats:
-        total = BatcherStats()
-        for slot in self._slots:
-            total = _added(total, slot.stats)
-        return total
+        return sum((slot.stats for slot in self._slots), BatcherStats())
 
     def device_memory(self) -> dict[str, int]:
         """Allocated and reserved bytes over every live encoder's device."""
@@ -220,7 +213,7 @@ class EncoderPool:
         if self._stopping or slot.process is not process:
             return
         slot.alive = False
-        slot.retired = _added(slot.retired, process.stats)
+        slot.retired = slot.retired + process.stats
         slot.process = None
         with contextlib.suppress(Exception):  # its ring, pipe and reader thread; the child is gone
             await process.stop()
