@@ -14,6 +14,7 @@ import sys
 import time
 import urllib.error
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import grpc
 
@@ -256,10 +257,10 @@ def _encode(args: argparse.Namespace) -> int:
 
 
 def _stats(args: argparse.Namespace) -> int:
-    from vitcache.client import ConnectOptions
     from vitcache.server.stats_table import StatsRefused, fetch_stats, format_stats
 
-    token = ConnectOptions.from_files(auth_token_file=args.auth_token_file).auth_token
+    # Read here, not through the client's ConnectOptions: importing the client imports torch.
+    token = Path(args.auth_token_file).read_text().split()[0] if args.auth_token_file else None
     try:
         stats = fetch_stats(args.metrics_url, args.window, token)
     except StatsRefused as refused:

@@ -117,17 +117,19 @@ class EncoderPool:
         return memory
 
     def encoders(self) -> list[EncoderStatus]:
-        """Per device; its counters cover every process it has had."""
+        """Per device; its counters cover every process it has had. A device named twice (the CPU,
+        in tests) is told apart by its position: ``cpu#0``, ``cpu#1``."""
+        names = [slot.loader.device for slot in self._slots]
         return [
             EncoderStatus(
-                slot.loader.device,
+                name if names.count(name) == 1 else f"{name}#{i}",
                 slot.alive,
                 slot.stats,
                 dict(slot.process.device_memory()) if slot.alive and slot.process is not None else {},
                 slot.in_flight,
                 slot.restarts,
             )
-            for slot in self._slots
+            for i, (name, slot) in enumerate(zip(names, self._slots, strict=True))
         ]
 
     @property
