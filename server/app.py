@@ -166,6 +166,10 @@ async def start_server(config: ServerConfig, encoder: VisionEncoder | None = Non
             ("grpc.max_receive_message_length", config.max_request_bytes),
             ("grpc.max_send_message_length", -1),
             *GRPC_OPTIONS,
+            # Identity only: a compressed request is refused (UNIMPLEMENTED) before it is inflated. gRPC
+            # bounds an inflated message by max_receive_message_length alone, so 0.2 MB of gzip could
+            # make 200 MiB; images and pixel values hardly compress, so clients lose nothing.
+            ("grpc.compression_enabled_algorithms_bitset", 1),
         ],
     )
     add_servicer(VitCacheServicer(engine, config.max_images_per_request, access), server)

@@ -496,3 +496,17 @@ def test_cuda_service_agrees_with_cpu_and_rejects_bad_files(start_server_thread,
         cosine = torch.nn.functional.cosine_similarity(g.embeddings[0].float(), w.embeddings[0], dim=-1)
         assert cosine.mean() > 0.995 and cosine.min() > 0.98, cosine
     assert got[3].error is not None and got[3].error.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_a_compressed_request_is_refused_before_it_is_inflated(server) -> None:  # type: ignore[no-untyped-def]
+    """0.2 MB of gzip inflates to 200 MiB; the server takes uncompressed requests only."""
+    channel = grpc.insecure_channel(server.target)
+    stub = pb_grpc.VitCacheStub(channel)
+    bomb = pb.EncodeRequest(images=[pb.Image(raw=pb.RawImage(rgb=bytes(8 << 20), height=2048, width=1366))])
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.Encode(bomb, compression=grpc.Compression.Gzip, timeout=30))
+    assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED and "gzip" in err.value.details()
+    assert stub.GetStats(pb.GetStatsRequest()).images_computed == 0
+    plain = list(stub.Encode(pb.EncodeRequest(images=[pb.Image(encoded=png_bytes(56, 56, 5))]), timeout=30))
+    assert plain[0].error_code == 0 and plain[0].source == pb.COMPUTED
+    channel.close()
