@@ -289,6 +289,23 @@ def test_image_grid_is_the_grid_preprocessing_gives(tmp_path, height, width):
     assert image_grid(height, width, config) == preprocess(photo(height, width), config)[1]
 
 
+@pytest.mark.parametrize("kind", ["qwen2_vl", "kimi_k25"])
+def test_check_frame_takes_every_grid_preprocessing_makes_and_no_far_larger(tmp_path, kind):
+    """Pixel batches are held to this bound (#14 item 7); it must never refuse what preprocessing makes."""
+    if kind == "kimi_k25":
+        pytest.importorskip("torchvision")  # transformers' navit_resize lives in a module importing it
+    config = qwen_config(tmp_path) if kind == "qwen2_vl" else kimi_config(tmp_path)
+    sizes = range(28, 1500, 29)
+    grids = {image_grid(height, width, config)[1:] for height in sizes for width in sizes}
+    for height, width in grids:
+        config.check_frame(height, width)
+    largest = max(h * w for h, w in grids)
+    with pytest.raises(ValueError, match="max_"):
+        config.check_frame(2, largest)
+    with pytest.raises(ValueError, match="max_"):
+        config.check_frame(128, 128)
+
+
 def test_preprocess_accepts_torch_and_read_only_views(tmp_path):
     config = qwen_config(tmp_path)
     image = photo(100, 150)

@@ -137,6 +137,27 @@ def test_non_finite_pixels_fail_alone_and_non_finite_outputs_are_never_cached(  
     assert len(redis_server.client().keys("vitcache:v1:*")) == 1
 
 
+def test_a_bad_grid_in_a_pixel_batch_fails_alone(server, encoder) -> None:  # type: ignore[no-untyped-def]
+    """One pixel batch: a grid the model cannot take (h not a multiple of the merge size), a valid image,
+    and a grid larger than the model's max_pixels (128*28*28: 512 patches) makes. Each bad one fails at its
+    own index; the valid one gets the embeddings it gets alone (#14 items 7 and 21)."""
+    rng = np.random.default_rng(3)
+    valid, grid = preprocess(rng.integers(0, 256, (56, 84, 3), dtype=np.uint8), encoder.preprocess_config)
+    odd, too_large = (1, 3, 4), (1, 24, 24)
+    rows = [torch.zeros(12, valid.shape[1]), valid, torch.zeros(24 * 24, valid.shape[1])]
+    with VitCacheClient(server.target) as client:
+        results = client.encode_pixels(torch.cat(rows), [odd, grid, too_large])
+        alone = client.encode_pixels(valid, [grid])[0].raise_for_error()
+    assert [r.index for r in results] == [0, 1, 2]
+    for bad, grid_thw in ((results[0], odd), (results[2], too_large)):
+        assert bad.error is not None and bad.error.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert str(list(grid_thw)) in bad.error.message and not bad.embeddings
+    assert "merge size" in results[0].error.message and "max_pixels=100352" in results[2].error.message
+    good = results[1].raise_for_error()
+    assert good.grid_thw == grid and alone.source == "L1"
+    assert good.embeddings[0].numpy().tobytes() == alone.embeddings[0].numpy().tobytes()
+
+
 def test_restart_keeps_l2_hits_and_fetch_finds_them(start_server_thread, encoder, redis_server) -> None:  # type: ignore[no-untyped-def]
     images = [png_bytes(56, 56, 11), png_bytes(84, 56, 12)]
     first_server = start_server_thread(config(redis_url=redis_server.url), encoder)

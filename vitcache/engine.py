@@ -471,7 +471,6 @@ class EmbeddingEngine:
         total = sum(t * h * w for t, h, w in grids)
         if total != shape[0]:
             raise invalid(f"image_grid_thw adds up to {total} patches but pixel_values has {shape[0]} rows")
-        max_patches = self.config.limits.max_image_pixels // self.spec.preprocess_config.patch_size**2
         view, row_bytes, start = memoryview(data), patch_dim * itemsize, 0
         images: list[PixelRows | ImageError] = []
         for grid in grids:
@@ -479,8 +478,7 @@ class EmbeddingEngine:
             end = start + patches * row_bytes
             try:
                 self.spec.validate_grid(grid)  # type: ignore[arg-type]
-                if patches > max_patches:
-                    raise ValueError(f"{patches} patches is over the limit of {max_patches}")
+                self.spec.preprocess_config.check_frame(grid[1], grid[2])
                 images.append(PixelRows(view[start:end], dtype, grid, patch_dim))  # type: ignore[arg-type]
             except ValueError as exc:
                 images.append(invalid(f"image_grid_thw {list(grid)}: {exc}"))

@@ -269,6 +269,29 @@ class PreprocessConfig:
     def patch_dim(self) -> int:
         return 3 * self.temporal_patch_size * self.patch_size**2
 
+    def check_frame(self, height: int, width: int) -> None:
+        """Raises ValueError for a frame of ``height`` x ``width`` patches larger than ``preprocess`` makes.
+
+        Pixel batches come preprocessed by the client; this holds them to the bound decoded images get.
+        Qwen's smart_resize keeps h*w*patch² within max_pixels. Kimi's navit_resize keeps each side within
+        max_size_per_side (padded to the merge size), and its flooring and padding add at most h + w
+        patches to max_patches, counted without the last merge_size rows and columns (padding).
+        """
+        if self.kind == "qwen2_vl":
+            assert self.max_pixels is not None
+            pixels = height * width * self.patch_size**2
+            if pixels > self.max_pixels:
+                raise ValueError(f"{pixels} pixels per frame is over the model's max_pixels={self.max_pixels}")
+            return
+        assert self.max_patches is not None and self.max_size_per_side is not None
+        merge = self.merge_size
+        longest = -(-self.max_size_per_side // merge) * merge
+        if max(height, width) > longest or (height - merge) * (width - merge) > self.max_patches + height + width:
+            raise ValueError(
+                f"{height}x{width} patches per frame is over what the model's preprocessing makes "
+                f"(max_patches={self.max_patches}, max_size_per_side={self.max_size_per_side})"
+            )
+
 
 def _target_size(height: int, width: int, config: PreprocessConfig) -> tuple[tuple[int, int], tuple[int, int]]:
     """(resized, padded) (height, width) exactly as the HF processor of `config.kind` picks them."""
