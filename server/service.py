@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import asdict, replace
+from typing import TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError, Message
 from vitcache.server.security import Access, AccessDenied
 from vitcache.server.status import status_code, wire_code
-from vitcache.server.wire import with_tensors
+from vitcache.server.wire import LENGTH_DELIMITED, MalformedMessage, TooManyFields, count_values, fields, with_tensors
 from vitcache.v1 import vitcache_pb2 as pb
 from vitcache.v1 import vitcache_pb2_grpc as pb_grpc
 
@@ -27,6 +29,25 @@ from vitcache.engine import (
 from vitcache.entry import CachedEmbedding
 from vitcache.errors import ErrorCode, ImageError
 from vitcache.tensor_codec import TensorBytes, dtype_name
+
+T = TypeVar("T")
+M = TypeVar("M", bound=Message)
+_IMAGES = pb.EncodeRequest.DESCRIPTOR.fields_by_name["images"].number
+_PIXELS = pb.EncodeRequest.DESCRIPTOR.fields_by_name["pixels"].number
+_GRID = pb.PixelBatch.DESCRIPTOR.fields_by_name["image_grid_thw"].number
+_DIGESTS = pb.FetchRequest.DESCRIPTOR.fields_by_name["digests"].number
+_KEYS = pb.FetchRequest.DESCRIPTOR.fields_by_name["keys"].number
+_ITEMS = pb.PutRequest.DESCRIPTOR.fields_by_name["items"].number
+#: Fields a request may hold besides its images or digests (its pixels, fields of newer clients).
+_EXTRA_FIELDS = 16
+#: Requests up to this size are read on the event loop (a hash-first request of 256 digests is 5 KiB;
+#: 8 KiB holds at most 4,096 fields); a bigger one in a worker thread, whose per-image steps leave
+#: the loop free to answer health checks and other tenants in between.
+_INLINE_REQUEST_BYTES = 8 << 10
+
+
+def _invalid(message: str) -> ImageError:
+    return ImageError(ErrorCode.INVALID_ARGUMENT, message)
 
 
 def image_input(image: pb.Image) -> ImageInput | ImageError:
@@ -47,6 +68,13 @@ def put_entry(item: pb.PutItem) -> CachedEmbedding:
         raise ImageError(ErrorCode.INVALID_ARGUMENT, f"grid_thw must be empty or t, h, w; got {list(grid)}")
     tensors = tuple(TensorBytes(t.dtype, tuple(t.shape), t.data) for t in item.embeddings)
     return CachedEmbedding(grid or (0, 0, 0), tensors)  # type: ignore[arg-type]
+
+
+def _parsed_image_input(data: memoryview) -> ImageInput | ImageError:
+    try:
+        return image_input(pb.Image.FromString(data))
+    except DecodeError as exc:
+        return _invalid(f"malformed Image: {exc}")
 
 
 def image_result(outcome: ImageOutcome) -> pb.ImageResult:
@@ -91,50 +119,24 @@ class VitCacheServicer(pb_grpc.VitCacheServicer):
         remaining = context.time_remaining()
         return Scope(tenant, None if remaining is None else time.monotonic() + remaining)
 
-    async def Encode(self, request: pb.EncodeRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
-        has_pixels = request.HasField("pixels")
-        if bool(request.images) == has_pixels:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "set exactly one of images or pixels")
-        inputs: list[ImageInput | ImageError]
-        if has_pixels:
-            tensor = request.pixels.pixel_values
-            try:
-                inputs = list(
-                    self.engine.validate_pixel_batch(
-                        tensor.data, tensor.dtype, tensor.shape, request.pixels.image_grid_thw
-                    )
-                )
-            except ImageError as exc:
-                await context.abort(status_code(exc.code), exc.message)
-        else:
-            inputs = [image_input(image) for image in request.images]
-        if len(inputs) > self.max_images_per_request:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"{len(inputs)} images is over --max-images-per-request={self.max_images_per_request}",
-            )
+    async def Encode(self, request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        """``request`` is an EncodeRequest's bytes (``wire.add_servicer`` registers it so)."""
+        inputs = await self._read(self._encode_inputs, request, context)
         async for outcome in self.engine.encode(inputs, await self._scope(context)):
             yield image_result_bytes(outcome)
 
-    async def Fetch(self, request: pb.FetchRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
-        count = len(request.digests) + len(request.keys)
-        if count > self.max_images_per_request:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"{count} digests and keys is over --max-images-per-request={self.max_images_per_request}",
-            )
+    async def Fetch(self, request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        """``request`` is a FetchRequest's bytes (``wire.add_servicer`` registers it so)."""
+        fetch = await self._read(self._fetch_request, request, context)
         scope = await self._scope(context)
-        async for outcome in self.engine.fetch(list(request.digests), scope):
-            yield image_result_bytes(outcome, request.metadata_only)
-        async for outcome in self.engine.fetch_keys(list(request.keys), scope, first_index=len(request.digests)):
-            yield image_result_bytes(outcome, request.metadata_only)
+        async for outcome in self.engine.fetch(list(fetch.digests), scope):
+            yield image_result_bytes(outcome, fetch.metadata_only)
+        async for outcome in self.engine.fetch_keys(list(fetch.keys), scope, first_index=len(fetch.digests)):
+            yield image_result_bytes(outcome, fetch.metadata_only)
 
-    async def Put(self, request: pb.PutRequest, context: grpc.aio.ServicerContext) -> pb.PutResponse:
-        if len(request.items) > self.max_images_per_request:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"{len(request.items)} items is over --max-images-per-request={self.max_images_per_request}",
-            )
+    async def Put(self, request: bytes, context: grpc.aio.ServicerContext) -> pb.PutResponse:
+        """``request`` is a PutRequest's bytes (``wire.add_servicer`` registers it so)."""
+        put = await self._read(self._put_request, request, context)
         scope = await self._scope(context)
 
         async def store(index: int, item: pb.PutItem) -> pb.PutResult:
@@ -144,8 +146,67 @@ class VitCacheServicer(pb_grpc.VitCacheServicer):
                 return pb.PutResult(index=index, error_code=wire_code(exc.code), error_message=exc.message)
             return pb.PutResult(index=index)
 
-        results = await asyncio.gather(*(store(index, item) for index, item in enumerate(request.items)))
+        results = await asyncio.gather(*(store(index, item) for index, item in enumerate(put.items)))
         return pb.PutResponse(results=results)
+
+    async def _read(self, parse: Callable[[bytes], T], request: bytes, context: grpc.aio.ServicerContext) -> T:
+        """``parse(request)``, off the event loop unless the request is small; its ImageError aborts the call."""
+        try:
+            if len(request) <= _INLINE_REQUEST_BYTES:
+                return parse(request)
+            return await asyncio.to_thread(parse, request)
+        except ImageError as exc:
+            await context.abort(status_code(exc.code), exc.message)
+            raise  # abort raises; this tells type checkers so
+
+    def _fields(self, chunks: Sequence[bytes | memoryview], per_image: int, what: str) -> list:
+        """``wire.fields`` of a message that holds ``per_image`` of ``what`` per image, bounded by the limit."""
+        limit = self.max_images_per_request
+        try:
+            return fields(chunks, per_image * limit + _EXTRA_FIELDS)
+        except TooManyFields:
+            raise _invalid(f"more than {per_image * limit} {what} is over --max-images-per-request={limit}") from None
+        except MalformedMessage as exc:
+            raise _invalid(f"malformed request: {exc}") from None
+
+    def _encode_inputs(self, request: bytes) -> list[ImageInput | ImageError]:
+        """The request's images or pixel batch as engine inputs; every count is checked from the wire first."""
+        limit = self.max_images_per_request
+        found = self._fields([request], 1, "images")
+        images = [payload for number, kind, payload in found if number == _IMAGES and kind == LENGTH_DELIMITED]
+        pixels = [payload for number, kind, payload in found if number == _PIXELS and kind == LENGTH_DELIMITED]
+        if bool(images) == bool(pixels):
+            raise _invalid("set exactly one of images or pixels")
+        if len(images) > limit:
+            raise _invalid(f"{len(images)} images is over --max-images-per-request={limit}")
+        if images:
+            return [_parsed_image_input(image) for image in images]
+        if count_values(self._fields(pixels, 3, "image_grid_thw values"), _GRID, 3 * limit) > 3 * limit:
+            raise _invalid(f"more than {limit} images in image_grid_thw is over --max-images-per-request={limit}")
+        try:
+            batch = pb.PixelBatch.FromString(pixels[0] if len(pixels) == 1 else b"".join(pixels))
+        except DecodeError as exc:
+            raise _invalid(f"malformed pixels: {exc}") from None
+        tensor = batch.pixel_values
+        return self.engine.validate_pixel_batch(tensor.data, tensor.dtype, tensor.shape, batch.image_grid_thw)
+
+    def _counted(self, message: type[M], request: bytes, repeated: tuple[int, ...], what: str) -> M:
+        """``request`` parsed as ``message``, once its ``repeated`` fields together hold at most the limit."""
+        limit = self.max_images_per_request
+        found = self._fields([request], 1, what)
+        count = sum(1 for number, kind, _ in found if number in repeated and kind == LENGTH_DELIMITED)
+        if count > limit:
+            raise _invalid(f"{count} {what} is over --max-images-per-request={limit}")
+        try:
+            return message.FromString(request)
+        except DecodeError as exc:
+            raise _invalid(f"malformed request: {exc}") from None
+
+    def _fetch_request(self, request: bytes) -> pb.FetchRequest:
+        return self._counted(pb.FetchRequest, request, (_DIGESTS, _KEYS), "digests and keys")
+
+    def _put_request(self, request: bytes) -> pb.PutRequest:
+        return self._counted(pb.PutRequest, request, (_ITEMS,), "items")
 
     async def GetStats(self, request: pb.GetStatsRequest, context: grpc.aio.ServicerContext) -> pb.Stats:
         if self.access.requires_token:

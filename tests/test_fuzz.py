@@ -22,6 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 from vitcache.server.app import ServerConfig
+from vitcache.server.wire import LENGTH_DELIMITED, count_values, fields, varint
 from vitcache.v1 import vitcache_pb2 as pb
 from vitcache.v1 import vitcache_pb2_grpc as pb_grpc
 
@@ -135,6 +136,54 @@ def test_malformed_images_get_per_image_errors_and_store_nothing(fuzz_target, ba
 @given(request=pixel_batches())
 def test_malformed_pixel_batches_are_refused_and_store_nothing(fuzz_target, request) -> None:  # type: ignore[no-untyped-def]
     _check_answer(fuzz_target, request, None)
+
+
+def _key(number: int, wire_type: int) -> bytes:
+    return varint(number << 3 | wire_type)
+
+
+def _field(number: int, wire_type: int, payload: bytes) -> bytes:
+    if wire_type == 0:
+        return _key(number, 0) + varint(int.from_bytes(payload[:4] or b"\0", "little"))
+    if wire_type == 1:
+        return _key(number, 1) + payload[:8].ljust(8, b"\0")
+    if wire_type == 5:
+        return _key(number, 5) + payload[:4].ljust(4, b"\0")
+    if wire_type == 3:  # a group holding one field
+        return _key(number, 3) + _field(number + 1, 0, payload) + _key(number, 4)
+    return _key(number, 2) + varint(len(payload)) + payload
+
+
+grids = st.lists(st.integers(0, 2**32 - 1), max_size=9)
+pixel_chunks = st.tuples(grids, st.booleans(), st.binary(max_size=20)).map(
+    lambda g: (
+        b"".join(_field(2, 0, v.to_bytes(4, "little")) for v in g[0])  # unpacked
+        if g[1]
+        else pb.PixelBatch(image_grid_thw=g[0], pixel_values=pb.Tensor(data=g[2])).SerializeToString()
+    )
+)
+records = st.one_of(
+    images.map(lambda image: _field(1, 2, image.SerializeToString())),
+    pixel_chunks.map(lambda chunk: _field(2, 2, chunk)),
+    st.tuples(st.integers(1, 40), st.sampled_from([0, 1, 2, 3, 5]), st.binary(max_size=12)).map(
+        lambda f: _field(*f)  # unknown fields, and fields 1 and 2 of another wire type (unknown to protobuf)
+    ),
+)
+
+
+@FUZZ
+@given(parts=st.lists(records, max_size=8))
+def test_the_request_walk_finds_what_protobuf_parses(parts) -> None:  # type: ignore[no-untyped-def]
+    """``wire.fields`` splits a request as protobuf reads it, so counting from the wire counts the same items."""
+    data = b"".join(parts)
+    want = pb.EncodeRequest.FromString(data)
+    found = fields([data], 100)
+    images = [pb.Image.FromString(p) for n, kind, p in found if n == 1 and kind == LENGTH_DELIMITED]
+    pixels = [p for n, kind, p in found if n == 2 and kind == LENGTH_DELIMITED]
+    assert images == list(want.images)
+    assert bool(pixels) == want.HasField("pixels")
+    assert pb.PixelBatch.FromString(b"".join(pixels)) == want.pixels
+    assert count_values(fields(pixels, 100), 2, 100) == len(want.pixels.image_grid_thw)
 
 
 def _entry() -> CachedEmbedding:

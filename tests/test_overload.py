@@ -1,13 +1,18 @@
-"""Overload: a bounded queue of misses and per-call deadlines, on a real server and model."""
+"""Overload: a bounded queue of misses, per-call deadlines, and small requests holding millions of items,
+on a real server and model."""
 
 from __future__ import annotations
 
+import gc
+import threading
 import time
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from vitcache.client import VitCacheClient
 from vitcache.server.app import ServerConfig
+from vitcache.v1 import vitcache_pb2 as pb
 
 from vitcache.engine import EngineConfig
 
@@ -50,3 +55,59 @@ def test_an_image_whose_deadline_passes_while_queued_never_reaches_the_device(st
         assert stats.l1_entries == 0
         # Without a deadline the same image is computed.
         assert client.encode([png_bytes(56, 56, 200)])[0].source == "COMPUTED"
+
+
+def _call_and_worst_health_check(target: str, method: str, request: bytes) -> tuple[float, list, float]:
+    """Runs one raw ``method`` call, health-checking the server until it ends: (call seconds, results or
+    the error, slowest health check in seconds)."""
+    channel = grpc.insecure_channel(target, options=[("grpc.max_send_message_length", -1)])
+    health = health_pb2_grpc.HealthStub(channel)
+    health.Check(health_pb2.HealthCheckRequest(), timeout=30)  # connected before timing
+    answer: list = []
+
+    def call() -> None:
+        started = time.monotonic()
+        try:
+            answer.extend(pb.ImageResult.FromString(r) for r in channel.unary_stream(method)(request, timeout=120))
+        except grpc.RpcError as exc:
+            answer.append(exc)
+        answer.insert(0, time.monotonic() - started)
+
+    worker = threading.Thread(target=call)
+    gc.freeze()  # a full collection of the test process's heap (~1 s here) is not what is measured
+    try:
+        worker.start()
+        worst = 0.0
+        while worker.is_alive():
+            started = time.monotonic()
+            health.Check(health_pb2.HealthCheckRequest(), timeout=120)
+            worst = max(worst, time.monotonic() - started)
+            time.sleep(0.005)
+        worker.join()
+    finally:
+        gc.unfreeze()
+    channel.close()
+    return answer[0], answer[1:], worst
+
+
+ENCODE, FETCH = "/vitcache.v1.VitCache/Encode", "/vitcache.v1.VitCache/Fetch"
+
+
+def test_counts_are_checked_from_the_wire_before_any_per_item_work(start_server_thread, encoder) -> None:  # type: ignore[no-untyped-def]
+    """Small requests holding millions of items are refused without parsing them: it took 16 s (and
+    health checks waited as long) for 2,000,000 empty images, 1.6 s for 3,000,000 grid values (#14 item 2).
+    They take 0.01-0.08 s now on a loaded 2-core machine; the bounds are 1 s."""
+    srv = start_server_thread(ServerConfig(max_images_per_request=8), encoder)
+    grid_values = pb.PixelBatch(
+        pixel_values=pb.Tensor(dtype="float32", shape=[1, 1176], data=bytes(4 * 1176)), image_grid_thw=[1] * 3_000_000
+    )
+    requests = [
+        (ENCODE, b"\x0a\x00" * 2_000_000),  # 2,000,000 empty Images: 4 MB
+        (ENCODE, pb.EncodeRequest(pixels=grid_values).SerializeToString()),
+        (FETCH, pb.FetchRequest(digests=[bytes(16)] * 1_000_000).SerializeToString()),
+    ]
+    for method, request in requests:
+        seconds, (error,), worst_health_check = _call_and_worst_health_check(srv.target, method, request)
+        assert isinstance(error, grpc.RpcError) and error.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "over --max-images-per-request=8" in error.details()
+        assert seconds < 1.0 and worst_health_check < 1.0, (method, seconds, worst_health_check)

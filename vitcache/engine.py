@@ -33,6 +33,9 @@ MAX_PUT_KEY_BYTES = 256
 MAX_PUT_TENSORS = 8
 PUT_DTYPES = ("float32", "bfloat16", "float16")
 
+#: Images ``encode`` admits in one turn of the event loop (a few ms) before letting other calls run.
+_IMAGES_PER_LOOP_TURN = 256
+
 
 class Source(enum.IntEnum):
     """Where an image's embedding came from; values match the wire enum."""
@@ -192,13 +195,16 @@ class EmbeddingEngine:
         # task and a trip through the event loop. Misses start resolving before hits are yielded.
         answered: list[ImageOutcome] = []
         tasks: list[asyncio.Future[ImageOutcome]] = []
-        for index, image in enumerate(images):
-            answer = self._answer_from_memory(index, image, scope)
-            if isinstance(answer, ImageOutcome):
-                answered.append(answer)
-            else:
-                tasks.append(asyncio.ensure_future(self._serve_miss(index, image, answer, scope)))  # type: ignore[arg-type]
         try:
+            digests = await self._digests(images)
+            for index, (image, digest) in enumerate(zip(images, digests, strict=True)):
+                if index and index % _IMAGES_PER_LOOP_TURN == 0:
+                    await asyncio.sleep(0)  # a request of many images lets other calls run in between
+                answer = self._answer_from_memory(index, image, digest, scope)
+                if isinstance(answer, ImageOutcome):
+                    answered.append(answer)
+                else:
+                    tasks.append(asyncio.ensure_future(self._serve_miss(index, image, answer, scope)))  # type: ignore[arg-type]
             for outcome in answered:
                 self._report(outcome, scope)
                 yield outcome
@@ -293,13 +299,29 @@ class EmbeddingEngine:
             except ValueError as exc:
                 raise ImageError(ErrorCode.INVALID_ARGUMENT, str(exc)) from None
 
-    def _answer_from_memory(self, index: int, image: ImageInput | ImageError, scope: Scope) -> ImageOutcome | bytes:
+    async def _digests(self, images: Sequence[ImageInput | ImageError]) -> list[bytes | ImageError]:
+        """Each image's digest, or why it has none. Hashing reads every byte sent (a 256 MiB request
+        takes 100+ ms), so unless the images are a few digests already it runs in a worker thread."""
+
+        def digest_or_error(image: ImageInput | ImageError) -> bytes | ImageError:
+            try:
+                return image if isinstance(image, ImageError) else self._digest(image)
+            except ImageError as exc:
+                return exc
+
+        if len(images) <= _IMAGES_PER_LOOP_TURN and all(isinstance(image, DigestOnly | ImageError) for image in images):
+            return [digest_or_error(image) for image in images]
+        return await asyncio.to_thread(lambda: [digest_or_error(image) for image in images])
+
+    def _answer_from_memory(
+        self, index: int, image: ImageInput | ImageError, digest_or_error: bytes | ImageError, scope: Scope
+    ) -> ImageOutcome | bytes:
         """The image's outcome if L1 or the input itself settles it, else its digest (to resolve)."""
         digest = b""
         try:
-            if isinstance(image, ImageError):
-                raise image
-            digest = self._digest(image)
+            if isinstance(digest_or_error, ImageError):
+                raise digest_or_error
+            digest = digest_or_error
             with self.observer.timed("l1_get"):
                 entry = self.l1.get(l1_key(digest, scope.tenant))
             self.observer.cache_lookup("l1", hit=entry is not None)
@@ -460,7 +482,8 @@ class EmbeddingEngine:
         itemsize = torch.empty((), dtype=dtype_from_name(dtype)).element_size()
         patch_dim = self.spec.preprocess_config.patch_dim
         if len(shape) != 2 or shape[1] != patch_dim:
-            raise invalid(f"pixel_values must have shape (patches, {patch_dim}), got {list(shape)}")
+            got = list(shape) if len(shape) <= 4 else f"{len(shape)} dimensions"
+            raise invalid(f"pixel_values must have shape (patches, {patch_dim}), got {got}")
         if shape[0] * shape[1] * itemsize != len(data):
             raise invalid(f"pixel_values holds {len(data)} bytes, not {list(shape)} of {dtype}")
         if not grid_flat or len(grid_flat) % 3:
