@@ -58,8 +58,8 @@ def test_an_image_whose_deadline_passes_while_queued_never_reaches_the_device(st
 
 
 def _call_and_worst_health_check(target: str, method: str, request: bytes) -> tuple[float, list, float]:
-    """Runs one raw ``method`` call, health-checking the server until it ends: (call seconds, results or
-    the error, slowest health check in seconds)."""
+    """Runs one raw ``method`` call, health-checking the server until it ends: (call seconds, its answers
+    or error, slowest health check in seconds)."""
     channel = grpc.insecure_channel(target, options=[("grpc.max_send_message_length", -1)])
     health = health_pb2_grpc.HealthStub(channel)
     health.Check(health_pb2.HealthCheckRequest(), timeout=30)  # connected before timing
@@ -68,7 +68,10 @@ def _call_and_worst_health_check(target: str, method: str, request: bytes) -> tu
     def call() -> None:
         started = time.monotonic()
         try:
-            answer.extend(pb.ImageResult.FromString(r) for r in channel.unary_stream(method)(request, timeout=120))
+            if method == PUT:
+                answer.append(channel.unary_unary(method)(request, timeout=120))
+            else:
+                answer.extend(channel.unary_stream(method)(request, timeout=120))
         except grpc.RpcError as exc:
             answer.append(exc)
         answer.insert(0, time.monotonic() - started)
@@ -90,7 +93,7 @@ def _call_and_worst_health_check(target: str, method: str, request: bytes) -> tu
     return answer[0], answer[1:], worst
 
 
-ENCODE, FETCH = "/vitcache.v1.VitCache/Encode", "/vitcache.v1.VitCache/Fetch"
+ENCODE, FETCH, PUT = (f"/vitcache.v1.VitCache/{name}" for name in ("Encode", "Fetch", "Put"))
 
 
 def test_counts_are_checked_from_the_wire_before_any_per_item_work(start_server_thread, encoder) -> None:  # type: ignore[no-untyped-def]
@@ -105,6 +108,7 @@ def test_counts_are_checked_from_the_wire_before_any_per_item_work(start_server_
         (ENCODE, b"\x0a\x00" * 2_000_000),  # 2,000,000 empty Images: 4 MB
         (ENCODE, pb.EncodeRequest(pixels=grid_values).SerializeToString()),
         (FETCH, pb.FetchRequest(digests=[bytes(16)] * 1_000_000).SerializeToString()),
+        (PUT, b"\x0a\x00" * 2_000_000),  # 2,000,000 empty PutItems
     ]
     for method, request in requests:
         seconds, (error,), worst_health_check = _call_and_worst_health_check(srv.target, method, request)
