@@ -12,7 +12,15 @@ import grpc
 from google.protobuf.message import DecodeError, Message
 from vitcache.server.security import Access, AccessDenied
 from vitcache.server.status import status_code, wire_code
-from vitcache.server.wire import LENGTH_DELIMITED, MalformedMessage, TooManyFields, count_values, fields, with_tensors
+from vitcache.server.wire import (
+    LENGTH_DELIMITED,
+    Field,
+    MalformedMessage,
+    TooManyFields,
+    count_values,
+    fields,
+    with_tensors,
+)
 from vitcache.v1 import vitcache_pb2 as pb
 from vitcache.v1 import vitcache_pb2_grpc as pb_grpc
 
@@ -159,7 +167,7 @@ class VitCacheServicer(pb_grpc.VitCacheServicer):
             await context.abort(status_code(exc.code), exc.message)
             raise  # abort raises; this tells type checkers so
 
-    def _fields(self, chunks: Sequence[bytes | memoryview], per_image: int, what: str) -> list:
+    def _fields(self, chunks: Sequence[bytes | memoryview], per_image: int, what: str) -> list[Field]:
         """``wire.fields`` of a message that holds ``per_image`` of ``what`` per image, bounded by the limit."""
         limit = self.max_images_per_request
         try:

@@ -1,4 +1,6 @@
-"""The hit path's serializer: ImageResult bytes with one copy of each tensor, not three.
+"""Protobuf's wire format by hand where its Python API costs too much.
+
+The hit path's serializer: ImageResult bytes with one copy of each tensor, not three.
 
 protobuf's Python API copies a ``bytes`` field when it is assigned and again (through a
 growing buffer) when the message is serialized; for a 1.8 MB embedding that costs more
@@ -45,6 +47,10 @@ def varint(value: int) -> bytes:
     return bytes(out)
 
 
+#: A field as ``fields`` finds it: (number, wire type, payload of a length-delimited one).
+Field = tuple[int, int, memoryview | None]
+
+
 class MalformedMessage(ValueError):
     """Bytes that are not a protobuf message."""
 
@@ -67,14 +73,14 @@ def _read_varint(data: memoryview, pos: int) -> tuple[int, int]:
     raise MalformedMessage("varint longer than 10 bytes")
 
 
-def fields(chunks: Sequence[bytes | memoryview], max_fields: int) -> list[tuple[int, int, memoryview | None]]:
+def fields(chunks: Sequence[bytes | memoryview], max_fields: int) -> list[Field]:
     """The top-level fields of the message ``chunks`` concatenated make: (number, wire type, payload).
 
     ``payload`` is a view of a length-delimited field's bytes (None for the other wire types); groups
     are skipped whole. Reads at most ``max_fields`` fields, nested ones included, and raises
     TooManyFields past that, so the walk costs a bounded number of steps whatever the message holds.
     """
-    found: list[tuple[int, int, memoryview | None]] = []
+    found: list[Field] = []
     steps, open_groups = 0, []
     for chunk in chunks:
         data, pos = memoryview(chunk), 0
@@ -110,7 +116,7 @@ def fields(chunks: Sequence[bytes | memoryview], max_fields: int) -> list[tuple[
     return found
 
 
-def count_values(found: Sequence[tuple[int, int, memoryview | None]], number: int, limit: int) -> int:
+def count_values(found: Sequence[Field], number: int, limit: int) -> int:
     """How many values the repeated varint field ``number`` holds in ``found``, packed or not.
 
     Past ``limit`` it stops counting and returns some number over it; packed values are counted in C.
