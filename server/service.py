@@ -144,17 +144,19 @@ class VitCacheServicer(pb_grpc.VitCacheServicer):
 
     async def Put(self, request: bytes, context: grpc.aio.ServicerContext) -> pb.PutResponse:
         """``request`` is a PutRequest's bytes (``wire.add_servicer`` registers it so)."""
-        put = await self._read(self._put_request, request, context)
+        items = await self._read(self._put_items, request, context)
         scope = await self._scope(context)
 
-        async def store(index: int, item: pb.PutItem) -> pb.PutResult:
+        async def store(index: int, key: str, entry: CachedEmbedding | ImageError) -> pb.PutResult:
             try:
-                await self.engine.put(item.key, put_entry(item), scope)
+                if isinstance(entry, ImageError):
+                    raise entry
+                await self.engine.put(key, entry, scope)
             except ImageError as exc:
                 return pb.PutResult(index=index, error_code=wire_code(exc.code), error_message=exc.message)
             return pb.PutResult(index=index)
 
-        results = await asyncio.gather(*(store(index, item) for index, item in enumerate(put.items)))
+        results = await asyncio.gather(*(store(index, *item) for index, item in enumerate(items)))
         return pb.PutResponse(results=results)
 
     async def _read(self, parse: Callable[[bytes], T], request: bytes, context: grpc.aio.ServicerContext) -> T:
@@ -213,8 +215,16 @@ class VitCacheServicer(pb_grpc.VitCacheServicer):
     def _fetch_request(self, request: bytes) -> pb.FetchRequest:
         return self._counted(pb.FetchRequest, request, (_DIGESTS, _KEYS), "digests and keys")
 
-    def _put_request(self, request: bytes) -> pb.PutRequest:
-        return self._counted(pb.PutRequest, request, (_ITEMS,), "items")
+    def _put_items(self, request: bytes) -> list[tuple[str, CachedEmbedding | ImageError]]:
+        """Each item's key and entry (or why it has none), built with the parse: an item may hold many tensors."""
+
+        def entry(item: pb.PutItem) -> CachedEmbedding | ImageError:
+            try:
+                return put_entry(item)
+            except ImageError as exc:
+                return exc
+
+        return [(item.key, entry(item)) for item in self._counted(pb.PutRequest, request, (_ITEMS,), "items").items]
 
     async def GetStats(self, request: pb.GetStatsRequest, context: grpc.aio.ServicerContext) -> pb.Stats:
         if self.access.requires_token:

@@ -115,3 +115,16 @@ def test_counts_are_checked_from_the_wire_before_any_per_item_work(start_server_
         assert isinstance(error, grpc.RpcError) and error.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "over --max-images-per-request=8" in error.details()
         assert seconds < 1.0 and worst_health_check < 1.0, (method, seconds, worst_health_check)
+
+
+def test_a_put_item_of_a_million_tensors_fails_alone_off_the_event_loop(start_server_thread, encoder) -> None:  # type: ignore[no-untyped-def]
+    """An item's tensors are only counted by the engine once the item is built: that is done with the
+    parse, in a worker thread, so the item fails alone and health checks are answered meanwhile."""
+    srv = start_server_thread(ServerConfig(), encoder)
+    item = pb.PutItem(key="many", embeddings=[pb.Tensor()] * 1_000_000)
+    request = pb.PutRequest(items=[item, pb.PutItem(key="empty")]).SerializeToString()
+    seconds, (response,), worst_health_check = _call_and_worst_health_check(srv.target, PUT, request)
+    put = pb.PutResponse.FromString(response)
+    assert [r.error_code for r in put.results] == [grpc.StatusCode.INVALID_ARGUMENT.value[0]] * 2
+    assert "1 to 8 tensors" in put.results[0].error_message
+    assert worst_health_check < 1.0, (seconds, worst_health_check)
