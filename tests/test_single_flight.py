@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import os
-import threading
+import subprocess
+import sys
 import time
 from collections.abc import Awaitable, Iterator
 from typing import TypeVar
@@ -24,25 +25,23 @@ from .conftest import png_bytes
 
 T = TypeVar("T")
 
-ROUNDS = int(os.environ.get("VITCACHE_SOAK_ROUNDS", "30"))  # more, locally, to look harder
+ROUNDS = int(os.environ.get("VITCACHE_SOAK_ROUNDS", "100"))  # more, locally, to look harder
 REQUESTS_PER_ROUND = 16
 ARRIVALS_SPREAD_S = 0.05  # the requests of a round arrive over about one computation's time
 
 
 @pytest.fixture
 def cpu_contention() -> Iterator[None]:
-    """A thread that keeps the interpreter busy, so the server's event loop runs in uneven slices."""
-    stop = threading.Event()
+    """A process that keeps a core busy, so the server's threads and event loop run in uneven slices.
 
-    def spin() -> None:
-        while not stop.is_set():
-            sum(range(20_000))
-
-    thread = threading.Thread(target=spin, name="busy", daemon=True)
-    thread.start()
+    A process, not a thread of the server's: a spinning thread would hold the server's GIL, and every
+    wake-up of its event loop (each Redis reply, each gRPC message) would wait out a switch interval,
+    which measures the interpreter, not single flight.
+    """
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     yield
-    stop.set()
-    thread.join()
+    spinner.kill()
+    spinner.wait()
 
 
 async def _after(delay_s: float, call: Awaitable[T]) -> T:
