@@ -3,7 +3,7 @@
 # Usage: source bench/device_setup.sh
 set -e
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-python3 -m pip install -q --no-deps --no-build-isolation --no-compile --target /tmp/site-vitcache .
+python3 -m pip install -q --no-deps --no-build-isolation --no-compile --upgrade --target /tmp/site-vitcache .
 export PYTHONPATH=/tmp/site-vitcache:/tmp/site
 export VITCACHE_REDIS_SERVER=$PWD/.whl/bin/redis-server VITCACHE_HOME=/tmp/vitcache-home PYTHONUNBUFFERED=1
 set +e

@@ -1,4 +1,4 @@
-"""Hit latency: vitcache over gRPC and over shared memory, against a raw gRPC echo, Redis GET and a memory copy.
+"""Hit latency: vitcache over gRPC and over shared memory, against a raw gRPC transfer, Redis GET and a memory copy.
 
     .venv/bin/python bench/hit_path.py        # ~2 min on 2 cores; prints tables, writes bench/results/hit_path-*.json
 
@@ -6,8 +6,8 @@ One 448x448 image of Qwen2.5-VL-7B is 256 tokens x 3584 bf16 = 1.8 MB. A server 
 16 such entries in L1 (put there directly: a hit never runs the tower) and serves them three
 ways: the vitcache gRPC API as served (hit-path codecs on both sides), the same API with
 protobuf's own serializer and parser (the path before them), and the shared-memory socket.
-Beside it, in the same process, a raw gRPC service echoes bytes back (the baseline the ratios
-divide by) and sends bytes for a tiny request (one-way). Redis GETs the same bytes from a
+Beside it, in the same process, a raw gRPC service answers a tiny request with the same number of
+bytes (one-way: what a hit moves, and the baseline the ratios divide by). Redis GETs the same bytes from a
 redis-server this script starts. Every method runs round-robin in one loop, so a busy machine
 slows all of them alike and the ratios hold even where the absolute numbers do not. The
 vitcache clients build CPU tensors, as a caller would.
@@ -81,7 +81,7 @@ def serve(shm_socket: str, ready: mp.Queue) -> None:  # type: ignore[type-arg]
         baseline = grpc.aio.server(options=options)
 
         async def echo(request: bytes, context: object) -> bytes:
-            return request
+            return request  # the control path's round trip, with a 1-byte request
 
         async def download(request: bytes, context: object) -> bytes:
             return payload[: int(request)]
@@ -158,11 +158,9 @@ def main() -> None:
             return [TensorBytes(t.dtype, tuple(t.shape), t.data).to_tensor() for r in results for t in r.embeddings]
 
         def methods_for(count: int) -> dict[str, Callable[[], object]]:
-            payload = os.urandom(count * item_bytes)
-            array = np.frombuffer(payload, np.uint8)
+            array = np.frombuffer(os.urandom(count * item_bytes), np.uint8)
             keys = [f"bench:{i}" for i in range(count)]
             return {
-                "raw gRPC echo": lambda: echo(payload),
                 "raw gRPC one-way": lambda: download(str(count * item_bytes).encode()),
                 "vitcache gRPC": lambda: fetch(grpc_client, count),
                 "vitcache gRPC before (protobuf codecs)": lambda: fetch_before(count),
@@ -191,7 +189,7 @@ def main() -> None:
                     del result
                     if round_ >= 5:  # warm-up
                         samples[name].append(elapsed)
-            echo_p50 = percentiles(samples["raw gRPC echo"])[0]
+            one_way_p50 = percentiles(samples["raw gRPC one-way"])[0]
             for name, times in samples.items():
                 p50, p99 = percentiles(times)
                 rows.append(
@@ -201,7 +199,7 @@ def main() -> None:
                         "p50_ms": p50 * 1e3,
                         "p99_ms": p99 * 1e3,
                         "gb_per_s": None if "control path" in name else count * item_bytes / p50 / 1e9,
-                        "vs_echo": p50 / echo_p50,
+                        "vs_one_way": p50 / one_way_p50,
                         "rounds": iters,
                     }
                 )
@@ -212,11 +210,11 @@ def main() -> None:
         redis_server.kill()
 
     print(f"\nhit path, {item_bytes / 1e6:.2f} MB per image ({TOKENS} x {HIDDEN} bf16), {os.cpu_count()} CPUs")
-    print(f"{'images':>6}  {'method':<42}{'p50 ms':>9}{'p99 ms':>9}{'GB/s':>8}{'p50 / echo':>12}")
+    print(f"{'images':>6}  {'method':<42}{'p50 ms':>9}{'p99 ms':>9}{'GB/s':>8}{'p50 / one-way':>15}")
     for row in rows:
         print(
             f"{row['images']:>6}  {row['method']:<42}{row['p50_ms']:>9.3f}{row['p99_ms']:>9.3f}"
-            f"{'-' if row['gb_per_s'] is None else format(row['gb_per_s'], '.2f'):>8}{row['vs_echo']:>12.2f}"
+            f"{'-' if row['gb_per_s'] is None else format(row['gb_per_s'], '.2f'):>8}{row['vs_one_way']:>15.2f}"
         )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

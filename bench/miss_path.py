@@ -17,9 +17,11 @@ import io
 import json
 import multiprocessing as mp
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -268,6 +270,13 @@ def _cpu_seconds(pid: int) -> float:
     return 0.0 if fields is None else (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
 def _children(pid: int) -> list[int]:
     """The processes ``pid`` started, theirs too (an encoder process, its compile workers)."""
     parents = {}
@@ -355,7 +364,10 @@ def bench_service(
     log: Path,
     hash_first: bool = True,
     warmup_seconds: float = 10.0,
+    kill_encoder_at_s: float | None = None,
 ) -> dict:
+    """One server on ``device`` under ``clients`` closed-loop clients. With ``kill_encoder_at_s``, its
+    first encoder process is killed that long into the timed run (the pool's failover under load)."""
     port, metrics_port = free_port(), free_port()
     command = [sys.executable, "-m", "vitcache.server.cli", "--log-level", "WARNING", "serve", "--model", str(ckpt)]
     command += ["--device", device, "--port", str(port), "--metrics-port", str(metrics_port), "--l1-bytes", "512MiB"]
@@ -385,11 +397,18 @@ def bench_service(
         with VitCacheClient(target) as client:
             before = client.stats()
         profilers = _profile_server(server.pid, side, seconds)
+        killer = None
+        if kill_encoder_at_s is not None:
+            encoders = [pid for pid in _children(server.pid) if b"spawn_main" in _cmdline(pid)]
+            killer = threading.Timer(kill_encoder_at_s, os.kill, (min(encoders), signal.SIGKILL))
+            killer.start()
         totals, elapsed, cores, server_view = _run_clients(
             target, side, clients, seconds, hash_first, 1000, server.pid, metrics
         )
         for profiler in profilers:
             profiler.wait(60)
+        if killer is not None:
+            killer.join()
         with VitCacheClient(target) as client:
             after = client.stats()
         images = sum(t[0] for t in totals)
@@ -411,6 +430,15 @@ def bench_service(
             "server_batch": server_view.get("batch"),
             "gpu_busy_fraction": (server_view.get("gpu") or {}).get("busy_fraction"),
             "cpu_cores": cores,
+            "encoders": [
+                {
+                    "device": a.device,
+                    "images": a.images - b.images,
+                    "busy_fraction": (a.device_seconds - b.device_seconds) / elapsed,
+                    "restarts": a.restarts,
+                }
+                for a, b in zip(after.encoders, before.encoders, strict=True)
+            ],
         }
     finally:
         server.terminate()
@@ -591,6 +619,16 @@ def tables(result: dict) -> str:
                 )
             if run.get("gpu_busy_fraction") is not None:
                 lines.append(f"  GPU running forwards {run['gpu_busy_fraction']:.0%} of the time")
+    for row in result.get("scaling", []):
+        one = next(r for r in result["scaling"] if r["side"] == row["side"] and r["gpus"] == 1)
+        killed = f", one encoder killed at {row['encoder_killed_at_s']:.0f} s" if row.get("encoder_killed_at_s") else ""
+        busy = ", ".join(f"{e['device']} {e['busy_fraction']:.0%}" for e in row.get("encoders", []))
+        lines.append(
+            f"scaling {row['side']}x{row['side']} on {row['gpus']} GPU(s) ({row['devices']}{killed}): "
+            f"{row['img_s']:.1f} img/s "
+            f"({row['img_s'] / one['img_s']:.2f}x one GPU), failed {row['failed']}; serving process "
+            f"{row['cpu_cores']['server']:.2f} cores, encoders {row['cpu_cores']['server_children']:.2f}; busy: {busy}"
+        )
     return "\n".join(lines)
 
 
@@ -612,6 +650,17 @@ def main() -> None:
     parser.add_argument("--single-trip", action="store_true", help="clients send image bytes without a lookup first")
     parser.add_argument(
         "--encoder-process", default="on", help="server's --encoder-process values to compare, e.g. on,off"
+    )
+    parser.add_argument(
+        "--scaling-devices",
+        default="cuda:0;cuda:0,cuda:1",
+        help="--parts scaling: the server's --device values to compare, ';'-separated; clients scale with the count",
+    )
+    parser.add_argument(
+        "--kill-encoder-at",
+        type=float,
+        default=None,
+        help="--parts scaling: also run each multi-GPU server again, killing one encoder this many seconds in",
     )
     parser.add_argument("--out", default=str(REPO / "bench" / "results"))
     args = parser.parse_args()
@@ -706,6 +755,32 @@ def main() -> None:
                 side, json.dumps({mode: {k: v for k, v in run.items() if "ms" not in k} for mode, run in runs.items()})
             )
             save()
+    if "scaling" in parts:  # one server over 1, 2, ... GPUs, in the same run
+        accel = ["--acceleration", args.acceleration, "--max-batch-patches", str(args.max_batch_patches)]
+        result["scaling"] = []
+        for side in [int(v) for v in args.sides.split(",")]:
+            configs = [(devices, None) for devices in args.scaling_devices.split(";")]
+            if args.kill_encoder_at is not None:
+                configs += [(devices, args.kill_encoder_at) for devices, _ in configs if "," in devices]
+            for devices, kill_at in configs:
+                count = len(devices.split(","))
+                extra = [*accel, "--warmup-image-sizes", f"{side}x{side}"]
+                run = bench_service(
+                    ckpt,
+                    devices,
+                    side,
+                    args.clients * count,
+                    args.seconds,
+                    extra,
+                    out / "server.log",
+                    not args.single_trip,
+                    args.warmup_seconds,
+                    kill_at,
+                )
+                row = {"side": side, "devices": devices, "gpus": count, "encoder_killed_at_s": kill_at, **run}
+                result["scaling"].append(row)
+                print("scaling", json.dumps({k: v for k, v in row.items() if "ms" not in k}), flush=True)
+                save()
     print(tables(result))
     print(f"wrote {path}")
 

@@ -26,7 +26,7 @@ import json
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -379,43 +379,6 @@ def _pct(ratio: float | None) -> str:
 
 def _num(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
-
-
-def image_size(text: str) -> tuple[int, int]:
-    """argparse type of a WIDTHxHEIGHT argument."""
-    width, _, height = text.lower().partition("x")
-    try:
-        size = (int(width), int(height))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not WIDTHxHEIGHT: {text!r}") from None
-    if min(size) < 1:
-        raise argparse.ArgumentTypeError(f"image size must be positive: {text!r}")
-    return size
-
-
-def add_arguments(p: argparse.ArgumentParser, byte_size: Callable[[str], int]) -> None:
-    p.add_argument("--target", default="localhost:50051")
-    mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--rate", type=float, help="open loop: requests started per second")
-    mode.add_argument("--concurrency", type=int, help="closed loop: requests in flight (default 4)")
-    p.add_argument("--duration", type=float, default=30.0, help="seconds the run lasts at most")
-    p.add_argument("--max-requests", type=int, default=None, help="requests the run sends at most")
-    p.add_argument("--images-per-request", type=int, default=1)
-    p.add_argument("--pool-size", type=int, default=1000, help="distinct images")
-    p.add_argument("--zipf-exponent", type=float, default=1.0, help="popularity skew s: P(rank k) ~ 1/k^s")
-    p.add_argument(
-        "--image-size",
-        type=image_size,
-        action="append",
-        help="WIDTHxHEIGHT of synthetic images; repeat for a mix (default 448x448)",
-    )
-    p.add_argument("--image-dir", default=None, help="use the files of this folder instead of synthetic images")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-in-flight", type=int, default=1024, help="open loop: outstanding requests before dropping")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds one request may take")
-    p.add_argument("--lru-bytes", type=byte_size, action="append", default=[], help="also simulate an LRU this big")
-    p.add_argument("--output-dir", default=None, help="write report.json, latency_cdf.png and hit_ratio.png here")
-    p.add_argument("--no-progress", action="store_true")
 
 
 def config_from_args(args: argparse.Namespace) -> LoadConfig:

@@ -10,6 +10,7 @@ Use a gloo (CPU) group: broadcasting Python objects over NCCL stages them on a G
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import replace
 
@@ -52,6 +53,24 @@ def encode_tp(
     if device is None:
         return results
     return [replace(r, embeddings=[t.to(device) for t in r.embeddings]) for r in results]
+
+
+def rank_device(device: str | None, rank: int) -> torch.device | None:
+    """This rank's own device for ``device``: a bare ``"cuda"`` is ``cuda:{local rank}``.
+
+    The local rank is ``LOCAL_RANK`` (torchrun sets it), else ``rank`` (processes spawned on one
+    host). ``torch.device("cuda")`` would be the current device, GPU 0 in every fresh rank: all
+    ranks on one GPU, the very crowding this cache exists to avoid. An explicit index is refused,
+    since it would put every rank on that one GPU too.
+    """
+    if device is None:
+        return None
+    chosen = torch.device(device)
+    if chosen.type != "cuda":
+        return chosen
+    if chosen.index is not None:
+        raise ValueError(f"device {device!r} would put every rank on one GPU: pass 'cuda' (each rank takes its own)")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
 
 
 def _fetch(client: VitCacheClient, shared: _Shared, timeout: float | None) -> list[EncodedImage]:

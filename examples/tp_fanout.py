@@ -5,8 +5,9 @@
 
 Each rank is a process (torch.multiprocessing spawn) in a gloo group on loopback. Rank 0 sends
 the images; the other ranks only fetch by digest (in shared memory with --shm-socket) and move
-the tensors to their own device. Every rank reports a checksum of what it received, and whether
-it initialised CUDA; rank 0 prints them (and --report writes them as JSON).
+the tensors to their own device (--device cuda: rank i on cuda:i, never all on cuda:0). Every rank
+reports a checksum of what it received, and whether it initialised CUDA; rank 0 prints them (and
+--report writes them as JSON).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import xxhash
+from vitcache.client.tp import rank_device
 
 
 def demo_images(count: int) -> list[np.ndarray]:
@@ -39,7 +41,7 @@ def rank_main(rank: int, world_size: int, store: str, args: argparse.Namespace) 
     try:
         with VitCacheClient(args.target, shm_socket=args.shm_socket) as client:
             images = demo_images(args.images) if rank == 0 else None
-            results = encode_tp(client, images, src=0, device=args.device)
+            results = encode_tp(client, images, src=0, device=rank_device(args.device, rank))
             checksums = []
             for result in results:
                 result.raise_for_error()
@@ -75,9 +77,15 @@ def main() -> None:
     parser.add_argument("--shm-socket", help="the server's --shm-socket (same host)")
     parser.add_argument("--world-size", type=int, default=4)
     parser.add_argument("--images", type=int, default=4)
-    parser.add_argument("--device", default=None, help="where each rank puts its tensors (default: CPU)")
+    parser.add_argument(
+        "--device", default=None, help="where each rank puts its tensors: cpu (default), or cuda (rank i: cuda:i)"
+    )
     parser.add_argument("--report", help="write every rank's report here (JSON)")
     args = parser.parse_args()
+    try:
+        rank_device(args.device, 0)
+    except (ValueError, RuntimeError) as bad:
+        parser.error(f"--device: {bad}")
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # the ranks talk over loopback only
     with tempfile.TemporaryDirectory(prefix="vitcache-tp-") as workdir:
         server = None

@@ -1,4 +1,4 @@
-"""Assembles encoder, tiers, engine and the gRPC server (with health and reflection)."""
+"""Assembles encoder, tiers, engine and the gRPC server (with health and reflection, v1 and v1alpha)."""
 
 from __future__ import annotations
 
@@ -9,18 +9,19 @@ from dataclasses import dataclass, field
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 from vitcache.v1 import vitcache_pb2 as pb
 
-from vitcache.encoder_process import EncoderProcess
+from vitcache.encoder_pool import EncoderPool, parse_devices, pool_loaders
 from vitcache.engine import EmbeddingEngine, EngineConfig
 from vitcache.fleet_lock import FleetLock
 from vitcache.models import EncoderLoader, VisionEncoder
 from vitcache.pipeline import Pipeline
-from vitcache.tiers import L1Cache, RedisTier
+from vitcache.tiers import L1Cache, RedisTier, check_redis_url
 
 from .metrics import ServerMetrics
-from .security import Access, AuthInterceptor, server_credentials
+from .ports import GRPC_OPTIONS, add_grpc_port, check_port_free
+from .reflection import enable_reflection
+from .security import Access, AuthInterceptor, MetricsAccess, server_credentials
 from .service import VitCacheServicer
 from .shm import ShmServer
 from .web import MetricsHttpServer
@@ -34,7 +35,7 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["VitCache"].full_name
 @dataclass
 class ServerConfig:
     model: str = "tiny-random"
-    device: str = "cpu"
+    device: str = "cpu"  # cpu, cuda:N, a list (cuda:0,cuda:1), or cuda / all: every visible GPU
     dtype: str | None = None
     acceleration: str = "auto"
     host: str = "127.0.0.1"
@@ -48,6 +49,8 @@ class ServerConfig:
     tls_key: str | None = None
     tls_client_ca: str | None = None  # set: mutual TLS, clients need a certificate it signed
     auth_token_file: str | None = None
+    # Tokens (one a line) that may read /metrics and /api/stats; so may unbound --auth-token-file tokens.
+    metrics_token_file: str | None = None
     l1_bytes: int = 2 << 30
     max_images_per_request: int = 256
     max_request_bytes: int = 256 << 20
@@ -60,12 +63,13 @@ class ServerConfig:
     # serving never waits for the GIL of kernel launches (vitcache.encoder_process). None: on for CUDA.
     encoder_process: bool | None = None
     encoder_ring_bytes: int = 512 << 20  # shared memory the encoder process hands embeddings back through
+    encoder_restart_backoff_s: float = 1.0  # first wait before a dead encoder process is started again
     # (width, height) of images whose batches are run at load, capturing their CUDA graphs then.
     warmup_image_sizes: tuple[tuple[int, int], ...] = ()
 
     @property
     def uses_encoder_process(self) -> bool:
-        return self.device.startswith("cuda") if self.encoder_process is None else self.encoder_process
+        return self.device.startswith(("cuda", "all")) if self.encoder_process is None else self.encoder_process
 
 
 class RunningServer:
@@ -105,22 +109,39 @@ class RunningServer:
 
 async def start_server(config: ServerConfig, encoder: VisionEncoder | None = None) -> RunningServer:
     """Serves ``encoder``; without one, loads ``config.model`` here or in an encoder process."""
+    # Mistakes an operator can see before the model loads, which takes a while.
+    check_port_free(config.host, config.port, "--port")
+    if config.metrics_port:
+        check_port_free(config.metrics_host, config.metrics_port, "--metrics-port")
+    if config.redis_url:
+        check_redis_url(config.redis_url)
+    access = Access.from_token_file(config.auth_token_file) if config.auth_token_file else Access.open()
+    metrics_access = MetricsAccess.build(access, config.metrics_token_file)
     metrics = ServerMetrics()
     pipeline: VisionEncoder | Pipeline
     if encoder is not None:
         pipeline = encoder
     else:
+        devices = parse_devices(config.device)
         loader = EncoderLoader(
             config.model,
-            config.device,
+            devices[0],
             config.dtype,
             config.acceleration,
             graph_max_patches=config.engine.max_batch_patches,  # every batch the batcher makes has its graph
             warmup_image_sizes=config.warmup_image_sizes,
         )
         if config.uses_encoder_process:
-            pipeline = EncoderProcess(loader, config.engine.pipeline, metrics, ring_bytes=config.encoder_ring_bytes)
+            pipeline = EncoderPool(
+                pool_loaders(loader, devices),
+                config.engine.pipeline,
+                metrics,
+                ring_bytes=config.encoder_ring_bytes,
+                restart_backoff_s=config.encoder_restart_backoff_s,
+            )
             await pipeline.load()  # the namespace (and so the L2 keys) is known once the model is
+        elif len(devices) > 1:
+            raise ValueError(f"--device {config.device}: several devices need --encoder-process on")
         else:
             pipeline = loader.load()
     namespace = pipeline.spec.namespace
@@ -139,40 +160,43 @@ async def start_server(config: ServerConfig, encoder: VisionEncoder | None = Non
     metrics.watch(engine)
     await engine.start()
 
-    access = Access.from_token_file(config.auth_token_file) if config.auth_token_file else Access.open()
     server = grpc.aio.server(
         interceptors=[metrics.interceptor(SERVICE_NAME), AuthInterceptor(access)],
         options=[
             ("grpc.max_receive_message_length", config.max_request_bytes),
             ("grpc.max_send_message_length", -1),
+            *GRPC_OPTIONS,
         ],
     )
     add_servicer(VitCacheServicer(engine, config.max_images_per_request, access), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
-    )
-    address = f"{config.host}:{config.port}"
+    enable_reflection((SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name), server)
     if config.tls_cert or config.tls_key:
         if not (config.tls_cert and config.tls_key):
             raise ValueError("--tls-cert and --tls-key go together")
         credentials = server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
-        port = server.add_secure_port(address, credentials)
+        port = add_grpc_port(server, config.host, config.port, credentials)
     elif config.tls_client_ca:
         raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
     else:
-        port = server.add_insecure_port(address)
+        port = add_grpc_port(server, config.host, config.port)
     await server.start()
     await _set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING)
-    if isinstance(pipeline, EncoderProcess):
-        # Without its encoder a server still answers hits, but it can compute nothing: let the
-        # orchestrator (or a FleetClient's health checks) route around it and restart it.
+    if isinstance(pipeline, EncoderPool):
+        # Without any encoder a server still answers hits, but it can compute nothing: let the
+        # orchestrator (or a FleetClient's health checks) route around it until one is back.
         pipeline.on_unavailable = lambda: _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
+        pipeline.on_available = lambda: _set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING)
     metrics_http = None
     if config.metrics_port is not None:
-        metrics_http = MetricsHttpServer(metrics, config.metrics_host, config.metrics_port)
+        metrics_http = MetricsHttpServer(metrics, config.metrics_host, config.metrics_port, metrics_access)
         log.info("metrics and dashboard on http://%s:%d/", config.metrics_host, metrics_http.port)
+        if metrics_access.locked:
+            log.warning(
+                "every --auth-token-file token is bound to a tenant, so none may read /metrics and /api/stats: "
+                "give Prometheus and operators tokens with --metrics-token-file"
+            )
     log.info(
         "serving %s (%s, %s on %s, namespace %s) on %s:%d; L2 %s",
         engine.spec.model_name,

@@ -1,4 +1,8 @@
-"""The ``vitcache`` command: serve, encode, stats, loadtest."""
+"""The ``vitcache`` command: serve, encode, stats, loadtest.
+
+torch and transformers are imported by the subcommands that use them only (``serve``; ``encode`` and
+``loadtest`` through the client's tensors), so ``--help`` and ``stats`` answer at once.
+"""
 
 from __future__ import annotations
 
@@ -8,13 +12,14 @@ import logging
 import re
 import sys
 import time
-from collections.abc import Sequence
+import urllib.error
+from collections.abc import Callable, Sequence
 
-from vitcache.client import loadtest
+import grpc
 
-from vitcache.digest import load_digest_key
-from vitcache.engine import EngineConfig
-from vitcache.preprocess import DecodeLimits
+from vitcache.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 _UNITS = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12, "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
 
@@ -27,10 +32,26 @@ def byte_size(text: str) -> int:
     return int(float(match.group(1)) * _UNITS[match.group(2) or ""])
 
 
+def image_size(text: str) -> tuple[int, int]:
+    """WIDTHxHEIGHT -> (width, height)."""
+    width, _, height = text.lower().partition("x")
+    try:
+        size = (int(width), int(height))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not WIDTHxHEIGHT: {text!r}") from None
+    if min(size) < 1:
+        raise argparse.ArgumentTypeError(f"image size must be positive: {text!r}")
+    return size
+
+
 def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="run the gRPC server")
     p.add_argument("--model", default="tiny-random", help="HF checkpoint directory, or the built-in tiny-random")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="cpu, cuda:N, a list such as cuda:0,cuda:1, or cuda / all: one encoder process per GPU, all visible GPUs",
+    )
     p.add_argument("--dtype", default=None, help="bfloat16, float16, float32 (default: bf16 on cuda, fp32 on cpu)")
     p.add_argument(
         "--acceleration",
@@ -50,6 +71,12 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         type=byte_size,
         default="512MiB",
         help="shared memory the encoder process returns embeddings through (more travel by pipe when full)",
+    )
+    p.add_argument(
+        "--encoder-restart-backoff-ms",
+        type=float,
+        default=1000,
+        help="wait before a dead encoder process is started again (doubles while starts fail, up to 60 s)",
     )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=50051, help="0 picks a free port")
@@ -72,6 +99,7 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-image-pixels", type=int, default=64 << 20, help="largest width*height accepted")
     p.add_argument("--max-images-per-request", type=int, default=256)
     p.add_argument("--max-request-bytes", type=byte_size, default="256MiB", help="largest gRPC message accepted")
+    p.add_argument("--max-put-bytes", type=byte_size, default="256MiB", help="tensor bytes of one Put entry")
     p.add_argument("--preprocess-workers", type=int, default=4, help="threads that decode and preprocess")
     p.add_argument(
         "--shm-socket",
@@ -89,7 +117,7 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--warmup-image-sizes",
-        type=lambda text: tuple(loadtest.image_size(size) for size in text.split(",")),
+        type=lambda text: tuple(image_size(size) for size in text.split(",")),
         default=(),
         help="WIDTHxHEIGHT,...: at start-up, run batches of 1 to --max-batch-patches of images of these sizes, "
         "so their CUDA graphs (--acceleration graphs) are captured before serving instead of under load",
@@ -98,6 +126,12 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
     p.add_argument("--tls-client-ca", default=None, help="PEM CA: require client certificates it signed (mutual TLS)")
     p.add_argument("--auth-token-file", default=None, help="lines 'TOKEN [TENANT]': require 'authorization: Bearer'")
+    p.add_argument(
+        "--metrics-token-file",
+        default=None,
+        help="one token a line: require 'Authorization: Bearer' for /metrics and /api/stats "
+        "(unbound --auth-token-file tokens may read them too)",
+    )
     p.add_argument("--digest-key-file", default=None, help="secret shared with trusted clients: keyed digests")
 
 
@@ -114,12 +148,38 @@ def _client_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("stats", help="print a running server's dashboard numbers (from its metrics port)")
     p.add_argument("--metrics-url", default="http://127.0.0.1:9400", help="the server's --metrics-host/--metrics-port")
     p.add_argument("--window", type=float, default=10.0, help="seconds the rates and percentiles cover")
+    p.add_argument("--auth-token-file", default=None, help="a file holding a bearer token the metrics port accepts")
     p = sub.add_parser("loadtest", help="drive a server with Zipf-popular images; report latency and hit ratios")
-    loadtest.add_arguments(p, byte_size)
+    p.add_argument("--target", default="localhost:50051")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--rate", type=float, help="open loop: requests started per second")
+    mode.add_argument("--concurrency", type=int, help="closed loop: requests in flight (default 4)")
+    p.add_argument("--duration", type=float, default=30.0, help="seconds the run lasts at most")
+    p.add_argument("--max-requests", type=int, default=None, help="requests the run sends at most")
+    p.add_argument("--images-per-request", type=int, default=1)
+    p.add_argument("--pool-size", type=int, default=1000, help="distinct images")
+    p.add_argument("--zipf-exponent", type=float, default=1.0, help="popularity skew s: P(rank k) ~ 1/k^s")
+    p.add_argument(
+        "--image-size",
+        type=image_size,
+        action="append",
+        help="WIDTHxHEIGHT of synthetic images; repeat for a mix (default 448x448)",
+    )
+    p.add_argument("--image-dir", default=None, help="use the files of this folder instead of synthetic images")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-in-flight", type=int, default=1024, help="open loop: outstanding requests before dropping")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds one request may take")
+    p.add_argument("--lru-bytes", type=byte_size, action="append", default=[], help="also simulate an LRU this big")
+    p.add_argument("--output-dir", default=None, help="write report.json, latency_cdf.png and hit_ratio.png here")
+    p.add_argument("--no-progress", action="store_true")
 
 
-def _serve(args: argparse.Namespace) -> None:
+def _serve(args: argparse.Namespace) -> int:
     from vitcache.server.app import ServerConfig, serve_forever
+
+    from vitcache.digest import load_digest_key
+    from vitcache.engine import EngineConfig
+    from vitcache.preprocess import DecodeLimits
 
     config = ServerConfig(
         model=args.model,
@@ -139,6 +199,7 @@ def _serve(args: argparse.Namespace) -> None:
         tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca,
         auth_token_file=args.auth_token_file,
+        metrics_token_file=args.metrics_token_file,
         l1_bytes=args.l1_bytes,
         max_images_per_request=args.max_images_per_request,
         max_request_bytes=args.max_request_bytes,
@@ -150,13 +211,16 @@ def _serve(args: argparse.Namespace) -> None:
             preprocess_workers=args.preprocess_workers,
             limits=DecodeLimits(args.max_image_bytes, args.max_image_pixels),
             max_queued_images=args.max_queued_images,
+            max_put_bytes=args.max_put_bytes,
             digest_key=load_digest_key(args.digest_key_file) if args.digest_key_file else None,
         ),
         encoder_process={"auto": None, "on": True, "off": False}[args.encoder_process],
         encoder_ring_bytes=args.encoder_ring_bytes,
+        encoder_restart_backoff_s=args.encoder_restart_backoff_ms / 1000,
         warmup_image_sizes=args.warmup_image_sizes,
     )
     asyncio.run(serve_forever(config))
+    return 0
 
 
 def _encode(args: argparse.Namespace) -> int:
@@ -184,24 +248,67 @@ def _encode(args: argparse.Namespace) -> int:
 
 
 def _stats(args: argparse.Namespace) -> int:
-    from vitcache.server.stats_table import fetch_stats, format_stats
+    from vitcache.client import ConnectOptions
+    from vitcache.server.stats_table import StatsRefused, fetch_stats, format_stats
 
-    print(format_stats(fetch_stats(args.metrics_url, args.window)), end="")
+    token = ConnectOptions.from_files(auth_token_file=args.auth_token_file).auth_token
+    try:
+        stats = fetch_stats(args.metrics_url, args.window, token)
+    except StatsRefused as refused:
+        print(f"vitcache stats: {refused}", file=sys.stderr)
+        return 1
+    print(format_stats(stats), end="")
     return 0
+
+
+def _loadtest(args: argparse.Namespace) -> int:
+    from vitcache.client import loadtest
+
+    return loadtest.main(args)
+
+
+_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "serve": _serve,
+    "encode": _encode,
+    "stats": _stats,
+    "loadtest": _loadtest,
+}
+
+
+def _operator_message(exc: Exception, args: argparse.Namespace) -> str | None:
+    """What an operator's mistake (a setting, a file, a server that is not there) means, in a line;
+    None for anything else, which is a bug and keeps its traceback."""
+    if isinstance(exc, ConfigError):
+        return str(exc)
+    if isinstance(exc, OSError) and exc.filename is not None:  # FileNotFoundError, IsADirectoryError, ...
+        return f"{exc.filename}: {exc.strerror}"
+    if isinstance(exc, urllib.error.HTTPError):
+        return f"{args.metrics_url} answered HTTP {exc.code} {exc.reason}"
+    if isinstance(exc, urllib.error.URLError):
+        return f"cannot reach {args.metrics_url}: {exc.reason}; is `vitcache serve` running with that metrics port?"
+    if isinstance(exc, grpc.RpcError) and isinstance(exc, grpc.Call):
+        hint = "; is `vitcache serve` running there?" if exc.code() == grpc.StatusCode.UNAVAILABLE else ""
+        return f"{args.target}: {exc.code().name}: {exc.details()}{hint}"
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vitcache", description=__doc__)
-    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-level", default="INFO", help="debug also shows the traceback of a failed command")
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
     _client_parsers(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.command == "serve":
-        _serve(args)
-        return 0
-    return {"encode": _encode, "stats": _stats, "loadtest": loadtest.main}[args.command](args)
+    try:
+        return _COMMANDS[args.command](args)
+    except Exception as exc:
+        message = _operator_message(exc, args)
+        if message is None:
+            raise
+        log.debug("vitcache %s failed", args.command, exc_info=True)
+        print(f"vitcache {args.command}: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

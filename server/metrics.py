@@ -2,7 +2,8 @@
 
 Three sources, one registry:
 - :class:`ServerMetrics` is the engine's :class:`~vitcache.observer.EngineObserver`: images by
-  source and status code, cache lookups by tier, stage latencies, batch sizes.
+  source and status code, digest-only lookups that found nothing, cache lookups by tier, stage
+  latencies, batch sizes.
 - :class:`RequestMetricsInterceptor` counts the VitCache RPCs by method and status code, times
   them and tracks those in flight.
 - :class:`EngineStateCollector` reads the engine's own state at scrape time (L1 fill, Redis
@@ -26,6 +27,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoM
 from prometheus_client.registry import Collector
 
 from vitcache.engine import EmbeddingEngine, ImageOutcome
+from vitcache.errors import ErrorCode
 from vitcache.observer import EngineObserver, Stage, Tier
 from vitcache.tensor_codec import dtype_name
 
@@ -54,8 +56,16 @@ class ServerMetrics(EngineObserver):
         r = self.registry
         self.images = Counter(
             "vitcache_images",
-            "Images answered, by where the embedding came from (none on error) and status code",
+            "Images answered, by where the embedding came from (none on error) and status code; "
+            "a digest-only lookup that found nothing is vitcache_lookups_not_found_total",
             ["source", "code"],
+            registry=r,
+        )
+        # A digest-only lookup that finds nothing (hash-first round, Fetch) is a normal step of a miss,
+        # not an image answered and not an error: the client sends the image next (or has none cached).
+        self.lookups_not_found = Counter(
+            "vitcache_lookups_not_found",
+            "Digest-only lookups (hash-first rounds, Fetch) that found nothing cached: not errors, not images",
             registry=r,
         )
         self.cache_lookups = Counter(
@@ -118,7 +128,9 @@ class ServerMetrics(EngineObserver):
         self.batch_patches.observe(patches)
 
     def image_done(self, outcome: ImageOutcome) -> None:
-        if outcome.error is not None:
+        if outcome.error is not None and outcome.error.code is ErrorCode.NOT_FOUND:
+            self.lookups_not_found.inc()
+        elif outcome.error is not None:
             self.images.labels("none", outcome.error.code.name).inc()
         elif outcome.source is not None:
             self._served[outcome.source.name.lower()].inc()

@@ -5,6 +5,7 @@
   ``--auth-token-file``; the health service stays open so load balancers can probe.
 - Tenants: ``x-vitcache-tenant`` scopes every cache key (L1 and L2). A token may be bound to
   one tenant; then its caller is that tenant whatever the metadata says.
+- The metrics port: :class:`MetricsAccess` (``--metrics-token-file``, unbound tokens).
 """
 
 from __future__ import annotations
@@ -40,6 +41,30 @@ def _fingerprint(token: str) -> bytes:
     return hashlib.sha256(token.encode()).digest()
 
 
+def _read_token_file(path: str | Path, tenants: bool) -> dict[bytes, str | None]:
+    """Fingerprint -> bound tenant of each line ``TOKEN [TENANT]`` (``TOKEN`` alone unless ``tenants``)."""
+    expected = "'TOKEN [TENANT]' with TENANT of [A-Za-z0-9._-]{1,64}" if tenants else "one TOKEN per line"
+    tokens: dict[bytes, str | None] = {}
+    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+        fields = line.split("#", 1)[0].split()
+        if not fields:
+            continue
+        if len(fields) > (2 if tenants else 1) or (len(fields) == 2 and not _TENANT_NAME.fullmatch(fields[1])):
+            raise ValueError(f"{path}:{number}: expected {expected}")
+        tokens[_fingerprint(fields[0])] = fields[1] if len(fields) == 2 else None
+    if not tokens:
+        raise ValueError(f"{path}: no tokens")
+    return tokens
+
+
+def _bearer_token(authorization: str) -> str:
+    """The token of an ``authorization: Bearer <token>`` value; AccessDenied when there is none."""
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise AccessDenied(ErrorCode.UNAUTHENTICATED, "missing 'authorization: Bearer <token>'")
+    return token.strip()
+
+
 @dataclass(frozen=True)
 class Access:
     """The token table (empty: no authentication) and the rule that picks a request's tenant.
@@ -57,17 +82,7 @@ class Access:
 
     @classmethod
     def from_token_file(cls, path: str | Path) -> Access:
-        tokens: dict[bytes, str | None] = {}
-        for number, line in enumerate(Path(path).read_text().splitlines(), 1):
-            fields = line.split("#", 1)[0].split()
-            if not fields:
-                continue
-            if len(fields) > 2 or (len(fields) == 2 and not _TENANT_NAME.fullmatch(fields[1])):
-                raise ValueError(f"{path}:{number}: expected 'TOKEN [TENANT]' with TENANT of [A-Za-z0-9._-]{{1,64}}")
-            tokens[_fingerprint(fields[0])] = fields[1] if len(fields) == 2 else None
-        if not tokens:
-            raise ValueError(f"{path}: no tokens")
-        return cls(tokens)
+        return cls(_read_token_file(path, tenants=True))
 
     @property
     def requires_token(self) -> bool:
@@ -81,10 +96,7 @@ class Access:
             raise AccessDenied(ErrorCode.INVALID_ARGUMENT, f"{TENANT_HEADER} must match [A-Za-z0-9._-]{{1,64}}")
         if not self.requires_token:
             return asked
-        scheme, _, token = headers.get(AUTHORIZATION_HEADER, "").partition(" ")
-        if scheme.lower() != "bearer" or not token:
-            raise AccessDenied(ErrorCode.UNAUTHENTICATED, "missing 'authorization: Bearer <token>' metadata")
-        fingerprint = _fingerprint(token.strip())
+        fingerprint = _fingerprint(_bearer_token(headers.get(AUTHORIZATION_HEADER, "")))
         if fingerprint not in self.tokens:
             raise AccessDenied(ErrorCode.UNAUTHENTICATED, "unknown token")
         bound = self.tokens[fingerprint]
@@ -93,6 +105,50 @@ class Access:
         if asked and asked != bound:
             raise AccessDenied(ErrorCode.PERMISSION_DENIED, f"this token may not act as tenant {asked!r}")
         return bound
+
+
+@dataclass(frozen=True)
+class MetricsAccess:
+    """Who may read the metrics port's numbers (``/metrics``, ``/api/stats``): server-wide, every tenant's.
+
+    Open when the server has no tokens at all. Otherwise a bearer token from ``--metrics-token-file``
+    (a Prometheus scraper, an operator) or an ``--auth-token-file`` token bound to no tenant (a trusted
+    gateway, which may act as any tenant anyway); a token bound to a tenant sees only its own numbers,
+    through ``GetStats``.
+    """
+
+    access: Access
+    metrics_tokens: frozenset[bytes] = frozenset()
+
+    @classmethod
+    def build(cls, access: Access, metrics_token_file: str | Path | None) -> MetricsAccess:
+        tokens = _read_token_file(metrics_token_file, tenants=False) if metrics_token_file else {}
+        return cls(access, frozenset(tokens))
+
+    @property
+    def requires_token(self) -> bool:
+        return self.access.requires_token or bool(self.metrics_tokens)
+
+    @property
+    def locked(self) -> bool:
+        """Tokens are required but none may read the numbers (every token is bound to a tenant)."""
+        return self.requires_token and not self.metrics_tokens and None not in self.access.tokens.values()
+
+    def check(self, authorization: str) -> None:
+        """Raises AccessDenied unless the ``Authorization`` header's value may read the numbers."""
+        if not self.requires_token:
+            return
+        fingerprint = _fingerprint(_bearer_token(authorization))
+        if fingerprint in self.metrics_tokens:
+            return
+        if fingerprint not in self.access.tokens:
+            raise AccessDenied(ErrorCode.UNAUTHENTICATED, "unknown token")
+        if self.access.tokens[fingerprint] is not None:
+            raise AccessDenied(
+                ErrorCode.PERMISSION_DENIED,
+                "a token bound to a tenant cannot read server-wide numbers (GetStats has its own); "
+                "use a --metrics-token-file token",
+            )
 
 
 def _refusal(handler: grpc.RpcMethodHandler, denied: AccessDenied) -> grpc.RpcMethodHandler:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import fcntl
 import json
 import logging
 import mmap
@@ -88,18 +89,28 @@ class FirstFitLeases:
         return True
 
 
+#: What the client may not do to its arena's memfd: resize it (a shrunk file would make the server's
+#: next write into its mapping a SIGBUS, which kills the whole server), or change these seals.
+#: Not F_SEAL_WRITE: the server writes through its mapping; a client that scribbles on the
+#: memory through its own mapping only spoils results it alone reads.
+ARENA_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+
+
 class Arena:
     """One connection's shared memory: a 0600 memfd mapped here, whose fd the client gets.
 
-    Invariant: the server writes a leased range once, before the reply that names it, and
-    not again until the client has released it; the client's tensors never see a change.
+    Invariants:
+    - the server writes a leased range once, before the reply that names it, and not again
+      until the client has released it; the client's tensors never see a change;
+    - the memfd is sealed (``ARENA_SEALS``) before the client gets it: its size never changes.
     """
 
     def __init__(self, capacity: int) -> None:
-        fd = os.memfd_create(MEMFD_NAME, os.MFD_CLOEXEC)
+        fd = os.memfd_create(MEMFD_NAME, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             os.fchmod(fd, 0o600)
             os.ftruncate(fd, capacity)
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, ARENA_SEALS)
             self.map = mmap.mmap(fd, capacity)
         except BaseException:
             os.close(fd)
@@ -264,6 +275,8 @@ class ShmServer:
             log.debug("shm client gone: %s", why)
         except OSError as exc:
             log.debug("shm client connection failed: %s", exc)
+        except Exception:  # a fault in this connection ends it alone, at once, and is told
+            log.exception("shm client connection ended by an unexpected error")
         finally:
             writer.close()
             if arena is not None:

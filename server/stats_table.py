@@ -3,14 +3,29 @@
 from __future__ import annotations
 
 import json
+import urllib.error
 import urllib.request
 from typing import Any
 
 
-def fetch_stats(metrics_url: str, window_s: float, timeout_s: float = 5.0) -> dict[str, Any]:
+class StatsRefused(Exception):
+    """The metrics port wants a token (another one): says which."""
+
+
+def fetch_stats(metrics_url: str, window_s: float, token: str | None = None, timeout_s: float = 5.0) -> dict[str, Any]:
     url = f"{metrics_url.rstrip('/')}/api/stats?window={window_s:g}"
-    with urllib.request.urlopen(url, timeout=timeout_s) as response:
-        return json.load(response)
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            return json.load(response)
+    except urllib.error.HTTPError as exc:
+        if exc.code not in (401, 403):
+            raise
+        reason = exc.read().decode(errors="replace").strip()
+        raise StatsRefused(
+            f"{url} refused: {reason}; pass --auth-token-file with a --metrics-token-file token "
+            "or an --auth-token-file token bound to no tenant"
+        ) from None
 
 
 def format_stats(stats: dict[str, Any]) -> str:
@@ -47,6 +62,7 @@ def format_stats(stats: dict[str, Any]) -> str:
             f"{totals['requests']:.0f}   in flight {stats['requests_in_flight']:.0f}   "
             f"forwards {totals['forwards']:.0f}",
         ),
+        ("  digest lookups", f"{totals['lookups_not_found']:.0f} not found (hash-first, Fetch; not errors)"),
         ("  by error code", ", ".join(f"{code} {n:.0f}" for code, n in stats["errors_by_code"].items()) or "none"),
         (
             "L1",

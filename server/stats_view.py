@@ -1,22 +1,28 @@
 """The dashboard's numbers (``/api/stats``, ``vitcache stats``), computed from the Prometheus registry.
 
-Rates, hit ratios, latency percentiles and batch sizes are over a recent window: the view keeps
-snapshots of the registry's samples (one per ``min_interval_s`` at most, none older than
-``max_window_s``) and compares the newest with the one a window back, the way ``rate()`` and
-``histogram_quantile()`` would in Prometheus. Cumulative totals and gauges are as of now.
+Rates, hit ratios, latency percentiles and batch sizes are over a recent window: a sampler thread
+records the counters and histograms every ``sample_interval_s`` into a ring that reaches
+``max_window_s`` back, and a request compares the registry now with the sample nearest to a window
+ago, the way ``rate()`` and ``histogram_quantile()`` would in Prometheus. The server samples on its
+own rather than when polled, so ``?window=5`` covers the last 5 s however long ago the last poll
+was, and the answer comes at once (a client sampling at both ends would have to wait the window).
+Cumulative totals and gauges are as of now.
 
 Hit ratios count images answered with an embedding: ``l1`` and ``l2`` are the shares served
-from each tier, ``overall`` their sum; the rest were computed. A hash-first NOT_FOUND is not a
-miss of its own: the image comes back with its bytes and is counted then.
+from each tier, ``overall`` their sum; the rest were computed. A digest-only lookup that found
+nothing (hash-first NOT_FOUND, a Fetch miss) is neither an image nor an error: it is counted apart
+(``lookups_not_found``); the image comes back with its bytes and is counted then.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
+from array import array
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Container, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, get_args
 
@@ -30,6 +36,8 @@ from .metrics import SOURCES
 IMAGE_METHODS = ("Encode", "Fetch")
 QUANTILES = (0.5, 0.9, 0.95, 0.99)
 _Labels = tuple[tuple[str, str], ...]
+
+log = logging.getLogger(__name__)
 
 
 def histogram_quantile(q: float, buckets: Iterable[tuple[float, float]]) -> float | None:
@@ -60,13 +68,15 @@ class _Snapshot:
     samples: Mapping[tuple[str, _Labels], float]
 
     @classmethod
-    def take(cls, registry: CollectorRegistry) -> _Snapshot:
+    def take(cls, registry: CollectorRegistry, at: float, kinds: Container[str] | None = None) -> _Snapshot:
+        """The samples of the registry's families of ``kinds`` (counter, histogram, ...; None: all)."""
         samples = {
             (sample.name, tuple(sorted(sample.labels.items()))): sample.value
             for family in registry.collect()
+            if kinds is None or family.type in kinds
             for sample in family.samples
         }
-        return cls(time.monotonic(), samples)
+        return cls(at, samples)
 
     def total(self, name: str, **match: str | Iterable[str]) -> float:
         """Sum of the samples called ``name`` whose labels match (a value, or any of several)."""
@@ -97,25 +107,82 @@ def _matches(labels: _Labels, match: Mapping[str, str | Iterable[str]]) -> bool:
     return True
 
 
-class StatsView:
-    """Windowed and cumulative numbers of one server, from its registry. Thread-safe."""
+class _SampleRing:
+    """The last ``capacity`` snapshots, oldest first. Values are packed in arrays over one shared table
+    of series (a series first seen later is absent, i.e. 0, in older samples), so five minutes of
+    samples of a few hundred series take about a megabyte."""
 
-    def __init__(self, registry: CollectorRegistry, min_interval_s: float = 0.5, max_window_s: float = 300.0) -> None:
+    def __init__(self, capacity: int) -> None:
+        self._series: dict[tuple[str, _Labels], int] = {}
+        self._samples: deque[tuple[float, array[float]]] = deque(maxlen=capacity)
+
+    def add(self, snapshot: _Snapshot) -> None:
+        values = array("d", bytes(8 * len(self._series)))
+        for key, value in snapshot.samples.items():
+            index = self._series.setdefault(key, len(self._series))
+            if index == len(values):
+                values.append(value)
+            else:
+                values[index] = value
+        self._samples.append((snapshot.at, values))
+
+    def nearest(self, at: float) -> _Snapshot:
+        """The sample taken nearest to ``at`` (the oldest one when ``at`` is before it)."""
+        taken, values = min(self._samples, key=lambda sample: abs(sample[0] - at))
+        return _Snapshot(taken, dict(zip(self._series, values, strict=False)))
+
+
+class StatsView:
+    """Windowed and cumulative numbers of one server, from its registry. Thread-safe.
+
+    :meth:`start` runs the sampler thread; without it (tests), :meth:`sample` records one sample.
+    """
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        sample_interval_s: float = 1.0,
+        max_window_s: float = 300.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._registry = registry
-        self._min_interval_s = min_interval_s
+        self._sample_interval_s = sample_interval_s
         self._max_window_s = max_window_s
-        self._history: deque[_Snapshot] = deque([_Snapshot.take(registry)])
+        self._clock = clock
+        self._ring = _SampleRing(math.ceil(max_window_s / sample_interval_s) + 1)
         self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._sampler: threading.Thread | None = None
+        self.sample()
+
+    def sample(self) -> None:
+        """Records the counters and histograms as of now (gauges are read from the registry when asked)."""
+        snapshot = _Snapshot.take(self._registry, self._clock(), kinds=("counter", "histogram"))
+        with self._lock:
+            self._ring.add(snapshot)
+
+    def start(self) -> None:
+        self._sampler = threading.Thread(target=self._sample_until_stopped, name="vitcache-stats", daemon=True)
+        self._sampler.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._sampler is not None:
+            self._sampler.join(timeout=5)
+
+    def _sample_until_stopped(self) -> None:
+        while not self._stopping.wait(self._sample_interval_s):
+            try:
+                self.sample()
+            except Exception:  # a collector failing once must not end the windows for good
+                log.exception("stats sampler: reading the metrics registry failed")
 
     def stats(self, window_s: float = 10.0) -> dict[str, Any]:
-        window_s = min(max(window_s, self._min_interval_s), self._max_window_s)
-        now = _Snapshot.take(self._registry)
+        """The numbers over the ``window_s`` seconds before now (within half a sample interval)."""
+        window_s = min(max(window_s, self._sample_interval_s), self._max_window_s)
+        now = _Snapshot.take(self._registry, self._clock())
         with self._lock:
-            base = next((s for s in reversed(self._history) if s.at <= now.at - window_s), self._history[0])
-            if now.at - self._history[-1].at >= self._min_interval_s:
-                self._history.append(now)
-            while len(self._history) > 1 and self._history[1].at < now.at - self._max_window_s:
-                self._history.popleft()
+            base = self._ring.nearest(now.at - window_s)
         return _compute(now, base)
 
 
@@ -154,10 +221,8 @@ def _compute(now: _Snapshot, base: _Snapshot) -> dict[str, Any]:
         "rates": {
             "requests_per_s": delta("vitcache_requests_total", method=IMAGE_METHODS) / seconds,
             "images_per_s": delta("vitcache_images_total") / seconds,
-            "errors_per_s": (
-                delta("vitcache_images_total", source="none") - delta("vitcache_images_total", code="NOT_FOUND")
-            )
-            / seconds,
+            "errors_per_s": delta("vitcache_images_total", source="none") / seconds,
+            "lookups_not_found_per_s": delta("vitcache_lookups_not_found_total") / seconds,
             "forwards_per_s": forwards / seconds,
         },
         "hit_ratio": _hit_ratios(served),
@@ -174,6 +239,7 @@ def _compute(now: _Snapshot, base: _Snapshot) -> dict[str, Any]:
             "images": now.total("vitcache_images_total"),
             **served_total,
             "forwards": now.total("vitcache_batch_size_images_count"),
+            "lookups_not_found": now.total("vitcache_lookups_not_found_total"),
             "hit_ratio": _hit_ratios(served_total)["overall"],
         },
         "errors_by_code": errors,

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import io
 import os
+import select
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -20,6 +25,16 @@ from vitcache.server.background import BackgroundServer
 
 from vitcache.models import VisionEncoder, load_encoder
 from vitcache.tiny import make_tiny_checkpoint
+
+
+def http_get(port: int, path: str, headers: dict[str, str] | None = None) -> tuple[int, str, bytes]:
+    """(status, content type, body) of a GET on 127.0.0.1:port, errors included."""
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, response.headers["Content-Type"], response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers["Content-Type"], exc.read()
 
 
 def free_port() -> int:
@@ -142,6 +157,39 @@ def start_server_thread() -> Iterator:
     yield start
     for server in started:
         server.stop()
+
+
+class ServeProcess:
+    """``python -m vitcache.server.cli serve FLAGS`` in its own process, on free loopback ports by default."""
+
+    def __init__(self, flags: Sequence[str], log: Path) -> None:
+        self._log = log.open("wb")
+        self.proc = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "vitcache.server.cli", "--log-level", "WARNING", "serve"),
+                *("--port", "0", "--metrics-port", "0", "--preprocess-workers", "1", *flags),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
+        self.target = ""
+
+    def wait_listening(self, timeout_s: float = 120) -> None:
+        assert self.proc.stdout is not None
+        deadline, line = time.monotonic() + timeout_s, b""
+        while not line.endswith(b"\n"):
+            remaining = deadline - time.monotonic()
+            assert remaining > 0 and self.proc.poll() is None, "server did not start"
+            if select.select([self.proc.stdout], [], [], remaining)[0]:
+                line += os.read(self.proc.stdout.fileno(), 1)
+        self.target = line.decode().split()[-1]  # "vitcache listening on 127.0.0.1:PORT"
+
+    def stop(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        self.proc.wait(timeout=30)
+        self._log.close()
 
 
 def png_bytes(width: int, height: int, seed: int) -> bytes:

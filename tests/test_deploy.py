@@ -133,3 +133,12 @@ def test_every_queried_metric_is_exported_by_a_live_server(start_server_thread, 
         if name.endswith("_bucket"):
             assert name.removesuffix("_bucket") + "_count" in exported
     assert set(GPU_METRICS) <= set(queried), "the memory panel shows GPU memory"
+
+
+def test_redis_is_published_on_loopback_at_most() -> None:
+    """The compose Redis has no AUTH: published on every host interface, anyone could write embeddings."""
+    redis_services = [name for name, service in SERVICES.items() if str(service.get("image", "")).startswith("redis:")]
+    assert "redis" in redis_services
+    for name in redis_services:
+        for mapping in SERVICES[name].get("ports", []):
+            assert str(mapping).startswith("127.0.0.1:"), f"{name} publishes Redis beyond loopback: {mapping}"

@@ -18,6 +18,7 @@ from vitcache.server.app import ServerConfig
 from vitcache.server.metrics import ServerMetrics
 
 from tests.conftest import jpeg_bytes, png_bytes
+from vitcache.encoder_pool import EncoderPool
 from vitcache.encoder_process import EncoderProcess
 from vitcache.engine import EmbeddingEngine, EncodedFile, ImageOutcome, Source
 from vitcache.errors import ErrorCode
@@ -119,11 +120,11 @@ def test_bad_image_fails_alone_and_a_dead_child_fails_misses_not_hits(tiny_check
 
 
 def test_server_with_encoder_process(tiny_checkpoint: Path, start_server_thread, in_process, encoder) -> None:
-    server = start_server_thread(
-        ServerConfig(model=str(tiny_checkpoint), encoder_process=True, encoder_ring_bytes=1 << 20)
-    )
-    process = server.engine.pipeline
-    assert isinstance(process, EncoderProcess) and process.ring_bytes == 1 << 20
+    # No restart within the test: a server whose only encoder is gone.
+    settings = {"encoder_ring_bytes": 1 << 20, "encoder_restart_backoff_s": 3600.0}
+    server = start_server_thread(ServerConfig(model=str(tiny_checkpoint), encoder_process=True, **settings))
+    pool = server.engine.pipeline
+    assert isinstance(pool, EncoderPool) and pool.ring_bytes == 1 << 20
     with VitCacheClient(server.target) as client, grpc.insecure_channel(server.target) as channel:
         assert client.model_info().model == str(tiny_checkpoint)
         results = client.encode([IMAGES[3], jpeg_bytes(64, 48, seed=1), b"junk"])
@@ -134,7 +135,7 @@ def test_server_with_encoder_process(tiny_checkpoint: Path, start_server_thread,
 
         # Its encoder gone, the server says so to health checks, fails misses and still serves hits.
         health = health_pb2_grpc.HealthStub(channel)
-        os.kill(process.pid, signal.SIGKILL)
+        os.kill(pool.pids[0], signal.SIGKILL)
         for _ in range(200):
             status = health.Check(health_pb2.HealthCheckRequest(service="vitcache.v1.VitCache")).status
             if status == health_pb2.HealthCheckResponse.NOT_SERVING:

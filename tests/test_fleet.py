@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import os
-import select
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import grpc
 import pytest
@@ -21,7 +16,7 @@ from vitcache.server.app import ServerConfig
 from vitcache.digest import digest_file
 from vitcache.engine import EngineConfig
 
-from .conftest import png_bytes
+from .conftest import ServeProcess, png_bytes
 
 
 def test_rendezvous_order_is_stable_and_moves_only_the_removed_replicas_images() -> None:
@@ -123,53 +118,10 @@ def _wait_for(condition, timeout_s: float = 60) -> None:  # type: ignore[no-unty
         time.sleep(0.01)
 
 
-class ReplicaProcess:
-    """``python -m vitcache.server.cli serve`` in its own process, on a free loopback port."""
-
-    def __init__(self, checkpoint: Path, redis_url: str, log: Path) -> None:
-        self._log = log.open("wb")
-        self.proc = subprocess.Popen(
-            [
-                *(sys.executable, "-m", "vitcache.server.cli", "--log-level", "WARNING", "serve"),
-                *(
-                    "--model",
-                    str(checkpoint),
-                    "--port",
-                    "0",
-                    "--redis-url",
-                    redis_url,
-                    "--preprocess-workers",
-                    "1",
-                    "--metrics-port",
-                    "0",
-                ),
-            ],
-            stdout=subprocess.PIPE,
-            stderr=self._log,
-            env={**os.environ, "OMP_NUM_THREADS": "1"},
-        )
-        self.target = ""
-
-    def wait_listening(self, timeout_s: float = 120) -> None:
-        assert self.proc.stdout is not None
-        deadline, line = time.monotonic() + timeout_s, b""
-        while not line.endswith(b"\n"):
-            remaining = deadline - time.monotonic()
-            assert remaining > 0 and self.proc.poll() is None, "replica did not start"
-            if select.select([self.proc.stdout], [], [], remaining)[0]:
-                line += os.read(self.proc.stdout.fileno(), 1)
-        self.target = line.decode().split()[-1]  # "vitcache listening on 127.0.0.1:PORT"
-
-    def stop(self, sig: int = signal.SIGKILL) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        self.proc.wait(timeout=30)
-        self._log.close()
-
-
 @pytest.fixture
-def fleet(tiny_checkpoint, redis_server, tmp_path) -> Iterator[list[ReplicaProcess]]:  # type: ignore[no-untyped-def]
-    replicas = [ReplicaProcess(tiny_checkpoint, redis_server.url, tmp_path / f"replica{i}.log") for i in range(3)]
+def fleet(tiny_checkpoint, redis_server, tmp_path) -> Iterator[list[ServeProcess]]:  # type: ignore[no-untyped-def]
+    flags = ["--model", str(tiny_checkpoint), "--redis-url", redis_server.url]
+    replicas = [ServeProcess(flags, tmp_path / f"replica{i}.log") for i in range(3)]
     try:
         for replica in replicas:
             replica.wait_listening()

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import io
 import json
-import urllib.error
-import urllib.request
+import re
+import threading
+import time
 
 import grpc
 import numpy as np
@@ -19,23 +20,16 @@ from prometheus_client.parser import text_string_to_metric_families
 from vitcache.client import VitCacheClient
 from vitcache.server import cli
 from vitcache.server.app import ServerConfig
-from vitcache.server.stats_view import _compute, _Snapshot, histogram_quantile
+from vitcache.server.metrics import ServerMetrics
+from vitcache.server.stats_view import StatsView, _compute, _Snapshot, histogram_quantile
 from vitcache.v1 import vitcache_pb2 as pb
 from vitcache.v1 import vitcache_pb2_grpc as pb_grpc
 
 from vitcache.preprocess import preprocess
 
-from .conftest import png_bytes
+from .conftest import http_get, png_bytes
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-def http_get(port: int, path: str) -> tuple[int, str, bytes]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
-            return response.status, response.headers["Content-Type"], response.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.headers["Content-Type"], exc.read()
 
 
 def scrape(port: int) -> Samples:
@@ -85,7 +79,10 @@ def test_metrics_follow_real_traffic_by_source_stage_and_code(metered, encoder) 
     assert value(m, "vitcache_images_total", source="l1", code="OK") == 3
     assert value(m, "vitcache_images_total", source="l2", code="OK") == 0
     assert value(m, "vitcache_images_total", source="none", code="INVALID_ARGUMENT") == 1
-    assert value(m, "vitcache_images_total", source="none", code="NOT_FOUND") == 3 + 1 + 1  # hash-first misses, fetch
+    # Digest-only lookups that found nothing (3 + 1 hash-first rounds, the Fetch) are neither images nor errors.
+    assert value(m, "vitcache_lookups_not_found_total") == 3 + 1 + 1
+    assert value(m, "vitcache_images_total") == 3 + 3 + 1
+    assert not any(n == "vitcache_images_total" and ("code", "NOT_FOUND") in labels for n, labels in m)
     assert value(m, "vitcache_cache_lookups_total", tier="l1", result="hit") == 3
     assert value(m, "vitcache_cache_lookups_total", tier="l2", result="hit") == 0
     assert value(m, "vitcache_cache_lookups_total", tier="l2", result="miss") >= 3 + 1 + 1
@@ -161,7 +158,10 @@ def test_api_stats_dashboard_files_and_stats_command(metered, capsys) -> None:  
     assert stats["totals"]["computed"] == 4 and stats["totals"]["l1"] == 6 and stats["totals"]["l2"] == 0
     assert stats["hit_ratio"] == {"overall": 0.6, "l1": 0.6, "l2": 0.0}
     assert stats["totals"]["hit_ratio"] == 0.6
-    assert stats["errors_by_code"] == {"NOT_FOUND": 4}
+    # The 4 hash-first NOT_FOUND rounds are lookups, not errors and not images.
+    assert stats["errors_by_code"] == {} and stats["rates"]["errors_per_s"] == 0
+    assert stats["totals"]["images"] == 10 and stats["totals"]["lookups_not_found"] == 4
+    assert stats["rates"]["lookups_not_found_per_s"] > 0
     assert stats["rates"]["images_per_s"] > 0 and stats["rates"]["requests_per_s"] > 0
     assert stats["batch"]["images_mean"] is not None and 1 <= stats["batch"]["images_mean"] <= 4
     for stage in ("request", "queue", "preprocess", "forward", "l1_get", "l1_put"):
@@ -182,9 +182,47 @@ def test_api_stats_dashboard_files_and_stats_command(metered, capsys) -> None:  
     assert cli.main(["stats", "--metrics-url", f"http://127.0.0.1:{port}", "--window", "60"]) == 0
     out = capsys.readouterr().out
     assert "60.0 %   L1 60.0 %   L2 0.0 %" in out  # hit ratio: overall, per tier
-    assert "14   L1 6   L2 0   computed 4" in out  # image results (4 of them NOT_FOUND), by source
-    assert "NOT_FOUND 4" in out and "Redis" in out and "connected" in out
+    assert re.search(r"images +10   L1 6   L2 0   computed 4", out)  # image results by source
+    assert re.search(r"digest lookups +4 not found", out) and re.search(r"by error code +none", out)
+    assert "NOT_FOUND" not in out and "Redis" in out and "connected" in out
     assert all(stage in out for stage in ("request", "queue", "preprocess", "forward", "l1_get"))
+
+
+def test_stats_window_covers_the_seconds_asked_for_however_long_since_the_last_poll() -> None:
+    """`vitcache stats --window 5` printed "last 31.1 s" when the last poll was 31 s ago: the server's
+    own samples (one a second here, on a clock the test turns) must set the window, not the polls."""
+    clock = [0.0]
+    metrics = ServerMetrics()
+    view = StatsView(metrics.registry, sample_interval_s=1.0, max_window_s=20.0, clock=lambda: clock[0])
+    served = metrics.images.labels("l1", "OK")
+    for second in range(1, 41):  # one image a second, sampled each second; one poll, at 10 s
+        clock[0] = float(second)
+        served.inc()
+        view.sample()
+        if second == 10:
+            view.stats(5)
+    clock[0] = 40.3
+    for _ in range(5):
+        served.inc()
+    stats = view.stats(5)
+    assert stats["window_s"] == pytest.approx(5.3)  # from the sample at 35 s, the nearest to 35.3 s
+    assert stats["rates"]["images_per_s"] == pytest.approx((5 + 5) / 5.3)
+    assert view.stats(1000)["window_s"] == pytest.approx(20.3)  # at most max_window_s, the ring's reach
+    assert view.stats(0)["window_s"] == pytest.approx(1.3)  # at least one sample interval
+
+
+def test_stats_sampler_thread_samples_until_stopped() -> None:
+    metrics = ServerMetrics()
+    view = StatsView(metrics.registry, sample_interval_s=0.01)
+    metrics.images.labels("computed", "OK").inc()
+    view.start()
+    deadline = time.monotonic() + 30
+    # Only the first sample predates the image: the shortest window leaves it out once the thread took more.
+    while view.stats(0.01)["rates"]["images_per_s"] > 0:
+        assert time.monotonic() < deadline, "the sampler took no sample"
+        time.sleep(0.01)
+    view.stop()
+    assert not any(thread.name == "vitcache-stats" for thread in threading.enumerate())
 
 
 def test_histogram_quantile_interpolates_like_prometheus() -> None:

@@ -135,7 +135,7 @@ def test_missing_vision_weight_is_an_error(family, checkpoints, tmp_path):
     path = copy_checkpoint(checkpoints[family], tmp_path / "ckpt")
     key = vision_keys(path)[0]
     rewrite_weights(path, lambda tensors: tensors.pop(key))
-    with pytest.raises(ModelLoadError, match="Missing key"):
+    with pytest.raises(ModelLoadError, match=r"1 tensor\(s\) missing \("):
         load_encoder(str(path))
 
 
@@ -145,15 +145,44 @@ def test_renamed_vision_weight_is_an_error(family, checkpoints, tmp_path):
     key = next(k for k in vision_keys(path) if k.endswith(".weight"))
     renamed = key.removesuffix(".weight") + "_renamed.weight"
     rewrite_weights(path, lambda tensors: tensors.update({renamed: tensors.pop(key)}))
-    with pytest.raises(ModelLoadError, match="Unexpected key"):
+    with pytest.raises(ModelLoadError, match=r"1 tensor\(s\) unexpected"):
         load_encoder(str(path))
 
 
 def test_shape_mismatch_is_an_error(checkpoints, tmp_path):
     path = copy_checkpoint(checkpoints["qwen2_vl"], tmp_path / "ckpt")
     rewrite_weights(path, lambda t: t.update({"visual.merger.ln_q.weight": torch.ones(7)}))
-    with pytest.raises(ModelLoadError, match="size mismatch"):
+    with pytest.raises(ModelLoadError, match=r"1 tensor\(s\) of another shape \(visual\.merger\.ln_q\.weight\)"):
         load_encoder(str(path))
+
+
+def test_many_missing_weights_are_counted_not_listed(checkpoints, tmp_path):
+    """A checkpoint of another configuration misses hundreds of keys: the error stays one short line."""
+    path = copy_checkpoint(checkpoints["qwen2_5_vl"], tmp_path / "ckpt")
+    keys = vision_keys(path)
+    rewrite_weights(path, lambda tensors: [tensors.pop(key) for key in keys[1:]])
+    with pytest.raises(ModelLoadError) as failed:
+        load_encoder(str(path))
+    message = str(failed.value)
+    assert f"{len(keys) - 1} tensor(s) missing (" in message and message.endswith(", ...)")
+    assert "\n" not in message and message.count("visual.") == 3
+
+
+def test_checkpoint_without_vision_weights_says_so(checkpoints, tmp_path):
+    path = copy_checkpoint(checkpoints["qwen2_vl"], tmp_path / "ckpt")
+    keys = vision_keys(path)
+    rewrite_weights(path, lambda tensors: [tensors.pop(key) for key in keys])
+    with pytest.raises(ModelLoadError, match=r"has no vision weights \(no tensor under visual\., model\.visual\.\)"):
+        load_encoder(str(path))
+
+
+@pytest.mark.skipif(torch.cuda.device_count() > 0, reason="checks the error of a machine without a CUDA GPU")
+def test_a_device_that_is_not_there_fails_before_loading(checkpoints):
+    for device in ("cuda", "cuda:1"):
+        with pytest.raises(ModelLoadError, match="no CUDA GPU is visible"):
+            load_encoder(str(checkpoints["qwen2_vl"]), device=device)
+    with pytest.raises(ModelLoadError, match="'gpu' is not a device"):
+        load_encoder(str(checkpoints["qwen2_vl"]), device="gpu")
 
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "kimi_k25"])
@@ -310,8 +339,10 @@ def test_encode_checks_pixel_values_against_grids(encoders):
 
 
 def test_load_errors(checkpoints, tmp_path):
-    with pytest.raises(ModelLoadError, match=r"config\.json"):
+    with pytest.raises(ModelLoadError, match="no such directory"):
         load_encoder(str(tmp_path / "nowhere"))
+    with pytest.raises(ModelLoadError, match=r"it has no config\.json"):
+        load_encoder(str(tmp_path))
     other = copy_checkpoint(checkpoints["qwen2_vl"], tmp_path / "other")
     (other / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(ModelLoadError, match="model_type"):

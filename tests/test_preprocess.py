@@ -138,8 +138,25 @@ def test_decode_accepts_only_raster_formats():
     for fmt in ("JPEG", "WEBP", "GIF", "BMP", "TIFF"):
         assert decode_image(encode(image, fmt), LIMITS).shape == (20, 30, 3), fmt
     for fmt in ("TGA", "PCX", "EPS"):  # Pillow reads these, the service does not
-        with pytest.raises(ImageRejected, match="cannot decode"):
+        with pytest.raises(ImageRejected, match="not a decodable image: its bytes are none of PNG, JPEG, WEBP"):
             decode_image(encode(image, fmt), LIMITS)
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"definitely not an image", "not a decodable image: its bytes are none of PNG, JPEG, WEBP, GIF, BMP, TIFF"),
+        (encode(Image.fromarray(photo(64, 64)))[:600], "not a decodable PNG image: image file is truncated"),
+        (encode(Image.fromarray(photo(64, 64)), "JPEG")[:-200], "not a decodable JPEG image: image file is truncated"),
+    ],
+    ids=["garbage", "truncated-png", "truncated-jpeg"],
+)
+def test_decode_errors_say_what_the_file_is_not(data, message):
+    """Not Pillow's "cannot identify image file <_io.BytesIO object at 0x...>": no Python reprs."""
+    with pytest.raises(ImageRejected) as rejected:
+        decode_image(data, LIMITS)
+    assert str(rejected.value).startswith(message)
+    assert " at 0x" not in str(rejected.value) and "<" not in str(rejected.value)
 
 
 def test_decode_rejects_too_many_bytes():
@@ -291,6 +308,41 @@ def test_preprocess_rejects_extreme_aspect_ratio(tmp_path):
 def test_preprocess_validates_input_layout(tmp_path):
     with pytest.raises(ValueError, match="uint8"):
         preprocess(np.zeros((10, 10, 4), dtype=np.uint8), qwen_config(tmp_path))
+
+
+def test_kimi_rescales_normalises_and_pads_by_hand():
+    """Kimi-K2.5's steps, computed by hand (no HF processor): pad the (resized) image with black at the
+    bottom and right to multiples of patch_size * merge_size, rescale by 1/255, normalise each channel
+    with its own mean and std, and cut patches in raster order, each one (channel, row, column)."""
+    config = PreprocessConfig(
+        kind="kimi_k25",
+        patch_size=2,
+        temporal_patch_size=1,
+        merge_size=2,
+        min_pixels=None,
+        max_pixels=None,
+        max_patches=1024,
+        max_size_per_side=64,  # a 3x5 image is within both bounds: not resized
+        image_mean=(0.1, 0.2, 0.3),
+        image_std=(0.5, 0.25, 0.125),
+        rescale_factor=1 / 255,
+    )
+    image = np.arange(3 * 5 * 3, dtype=np.uint8).reshape(3, 5, 3) * 5
+    image[0, 0] = 255
+    pixel_values, grid = preprocess(image, config)
+    assert grid == image_grid(3, 5, config) == (1, 2, 4)  # padded to 4x8 pixels: multiples of 2 * 2
+
+    padded = np.zeros((4, 8, 3))
+    padded[:3, :5] = image
+    normalised = (padded / 255 - np.array(config.image_mean)) / np.array(config.image_std)
+    expected = [normalised[y : y + 2, x : x + 2].transpose(2, 0, 1).ravel() for y in (0, 2) for x in (0, 2, 4, 6)]
+    torch.testing.assert_close(pixel_values, torch.tensor(np.stack(expected), dtype=torch.float32))
+    # The same, by hand: white in the first pixel, (1 - mean) / std ...
+    assert pixel_values[0, [0, 4, 8]].tolist() == pytest.approx([1.8, 3.2, 5.6], abs=1e-5)
+    # ... and the padding black, -mean / std: the whole last patch of the first row, the last row of the second.
+    black = [-0.2] * 4 + [-0.8] * 4 + [-2.4] * 4
+    assert pixel_values[3].tolist() == pytest.approx(black, abs=1e-5)
+    assert pixel_values[4].view(3, 2, 2)[:, 1].flatten().tolist() == pytest.approx(black[::2], abs=1e-5)
 
 
 # --- against the torchvision-backed processors (they run where torchvision is installed) ------------

@@ -13,12 +13,14 @@ import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from vitcache.client import AsyncVitCacheClient, ConnectOptions, VitCacheClient
+from vitcache.server import cli
 from vitcache.server.app import ServerConfig
+from vitcache.server.security import Access, MetricsAccess
 
 from vitcache.digest import digest_file, load_digest_key
 from vitcache.engine import EngineConfig
 
-from .conftest import RedisProcess, free_port, png_bytes
+from .conftest import RedisProcess, free_port, http_get, png_bytes
 from .pki import CertificateAuthority
 
 
@@ -91,10 +93,15 @@ def test_bearer_tokens_guard_everything_but_health(start_server_thread, encoder,
     with pytest.raises(grpc.RpcError) as err:
         VitCacheClient(srv.target).stats()
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    reflect = reflection_pb2_grpc.ServerReflectionStub(channel)
-    with pytest.raises(grpc.RpcError) as err:
-        next(reflect.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
-    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    reflect_v1 = channel.stream_stream(  # v1 has v1alpha's messages
+        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+        request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+        response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+    )
+    for reflect in (reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo, reflect_v1):
+        with pytest.raises(grpc.RpcError) as err:
+            next(reflect(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
     health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="vitcache.v1.VitCache"))
     assert health.status == health_pb2.HealthCheckResponse.SERVING  # open to load balancers
     channel.close()
@@ -105,6 +112,84 @@ def test_bearer_tokens_guard_everything_but_health(start_server_thread, encoder,
 
     assert asyncio.run(with_async_client())[0].source == "COMPUTED"
     assert srv.engine.stats.misses == 3  # only the accepted calls reached the engine
+
+
+def test_metrics_port_needs_a_metrics_token_or_an_unbound_one(start_server_thread, encoder, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    """/metrics and /api/stats show every tenant's numbers: with tokens on, only a --metrics-token-file token
+    or an unbound (gateway) token reads them; a tenant's token is refused; the dashboard's files stay open."""
+    metrics_tokens = tmp_path / "metrics-tokens"
+    metrics_tokens.write_text("# prometheus\nscrape-token\n")
+    tokens = _token_file(tmp_path)
+    srv = start_server_thread(
+        ServerConfig(auth_token_file=str(tokens), metrics_token_file=str(metrics_tokens), metrics_port=0), encoder
+    )
+    port = srv.running.metrics_port
+    for path in ("/metrics", "/api/stats"):
+        for token, want in [
+            (None, 401),
+            ("guess", 401),
+            ("alice-token", 403),
+            ("scrape-token", 200),
+            ("gateway-token", 200),
+        ]:
+            headers = {"Authorization": f"Bearer {token}"} if token else {}
+            status, _, body = http_get(port, path, headers)
+            assert status == want, (path, token, body)
+        assert http_get(port, path, {"Authorization": "Basic c2NyYXBlLXRva2Vu"})[0] == 401
+    assert b"vitcache_images_total" in http_get(port, "/metrics", {"Authorization": "Bearer scrape-token"})[2]
+    assert http_get(port, "/")[0] == 200 and http_get(port, "/dashboard.js")[0] == 200  # no numbers in them
+
+    url = f"http://127.0.0.1:{port}"
+    assert cli.main(["stats", "--metrics-url", url]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "missing 'authorization: Bearer <token>'" in err and "--auth-token-file" in err
+    for token in ("alice-token", "scrape-token"):
+        (tmp_path / token).write_text(f"{token}\n")
+    assert cli.main(["stats", "--metrics-url", url, "--auth-token-file", str(tmp_path / "alice-token")]) == 1
+    assert "bound to a tenant" in capsys.readouterr().err
+    assert cli.main(["stats", "--metrics-url", url, "--auth-token-file", str(tmp_path / "scrape-token")]) == 0
+    assert "hit ratio" in capsys.readouterr().out
+
+    # --auth-token-file alone guards the metrics port too (its unbound tokens read it).
+    guarded = start_server_thread(ServerConfig(auth_token_file=str(tokens), metrics_port=0), encoder)
+    assert http_get(guarded.running.metrics_port, "/api/stats")[0] == 401
+    assert http_get(guarded.running.metrics_port, "/api/stats", {"Authorization": "Bearer gateway-token"})[0] == 200
+    # A metrics token file alone guards the metrics port of a server whose gRPC side is open.
+    scraped = start_server_thread(ServerConfig(metrics_token_file=str(metrics_tokens), metrics_port=0), encoder)
+    assert http_get(scraped.running.metrics_port, "/metrics")[0] == 401
+    assert http_get(scraped.running.metrics_port, "/metrics", {"Authorization": "Bearer scrape-token"})[0] == 200
+
+
+def test_metrics_token_file_takes_no_tenants(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    path = tmp_path / "metrics-tokens"
+    path.write_text("scrape-token alice\n")
+    with pytest.raises(ValueError, match=r"metrics-tokens:1: expected one TOKEN per line"):
+        MetricsAccess.build(Access.open(), path)
+
+
+def test_get_stats_counts_only_the_callers_tenant_under_auth(start_server_thread, encoder, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    srv = start_server_thread(ServerConfig(auth_token_file=str(_token_file(tmp_path))), encoder)
+    images = [png_bytes(56, 56, 40), png_bytes(56, 56, 41)]
+    with VitCacheClient(srv.target, options=ConnectOptions(auth_token="alice-token")) as alice:
+        assert [r.source for r in alice.encode(images)] == ["COMPUTED"] * 2  # after 2 hash-first NOT_FOUND
+        assert alice.encode([b"not an image"])[0].error is not None  # NOT_FOUND, then INVALID_ARGUMENT
+        alice_stats = alice.stats()
+    with VitCacheClient(srv.target, options=ConnectOptions(auth_token="bob-token")) as bob:
+        assert [r.source for r in bob.encode(images[:1])] == ["COMPUTED"]
+        assert [r.source for r in bob.encode(images[:1])] == ["L1"]
+        bob_stats = bob.stats()
+    with VitCacheClient(srv.target, options=ConnectOptions(auth_token="gateway-token", tenant="carol")) as carol:
+        carol_stats = carol.stats()
+    assert (alice_stats.tenant_only, alice_stats.tenant) == (True, "alice")
+    assert (alice_stats.misses, alice_stats.not_found, alice_stats.errors, alice_stats.l1_hits) == (2, 3, 1, 0)
+    assert (bob_stats.tenant, bob_stats.misses, bob_stats.not_found, bob_stats.l1_hits) == ("bob", 1, 1, 1)
+    assert (carol_stats.tenant, carol_stats.misses, carol_stats.l1_hits, carol_stats.not_found) == ("carol", 0, 0, 0)
+    # Nothing server-wide: L1 fill, forwards and computed images tell of the other tenants' traffic.
+    for stats in (alice_stats, bob_stats, carol_stats):
+        assert stats.l1_entries == stats.l1_bytes == stats.batches == stats.images_computed == 0
+        assert not stats.encoders  # per-device stats are the server's too
+        assert stats.uptime_seconds > 0
+    assert srv.engine.stats.misses == 3 and len(srv.engine.l1) == 3  # the server's own view is whole
 
 
 def test_tenants_never_receive_each_others_entries(start_server_thread, encoder, redis_server, tmp_path) -> None:  # type: ignore[no-untyped-def]

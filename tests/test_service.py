@@ -11,8 +11,10 @@ import grpc
 import numpy as np
 import pytest
 import torch
+from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from PIL import Image
 from vitcache.client import AsyncVitCacheClient, VitCacheClient
 from vitcache.server.app import ServerConfig
@@ -20,7 +22,7 @@ from vitcache.v1 import vitcache_pb2 as pb
 from vitcache.v1 import vitcache_pb2_grpc as pb_grpc
 
 from vitcache.digest import digest_file
-from vitcache.encoder_process import EncoderProcess
+from vitcache.encoder_pool import EncoderPool
 from vitcache.engine import EngineConfig
 from vitcache.models import load_encoder
 from vitcache.preprocess import DecodeLimits, preprocess
@@ -330,6 +332,42 @@ def test_async_client_health_and_reflection(server) -> None:  # type: ignore[no-
     channel.close()
 
 
+def test_reflection_answers_as_v1_and_v1alpha(server) -> None:  # type: ignore[no-untyped-def]
+    """grpcurl and other current tools ask for grpc.reflection.v1 first; older ones know only v1alpha."""
+    channel = grpc.insecure_channel(server.target)
+    # v1alpha: grpcio-reflection's own client builds the service from what the server sends.
+    pool = descriptor_pool.DescriptorPool(ProtoReflectionDescriptorDatabase(channel))
+    assert {"Encode", "Fetch", "GetStats"} <= {m.name for m in pool.FindServiceByName("vitcache.v1.VitCache").methods}
+    # v1: v1alpha's messages (v1 has the same fields and numbers) under v1's service name.
+    v1 = channel.stream_stream(
+        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+        request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+        response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+    )
+    asked = ["vitcache.v1.VitCache", "grpc.reflection.v1.ServerReflection"]
+    requests = [reflection_pb2.ServerReflectionRequest(list_services="")]
+    requests += [reflection_pb2.ServerReflectionRequest(file_containing_symbol=symbol) for symbol in asked]
+    listed, *described = v1(iter(requests), timeout=30)
+    assert {s.name for s in listed.list_services_response.service} >= {
+        "vitcache.v1.VitCache",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+    }
+    files = {}
+    for answer in described:
+        for serialized in answer.file_descriptor_response.file_descriptor_proto:
+            proto = descriptor_pb2.FileDescriptorProto.FromString(serialized)
+            files[proto.package] = proto
+    assert [s.name for s in files["vitcache.v1"].service] == ["VitCache"]
+    (method,) = files["grpc.reflection.v1"].service[0].method
+    assert (method.input_type, method.output_type) == (
+        ".grpc.reflection.v1.ServerReflectionRequest",
+        ".grpc.reflection.v1.ServerReflectionResponse",
+    )
+    channel.close()
+
+
 def test_too_many_images_in_one_request_is_rejected(start_server_thread, encoder) -> None:  # type: ignore[no-untyped-def]
     srv = start_server_thread(config(max_images_per_request=2), encoder)
     with VitCacheClient(srv.target) as client, pytest.raises(grpc.RpcError) as err:
@@ -347,7 +385,7 @@ def test_cuda_service_agrees_with_cpu_and_rejects_bad_files(start_server_thread,
     if acceleration == "graphs":
         settings = {"device": "cuda", "dtype": "bfloat16", "acceleration": "graphs", "encoder_process": True}
         srv = start_server_thread(config(model=str(tiny_checkpoint), **settings))
-        assert isinstance(srv.engine.pipeline, EncoderProcess)
+        assert isinstance(srv.engine.pipeline, EncoderPool)
     else:
         srv = start_server_thread(
             config(), load_encoder(str(tiny_checkpoint), "cuda", "bfloat16", acceleration="varlen")

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import errno
+import fcntl
 import gc
+import mmap
 import os
 import shutil
 import signal
@@ -27,7 +30,7 @@ from vitcache.server.shm import ShmServer
 
 from vitcache.shm_protocol import LENGTH, MEMFD_NAME, REQUEST, aligned, json_frame, request_frame
 
-from .conftest import png_bytes
+from .conftest import ServeProcess, png_bytes
 
 REPO = Path(__file__).resolve().parent.parent
 NOT_FOUND = grpc.StatusCode.NOT_FOUND.value[0]
@@ -201,6 +204,49 @@ def test_killed_clients_leave_no_segments_behind(start_server_thread, encoder, s
     assert not [name for name in after - before if "vitcache" in name]
     with VitCacheClient(server.target, shm_socket=socket_path) as client:
         assert [r.raise_for_error().source for r in client.fetch(digests)] == ["L1", "L1"]
+
+
+def test_a_client_cannot_resize_its_arena_so_the_server_lives_on(tiny_checkpoint, socket_path, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A client that shrank its arena and then asked for a cached digest made the server write past the
+    end of the file: SIGBUS, and every tenant lost the server. The server runs in its own process here."""
+    arena_bytes = 1 << 20
+    flags = ["--model", str(tiny_checkpoint), "--shm-socket", str(socket_path), f"--shm-arena-bytes={arena_bytes}"]
+    server = ServeProcess(flags, tmp_path / "server.log")
+    try:
+        server.wait_listening()
+        with VitCacheClient(server.target) as plain:
+            (cached,) = plain.encode([png_bytes(56, 56, 30)])
+        sock, welcome, (fd,) = raw_connection(socket_path)
+        with sock:
+            assert welcome["arena_bytes"] == arena_bytes
+            # Scribbling on the memory through its own mapping spoils only what this client reads.
+            view = mmap.mmap(fd, arena_bytes)
+            view[:] = b"\xff" * arena_bytes
+            attempts = {
+                "grow": lambda: os.ftruncate(fd, 2 * arena_bytes),
+                "seal writes": lambda: fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE),
+                "shrink": lambda: os.ftruncate(fd, 0),
+            }
+            refused = {}
+            for name, attempt in attempts.items():
+                try:
+                    attempt()
+                    refused[name] = None
+                except OSError as exc:
+                    refused[name] = exc.errno
+            os.close(fd)
+            sock.sendall(request_frame([cached.digest], []))
+            (result,) = read_reply(sock)["results"]  # where the server died of SIGBUS
+            assert refused == dict.fromkeys(attempts, errno.EPERM)
+            (_, _, offset, nbytes) = result["outputs"][0]
+            assert view[offset : offset + nbytes] == cached.embeddings[0].numpy().tobytes()
+            view.close()
+        assert server.proc.poll() is None
+        with VitCacheClient(server.target, shm_socket=socket_path) as client:
+            assert client.fetch([cached.digest])[0].raise_for_error().source == "L1"  # shared memory
+            assert client.stats().images_computed == 1  # and gRPC
+    finally:
+        server.stop()
 
 
 def test_malformed_requests_end_only_their_own_connection(start_server_thread, encoder, socket_path) -> None:  # type: ignore[no-untyped-def]

@@ -12,7 +12,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 import xxhash
+from vitcache.client.tp import rank_device
 from vitcache.server.app import ServerConfig
 from vitcache.server.background import BackgroundServer
 
@@ -64,3 +66,14 @@ def test_tp_workers_never_initialise_cuda(fanout) -> None:  # type: ignore[no-un
     reports, _ = fanout
     assert len(reports) == WORLD_SIZE
     assert [r["cuda_initialized"] for r in reports] == [False] * WORLD_SIZE
+
+
+def test_each_rank_moves_its_tensors_to_its_own_gpu(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """``--device cuda`` put every rank on cuda:0 (the current device of a fresh process)."""
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert [rank_device("cuda", rank) for rank in range(4)] == [torch.device("cuda", i) for i in range(4)]
+    monkeypatch.setenv("LOCAL_RANK", "1")  # torchrun on a second host: global rank 9 is that host's rank 1
+    assert rank_device("cuda", 9) == torch.device("cuda", 1)
+    assert rank_device("cpu", 9) == torch.device("cpu") and rank_device(None, 9) is None
+    with pytest.raises(ValueError, match="every rank on one GPU"):
+        rank_device("cuda:0", 2)

@@ -176,6 +176,7 @@ class BatcherStats:
     images: int = 0
     patches: int = 0
     oom_splits: int = 0
+    device_seconds: float = 0.0  # GPU time of forwards and their copies to the host (busy fraction)
 
 
 class Batcher:
@@ -331,7 +332,9 @@ class Batcher:
             return
         launched.copied.synchronize()
         if launched.on_device is not None:
-            self.observer.stage_timed("device", launched.on_device.elapsed_time(launched.copied) / 1e3)
+            seconds = launched.on_device.elapsed_time(launched.copied) / 1e3
+            self.stats.device_seconds += seconds
+            self.observer.stage_timed("device", seconds)
         launched.copied = None
 
     def _finish(self, launched: _Launched | list[CachedEmbedding | ImageError]) -> list[CachedEmbedding | ImageError]:

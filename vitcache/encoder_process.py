@@ -9,7 +9,7 @@ event loop of its own; the parent, which serves requests, never opens a CUDA con
 Protocol, over one duplex ``multiprocessing`` pipe of pickled tuples:
 
 - parent -> child: ``(request id, image, deadline)`` per image; ``None`` to stop.
-- child -> parent: ``("ready", EncoderSpec)`` or ``("failed", message)`` once, then per image
+- child -> parent: ``("ready", EncoderSpec)`` or ``("failed", message or ConfigError)`` once, then per image
   ``(request id, result, observer events, BatcherStats fields, device memory)``, where the
   result is an :class:`ImageError`, a :class:`_InRing` or, for an image the ring has no room
   for, the :class:`CachedEmbedding` itself.
@@ -36,7 +36,7 @@ import os
 import sys
 import threading
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import astuple, dataclass, replace
 from multiprocessing import reduction
 from multiprocessing.connection import Connection
@@ -46,11 +46,11 @@ import torch
 
 from vitcache.batcher import BatcherStats
 from vitcache.entry import CachedEmbedding
-from vitcache.errors import ErrorCode, ImageError
+from vitcache.errors import ConfigError, ErrorCode, ImageError
 from vitcache.inputs import Computable, PixelRows, Scope
 from vitcache.models import EncoderLoader, EncoderSpec, VisionEncoder
 from vitcache.observer import EngineObserver, Stage
-from vitcache.pipeline import EncodePipeline, PipelineConfig
+from vitcache.pipeline import EncodePipeline, EncoderStatus, PipelineConfig
 from vitcache.tensor_codec import TensorBytes, dtype_name
 
 log = logging.getLogger(__name__)
@@ -190,11 +190,19 @@ class EncoderProcess:
         return self._stats
 
     @property
+    def alive(self) -> bool:
+        """Started and not known to have died."""
+        return self._process is not None and self._unavailable is None and not self._stopping
+
+    @property
     def pid(self) -> int | None:
         return self._process.pid if self._process is not None else None
 
     def device_memory(self) -> dict[str, int]:
         return self._memory
+
+    def encoders(self) -> list[EncoderStatus]:
+        return [EncoderStatus(self.loader.device, self.alive, self._stats, self._memory)]
 
     async def start(self) -> None:
         if self._process is None:
@@ -203,13 +211,12 @@ class EncoderProcess:
     async def load(self) -> None:
         context = mp.get_context("spawn")  # a forked child could not use CUDA
         self._conn, child_end = context.Pipe(duplex=True)
+        loader, visible = _sees_only_its_gpu(self.loader)
         self._process = context.Process(
-            target=_child_main,
-            args=(child_end, self.loader, self.pipeline_config),
-            name="vitcache-encoder",
-            daemon=False,
+            target=_child_main, args=(child_end, loader, self.pipeline_config), name="vitcache-encoder", daemon=False
         )
-        self._process.start()
+        with _environment("CUDA_VISIBLE_DEVICES", visible):  # the spawned child's environment is copied in start()
+            self._process.start()
         child_end.close()
         fd = os.memfd_create("vitcache-encoder-ring")
         try:
@@ -222,6 +229,8 @@ class EncoderProcess:
         first = await self._loop.run_in_executor(None, self._first_message)
         if first[0] != "ready":
             await self._reap()
+            if isinstance(first[1], ConfigError):
+                raise first[1]
             raise RuntimeError(f"encoder process failed to start: {first[1]}")
         self.spec = first[1]
         self._reader = threading.Thread(target=self._read, name="vitcache-encoder-reader", daemon=True)
@@ -265,7 +274,8 @@ class EncoderProcess:
             try:
                 self._conn.send((request_id, image, scope.deadline))
             except OSError as exc:  # died before the reader thread noticed
-                raise ImageError(ErrorCode.UNAVAILABLE, f"encoder process is gone: {exc}") from exc
+                self._unavailable = f"encoder process is gone: {exc}"
+                raise ImageError(ErrorCode.UNAVAILABLE, self._unavailable) from exc
             return await future
         finally:
             self._pending.pop(request_id, None)
@@ -314,6 +324,38 @@ class EncoderProcess:
             self._notified = asyncio.ensure_future(self.on_unavailable())
 
 
+def _sees_only_its_gpu(loader: EncoderLoader) -> tuple[EncoderLoader, str | None]:
+    """The loader as the child runs it, and the CUDA_VISIBLE_DEVICES it runs under.
+
+    A child on ``cuda:N`` sees that GPU alone, as its ``cuda:0``: the threads of its pipeline
+    (preprocessing, the batcher's launches) each start on device 0, so any stream, event or
+    tensor made without naming a device lands on the right GPU, and no context opens on another.
+    """
+    if not loader.device.startswith("cuda:"):
+        return loader, None
+    index = int(loader.device.partition(":")[2])
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    physical = visible.split(",")[index].strip() if visible else str(index)
+    return replace(loader, device="cuda:0"), physical
+
+
+@contextlib.contextmanager
+def _environment(name: str, value: str | None) -> Iterator[None]:
+    """``name=value`` in this process's environment meanwhile (nothing when ``value`` is None)."""
+    if value is None:
+        yield
+        return
+    before = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = before
+
+
 class _RelayObserver(EngineObserver):
     """Child side: keeps the pipeline's timings for the next reply to carry to the parent's observer."""
 
@@ -347,6 +389,9 @@ def _child_main(conn: Connection, loader: EncoderLoader, pipeline: PipelineConfi
     os.close(fd)
     try:
         encoder = loader.load()
+    except ConfigError as exc:  # the operator's to fix, said in its message: the parent raises it as it is
+        conn.send(("failed", exc))
+        return
     except Exception as exc:
         log.exception("loading the encoder failed")
         conn.send(("failed", f"{type(exc).__name__}: {exc}"))

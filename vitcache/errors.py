@@ -34,3 +34,11 @@ class ImageError(Exception):
 
     def __repr__(self) -> str:
         return f"ImageError({self.code.name}, {self.message!r})"
+
+
+class ConfigError(Exception):
+    """A setting an operator gave cannot work (a model that does not load, a malformed URL, ...).
+
+    Its message says what is wrong and what to do, in a line: ``vitcache`` prints it instead of a
+    traceback (``--log-level debug`` shows the traceback too).
+    """

@@ -38,6 +38,7 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTra
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
 
 from vitcache import accel
+from vitcache.errors import ConfigError
 from vitcache.graphs import GRAPH_FAMILIES, GraphedTower
 from vitcache.preprocess import PreprocessConfig, image_grid
 from vitcache.tiny import make_tiny_checkpoint
@@ -56,8 +57,8 @@ _TINY_RANDOM_FAMILY = "qwen2_5_vl"
 _TINY_RANDOM_DIR = "tiny-random-qwen2_5_vl-seed0-v1"
 
 
-class ModelLoadError(RuntimeError):
-    """The checkpoint cannot give a correct vision encoder (missing files, weights or unsupported model)."""
+class ModelLoadError(ConfigError):
+    """The checkpoint or device cannot give a correct vision encoder (missing files, weights, unsupported model)."""
 
 
 @dataclass(frozen=True)
@@ -260,12 +261,17 @@ def load_encoder(
     as many as ``graph_max_patches`` holds, so the CUDA graph of each such batch is captured at
     load instead of stalling forwards under load (a capture takes a warm-up forward and more).
     """
-    device = torch.device(device)
+    device = _resolve_device(device)
     dtype = _resolve_dtype(dtype, device)
     acceleration = _resolve_acceleration(acceleration, device, dtype)
     path = _tiny_random_checkpoint() if model == TINY_RANDOM else Path(model)
+    if not path.is_dir():
+        raise ModelLoadError(
+            f"model {model!r}: no such directory; give a local Hugging Face checkpoint directory "
+            f"(config.json, *.safetensors, preprocessor_config.json) or {TINY_RANDOM!r}"
+        )
     if not (path / "config.json").is_file():
-        raise ModelLoadError(f"{model!r} is not a checkpoint directory (no config.json)")
+        raise ModelLoadError(f"model {model!r} is not a Hugging Face checkpoint directory: it has no config.json")
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as e:
@@ -294,10 +300,8 @@ def load_encoder(
             namespace.update(tensor.reshape(-1).view(torch.uint8).numpy())
         attention = "sdpa" if acceleration == "none" else accel.VARLEN_ATTENTION
         module = _build_module(config, spec, device, dtype, attention)
-        try:
-            module.load_state_dict(state, strict=True)
-        except RuntimeError as e:
-            raise ModelLoadError(f"vision weights of {path} do not fit the {family} encoder: {e}") from e
+        _check_weights_fit(module, state, f"vision weights of {path} do not fit its {family} config")
+        module.load_state_dict(state, strict=True)
     module.eval().requires_grad_(False)
     if acceleration != "none":
         accel.linear_patch_embed(module[spec.tower])
@@ -382,6 +386,27 @@ def _resolve_family_acceleration(acceleration: str, family: str) -> str:
     return acceleration
 
 
+def _resolve_device(device: str | torch.device) -> torch.device:
+    """``device``, checked to exist here before anything is loaded onto it."""
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as e:
+        raise ModelLoadError(f"device {str(device)!r} is not a device: use cpu, cuda or cuda:N") from e
+    if resolved.type == "cuda":
+        # device_count does not initialise CUDA (no context), and is 0 without a driver or a visible GPU.
+        count = torch.cuda.device_count()
+        if count == 0:
+            raise ModelLoadError(
+                f"device {str(device)!r}: no CUDA GPU is visible here (no NVIDIA driver, or CUDA_VISIBLE_DEVICES "
+                "hides them all); serve on the cpu device instead, or run where a GPU is"
+            )
+        if (resolved.index or 0) >= count:
+            raise ModelLoadError(
+                f"device {str(device)!r}: only {count} CUDA GPU(s) are visible (cuda:0 to cuda:{count - 1})"
+            )
+    return resolved
+
+
 def _resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
     if dtype is None or dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -427,7 +452,10 @@ def _weight_map(path: Path) -> dict[str, str]:
         return json.loads(index.read_text())["weight_map"]
     single = path / "model.safetensors"
     if not single.is_file():
-        raise ModelLoadError(f"{path} has neither model.safetensors nor model.safetensors.index.json")
+        raise ModelLoadError(
+            f"{path} has no safetensors weights (model.safetensors or model.safetensors.index.json), the only "
+            "format read: save the checkpoint with save_pretrained(..., safe_serialization=True)"
+        )
     with safe_open(single, framework="pt") as f:
         return dict.fromkeys(f.keys(), single.name)
 
@@ -461,6 +489,11 @@ def _read_vision_state(
     state: dict[str, torch.Tensor] = {}
     pending: dict[str, WeightConverter] = {}
     vision_keys = sorted((k for k in weight_map if k.startswith(spec.checkpoint_prefixes)), key=dot_natural_key)
+    if not vision_keys:
+        raise ModelLoadError(
+            f"checkpoint {path} has no vision weights (no tensor under {', '.join(spec.checkpoint_prefixes)}): is it "
+            f"a complete Qwen2-VL/2.5-VL/3-VL or Kimi-K2.5 checkpoint, as its config.json says ({config.model_type})?"
+        )
     for key in vision_keys:
         target, pattern = rename_source_key(key, renamings, converters, full_model.base_model_prefix, meta_state)
         if pattern is None:
@@ -476,6 +509,26 @@ def _read_vision_state(
         state.update({name: value[0] if isinstance(value, list) else value for name, value in converted.items()})
     prefix = f"{full_model.base_model_prefix}."
     return {name.removeprefix(prefix): tensor for name, tensor in state.items()}
+
+
+def _check_weights_fit(module: nn.Module, state: dict[str, torch.Tensor], context: str) -> None:
+    """Strict loading's checks, told in a line: how many keys are missing, unexpected or of another shape,
+    and the first few of each (a wrong checkpoint misses hundreds)."""
+    expected = module.state_dict()
+    problems = {
+        "missing": sorted(expected.keys() - state.keys(), key=dot_natural_key),
+        "unexpected": sorted(state.keys() - expected.keys(), key=dot_natural_key),
+        "of another shape": sorted(
+            (k for k in expected.keys() & state.keys() if expected[k].shape != state[k].shape), key=dot_natural_key
+        ),
+    }
+    found = [
+        f"{len(keys)} tensor(s) {kind} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
+        for kind, keys in problems.items()
+        if keys
+    ]
+    if found:
+        raise ModelLoadError(f"{context}: {'; '.join(found)}")
 
 
 def _build_module(

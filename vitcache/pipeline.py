@@ -25,6 +25,18 @@ from vitcache.preprocess import DecodeLimits, ImageRejected, decode_image_on, pr
 from vitcache.tensor_codec import tensor_from_buffer
 
 
+@dataclass
+class EncoderStatus:
+    """One device's encoder, as stats show it."""
+
+    device: str
+    alive: bool
+    stats: BatcherStats
+    memory: dict[str, int] = field(default_factory=dict)  # Pipeline.device_memory() of this device
+    in_flight: int = 0  # images sent to it and not answered (encoder pools)
+    restarts: int = 0  # times its process was started again after dying (encoder pools)
+
+
 @dataclass(frozen=True)
 class PipelineConfig:
     """How misses are prepared and packed into forwards; picklable, for an encoder process."""
@@ -68,6 +80,9 @@ class EncodePipeline:
         if device.type != "cuda":
             return {}
         return {"allocated": torch.cuda.memory_allocated(device), "reserved": torch.cuda.memory_reserved(device)}
+
+    def encoders(self) -> list[EncoderStatus]:
+        return [EncoderStatus(self.spec.device, True, self.stats, self.device_memory())]
 
     async def start(self) -> None:
         self.batcher.start()
@@ -133,6 +148,10 @@ class Pipeline(Protocol):
     def stats(self) -> BatcherStats: ...
 
     def device_memory(self) -> dict[str, int]: ...
+
+    def encoders(self) -> list[EncoderStatus]:
+        """Per device: one for a single encoder, one per device for a pool."""
+        ...
 
     async def start(self) -> None: ...
 

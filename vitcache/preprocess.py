@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from transformers import Qwen2VLImageProcessorPil
 from transformers.image_processing_utils import ImageProcessingMixin
 from transformers.image_transforms import convert_to_rgb
@@ -77,8 +77,10 @@ def decode_image(data: bytes, limits: DecodeLimits) -> np.ndarray:
         raise ImageRejected("image is empty")
     if len(data) > limits.max_image_bytes:
         raise ImageRejected(f"image is {len(data)} bytes, over the limit of {limits.max_image_bytes}")
+    image_format = "image"  # its format once Pillow has recognised one
     try:
         with Image.open(io.BytesIO(data), formats=DECODE_FORMATS) as image:
+            image_format = f"{image.format} image"
             _check_size(image.height, image.width, limits)
             image.load()
             return convert_to_rgb(image, return_numpy=True)
@@ -86,10 +88,12 @@ def decode_image(data: bytes, limits: DecodeLimits) -> np.ndarray:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageRejected(f"image has too many pixels: {e}") from e
+    except UnidentifiedImageError as e:  # its message is a repr of the in-memory file
+        raise ImageRejected(f"not a decodable image: its bytes are none of {', '.join(DECODE_FORMATS)}") from e
     # Pillow's format plugins raise many exception types on malformed input (OSError, SyntaxError,
     # ValueError, struct.error, EOFError, ...): every one of them means the upload is unusable.
     except Exception as e:
-        raise ImageRejected(f"cannot decode image: {e}") from e
+        raise ImageRejected(f"not a decodable {image_format}: {e}") from e
 
 
 def _nvjpeg_eligible(data: bytes, limits: DecodeLimits) -> bool:

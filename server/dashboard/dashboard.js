@@ -1,12 +1,17 @@
 // vitcache dashboard: polls /api/stats and draws its numbers over time with uPlot.
 // Query parameters: ?interval=ms between polls (default 1000), &window=s of each rate (default 10),
 // &points=how many polls the charts keep (default 600).
+// A server with tokens (--metrics-token-file, --auth-token-file) wants one for /api/stats: open the page
+// as /#token=TOKEN (a fragment never leaves the browser: not in server logs, not in a Referer), or type
+// it when the page asks. It is kept in this tab's sessionStorage; the fragment leaves the address bar.
 "use strict";
 
 const params = new URLSearchParams(location.search);
 const INTERVAL_MS = Math.max(200, Number(params.get("interval")) || 1000);
 const WINDOW_S = Math.max(1, Number(params.get("window")) || 10);
 const MAX_POINTS = Math.max(10, Number(params.get("points")) || 600);
+
+const TOKEN_KEY = "vitcache-metrics-token";
 
 const COLORS = { blue: "#2563eb", green: "#0e9f6e", orange: "#f59e0b", red: "#e02424", purple: "#7c3aed", grey: "#52606d" };
 const STAGES = ["queue", "preprocess", "forward", "launch", "device", "l2_get"];
@@ -26,6 +31,7 @@ const CHARTS = {
       ["requests/s", COLORS.blue, (s) => s.rates.requests_per_s],
       ["images/s", COLORS.green, (s) => s.rates.images_per_s],
       ["errors/s", COLORS.red, (s) => s.rates.errors_per_s],
+      ["digests not found/s", COLORS.grey, (s) => s.rates.lookups_not_found_per_s],
     ],
   },
   "chart-latency": {
@@ -127,7 +133,10 @@ function render(stats) {
   setText("tile-requests-rate", fmt(stats.rates.requests_per_s));
   setText("tile-requests-total", `${stats.totals.requests} total`);
   setText("tile-images-rate", fmt(stats.rates.images_per_s));
-  setText("tile-images-total", `${stats.totals.images} total · hit ratio ${fmt(pct(stats.totals.hit_ratio), 1, " %")}`);
+  setText(
+    "tile-images-total",
+    `${stats.totals.images} total · hit ratio ${fmt(pct(stats.totals.hit_ratio), 1, " %")} · ${stats.totals.lookups_not_found} digests not found`,
+  );
   setText("tile-p99", fmt(stats.latency_ms.request.p99, 2, " ms"));
   setText("tile-p50", `p50 ${fmt(stats.latency_ms.request.p50, 2, " ms")}`);
   const l1 = stats.l1;
@@ -161,10 +170,37 @@ function row(cells) {
   return tr;
 }
 
+function takeTokenFromFragment() {
+  const fragment = new URLSearchParams(location.hash.slice(1));
+  if (!fragment.has("token")) return;
+  sessionStorage.setItem(TOKEN_KEY, fragment.get("token"));
+  window.history.replaceState(null, "", location.pathname + location.search); // "history" is the charts' here
+}
+
+function askForToken(reason) {
+  setText("status", `this server wants a metrics token (${reason})`);
+  document.getElementById("status").className = "bad";
+  document.getElementById("token-form").hidden = false;
+}
+
+document.getElementById("token-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  const input = document.getElementById("token-input");
+  sessionStorage.setItem(TOKEN_KEY, input.value.trim());
+  input.value = "";
+});
+
 async function poll() {
   try {
-    const response = await fetch(`api/stats?window=${WINDOW_S}`, { cache: "no-store" });
+    const token = sessionStorage.getItem(TOKEN_KEY);
+    const headers = token ? { Authorization: `Bearer ${token}` } : {};
+    const response = await fetch(`api/stats?window=${WINDOW_S}`, { cache: "no-store", headers });
+    if (response.status === 401 || response.status === 403) {
+      askForToken((await response.text()).trim());
+      return;
+    }
     if (!response.ok) throw new Error(`HTTP ${response.status}`);
+    document.getElementById("token-form").hidden = true;
     const stats = await response.json();
     render(stats);
     record(stats);
@@ -179,5 +215,6 @@ async function poll() {
   }
 }
 
+takeTokenFromFragment();
 makePlots();
 poll();

@@ -1,0 +1,70 @@
+"""Listening ports: a port that is already served is an operator's mistake, told in one line.
+
+gRPC sets SO_REUSEPORT by default, so a second server on a served port would bind it too and
+the kernel would split new connections between the two (possibly serving different models);
+vitcache turns that off (``GRPC_OPTIONS``). The ports are also probed before the model loads,
+so that a busy port fails in a second rather than after a long load, and without the C-core's
+own log line.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+
+import grpc
+
+from vitcache.errors import ConfigError
+
+#: Options of every gRPC server: exclusive ports.
+GRPC_OPTIONS = [("grpc.so_reuseport", 0)]
+
+
+class PortInUse(ConfigError):
+    """Another process listens on the port; ``flag`` is the option that picks another."""
+
+    def __init__(self, host: str, port: int, flag: str) -> None:
+        super().__init__(f"port {port} on {host} is in use: stop the other server or pick {flag}")
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """Whether binding ``host:port`` fails with EADDRINUSE, bound as servers bind (SO_REUSEADDR only)."""
+    if port == 0:
+        return False
+    try:
+        addresses = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror:
+        return False  # the server's own bind says what is wrong with the host
+    for family, kind, proto, _, address in addresses:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    return True
+    return False
+
+
+def check_port_free(host: str, port: int, flag: str) -> None:
+    if port_in_use(host, port):
+        raise PortInUse(host, port, flag)
+
+
+def add_grpc_port(
+    server: grpc.aio.Server, host: str, port: int, credentials: grpc.ServerCredentials | None = None
+) -> int:
+    """Binds ``server`` to ``host:port``; the bound port. A busy port raises :class:`PortInUse`.
+
+    gRPC Python says only "Failed to bind" (a RuntimeError, or 0 from older versions) whatever the cause:
+    a probe tells a busy port from other faults, which keep gRPC's error.
+    """
+    address = f"{host}:{port}"
+    try:
+        bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+        if bound == 0:
+            raise RuntimeError(f"failed to bind to {address}")
+    except RuntimeError:
+        check_port_free(host, port, "--port")
+        raise
+    return bound
