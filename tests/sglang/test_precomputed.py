@@ -114,7 +114,8 @@ def test_kimi_k25_item_matches_sglang_kimi_preprocessing(checkpoints, vitcache_t
         )
         item = precomputed_embedding([result], "kimi_k25")
         assert item["feature"].shape[0] == resize["num_tokens"]
-        sglang_item = MultimodalDataItem(Modality.IMAGE, model_specific_data={"image_grid_thw": item["image_grid_thw"]})
+        grid = {"image_grid_thw": item["image_grid_thw"]}
+        sglang_item = MultimodalDataItem(modality=Modality.IMAGE, model_specific_data=grid)
         assert tuple(_item_grid_thw(sglang_item)) == _grid_thw_from_resize_config(resize, preprocessor["patch_size"])
         KimiGridMMDataMixin.reject_caller_image_identity([item], None)  # no caller identity: SGLang accepts it
     with pytest.raises(ValueError, match=r"one precomputed Kimi-K2\.5 image"):
