@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import importlib.util
 import io
-import os
-import select
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from ..serve_process import ServeProcess
 
 if importlib.util.find_spec("sglang") is None:
     collect_ignore_glob = ["test_*.py"]  # scripts/test.sh runs these with .venv-sglang/bin/python
@@ -27,40 +26,6 @@ FAMILIES = (*QWEN_FAMILIES, "kimi_k25")
 # The tiny checkpoints' special tokens (vitcache/tiny.py) and a few words, for a word-level tokenizer.
 SPECIAL_TOKENS = {"<|image_pad|>": 500, "<|video_pad|>": 501, "<|vision_start|>": 502, "<|vision_end|>": 503}
 WORDS = ("<unk>", "<pad>", "describe", "and", "then", ".")
-
-
-class VitcacheServer:
-    """``vitcache serve`` from the main venv on a free loopback port, for one tiny checkpoint."""
-
-    def __init__(self, checkpoint: Path, log: Path) -> None:
-        self._log = log.open("wb")
-        self.proc = subprocess.Popen(
-            [
-                *(str(MAIN_VENV / "vitcache"), "--log-level", "WARNING", "serve", "--model", str(checkpoint)),
-                *("--port", "0", "--metrics-port", "0", "--preprocess-workers", "1"),
-            ],
-            stdout=subprocess.PIPE,
-            stderr=self._log,
-            env={**os.environ, "OMP_NUM_THREADS": "1"},
-        )
-        self.log = log
-        self.target = ""
-
-    def wait_listening(self, timeout_s: float = 180) -> str:
-        assert self.proc.stdout is not None
-        deadline, line = time.monotonic() + timeout_s, b""
-        while not line.endswith(b"\n"):
-            remaining = deadline - time.monotonic()
-            assert remaining > 0 and self.proc.poll() is None, f"vitcache did not start: {self.log.read_text()}"
-            if select.select([self.proc.stdout], [], [], remaining)[0]:
-                line += os.read(self.proc.stdout.fileno(), 1)
-        self.target = line.decode().split()[-1]  # "vitcache listening on 127.0.0.1:PORT"
-        return self.target
-
-    def stop(self) -> None:
-        self.proc.kill()
-        self.proc.wait(timeout=30)
-        self._log.close()
 
 
 @pytest.fixture(scope="session")
@@ -79,10 +44,15 @@ def vitcache_targets(
     checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[dict[str, str]]:
     """One vitcache server per family, started together (each loads in a few seconds)."""
-    logs = tmp_path_factory.mktemp("logs")
-    servers = {family: VitcacheServer(path, logs / f"{family}.log") for family, path in checkpoints.items()}
+    logs, command = tmp_path_factory.mktemp("logs"), [str(MAIN_VENV / "vitcache")]
+    servers = {
+        family: ServeProcess(["--model", str(path)], logs / f"{family}.log", command)
+        for family, path in checkpoints.items()
+    }
     try:
-        yield {family: server.wait_listening() for family, server in servers.items()}
+        for server in servers.values():
+            server.wait_listening()
+        yield {family: server.target for family, server in servers.items()}
     finally:
         for server in servers.values():
             server.stop()
