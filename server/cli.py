@@ -14,6 +14,7 @@ import sys
 import time
 import urllib.error
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import grpc
 
@@ -97,6 +98,13 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-batch-wait-ms", type=float, default=2.0, help="how long a batch waits to fill")
     p.add_argument("--max-image-bytes", type=byte_size, default="32MiB", help="largest encoded image accepted")
     p.add_argument("--max-image-pixels", type=int, default=64 << 20, help="largest width*height accepted")
+    p.add_argument(
+        "--max-decoded-pixels-in-flight",
+        type=int,
+        default=128 << 20,
+        help="width*height of all images being decoded and preprocessed at once (about 16 bytes each); "
+        "more wait, a larger image fails with RESOURCE_EXHAUSTED",
+    )
     p.add_argument("--max-images-per-request", type=int, default=256)
     p.add_argument("--max-request-bytes", type=byte_size, default="256MiB", help="largest gRPC message accepted")
     p.add_argument("--max-put-bytes", type=byte_size, default="256MiB", help="tensor bytes of one Put entry")
@@ -210,6 +218,7 @@ def _serve(args: argparse.Namespace) -> int:
             max_batch_wait_s=args.max_batch_wait_ms / 1000,
             preprocess_workers=args.preprocess_workers,
             limits=DecodeLimits(args.max_image_bytes, args.max_image_pixels),
+            max_decoded_pixels_in_flight=args.max_decoded_pixels_in_flight,
             max_queued_images=args.max_queued_images,
             max_put_bytes=args.max_put_bytes,
             digest_key=load_digest_key(args.digest_key_file) if args.digest_key_file else None,
@@ -248,10 +257,10 @@ def _encode(args: argparse.Namespace) -> int:
 
 
 def _stats(args: argparse.Namespace) -> int:
-    from vitcache.client import ConnectOptions
     from vitcache.server.stats_table import StatsRefused, fetch_stats, format_stats
 
-    token = ConnectOptions.from_files(auth_token_file=args.auth_token_file).auth_token
+    # Read here, not through the client's ConnectOptions: importing the client imports torch.
+    token = Path(args.auth_token_file).read_text().split()[0] if args.auth_token_file else None
     try:
         stats = fetch_stats(args.metrics_url, args.window, token)
     except StatsRefused as refused:

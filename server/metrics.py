@@ -29,6 +29,7 @@ from prometheus_client.registry import Collector
 from vitcache.engine import EmbeddingEngine, ImageOutcome
 from vitcache.errors import ErrorCode
 from vitcache.observer import EngineObserver, Stage, Tier
+from vitcache.pipeline import EncoderStatus
 from vitcache.tensor_codec import dtype_name
 
 #: 5 µs (an L1 hit) to 30 s (a large forward on a busy device).
@@ -40,7 +41,7 @@ BATCH_IMAGES_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 BATCH_PATCHES_BUCKETS = (256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
 #: ImageResult.source of a success, lower case; "none" for an error.
 SOURCES = ("l1", "l2", "computed")
-#: Exported only while the encoder is on a CUDA device: name -> (help, key of Pipeline.device_memory()).
+#: Exported per CUDA device (label ``gpu``): name -> (help, key of EncoderStatus.memory).
 GPU_METRICS = {
     "vitcache_gpu_memory_allocated_bytes": ("Device memory held by tensors", "allocated"),
     "vitcache_gpu_memory_reserved_bytes": ("Device memory reserved by the caching allocator", "reserved"),
@@ -259,9 +260,32 @@ class EngineStateCollector(Collector):
             value=engine.pipeline.stats.oom_splits,
         )
         yield GaugeMetricFamily("vitcache_uptime_seconds", "Seconds since the engine started", value=engine.uptime_s)
-        memory = engine.pipeline.device_memory()
-        for name, (documentation, key) in GPU_METRICS.items():
-            if key in memory:
-                family = GaugeMetricFamily(name, documentation, labels=["device"])
-                family.add_metric([encoder.device], memory[key])
-                yield family
+        yield from _encoder_metrics(engine.pipeline.encoders())
+
+
+def _encoder_metrics(encoders: list[EncoderStatus]) -> Iterator[Metric]:
+    """Per device (label ``gpu``; ``cpu`` for encoders on the CPU): liveness, work, busy time, memory."""
+    families = {
+        "alive": GaugeMetricFamily("vitcache_encoder_alive", "1 while the device's encoder runs", labels=["gpu"]),
+        "restarts": CounterMetricFamily(
+            "vitcache_encoder_restarts", "Times the device's encoder process died and was started again", labels=["gpu"]
+        ),
+        "batches": CounterMetricFamily("vitcache_encoder_forwards", "Forwards run on the device", labels=["gpu"]),
+        "images": CounterMetricFamily("vitcache_encoder_images", "Images computed on the device", labels=["gpu"]),
+        "device_seconds": CounterMetricFamily(
+            "vitcache_encoder_device_seconds",
+            "GPU seconds of forwards and their copies to the host; its rate is the device's busy fraction",
+            labels=["gpu"],
+        ),
+    }
+    memory = {name: GaugeMetricFamily(name, doc, labels=["gpu"]) for name, (doc, _) in GPU_METRICS.items()}
+    for status in encoders:
+        families["alive"].add_metric([status.device], status.alive)
+        families["restarts"].add_metric([status.device], status.restarts)
+        for field_name in ("batches", "images", "device_seconds"):
+            families[field_name].add_metric([status.device], getattr(status.stats, field_name))
+        for name, (_, key) in GPU_METRICS.items():
+            if key in status.memory:
+                memory[name].add_metric([status.device], status.memory[key])
+    yield from families.values()
+    yield from (family for family in memory.values() if family.samples)

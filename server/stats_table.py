@@ -75,13 +75,18 @@ def format_stats(stats: dict[str, Any]) -> str:
             + f", {redis['errors']:.0f} errors, {redis['corrupt_entries']:.0f} corrupt entries",
         ),
     ]
-    if stats["gpu"] is not None:
+    for gpu in stats.get("gpus", []):
+        state = "" if gpu["alive"] else "DOWN (restarting), "
         rows.append(
             (
-                "GPU",
-                f"busy {_pct(stats['gpu']['busy_fraction'])} (forwards), memory "
-                f"{_bytes(stats['gpu']['allocated_bytes'])} allocated, "
-                f"{_bytes(stats['gpu']['reserved_bytes'])} reserved",
+                f"encoder {gpu['device']}",
+                f"{state}busy {_pct(gpu['busy_fraction'])} (forwards), {gpu['images_per_s']:.1f} img/s, "
+                f"{gpu['restarts']:.0f} restarts"
+                + (
+                    f", memory {_bytes(gpu['allocated_bytes'])} allocated, {_bytes(gpu['reserved_bytes'])} reserved"
+                    if gpu["device"].startswith("cuda")
+                    else ""
+                ),
             )
         )
     width = max(len(label) for label, _ in rows) + 2

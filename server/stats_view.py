@@ -207,11 +207,25 @@ def _compute(now: _Snapshot, base: _Snapshot) -> dict[str, Any]:
     }
     capacity = now.total("vitcache_l1_capacity_bytes")
     model = now.labels("vitcache_model_info")
-    gpu = {
+    devices = [dict(labels)["gpu"] for (name, labels) in now.samples if name == "vitcache_encoder_alive"]
+    gpus = [
+        {
+            "device": device,
+            "alive": bool(now.total("vitcache_encoder_alive", gpu=device)),
+            # Share of the window the device spent running forwards: near 1, it is the bottleneck.
+            "busy_fraction": delta("vitcache_encoder_device_seconds_total", gpu=device) / seconds,
+            "images_per_s": delta("vitcache_encoder_images_total", gpu=device) / seconds,
+            "restarts": now.total("vitcache_encoder_restarts_total", gpu=device),
+            "allocated_bytes": now.total("vitcache_gpu_memory_allocated_bytes", gpu=device),
+            "reserved_bytes": now.total("vitcache_gpu_memory_reserved_bytes", gpu=device),
+        }
+        for device in devices
+    ]
+    gpu = {  # every GPU together; busy_fraction is their mean
         "allocated_bytes": now.total("vitcache_gpu_memory_allocated_bytes"),
         "reserved_bytes": now.total("vitcache_gpu_memory_reserved_bytes"),
-        # Share of the window the encoder's device spent running forwards: near 1, it is the bottleneck.
-        "busy_fraction": delta("vitcache_stage_duration_seconds_sum", stage="device") / seconds,
+        "busy_fraction": sum(g["busy_fraction"] for g in gpus) / len(gpus) if gpus else 0.0,
+        "live": sum(g["alive"] for g in gpus),
     }
     return {
         "time": time.time(),
@@ -258,6 +272,7 @@ def _compute(now: _Snapshot, base: _Snapshot) -> dict[str, Any]:
             "corrupt_entries": now.total("vitcache_redis_corrupt_entries_total"),
         },
         "gpu": gpu if model.get("device", "").startswith("cuda") else None,
+        "gpus": gpus,
     }
 
 

@@ -165,6 +165,13 @@ def png_bytes(width: int, height: int, seed: int) -> bytes:
     return buf.getvalue()
 
 
+def solid_png(width: int, height: int, shade: int) -> bytes:
+    """Tens of KB that decode to width x height pixels."""
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), (shade, 255 - shade, 7)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def jpeg_bytes(width: int, height: int, seed: int) -> bytes:
     """A photo-like (smooth) JPEG, the kind nvJPEG decodes on the GPU."""
     rng = np.random.default_rng(seed)

@@ -14,6 +14,8 @@ import redis
 from vitcache.client import VitCacheClient
 from vitcache.server.app import ServerConfig
 
+from vitcache.digest import digest_file
+
 from .conftest import RedisProcess, png_bytes, redis_server_binary
 
 _BUS_OFFSET = 10000  # a cluster node also listens on port + 10000
@@ -127,11 +129,20 @@ def test_cluster_l2_spreads_entries_survives_a_dead_master_and_reconnects(
     writer.call(writer.engine.drain())
     per_node = redis_cluster.keys_per_node()
     assert sum(per_node) == 12 and sum(1 for n in per_node if n) >= 2  # spread by hash slot
+    key = f"vitcache:v1:{encoder.namespace}:{digest_file(images[0]).hex()}"
+    owner = redis.RedisCluster.from_url(redis_cluster.url)
+    owner.delete(key)
+    owner.rpush(key, "not a value")  # a key of the wrong type: a corrupt entry, not a cluster failure
 
     reader = start_server_thread(cfg, encoder)  # empty L1: everything comes from the cluster
     with VitCacheClient(reader.target) as client:
         assert [r.source for r in client.fetch([r.digest for r in client.encode(images)])] == ["L1"] * 12
-        assert client.stats().l2_hits == 12 and client.stats().images_computed == 0
+        stats = client.stats()
+        assert stats.l2_hits == 11 and stats.images_computed == 1 and stats.l2_corrupt == 1
+        assert stats.redis_connected and stats.l2_errors == 0
+        reader.call(reader.engine.drain())
+        assert owner.type(key) == b"string"  # overwritten by the recomputation
+        owner.close()
 
         redis_cluster.nodes[1].kill()
         redis_cluster.wait_state("fail")  # the others notice (node timeout) and refuse all keys

@@ -11,6 +11,7 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client import generate_latest
 from vitcache.client import VitCacheClient
 from vitcache.server.app import ServerConfig
 
@@ -91,10 +92,14 @@ def test_pool_spreads_work_survives_a_dead_encoder_and_restarts_it(tiny_checkpoi
     with VitCacheClient(server.target) as client:
         client.encode([png_bytes(68, 40, seed=99_000 + i) for i in range(8)], hash_first=False)
         encoders = client.stats().encoders
-    assert [e.device for e in encoders] == ["cpu", "cpu"]
+    assert [e.device for e in encoders] == ["cpu#0", "cpu#1"]
     assert [e.alive for e in encoders] == [True, True]
     assert [e.restarts for e in encoders] == [1, 0]
     assert all(e.images > 0 for e in encoders), encoders  # both encoders computed images
+    exposed = generate_latest(server.running.metrics.registry).decode()
+    assert 'vitcache_encoder_restarts_total{gpu="cpu#0"} 1.0' in exposed
+    assert 'vitcache_encoder_alive{gpu="cpu#1"} 1.0' in exposed
+    assert f'vitcache_encoder_images_total{{gpu="cpu#1"}} {float(encoders[1].images)}' in exposed
 
 
 def test_an_encoder_process_sees_only_its_own_gpu(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -17,13 +18,14 @@ from vitcache.client.fleet import rendezvous_order
 from vitcache.server.app import ServerConfig
 from vitcache.server.metrics import ServerMetrics
 
-from tests.conftest import jpeg_bytes, png_bytes
+from tests.conftest import jpeg_bytes, png_bytes, solid_png
 from vitcache.encoder_pool import EncoderPool
 from vitcache.encoder_process import EncoderProcess
-from vitcache.engine import EmbeddingEngine, EncodedFile, ImageOutcome, Source
+from vitcache.engine import EmbeddingEngine, EncodedFile, EngineConfig, ImageOutcome, Source
 from vitcache.errors import ErrorCode
 from vitcache.models import EncoderLoader, VisionEncoder
 from vitcache.pipeline import PipelineConfig
+from vitcache.preprocess import preprocess
 from vitcache.tiers import L1Cache
 
 # 40x40 images: 2 x 2 tokens of 64 floats = 1 KiB per embedding on the tiny model.
@@ -120,9 +122,16 @@ def test_bad_image_fails_alone_and_a_dead_child_fails_misses_not_hits(tiny_check
 
 
 def test_server_with_encoder_process(tiny_checkpoint: Path, start_server_thread, in_process, encoder) -> None:
-    # No restart within the test: a server whose only encoder is gone.
-    settings = {"encoder_ring_bytes": 1 << 20, "encoder_restart_backoff_s": 3600.0}
-    server = start_server_thread(ServerConfig(model=str(tiny_checkpoint), encoder_process=True, **settings))
+    budget = 3_000_000  # decoded pixels in flight
+    server = start_server_thread(
+        ServerConfig(
+            model=str(tiny_checkpoint),
+            encoder_process=True,
+            encoder_ring_bytes=1 << 20,
+            encoder_restart_backoff_s=3600.0,  # no restart within the test: a server whose only encoder is gone
+            engine=EngineConfig(max_decoded_pixels_in_flight=budget),
+        )
+    )
     pool = server.engine.pipeline
     assert isinstance(pool, EncoderPool) and pool.ring_bytes == 1 << 20
     with VitCacheClient(server.target) as client, grpc.insecure_channel(server.target) as channel:
@@ -132,6 +141,20 @@ def test_server_with_encoder_process(tiny_checkpoint: Path, start_server_thread,
         torch.testing.assert_close(results[0].embeddings[0], in_process[3].entry.tensors()[0], rtol=1e-4, atol=1e-5)
         assert results[1].ok and results[1].source == "COMPUTED"
         assert client.stats().images_computed == 2
+
+        # The child decodes and preprocesses: the decoded pixel budget and the finite check are its pipeline's.
+        # Two images of 2.25M pixels do not fit at once; one of 4M never does.
+        large = client.encode([solid_png(1500, 1500, 1), solid_png(1500, 1500, 2), solid_png(2000, 2000, 3)])
+        assert large[0].ok and large[1].ok
+        assert large[2].error is not None and large[2].error.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert 1500 * 1500 <= pool.stats.decoded_pixels_peak <= budget
+        valid, grid = preprocess(np.full((56, 56, 3), 90, dtype=np.uint8), pool.spec.preprocess_config)
+        nan = valid.clone()
+        nan[3, 3] = float("nan")
+        for _ in range(2):  # the second time not from a cache either
+            nan_result, valid_result = client.encode_pixels(torch.cat([nan, valid]), [grid, grid])
+            assert nan_result.error is not None and nan_result.error.code == grpc.StatusCode.INVALID_ARGUMENT
+            assert valid_result.ok and valid_result.embeddings[0].isfinite().all()
 
         # Its encoder gone, the server says so to health checks, fails misses and still serves hits.
         health = health_pb2_grpc.HealthStub(channel)

@@ -77,6 +77,30 @@ def test_a_dead_holders_lock_delays_but_never_blocks(start_server_thread, encode
     assert result.source == "COMPUTED" and stats.fleet_lock_waits == 1 and stats.images_computed == 1
 
 
+def test_a_holder_whose_l2_write_fails_still_releases_its_lock(start_server_thread, encoder, redis_server) -> None:  # type: ignore[no-untyped-def]
+    # A failed write sets the tier backing off; the release must go out all the same, or the other
+    # replicas' misses of this image wait out the lock's 60 s lifetime.
+    srv = start_server_thread(_lock_config(redis_server.url, fleet_lock_ttl_s=60.0), encoder)
+    image = png_bytes(56, 56, 620)
+    lock_key = f"vitcache:v1:{encoder.namespace}:{digest_file(image).hex()}:lock"
+    redis = redis_server.client()
+    with VitCacheClient(srv.target) as client:
+        results: list = []
+        sent = threading.Thread(target=lambda: results.extend(client.encode([image], timeout=30)))
+        sent.start()
+        _wait_for(lambda: redis.exists(lock_key))  # taken; the batch waits 0.5 s to fill
+        redis.config_set("maxmemory", 1)  # the value's SET is refused (OOM); the lock's DEL is not
+        try:
+            sent.join(30)
+            srv.call(srv.engine.drain())
+        finally:
+            redis.config_set("maxmemory", 0)
+        stats = client.stats()
+    assert [r.source for r in results] == ["COMPUTED"]
+    assert stats.images_computed == 1 and stats.l2_errors >= 1  # the write failed
+    assert not redis.exists(lock_key)
+
+
 def test_redis_killed_and_restarted_under_load_fails_no_request(start_server_thread, encoder, own_redis) -> None:  # type: ignore[no-untyped-def]
     srv = start_server_thread(ServerConfig(redis_url=own_redis.url, redis_timeout_s=0.2), encoder)
     images = [png_bytes(56, 56, 700 + i) for i in range(16)]

@@ -235,13 +235,24 @@ def test_histogram_quantile_interpolates_like_prometheus() -> None:
 
 
 def test_gpu_busy_fraction_is_device_seconds_per_second_of_the_window() -> None:
-    """The device stage's seconds (one per batch, forward plus copies) over the window's seconds:
-    how close the encoder is to its limit. None for an encoder on the CPU."""
-    device_seconds = ("vitcache_stage_duration_seconds_sum", (("stage", "device"),))
+    """Each GPU's device seconds (forward plus copies) over the window's seconds: how close its
+    encoder is to its limit; the mean over GPUs for the server. None for an encoder on the CPU."""
     on = (("device", "cuda:0"), ("model", "m"))
-    base = _Snapshot(100.0, {("vitcache_model_info", on): 1.0, device_seconds: 4.0})
-    now = _Snapshot(104.0, {("vitcache_model_info", on): 1.0, device_seconds: 7.0})
-    assert _compute(now, base)["gpu"]["busy_fraction"] == pytest.approx(0.75)
+
+    def snapshot(at: float, seconds0: float, seconds1: float, images0: float) -> _Snapshot:
+        samples = {("vitcache_model_info", on): 1.0}
+        for gpu, device_seconds, images in (("cuda:0", seconds0, images0), ("cuda:1", seconds1, 0.0)):
+            samples[("vitcache_encoder_alive", (("gpu", gpu),))] = 1.0
+            samples[("vitcache_encoder_device_seconds_total", (("gpu", gpu),))] = device_seconds
+            samples[("vitcache_encoder_images_total", (("gpu", gpu),))] = images
+        return _Snapshot(at, samples)
+
+    stats = _compute(snapshot(104.0, 7.0, 2.0, 40.0), snapshot(100.0, 4.0, 1.0, 0.0))
+    assert [(g["device"], g["busy_fraction"], g["images_per_s"]) for g in stats["gpus"]] == [
+        ("cuda:0", pytest.approx(0.75), pytest.approx(10.0)),
+        ("cuda:1", pytest.approx(0.25), 0.0),
+    ]
+    assert stats["gpu"]["busy_fraction"] == pytest.approx(0.5) and stats["gpu"]["live"] == 2
     on_cpu = {("vitcache_model_info", (("device", "cpu"),)): 1.0}
     assert _compute(_Snapshot(104.0, on_cpu), _Snapshot(100.0, on_cpu))["gpu"] is None
 

@@ -351,6 +351,5 @@ def test_cli_encode_over_mutual_tls_with_a_token_to_a_fleet(
     assert main([*argv, "--auth-token-file", str(tmp_path / "token")]) == 0
     assert capsys.readouterr().out.count("COMPUTED") == 4
     assert sum(r.engine.stats.misses for r in replicas) == 4
-    with pytest.raises(grpc.RpcError) as err:  # no token
-        main(argv)
-    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert main(argv) == 2  # no token: one line, no traceback
+    assert "UNAUTHENTICATED" in capsys.readouterr().err

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import io
+import logging
+import signal
 import threading
 from pathlib import Path
 
@@ -26,6 +28,7 @@ from vitcache.encoder_pool import EncoderPool
 from vitcache.engine import EngineConfig
 from vitcache.models import load_encoder
 from vitcache.preprocess import DecodeLimits, preprocess
+from vitcache.tiers import RedisTier
 
 from .conftest import RedisProcess, jpeg_bytes, png_bytes
 
@@ -102,6 +105,38 @@ def test_pixel_batch_split_equals_single_images_and_transformers(server, tiny_ch
     assert [r.source for r in alone] == ["L1"] * 3  # the batch already cached each image on its own
 
 
+def test_non_finite_pixels_fail_alone_and_non_finite_outputs_are_never_cached(  # type: ignore[no-untyped-def]
+    redis_backed, redis_server, tiny_checkpoint
+) -> None:
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    rng = np.random.default_rng(8)
+    valid, grid = preprocess(
+        rng.integers(0, 256, (56, 56, 3), dtype=np.uint8), redis_backed.engine.spec.preprocess_config
+    )
+    nan, inf = valid.clone(), valid.clone()
+    nan[5, 17] = float("nan")
+    inf[0, 0] = float("-inf")
+    huge = torch.full_like(valid, 3e38)  # finite, but the forward overflows: a non-finite output
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_checkpoint).eval()
+    with torch.inference_mode():
+        want = model.model.get_image_features(valid, torch.tensor([grid])).pooler_output[0]
+        assert not model.model.get_image_features(huge, torch.tensor([grid])).pooler_output[0].isfinite().all()
+    with VitCacheClient(redis_backed.target) as client:
+        for source in ("COMPUTED", "L1"):  # the second time only the valid image comes from a cache
+            results = client.encode_pixels(torch.cat([nan, valid, inf, huge]), [grid] * 4)
+            for i in (0, 2):
+                assert results[i].error is not None and results[i].error.code == grpc.StatusCode.INVALID_ARGUMENT
+                assert "NaN or infinite" in results[i].error.message
+            assert results[3].error is not None and results[3].error.code == grpc.StatusCode.INTERNAL
+            assert "not finite" in results[3].error.message
+            assert results[1].source == source
+            torch.testing.assert_close(results[1].embeddings[0], want, atol=1e-5, rtol=1e-5)
+        assert client.stats().l1_entries == 1
+    redis_backed.call(redis_backed.engine.drain())
+    assert len(redis_server.client().keys("vitcache:v1:*")) == 1
+
+
 def test_restart_keeps_l2_hits_and_fetch_finds_them(start_server_thread, encoder, redis_server) -> None:  # type: ignore[no-untyped-def]
     images = [png_bytes(56, 56, 11), png_bytes(84, 56, 12)]
     first_server = start_server_thread(config(redis_url=redis_server.url), encoder)
@@ -167,6 +202,38 @@ def test_redis_killed_mid_test_keeps_serving_and_reconnects(
     assert own_redis.client().dbsize() >= 1  # writes flow again
 
 
+def test_redis_unreachable_at_start_and_every_change_are_logged_without_the_password(tmp_path, caplog) -> None:  # type: ignore[no-untyped-def]
+    redis = RedisProcess(tmp_path / "redis", password="s3cret")  # its port is chosen; not started yet
+    caplog.set_level(logging.INFO, logger="vitcache.tiers")
+
+    async def run() -> list[bool]:
+        tier = RedisTier(redis.url, "ns", timeout_s=0.5)
+        answers = [await tier.ping()]  # at start-up: nothing listens there
+        redis.start()
+        answers += [await tier.ping(), await tier.ping()]  # up (logged once)
+        redis.kill()
+        answers += [await tier.ping(), await tier.ping()]  # down (logged once)
+        redis.start()
+        answers.append(await tier.ping())
+        assert redis.proc is not None
+        redis.proc.send_signal(signal.SIGSTOP)  # hung: a timeout, whose exception has no text
+        answers.append(await tier.ping())
+        redis.proc.send_signal(signal.SIGCONT)
+        answers.append(await tier.ping())
+        await tier.close()
+        return answers
+
+    try:
+        assert asyncio.run(run()) == [False, True, True, False, False, True, False, True]
+    finally:
+        redis.kill()
+    logged = [(r.levelno, r.getMessage()) for r in caplog.records]
+    assert [level for level, _ in logged] == [logging.WARNING, logging.INFO] * 3
+    assert "(TimeoutError)" in logged[-2][1]
+    where = f"redis://:***@127.0.0.1:{redis.port}/0"
+    assert all(where in message and "s3cret" not in message for _, message in logged), logged
+
+
 def test_corrupt_redis_entry_is_a_miss_and_gets_recomputed(start_server_thread, encoder, redis_server) -> None:  # type: ignore[no-untyped-def]
     image = png_bytes(56, 56, 41)
     first = start_server_thread(config(redis_url=redis_server.url), encoder)
@@ -184,6 +251,36 @@ def test_corrupt_redis_entry_is_a_miss_and_gets_recomputed(start_server_thread, 
     assert got.embeddings[0].numpy().tobytes() == want.embeddings[0].numpy().tobytes()
     second.call(second.engine.drain())
     assert redis_server.client().get(key) == value  # repaired by the recomputation
+
+
+@pytest.mark.parametrize("kind", ["list", "hash"])
+def test_keys_of_the_wrong_type_are_corrupt_entries_not_a_redis_outage(
+    start_server_thread, encoder, redis_server, kind
+) -> None:  # type: ignore[no-untyped-def]
+    images = stored, locked, other = png_bytes(56, 56, 42), png_bytes(56, 84, 43), png_bytes(84, 56, 44)
+    first = start_server_thread(config(redis_url=redis_server.url), encoder)
+    with VitCacheClient(first.target) as client:
+        want = client.encode([stored])[0].raise_for_error()
+    first.call(first.engine.drain())
+    prefix = f"vitcache:v1:{encoder.namespace}:"
+    value_key, lock_key = prefix + digest_file(stored).hex(), prefix + digest_file(locked).hex() + ":lock"
+    redis = redis_server.client()
+    value = redis.get(value_key)
+    for key in (value_key, lock_key):  # as a careless operator or another program leaves them
+        redis.delete(key)
+        redis.rpush(key, "x") if kind == "list" else redis.hset(key, "x", "y")
+    # A lock that could not be taken would hold the second image for the lock's 30 s lifetime.
+    second = start_server_thread(config(redis_url=redis_server.url, fleet_lock_ttl_s=30.0), encoder)
+    with VitCacheClient(second.target) as client:
+        got, computed, after = (client.encode([image], timeout=10)[0].raise_for_error() for image in images)
+        stats = client.stats()
+    assert got.source == computed.source == after.source == "COMPUTED"
+    assert got.embeddings[0].numpy().tobytes() == want.embeddings[0].numpy().tobytes()
+    assert stats.l2_corrupt == 2 and stats.l2_errors == 0 and stats.redis_connected and stats.fleet_lock_waits == 0
+    second.call(second.engine.drain())
+    assert redis.get(value_key) == value  # overwritten by the recomputation
+    assert redis.exists(prefix + digest_file(locked).hex(), prefix + digest_file(other).hex()) == 2  # writes went on
+    assert not redis.exists(lock_key)  # taken over, then released
 
 
 def test_bad_and_oversized_images_fail_alone(start_server_thread, encoder) -> None:  # type: ignore[no-untyped-def]

@@ -8,7 +8,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field, fields
 from typing import TypeVar
 
 import torch
@@ -164,7 +164,7 @@ class _Launched:
     """A batch whose forward and host copies are queued on the device."""
 
     batch: list[_Pending]
-    host: list[tuple[torch.Tensor, ...]]  # per output kind, per image
+    host: list[tuple[torch.Tensor, ...]]  # per output kind, then the finite-rows flags, per image
     copied: torch.cuda.Event | None  # None once waited for, and on the CPU (done at once)
     started: float
     on_device: torch.cuda.Event | None = None  # recorded before the forward, timing it with `copied`
@@ -177,6 +177,16 @@ class BatcherStats:
     patches: int = 0
     oom_splits: int = 0
     device_seconds: float = 0.0  # GPU time of forwards and their copies to the host (busy fraction)
+    decoded_pixels_peak: int = 0  # most decoded pixels in flight at once (the pipeline's PixelBudget)
+
+    def __add__(self, other: BatcherStats) -> BatcherStats:
+        """Two encoders' (or two processes' of one device) stats as one: counts add, peaks take the larger."""
+        return BatcherStats(
+            *(
+                max(a, b) if f.name.endswith("_peak") else a + b
+                for f, a, b in zip(fields(self), astuple(self), astuple(other), strict=True)
+            )
+        )
 
 
 class Batcher:
@@ -193,6 +203,8 @@ class Batcher:
     - A forward that runs out of device memory is split in halves and retried; an image
       that runs out alone fails with RESOURCE_EXHAUSTED. Other images are unaffected.
     - Results leave the worker as CPU bytes (:class:`CachedEmbedding`), never device tensors.
+    - An image whose output holds a NaN or an infinity fails with INTERNAL: it is never an entry,
+      so it is never cached (checked on the device, read with the outputs: no extra wait).
     - An image whose deadline has passed when its batch closes fails with DEADLINE_EXCEEDED
       and never reaches the device.
     """
@@ -307,6 +319,9 @@ class Batcher:
                 on_device = torch.cuda.Event(enable_timing=True)
                 on_device.record()
             outputs = self.encoder.encode_packed(pixel_values, grid)
+            # Per output row, whether it is all finite: travels with the outputs, read once they are on the host.
+            finite = torch.stack([output.reshape(len(output), -1).isfinite().all(dim=1) for output in outputs])
+            outputs = [*outputs, finite.all(dim=0)]
             host, copied = copy_to_host(outputs, [self.encoder.tokens_for(item.grid_thw) for item in batch])
             self.observer.stage_timed("launch", time.perf_counter() - started)
             return _Launched(batch, host, copied, started, on_device)
@@ -349,7 +364,13 @@ class Batcher:
         self.stats.patches += patches
         self.observer.stage_timed("forward", time.perf_counter() - launched.started)
         self.observer.forward_done(len(batch), patches)
-        return [self.materialize(item.grid_thw, [kind[i] for kind in launched.host]) for i, item in enumerate(batch)]
+        *host, finite = launched.host
+        return [
+            self.materialize(item.grid_thw, [kind[i] for kind in host])
+            if finite[i].all()
+            else ImageError(ErrorCode.INTERNAL, "the vision tower's output for this image is not finite (NaN or Inf)")
+            for i, item in enumerate(batch)
+        ]
 
     def _inputs(self, batch: list[_Pending]) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch's pixel values joined on the device, and its grids (on the CPU: no sync to read them)."""

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import fields, replace
+from dataclasses import replace
 
 from vitcache.batcher import BatcherStats
 from vitcache.encoder_process import EncoderProcess
@@ -50,10 +50,6 @@ def parse_devices(text: str, cuda_count: Callable[[], int] | None = None) -> lis
     return names
 
 
-def _added(a: BatcherStats, b: BatcherStats) -> BatcherStats:
-    return BatcherStats(**{f.name: getattr(a, f.name) + getattr(b, f.name) for f in fields(BatcherStats)})
-
-
 class _Slot:
     """A device's encoder process, and what it did before its last restart."""
 
@@ -68,7 +64,7 @@ class _Slot:
 
     @property
     def stats(self) -> BatcherStats:
-        return self.retired if self.process is None else _added(self.retired, self.process.stats)
+        return self.retired if self.process is None else self.retired + self.process.stats
 
 
 class EncoderPool:
@@ -109,10 +105,7 @@ class EncoderPool:
 
     @property
     def stats(self) -> BatcherStats:
-        total = BatcherStats()
-        for slot in self._slots:
-            total = _added(total, slot.stats)
-        return total
+        return sum((slot.stats for slot in self._slots), BatcherStats())
 
     def device_memory(self) -> dict[str, int]:
         """Allocated and reserved bytes over every live encoder's device."""
@@ -124,17 +117,19 @@ class EncoderPool:
         return memory
 
     def encoders(self) -> list[EncoderStatus]:
-        """Per device; its counters cover every process it has had."""
+        """Per device; its counters cover every process it has had. A device named twice (the CPU,
+        in tests) is told apart by its position: ``cpu#0``, ``cpu#1``."""
+        names = [slot.loader.device for slot in self._slots]
         return [
             EncoderStatus(
-                slot.loader.device,
+                name if names.count(name) == 1 else f"{name}#{i}",
                 slot.alive,
                 slot.stats,
                 dict(slot.process.device_memory()) if slot.alive and slot.process is not None else {},
                 slot.in_flight,
                 slot.restarts,
             )
-            for slot in self._slots
+            for i, (name, slot) in enumerate(zip(names, self._slots, strict=True))
         ]
 
     @property
@@ -220,7 +215,7 @@ class EncoderPool:
         if self._stopping or slot.process is not process:
             return
         slot.alive = False
-        slot.retired = _added(slot.retired, process.stats)
+        slot.retired = slot.retired + process.stats
         slot.process = None
         with contextlib.suppress(Exception):  # its ring, pipe and reader thread; the child is gone
             await process.stop()

@@ -114,7 +114,9 @@ class EmbeddingEngine:
 
     Invariants:
     - At most one resolution (L2 lookup, then preprocessing and a forward) runs per digest
-      at a time; concurrent requests for it wait on that one (single flight).
+      at a time; concurrent requests for it wait on that one (single flight). A request that
+      finds none running looks in L1 again before starting one: a computation may have ended
+      (and still be listed, its done callback pending) since the request's first look.
     - A computed entry is in L1 before anyone is answered; the L2 write follows in the
       background (``drain`` waits for outstanding writes).
     - Every input image ends in exactly one :class:`ImageOutcome`; a failure of one image
@@ -361,7 +363,12 @@ class EmbeddingEngine:
         key = l1_key(digest, scope.tenant)
         while True:
             task = self._inflight.get(key)
-            if task is None or task.done():
+            if task is None or task.done():  # done: its result is in L1, or it failed
+                # This request looked in L1 before it got here; a computation may have finished since.
+                entry = self.l1.get(key)
+                if entry is not None:
+                    self.stats.l1_hits += 1
+                    return entry, Source.L1
                 if len(self._inflight) >= self.config.max_queued_images:
                     self.stats.overloaded += 1
                     raise ImageError(
@@ -378,8 +385,8 @@ class EmbeddingEngine:
                 entry, source = await asyncio.shield(task)
                 break
             except ImageError as exc:
-                # Joined a computation whose (earlier) deadline passed: try again under ours.
-                if exc.code is not ErrorCode.DEADLINE_EXCEEDED or scope.deadline is None:
+                # Joined a computation whose (earlier) deadline passed: try again under ours, if any.
+                if exc.code is not ErrorCode.DEADLINE_EXCEEDED:
                     raise
                 scope.check_deadline()
         if source is Source.L2:

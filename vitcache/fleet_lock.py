@@ -1,14 +1,16 @@
 """Fleet-wide single flight: a miss is computed by one replica while the others wait for its L2 value.
 
 A replica that misses in L2 takes a lock key next to the value's key (``SET key token NX
-PX ttl``); the replicas that fail to take it poll L2 until the holder's value appears, and
-compute themselves once the lock is gone without a value (the holder died or failed) or
+PX ttl``, in a script that also takes over a key of another type, which no replica left: a
+corrupt entry, counted as such); the replicas that fail to take it poll L2 until the
+holder's value appears, and compute themselves once the lock is gone without a value (the holder died or failed) or
 after the lock's lifetime. The holder writes the value to L2 before it releases the lock
 with a compare-and-delete script, so it never deletes a lock that expired and was taken
 by another replica since.
 
 Invariants:
-- A dead holder blocks the others for at most ``ttl_s`` (the lock expires by itself).
+- A dead holder blocks the others for at most ``ttl_s`` (the lock expires by itself); a live
+  one releases its lock even when its L2 write failed and the tier is backing off.
 - A waiter never waits longer than ``ttl_s`` plus one poll, whatever Redis does.
 - A replica that takes the lock looks in L2 once more before computing, so a value written
   between its last poll and its taking the lock is used, not recomputed.
@@ -24,6 +26,19 @@ import secrets
 
 from vitcache.entry import CachedEmbedding
 from vitcache.tiers import L2Unavailable, RedisTier
+
+# Takes the lock (KEYS[1] = lock, ARGV[1] = token, ARGV[2] = ttl in ms): 1 taken, 0 held by another,
+# 2 taken over a key of another type than a lock's (which would otherwise block every claim for ever).
+_TAKE = """
+if redis.call("set", KEYS[1], ARGV[1], "NX", "PX", ARGV[2]) then
+    return 1
+end
+if redis.call("type", KEYS[1]).ok == "string" then
+    return 0
+end
+redis.call("set", KEYS[1], ARGV[1], "PX", ARGV[2])
+return 2
+"""
 
 # Deletes the lock only if it still holds our token (KEYS[1] = lock, ARGV[1] = token).
 _RELEASE = """
@@ -58,7 +73,10 @@ class FleetLock:
 
     async def _try_take(self, key: bytes, token: str) -> bool:
         ttl_ms = max(1, int(self.ttl_s * 1000))
-        return bool(await self.l2.execute(lambda r: r.set(key, token, nx=True, px=ttl_ms)))
+        taken = await self.l2.execute(lambda r: r.eval(_TAKE, 1, key, token, ttl_ms))
+        if taken == 2:
+            self.l2.count_corrupt(key, "a lock key of another type than a lock's")
+        return taken != 0
 
     async def claim(self, digest: bytes, tenant: str = "") -> tuple[Claim, str] | CachedEmbedding:
         """The value another replica computed, or how to go on: (HOLDER, token) or (ALONE, "")."""
@@ -90,5 +108,7 @@ class FleetLock:
 
     async def release(self, digest: bytes, tenant: str, token: str) -> None:
         key = self._lock_key(digest, tenant)
+        # Tried even while the tier backs off (a failed or slow L2 write just before sets it off):
+        # a lock left behind holds the other replicas' misses of this image for its whole lifetime.
         with contextlib.suppress(L2Unavailable):  # else it expires by itself
-            await self.l2.execute(lambda r: r.eval(_RELEASE, 1, key, token))
+            await self.l2.execute(lambda r: r.eval(_RELEASE, 1, key, token), probe=True)

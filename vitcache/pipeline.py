@@ -16,12 +16,20 @@ import torch
 
 from vitcache import accel
 from vitcache.batcher import Batcher, BatcherStats, DecodeBatcher, Materialize
+from vitcache.budget import PixelBudget
 from vitcache.entry import CachedEmbedding
 from vitcache.errors import ErrorCode, ImageError
 from vitcache.inputs import Computable, EncodedFile, PixelRows, RawRGB, Scope
 from vitcache.models import EncoderSpec, VisionEncoder
 from vitcache.observer import EngineObserver
-from vitcache.preprocess import DecodeLimits, ImageRejected, decode_image_on, preprocess, raw_image
+from vitcache.preprocess import (
+    DecodeLimits,
+    ImageRejected,
+    decode_image_on,
+    image_pixels,
+    preprocess,
+    raw_image,
+)
 from vitcache.tensor_codec import tensor_from_buffer
 
 
@@ -45,6 +53,9 @@ class PipelineConfig:
     max_batch_wait_s: float = 0.002
     preprocess_workers: int = 4
     limits: DecodeLimits = field(default_factory=DecodeLimits)
+    # width x height of the images being decoded and preprocessed at once, all requests together:
+    # about 16 bytes each at the peak (uint8 RGB and its float copy), so the default is about 2 GiB.
+    max_decoded_pixels_in_flight: int = 128 << 20
 
 
 class EncodePipeline:
@@ -52,7 +63,8 @@ class EncodePipeline:
 
     Encoded files from concurrent calls are decoded together (batched nvJPEG on CUDA),
     preprocessed on ``preprocess_workers`` threads and packed into forwards by a
-    :class:`Batcher`. Raises :class:`ImageError` for the image alone.
+    :class:`Batcher`. Decoding waits for room in a :class:`PixelBudget` shared by all
+    calls. Raises :class:`ImageError` for the image alone.
     """
 
     def __init__(
@@ -65,6 +77,7 @@ class EncodePipeline:
         self.encoder = encoder
         self.spec: EncoderSpec = encoder.spec
         self.limits = config.limits
+        self.budget = PixelBudget(config.max_decoded_pixels_in_flight)
         self.observer = observer or EngineObserver()
         self.batcher = Batcher(encoder, config.max_batch_patches, config.max_batch_wait_s, self.observer, materialize)
         self._pool = ThreadPoolExecutor(config.preprocess_workers, "vitcache-preprocess")
@@ -72,6 +85,7 @@ class EncodePipeline:
 
     @property
     def stats(self) -> BatcherStats:
+        self.batcher.stats.decoded_pixels_peak = self.budget.peak
         return self.batcher.stats
 
     def device_memory(self) -> dict[str, int]:
@@ -98,11 +112,37 @@ class EncodePipeline:
     async def compute(self, image: Computable, scope: Scope) -> CachedEmbedding:
         scope.check_deadline()
         with self.observer.timed("preprocess"):
-            decoded = await self._decode_on_device(image)
-            pixel_values, grid = await asyncio.get_running_loop().run_in_executor(
-                self._pool, self._prepare, image, scope, decoded
-            )
+            pixels = await self._decoded_pixels(image)
+            await self.budget.take(pixels, scope.deadline)
+            # Preprocessed, only the (model-sized) pixel values are left: the pixels are given back then.
+            # Shielded, so a cancelled call gives them back when its decode thread is done, not before.
+            preparing = asyncio.ensure_future(self._preprocess(image, scope))
+            preparing.add_done_callback(lambda done: self._give_back(pixels, done))
+            pixel_values, grid = await asyncio.shield(preparing)
         return await self.batcher.encode(pixel_values, grid, scope.deadline)
+
+    async def _preprocess(self, image: Computable, scope: Scope) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        decoded = await self._decode_on_device(image)
+        return await asyncio.get_running_loop().run_in_executor(self._pool, self._prepare, image, scope, decoded)
+
+    def _give_back(self, pixels: int, preprocessed: asyncio.Future[object]) -> None:
+        self.budget.give_back(pixels)
+        if not preprocessed.cancelled():
+            preprocessed.exception()  # retrieved: the caller that would have may be gone
+
+    async def _decoded_pixels(self, image: Computable) -> int:
+        """What ``image`` takes of the decoded pixel budget: its width x height (client-preprocessed
+        rows take none); raises INVALID_ARGUMENT for an image over the per-image limits."""
+        try:
+            if isinstance(image, EncodedFile):
+                # Off the event loop: a header can be megabytes of chunks to skip.
+                return await asyncio.get_running_loop().run_in_executor(None, image_pixels, image.data, self.limits)
+            if isinstance(image, RawRGB):
+                raw_image(image.rgb, image.height, image.width, self.limits)  # checks size and length; no copy
+                return image.height * image.width
+            return 0
+        except ImageRejected as exc:
+            raise ImageError(ErrorCode.INVALID_ARGUMENT, str(exc)) from exc
 
     async def _decode_on_device(self, image: Computable) -> torch.Tensor | None:
         if self.decoder is None or not isinstance(image, EncodedFile):
@@ -134,9 +174,15 @@ class EncodePipeline:
             raise ImageError(ErrorCode.INVALID_ARGUMENT, str(exc)) from exc
 
     def _pixel_rows(self, image: PixelRows) -> torch.Tensor:
+        """The image's rows on the device; raises ImageRejected for NaN or infinite values, which
+        would come out as an all-NaN embedding. One reduction on the device, waited for on this
+        thread's side stream, so the image never joins a batch."""
         t, h, w = image.grid_thw
         rows = tensor_from_buffer(image.data, image.dtype, (t * h * w, image.row_width))
-        return rows.to(self.encoder.device)
+        rows = rows.to(self.encoder.device)
+        if not torch.isfinite(rows).all():
+            raise ImageRejected(f"pixel_values of the image of image_grid_thw {[t, h, w]} hold NaN or infinite values")
+        return rows
 
 
 class Pipeline(Protocol):

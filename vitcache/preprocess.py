@@ -7,9 +7,11 @@ compute, while the target sizes come from transformers' own `smart_resize` / `na
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,12 +68,13 @@ def _check_size(height: int, width: int, limits: DecodeLimits) -> None:
         )
 
 
-def decode_image(data: bytes, limits: DecodeLimits) -> np.ndarray:
-    """Decode an encoded image to (H, W, 3) uint8 RGB, refusing oversized inputs before decoding them.
+@contextlib.contextmanager
+def _opened(data: bytes, limits: DecodeLimits) -> Iterator[Image.Image]:
+    """The image with only its header read and checked against ``limits``; whatever Pillow raises
+    in the block becomes ImageRejected.
 
-    Pillow reads only the header in `Image.open`, so the pixel limit is enforced before any pixel buffer is
-    allocated. Modes are converted with transformers' `convert_to_rgb` (transparency composited onto white),
-    and no EXIF transpose is applied, both exactly as HF's image processors do.
+    Pillow reads only the header in `Image.open`, so the limits are enforced before any pixel
+    buffer is allocated.
     """
     if not data:
         raise ImageRejected("image is empty")
@@ -82,8 +85,7 @@ def decode_image(data: bytes, limits: DecodeLimits) -> np.ndarray:
         with Image.open(io.BytesIO(data), formats=DECODE_FORMATS) as image:
             image_format = f"{image.format} image"
             _check_size(image.height, image.width, limits)
-            image.load()
-            return convert_to_rgb(image, return_numpy=True)
+            yield image
     except ImageRejected:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -94,6 +96,24 @@ def decode_image(data: bytes, limits: DecodeLimits) -> np.ndarray:
     # ValueError, struct.error, EOFError, ...): every one of them means the upload is unusable.
     except Exception as e:
         raise ImageRejected(f"not a decodable {image_format}: {e}") from e
+
+
+def decode_image(data: bytes, limits: DecodeLimits) -> np.ndarray:
+    """Decode an encoded image to (H, W, 3) uint8 RGB, refusing oversized inputs before decoding them.
+
+    Modes are converted with transformers' `convert_to_rgb` (transparency composited onto white),
+    and no EXIF transpose is applied, both exactly as HF's image processors do.
+    """
+    with _opened(data, limits) as image:
+        image.load()
+        return convert_to_rgb(image, return_numpy=True)
+
+
+def image_pixels(data: bytes, limits: DecodeLimits) -> int:
+    """width x height of an encoded image from its header alone, so its decoded size is known (and
+    budgeted) before decoding; raises ImageRejected for what `decode_image` refuses before decoding."""
+    with _opened(data, limits) as image:
+        return image.height * image.width
 
 
 def _nvjpeg_eligible(data: bytes, limits: DecodeLimits) -> bool:

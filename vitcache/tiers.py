@@ -18,11 +18,12 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
 from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import parse_url
-from redis.exceptions import RedisClusterException, RedisError
+from redis.exceptions import RedisClusterException, RedisError, ResponseError
 
 from vitcache.entry import CachedEmbedding, CorruptEntry
 from vitcache.errors import ConfigError
@@ -107,6 +108,20 @@ class L2Unavailable(Exception):
     """Redis is down, slow or backing off; the caller goes on without it."""
 
 
+class WrongTypeKey(L2Unavailable):
+    """Redis answered, but the key holds another type than vitcache puts there (a LIST where a value
+    belongs): that one entry is corrupt, Redis is up. Callers that skip L2 on failure skip it too."""
+
+
+def redacted(url: str) -> str:
+    """``url`` for a log line: its password (and query, which may hold one) left out."""
+    parts = urlsplit(url)
+    userinfo, at, hostport = parts.netloc.rpartition("@")
+    if ":" in userinfo:
+        userinfo = userinfo.partition(":")[0] + ":***"
+    return urlunsplit(parts._replace(netloc=userinfo + at + hostport, query=""))
+
+
 @dataclass
 class RedisStats:
     errors: int = 0
@@ -119,8 +134,10 @@ class RedisTier:
     Every call is bounded by ``timeout_s``. After a failure the tier stops calling Redis
     for a backoff period (doubling up to ``max_backoff_s``) and then tries again, so a
     dead Redis costs one timeout per backoff window, not one per image. redis-py's pool
-    reconnects by itself once the server is back. A value that fails its checks is a
-    miss (and is counted); the next computation overwrites it. With ``cluster`` the URL
+    reconnects by itself once the server is back. The first call's outcome and every change
+    between up and down are logged. A value that fails its checks, or a key of another type
+    than a value's, is a miss (and is counted as corrupt, not as a failure: the tier stays up);
+    the next computation overwrites it. With ``cluster`` the URL
     names one seed node of a Redis Cluster; keys are spread over its masters by hash slot
     and the same degrade-and-reconnect rules hold (the client re-learns the slot map).
     """
@@ -138,6 +155,7 @@ class RedisTier:
         self._client: Any = client_class.from_url(
             url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, health_check_interval=30
         )
+        self.url = redacted(url)
         self._prefix = f"vitcache:v1:{namespace}:".encode()
         # Put entries: a prefix no digest key starts with, whatever the tenant's name.
         self._put_prefix = f"vitcache:put:v1:{namespace}:".encode()
@@ -147,6 +165,7 @@ class RedisTier:
         self._backoff_s = 0.0
         self._retry_at = 0.0
         self.connected = False
+        self._logged_connected: bool | None = None  # the state last logged; None before the first call
         self.stats = RedisStats()
 
     def key(self, digest: bytes, tenant: str = "") -> bytes:
@@ -161,15 +180,19 @@ class RedisTier:
         return self.connected or time.monotonic() >= self._retry_at
 
     def _ok(self) -> None:
-        if not self.connected:
-            log.info("redis: connected")
-        self.connected = True
+        if self._logged_connected is not True:
+            log.info("redis: connected to %s", self.url)
+        self.connected = self._logged_connected = True
         self._backoff_s = 0.0
 
     def _failed(self, exc: BaseException) -> None:
-        if self.connected:
-            log.warning("redis: unavailable (%s); serving from L1 and compute", exc)
-        self.connected = False
+        if self._logged_connected is not False:
+            log.warning(
+                "redis: %s unavailable (%s); serving from L1 and compute, retrying in the background",
+                self.url,
+                str(exc) or type(exc).__name__,  # a timeout's text is empty
+            )
+        self.connected = self._logged_connected = False
         self.stats.errors += 1
         self._backoff_s = min(self._max_backoff_s, max(0.1, self._backoff_s * 2))
         self._retry_at = time.monotonic() + self._backoff_s
@@ -186,6 +209,9 @@ class RedisTier:
         try:
             result = await asyncio.wait_for(command(self._client), self._timeout_s)
         except REDIS_FAILURES as exc:
+            if isinstance(exc, ResponseError) and "WRONGTYPE" in str(exc):  # in a script: "...: WRONGTYPE ..."
+                self._ok()
+                raise WrongTypeKey(str(exc)) from exc
             self._failed(exc)
             raise L2Unavailable(str(exc)) from exc
         except Exception as exc:
@@ -213,18 +239,21 @@ class RedisTier:
         """The entry at Redis key ``key`` (from :meth:`key` or :meth:`put_key`); None if absent or unusable."""
         try:
             value = await self.execute(lambda r: r.get(key))
-        except L2Unavailable:
-            return None
-        if value is None:
-            return None
-        try:
+            if value is None:
+                return None
             return CachedEmbedding.from_value(value)
-        except CorruptEntry as exc:
-            self.stats.corrupt += 1
-            log.warning("redis: dropping corrupt entry %s: %s", key.decode(), exc)
+        except (WrongTypeKey, CorruptEntry) as exc:
+            self.count_corrupt(key, exc)
             with contextlib.suppress(L2Unavailable):
                 await self.execute(lambda r: r.delete(key))
             return None
+        except L2Unavailable:
+            return None
+
+    def count_corrupt(self, key: bytes, problem: object) -> None:
+        """Counts (and logs) a key whose content is not what vitcache put there; its caller replaces it."""
+        self.stats.corrupt += 1
+        log.warning("redis: dropping corrupt entry %s: %s", key.decode(errors="replace"), problem)
 
     async def put(self, digest: bytes, entry: CachedEmbedding, tenant: str = "") -> bool:
         return await self.put_at(self.key(digest, tenant), entry)

@@ -149,7 +149,9 @@ function render(stats) {
   setText("tile-batch", fmt(stats.batch.images_mean, 1, " img"));
   setText("tile-batch-detail", `${fmt(stats.batch.patches_mean, 0)} patches · ${fmt(stats.rates.forwards_per_s)} fwd/s`);
   setText("tile-errors-rate", fmt(stats.rates.errors_per_s));
-  setText("tile-in-flight", `${stats.requests_in_flight} in flight` + (stats.gpu ? ` · GPU ${bytes(stats.gpu.allocated_bytes)}, busy ${pct(stats.gpu.busy_fraction)}` : ""));
+  const gpus = (stats.gpus || []).filter((g) => g.device.startsWith("cuda"));
+  const gpuText = gpus.map((g) => `${g.device} ${g.alive ? `busy ${fmt(pct(g.busy_fraction), 0, "%")}, ${bytes(g.allocated_bytes)}` : "DOWN"}`);
+  setText("tile-in-flight", [`${stats.requests_in_flight} in flight`, ...gpuText].join(" · "));
 
   const latency = document.querySelector("#table-latency tbody");
   latency.replaceChildren(
