@@ -6,4 +6,9 @@ scripts/bootstrap.sh
 scripts/install_test_packages.sh  # chromium (dashboard test), a TLS-capable redis-server
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
-exec .venv/bin/python -m pytest "$@"
+.venv/bin/python -m pytest "$@"
+# SGLang integration tests, against the released sglang in its own venv (tests/sglang/conftest.py says why).
+sglang_start=$SECONDS
+scripts/sglang_env.sh
+.venv-sglang/bin/python -m pytest -q --confcutdir=tests/sglang tests/sglang
+echo "sglang: environment and tests took $((SECONDS - sglang_start)) s"

@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import io
 import os
-import select
 import shutil
-import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -25,6 +22,8 @@ from vitcache.server.background import BackgroundServer
 
 from vitcache.models import VisionEncoder, load_encoder
 from vitcache.tiny import make_tiny_checkpoint
+
+from .serve_process import ServeProcess as ServeProcess  # for the tests that start servers
 
 
 def http_get(port: int, path: str, headers: dict[str, str] | None = None) -> tuple[int, str, bytes]:
@@ -157,39 +156,6 @@ def start_server_thread() -> Iterator:
     yield start
     for server in started:
         server.stop()
-
-
-class ServeProcess:
-    """``python -m vitcache.server.cli serve FLAGS`` in its own process, on free loopback ports by default."""
-
-    def __init__(self, flags: Sequence[str], log: Path) -> None:
-        self._log = log.open("wb")
-        self.proc = subprocess.Popen(
-            [
-                *(sys.executable, "-m", "vitcache.server.cli", "--log-level", "WARNING", "serve"),
-                *("--port", "0", "--metrics-port", "0", "--preprocess-workers", "1", *flags),
-            ],
-            stdout=subprocess.PIPE,
-            stderr=self._log,
-            env={**os.environ, "OMP_NUM_THREADS": "1"},
-        )
-        self.target = ""
-
-    def wait_listening(self, timeout_s: float = 120) -> None:
-        assert self.proc.stdout is not None
-        deadline, line = time.monotonic() + timeout_s, b""
-        while not line.endswith(b"\n"):
-            remaining = deadline - time.monotonic()
-            assert remaining > 0 and self.proc.poll() is None, "server did not start"
-            if select.select([self.proc.stdout], [], [], remaining)[0]:
-                line += os.read(self.proc.stdout.fileno(), 1)
-        self.target = line.decode().split()[-1]  # "vitcache listening on 127.0.0.1:PORT"
-
-    def stop(self, sig: int = signal.SIGKILL) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        self.proc.wait(timeout=30)
-        self._log.close()
 
 
 def png_bytes(width: int, height: int, seed: int) -> bytes:
