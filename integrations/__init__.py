@@ -1,0 +1,1 @@
+"""Adapters that plug vitcache's client into inference servers (vLLM, SGLang); they import only the client side."""
