@@ -8,7 +8,7 @@ touches CUDA, so tensor-parallel workers can use it without opening a device con
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +26,8 @@ from .wire import result_stub
 
 #: An encoded file's bytes, a path to one, or uint8 HWC RGB pixels.
 ImageLike = bytes | memoryview | str | os.PathLike | np.ndarray
+#: What ``put`` stores: key -> tensors, as a mapping or as (key, tensors) pairs.
+PutItems = Mapping[str, Sequence[torch.Tensor]] | Sequence[tuple[str, Sequence[torch.Tensor]]]
 
 _SOURCES = {pb.L1: "L1", pb.L2: "L2", pb.COMPUTED: "COMPUTED"}
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
@@ -49,6 +51,7 @@ class EncodedImage:
     grid_thw: tuple[int, ...]
     source: str  # "L1", "L2", "COMPUTED"; "" on error
     error: ImageFailed | None = None
+    key: str = ""  # the Put key, for results of ``fetch(keys=...)``
 
     @property
     def ok(self) -> bool:
@@ -77,11 +80,38 @@ def _as_input(image: ImageLike, key: bytes | None = None) -> tuple[bytes, pb.Ima
 def _decode(result: pb.ImageResult, index: int) -> EncodedImage:
     if result.error_code:
         code = _CODES.get(result.error_code, grpc.StatusCode.UNKNOWN)
-        return EncodedImage(
-            index, result.digest, [], tuple(result.grid_thw), "", ImageFailed(index, code, result.error_message)
-        )
+        failed = ImageFailed(index, code, result.error_message)
+        return EncodedImage(index, result.digest, [], tuple(result.grid_thw), "", failed, result.key)
     embeddings = [TensorBytes(t.dtype, tuple(t.shape), t.data).to_tensor() for t in result.embeddings]
-    return EncodedImage(index, result.digest, embeddings, tuple(result.grid_thw), _SOURCES[result.source])
+    return EncodedImage(
+        index, result.digest, embeddings, tuple(result.grid_thw), _SOURCES[result.source], key=result.key
+    )
+
+
+def _put_request(items: PutItems, grid_thws: Sequence[Sequence[int]] | None) -> pb.PutRequest:
+    pairs = list(items.items()) if isinstance(items, Mapping) else list(items)
+    if grid_thws is not None and len(grid_thws) != len(pairs):
+        raise ValueError(f"{len(grid_thws)} grids for {len(pairs)} items")
+    request = pb.PutRequest()
+    for i, (key, tensors) in enumerate(pairs):
+        item = request.items.add(key=key, grid_thw=[int(v) for v in grid_thws[i]] if grid_thws is not None else [])
+        for tensor in tensors:
+            data = TensorBytes.from_tensor(tensor)
+            item.embeddings.add(dtype=data.dtype, shape=data.shape, data=data.data)
+    return request
+
+
+def _put_errors(response: pb.PutResponse) -> list[ImageFailed | None]:
+    """One entry per item: None where it was stored."""
+    errors: list[ImageFailed | None] = [None] * len(response.results)
+    for r in response.results:
+        if r.error_code:
+            errors[r.index] = ImageFailed(r.index, _CODES.get(r.error_code, grpc.StatusCode.UNKNOWN), r.error_message)
+    return errors
+
+
+def _fetch_request(digests: Sequence[bytes], keys: Sequence[str], metadata_only: bool) -> pb.FetchRequest:
+    return pb.FetchRequest(digests=list(digests), keys=list(keys), metadata_only=metadata_only)
 
 
 def _from_shm(result: ShmResult, digest: bytes) -> EncodedImage:
@@ -212,21 +242,45 @@ class VitCacheClient:
         computed = {r.index: _decode(r, r.index) for r in self._stub.Encode(request, timeout=timeout)}
         return [cached.get(i) or computed[i] for i in range(len(digests))]
 
-    def fetch(self, digests: Sequence[bytes], timeout: float | None = None) -> list[EncodedImage]:
-        """Cached embeddings by digest (NOT_FOUND errors for misses); never computes."""
-        if self._shm is None:
-            return self._fetch_grpc(digests, timeout)
-        results = [_from_shm(r, digests[r.index]) for r in self._shm.fetch(digests, timeout)]
+    def fetch(
+        self,
+        digests: Sequence[bytes] = (),
+        timeout: float | None = None,
+        *,
+        keys: Sequence[str] = (),
+        metadata_only: bool = False,
+    ) -> list[EncodedImage]:
+        """Cached entries by digest, then by Put key (NOT_FOUND errors for misses); never computes.
+
+        ``metadata_only``: results carry source and grid but no embeddings (an existence check).
+        With ``shm_socket``, digests' embeddings arrive in shared memory; keys always over gRPC.
+        """
+        if self._shm is None or metadata_only:
+            return self._fetch_grpc(digests, keys, metadata_only, timeout)
+        results = [_from_shm(r, digests[r.index]) for r in self._shm.fetch(digests, timeout)] if digests else []
         # An image the arena had no room for (its earlier tensors still alive) comes over gRPC.
         full = [r.index for r in results if _failed_with(r, grpc.StatusCode.RESOURCE_EXHAUSTED)]
         if full:
             for result in self._stub.Fetch(pb.FetchRequest(digests=[digests[i] for i in full]), timeout=timeout):
                 results[full[result.index]] = _decode(result, full[result.index])
+        if keys:
+            results += [_decode(r, r.index + len(digests)) for r in self._fetch_grpc((), keys, False, timeout)]
         return results
 
-    def _fetch_grpc(self, digests: Sequence[bytes], timeout: float | None) -> list[EncodedImage]:
-        results = self._stub.Fetch(pb.FetchRequest(digests=list(digests)), timeout=timeout)
+    def _fetch_grpc(
+        self, digests: Sequence[bytes], keys: Sequence[str], metadata_only: bool, timeout: float | None
+    ) -> list[EncodedImage]:
+        results = self._stub.Fetch(_fetch_request(digests, keys, metadata_only), timeout=timeout)
         return sorted((_decode(r, r.index) for r in results), key=lambda r: r.index)
+
+    def put(
+        self, items: PutItems, grid_thws: Sequence[Sequence[int]] | None = None, timeout: float | None = None
+    ) -> list[ImageFailed | None]:
+        """Stores caller-computed tensors under caller keys (their own key space; see the README's Put).
+
+        Returns one entry per item: None where it was stored, else why not.
+        """
+        return _put_errors(self._stub.Put(_put_request(items, grid_thws), timeout=timeout))
 
     def stats(self, timeout: float | None = None) -> pb.Stats:
         return self._stub.GetStats(pb.GetStatsRequest(), timeout=timeout)
@@ -262,9 +316,21 @@ class AsyncVitCacheClient:
             plan.take_second([r async for r in self._stub.Encode(second, timeout=timeout)])
         return plan.done()
 
-    async def fetch(self, digests: Sequence[bytes], timeout: float | None = None) -> list[EncodedImage]:
-        call = self._stub.Fetch(pb.FetchRequest(digests=list(digests)), timeout=timeout)
+    async def fetch(
+        self,
+        digests: Sequence[bytes] = (),
+        timeout: float | None = None,
+        *,
+        keys: Sequence[str] = (),
+        metadata_only: bool = False,
+    ) -> list[EncodedImage]:
+        call = self._stub.Fetch(_fetch_request(digests, keys, metadata_only), timeout=timeout)
         return sorted([_decode(r, r.index) async for r in call], key=lambda r: r.index)
+
+    async def put(
+        self, items: PutItems, grid_thws: Sequence[Sequence[int]] | None = None, timeout: float | None = None
+    ) -> list[ImageFailed | None]:
+        return _put_errors(await self._stub.Put(_put_request(items, grid_thws), timeout=timeout))
 
     async def stats(self, timeout: float | None = None) -> pb.Stats:
         return await self._stub.GetStats(pb.GetStatsRequest(), timeout=timeout)

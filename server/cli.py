@@ -72,6 +72,7 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-image-pixels", type=int, default=64 << 20, help="largest width*height accepted")
     p.add_argument("--max-images-per-request", type=int, default=256)
     p.add_argument("--max-request-bytes", type=byte_size, default="256MiB", help="largest gRPC message accepted")
+    p.add_argument("--max-put-bytes", type=byte_size, default="256MiB", help="tensor bytes of one Put entry")
     p.add_argument("--preprocess-workers", type=int, default=4, help="threads that decode and preprocess")
     p.add_argument(
         "--shm-socket",
@@ -150,6 +151,7 @@ def _serve(args: argparse.Namespace) -> None:
             preprocess_workers=args.preprocess_workers,
             limits=DecodeLimits(args.max_image_bytes, args.max_image_pixels),
             max_queued_images=args.max_queued_images,
+            max_put_bytes=args.max_put_bytes,
             digest_key=load_digest_key(args.digest_key_file) if args.digest_key_file else None,
         ),
         encoder_process={"auto": None, "on": True, "off": False}[args.encoder_process],

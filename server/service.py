@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -14,8 +15,9 @@ from vitcache.v1 import vitcache_pb2 as pb
 from vitcache.v1 import vitcache_pb2_grpc as pb_grpc
 
 from vitcache.engine import DigestOnly, EmbeddingEngine, EncodedFile, ImageInput, ImageOutcome, RawRGB, Scope
+from vitcache.entry import CachedEmbedding
 from vitcache.errors import ErrorCode, ImageError
-from vitcache.tensor_codec import dtype_name
+from vitcache.tensor_codec import TensorBytes, dtype_name
 
 
 def image_input(image: pb.Image) -> ImageInput | ImageError:
@@ -29,8 +31,17 @@ def image_input(image: pb.Image) -> ImageInput | ImageError:
     return ImageError(ErrorCode.INVALID_ARGUMENT, "image has no source: set encoded, raw or digest")
 
 
+def put_entry(item: pb.PutItem) -> CachedEmbedding:
+    """A Put item as the entry it stores; the engine checks what it may hold."""
+    grid = tuple(item.grid_thw)
+    if grid and len(grid) != 3:
+        raise ImageError(ErrorCode.INVALID_ARGUMENT, f"grid_thw must be empty or t, h, w; got {list(grid)}")
+    tensors = tuple(TensorBytes(t.dtype, tuple(t.shape), t.data) for t in item.embeddings)
+    return CachedEmbedding(grid or (0, 0, 0), tensors)  # type: ignore[arg-type]
+
+
 def image_result(outcome: ImageOutcome) -> pb.ImageResult:
-    result = pb.ImageResult(index=outcome.index, digest=outcome.digest)
+    result = pb.ImageResult(index=outcome.index, digest=outcome.digest, key=outcome.key)
     if outcome.error is not None:
         result.error_code = wire_code(outcome.error.code)
         result.error_message = outcome.error.message
@@ -43,12 +54,15 @@ def image_result(outcome: ImageOutcome) -> pb.ImageResult:
     return result
 
 
-def image_result_bytes(outcome: ImageOutcome) -> bytes:
-    """``image_result(outcome)`` serialized, each tensor copied once on its way out (see ``wire``)."""
+def image_result_bytes(outcome: ImageOutcome, metadata_only: bool = False) -> bytes:
+    """``image_result(outcome)`` serialized, each tensor copied once on its way out (see ``wire``).
+
+    ``metadata_only`` leaves the tensors out: an existence check needs source and grid alone.
+    """
     if outcome.entry is None:
         return image_result(outcome).SerializeToString()
     bare = replace(outcome, entry=replace(outcome.entry, outputs=()))
-    return with_tensors(image_result(bare), outcome.entry.outputs)
+    return with_tensors(image_result(bare), () if metadata_only else outcome.entry.outputs)
 
 
 class VitCacheServicer(pb_grpc.VitCacheServicer):
@@ -92,13 +106,35 @@ class VitCacheServicer(pb_grpc.VitCacheServicer):
             yield image_result_bytes(outcome)
 
     async def Fetch(self, request: pb.FetchRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
-        if len(request.digests) > self.max_images_per_request:
+        count = len(request.digests) + len(request.keys)
+        if count > self.max_images_per_request:
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
-                f"{len(request.digests)} digests is over --max-images-per-request={self.max_images_per_request}",
+                f"{count} digests and keys is over --max-images-per-request={self.max_images_per_request}",
             )
-        async for outcome in self.engine.fetch(list(request.digests), await self._scope(context)):
-            yield image_result_bytes(outcome)
+        scope = await self._scope(context)
+        async for outcome in self.engine.fetch(list(request.digests), scope):
+            yield image_result_bytes(outcome, request.metadata_only)
+        async for outcome in self.engine.fetch_keys(list(request.keys), scope, first_index=len(request.digests)):
+            yield image_result_bytes(outcome, request.metadata_only)
+
+    async def Put(self, request: pb.PutRequest, context: grpc.aio.ServicerContext) -> pb.PutResponse:
+        if len(request.items) > self.max_images_per_request:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{len(request.items)} items is over --max-images-per-request={self.max_images_per_request}",
+            )
+        scope = await self._scope(context)
+
+        async def store(index: int, item: pb.PutItem) -> pb.PutResult:
+            try:
+                await self.engine.put(item.key, put_entry(item), scope)
+            except ImageError as exc:
+                return pb.PutResult(index=index, error_code=wire_code(exc.code), error_message=exc.message)
+            return pb.PutResult(index=index)
+
+        results = await asyncio.gather(*(store(index, item) for index, item in enumerate(request.items)))
+        return pb.PutResponse(results=results)
 
     async def GetStats(self, request: pb.GetStatsRequest, context: grpc.aio.ServicerContext) -> pb.Stats:
         engine = self.engine
@@ -125,6 +161,7 @@ class VitCacheServicer(pb_grpc.VitCacheServicer):
             overloaded=stats.overloaded,
             deadline_expired=stats.deadline_expired,
             fleet_lock_waits=engine.fleet_lock.waits if engine.fleet_lock else 0,
+            puts=stats.puts,
         )
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:

@@ -12,7 +12,7 @@ import enum
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 
@@ -25,9 +25,13 @@ from vitcache.models import EncoderSpec, VisionEncoder
 from vitcache.observer import EngineObserver
 from vitcache.pipeline import EncodePipeline, Pipeline, PipelineConfig
 from vitcache.tensor_codec import dtype_from_name
-from vitcache.tiers import L1Cache, RedisTier, l1_key
+from vitcache.tiers import L1Cache, RedisTier, l1_key, l1_put_key
 
 log = logging.getLogger(__name__)
+
+MAX_PUT_KEY_BYTES = 256
+MAX_PUT_TENSORS = 8
+PUT_DTYPES = ("float32", "bfloat16", "float16")
 
 
 class Source(enum.IntEnum):
@@ -45,6 +49,7 @@ class ImageOutcome:
     entry: CachedEmbedding | None = None
     source: Source | None = None
     error: ImageError | None = None
+    key: str = ""  # the Put key, for outcomes of fetch_keys (digest is then empty)
 
 
 @dataclass(frozen=True)
@@ -53,6 +58,7 @@ class EngineConfig(PipelineConfig):
 
     max_queued_images: int = 1024  # misses being resolved at once; more are RESOURCE_EXHAUSTED
     digest_key: bytes | None = None  # keyed digests (vitcache.digest); None = plain xxh3-128
+    max_put_bytes: int = 256 << 20  # tensor bytes of one Put entry
 
     @property
     def pipeline(self) -> PipelineConfig:
@@ -70,6 +76,7 @@ class EngineStats:
     single_flight_joins: int = 0
     overloaded: int = 0  # images refused because max_queued_images were already queued
     deadline_expired: int = 0  # misses dropped before their forward because the deadline passed
+    puts: int = 0  # entries stored by Put
     started_at: float = field(default_factory=time.monotonic)
 
 
@@ -168,6 +175,78 @@ class EmbeddingEngine:
     async def fetch(self, digests: Sequence[bytes], scope: Scope = Scope()) -> AsyncIterator[ImageOutcome]:
         async for outcome in self.encode([DigestOnly(d) for d in digests], scope):
             yield outcome
+
+    async def put(self, key: str, entry: CachedEmbedding, scope: Scope = Scope()) -> None:
+        """Stores a caller-computed entry under ``key``, in L1 and then L2 before returning.
+
+        Put keys are a key space of their own (:func:`~vitcache.tiers.l1_put_key`,
+        :meth:`~vitcache.tiers.RedisTier.put_key`): a caller can never replace or shadow an entry
+        computed from image bytes. Raises :class:`ImageError` for an entry it does not take.
+        """
+        self._check_put(key, entry)
+        self.l1.put(l1_put_key(key, scope.tenant), entry)
+        self.stats.puts += 1
+        if self.l2 is not None:
+            with self.observer.timed("l2_put"):
+                await self.l2.put_at(self.l2.put_key(key, scope.tenant), entry)
+
+    async def fetch_keys(
+        self, keys: Sequence[str], scope: Scope = Scope(), first_index: int = 0
+    ) -> AsyncIterator[ImageOutcome]:
+        """Entries stored by :meth:`put`, one outcome per key (NOT_FOUND if absent), indexed from ``first_index``."""
+        lookups = [self._fetch_key(first_index + offset, key, scope) for offset, key in enumerate(keys)]
+        for next_done in asyncio.as_completed(lookups):
+            outcome = await next_done
+            self.observer.image_done(outcome)
+            yield outcome
+
+    async def _fetch_key(self, index: int, key: str, scope: Scope) -> ImageOutcome:
+        try:
+            self._check_put_key(key)
+            entry = self.l1.get(l1_put_key(key, scope.tenant))
+            self.observer.cache_lookup("l1", hit=entry is not None)
+            if entry is not None:
+                self.stats.l1_hits += 1
+                return ImageOutcome(index, b"", entry, Source.L1, key=key)
+            if self.l2 is not None:
+                with self.observer.timed("l2_get"):
+                    entry = await self.l2.get_at(self.l2.put_key(key, scope.tenant))
+                self.observer.cache_lookup("l2", hit=entry is not None)
+            if entry is None:
+                self.stats.not_found += 1
+                raise ImageError(ErrorCode.NOT_FOUND, f"key {key!r} is not cached")
+            self.l1.put(l1_put_key(key, scope.tenant), entry)
+            self.stats.l2_hits += 1
+            return ImageOutcome(index, b"", entry, Source.L2, key=key)
+        except ImageError as exc:
+            failed = self._failed(index, b"", exc)
+            return replace(failed, key=key)
+
+    @staticmethod
+    def _check_put_key(key: str) -> None:
+        if not 0 < len(key.encode()) <= MAX_PUT_KEY_BYTES:
+            raise ImageError(ErrorCode.INVALID_ARGUMENT, f"a Put key must be 1 to {MAX_PUT_KEY_BYTES} bytes of UTF-8")
+
+    def _check_put(self, key: str, entry: CachedEmbedding) -> None:
+        self._check_put_key(key)
+        if not 0 < len(entry.outputs) <= MAX_PUT_TENSORS:
+            raise ImageError(ErrorCode.INVALID_ARGUMENT, f"a Put entry holds 1 to {MAX_PUT_TENSORS} tensors")
+        if entry.nbytes > self.config.max_put_bytes:
+            raise ImageError(
+                ErrorCode.RESOURCE_EXHAUSTED,
+                f"a Put entry of {entry.nbytes} bytes is over --max-put-bytes={self.config.max_put_bytes}",
+            )
+        if any(v < 0 for v in entry.grid_thw):
+            raise ImageError(ErrorCode.INVALID_ARGUMENT, "grid_thw values must not be negative")
+        for out in entry.outputs:
+            if out.dtype not in PUT_DTYPES:
+                raise ImageError(
+                    ErrorCode.INVALID_ARGUMENT, f"Put tensors are {', '.join(PUT_DTYPES)}; got {out.dtype!r}"
+                )
+            try:
+                out.to_tensor()  # the shape must match the byte count
+            except ValueError as exc:
+                raise ImageError(ErrorCode.INVALID_ARGUMENT, str(exc)) from None
 
     def _answer_from_memory(self, index: int, image: ImageInput | ImageError, scope: Scope) -> ImageOutcome | bytes:
         """The image's outcome if L1 or the input itself settles it, else its digest (to resolve)."""

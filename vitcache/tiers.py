@@ -1,6 +1,7 @@
 """The two cache tiers: an in-process LRU (L1) and a shared Redis (L2).
 
-Both are keyed by the image digest; the model namespace is fixed per process, so L1 holds
+Both are keyed by the image digest, or by a caller's key for entries stored with Put (a key
+space of its own in both tiers); the model namespace is fixed per process, so L1 holds
 only this namespace's entries and L2 prefixes every key with it. A tenant (optional) scopes
 both: it is part of the L1 key and of the L2 key prefix, so tenants never see each other's
 entries.
@@ -14,7 +15,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -37,8 +38,13 @@ def l1_key(digest: bytes, tenant: str = "") -> bytes:
     return digest if not tenant else tenant.encode() + b"\0" + digest
 
 
+def l1_put_key(key: str, tenant: str = "") -> tuple[str, str, str]:
+    """The L1 key of a Put entry: a tuple, so it can never equal a digest's (bytes) key."""
+    return ("put", tenant, key)
+
+
 class L1Cache:
-    """Least-recently-used map digest -> entry, bounded by the entries' payload bytes.
+    """Least-recently-used map key -> entry, bounded by the entries' payload bytes.
 
     Invariants:
     - ``bytes_used`` is the sum of ``nbytes`` of the held entries and never exceeds ``capacity_bytes``.
@@ -53,33 +59,33 @@ class L1Cache:
         self.capacity_bytes = capacity_bytes
         self.bytes_used = 0
         self.evictions = 0
-        self._entries: OrderedDict[bytes, CachedEmbedding] = OrderedDict()
+        self._entries: OrderedDict[Hashable, CachedEmbedding] = OrderedDict()
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def get(self, digest: bytes) -> CachedEmbedding | None:
+    def get(self, key: Hashable) -> CachedEmbedding | None:
         with self._lock:
-            entry = self._entries.get(digest)
+            entry = self._entries.get(key)
             if entry is not None:
-                self._entries.move_to_end(digest)
+                self._entries.move_to_end(key)
             return entry
 
-    def put(self, digest: bytes, entry: CachedEmbedding) -> bool:
+    def put(self, key: Hashable, entry: CachedEmbedding) -> bool:
         """Stores ``entry``; returns False if it is larger than the whole cache."""
         size = entry.nbytes
         if size > self.capacity_bytes:
             return False
         with self._lock:
-            old = self._entries.pop(digest, None)
+            old = self._entries.pop(key, None)
             if old is not None:
                 self.bytes_used -= old.nbytes
             while self.bytes_used + size > self.capacity_bytes:
                 _, evicted = self._entries.popitem(last=False)
                 self.bytes_used -= evicted.nbytes
                 self.evictions += 1
-            self._entries[digest] = entry
+            self._entries[key] = entry
             self.bytes_used += size
             return True
 
@@ -120,6 +126,8 @@ class RedisTier:
             url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, health_check_interval=30
         )
         self._prefix = f"vitcache:v1:{namespace}:".encode()
+        # Put entries: a prefix no digest key starts with, whatever the tenant's name.
+        self._put_prefix = f"vitcache:put:v1:{namespace}:".encode()
         self._ttl_s = ttl_s
         self._timeout_s = timeout_s
         self._max_backoff_s = max_backoff_s
@@ -131,6 +139,10 @@ class RedisTier:
     def key(self, digest: bytes, tenant: str = "") -> bytes:
         scope = f"{tenant}:".encode() if tenant else b""
         return self._prefix + scope + digest.hex().encode()
+
+    def put_key(self, key: str, tenant: str = "") -> bytes:
+        """The Redis key of a Put entry (the caller's key in hex: any UTF-8 is safe in it)."""
+        return self._put_prefix + f"{tenant}:".encode() + key.encode().hex().encode()
 
     def _available(self) -> bool:
         return self.connected or time.monotonic() >= self._retry_at
@@ -182,7 +194,10 @@ class RedisTier:
         return True
 
     async def get(self, digest: bytes, tenant: str = "") -> CachedEmbedding | None:
-        key = self.key(digest, tenant)
+        return await self.get_at(self.key(digest, tenant))
+
+    async def get_at(self, key: bytes) -> CachedEmbedding | None:
+        """The entry at Redis key ``key`` (from :meth:`key` or :meth:`put_key`); None if absent or unusable."""
         try:
             value = await self.execute(lambda r: r.get(key))
         except L2Unavailable:
@@ -199,7 +214,11 @@ class RedisTier:
             return None
 
     async def put(self, digest: bytes, entry: CachedEmbedding, tenant: str = "") -> bool:
-        key, value = self.key(digest, tenant), entry.to_value()
+        return await self.put_at(self.key(digest, tenant), entry)
+
+    async def put_at(self, key: bytes, entry: CachedEmbedding) -> bool:
+        """Stores ``entry`` at Redis key ``key``; False if Redis is unavailable."""
+        value = entry.to_value()
         try:
             await self.execute(lambda r: r.set(key, value, ex=self._ttl_s))
         except L2Unavailable:

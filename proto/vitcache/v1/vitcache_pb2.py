@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1avitcache/v1/vitcache.proto\x12\x0bvitcache.v1\"\\\n\x05Image\x12\x11\n\x07\x65ncoded\x18\x01 \x01(\x0cH\x00\x12$\n\x03raw\x18\x02 \x01(\x0b\x32\x15.vitcache.v1.RawImageH\x00\x12\x10\n\x06\x64igest\x18\x03 \x01(\x0cH\x00\x42\x08\n\x06source\"6\n\x08RawImage\x12\x0b\n\x03rgb\x18\x01 \x01(\x0c\x12\x0e\n\x06height\x18\x02 \x01(\r\x12\r\n\x05width\x18\x03 \x01(\r\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"O\n\nPixelBatch\x12)\n\x0cpixel_values\x18\x01 \x01(\x0b\x32\x13.vitcache.v1.Tensor\x12\x16\n\x0eimage_grid_thw\x18\x02 \x03(\r\"\\\n\rEncodeRequest\x12\"\n\x06images\x18\x01 \x03(\x0b\x32\x12.vitcache.v1.Image\x12\'\n\x06pixels\x18\x02 \x01(\x0b\x32\x17.vitcache.v1.PixelBatch\"\x1f\n\x0c\x46\x65tchRequest\x12\x0f\n\x07\x64igests\x18\x01 \x03(\x0c\"\xb7\x01\n\x0bImageResult\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0e\n\x06\x64igest\x18\x02 \x01(\x0c\x12\'\n\nembeddings\x18\x03 \x03(\x0b\x32\x13.vitcache.v1.Tensor\x12\x10\n\x08grid_thw\x18\x04 \x03(\r\x12#\n\x06source\x18\x05 \x01(\x0e\x32\x13.vitcache.v1.Source\x12\x12\n\nerror_code\x18\x06 \x01(\x05\x12\x15\n\rerror_message\x18\x07 \x01(\t\"\x11\n\x0fGetStatsRequest\"\xae\x03\n\x05Stats\x12\x0f\n\x07l1_hits\x18\x01 \x01(\x04\x12\x0f\n\x07l2_hits\x18\x02 \x01(\x04\x12\x0e\n\x06misses\x18\x03 \x01(\x04\x12\x17\n\x0fimages_computed\x18\x04 \x01(\x04\x12\x12\n\nl1_entries\x18\x05 \x01(\x04\x12\x10\n\x08l1_bytes\x18\x06 \x01(\x04\x12\x17\n\x0fredis_connected\x18\x07 \x01(\x08\x12\x19\n\x11l1_capacity_bytes\x18\x08 \x01(\x04\x12\x14\n\x0cl1_evictions\x18\t \x01(\x04\x12\x0e\n\x06\x65rrors\x18\n \x01(\x04\x12\x0f\n\x07\x62\x61tches\x18\x0b \x01(\x04\x12\x1b\n\x13single_flight_joins\x18\x0c \x01(\x04\x12\x11\n\tl2_errors\x18\r \x01(\x04\x12\x12\n\nl2_corrupt\x18\x0e \x01(\x04\x12\x16\n\x0euptime_seconds\x18\x0f \x01(\x01\x12\x12\n\noom_splits\x18\x10 \x01(\x04\x12\x11\n\tnot_found\x18\x11 \x01(\x04\x12\x12\n\noverloaded\x18\x12 \x01(\x04\x12\x18\n\x10\x64\x65\x61\x64line_expired\x18\x13 \x01(\x04\x12\x18\n\x10\x66leet_lock_waits\x18\x14 \x01(\x04\"\x15\n\x13GetModelInfoRequest\"/\n\nOutputSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0bhidden_size\x18\x02 \x01(\x03\"\xfe\x01\n\tModelInfo\x12\x0e\n\x06\x66\x61mily\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12(\n\x07outputs\x18\x04 \x03(\x0b\x32\x17.vitcache.v1.OutputSpec\x12\x11\n\tnamespace\x18\x05 \x01(\t\x12\x12\n\npatch_size\x18\x06 \x01(\r\x12\x1b\n\x13temporal_patch_size\x18\x07 \x01(\r\x12\x12\n\nmerge_size\x18\x08 \x01(\r\x12\x11\n\tpatch_dim\x18\t \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\n \x01(\t\x12\x1e\n\x16preprocess_config_json\x18\x0b \x01(\t*>\n\x06Source\x12\x16\n\x12SOURCE_UNSPECIFIED\x10\x00\x12\x06\n\x02L1\x10\x01\x12\x06\n\x02L2\x10\x02\x12\x0c\n\x08\x43OMPUTED\x10\x03\x32\x94\x02\n\x08VitCache\x12@\n\x06\x45ncode\x12\x1a.vitcache.v1.EncodeRequest\x1a\x18.vitcache.v1.ImageResult0\x01\x12>\n\x05\x46\x65tch\x12\x19.vitcache.v1.FetchRequest\x1a\x18.vitcache.v1.ImageResult0\x01\x12<\n\x08GetStats\x12\x1c.vitcache.v1.GetStatsRequest\x1a\x12.vitcache.v1.Stats\x12H\n\x0cGetModelInfo\x12 .vitcache.v1.GetModelInfoRequest\x1a\x16.vitcache.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1avitcache/v1/vitcache.proto\x12\x0bvitcache.v1\"\\\n\x05Image\x12\x11\n\x07\x65ncoded\x18\x01 \x01(\x0cH\x00\x12$\n\x03raw\x18\x02 \x01(\x0b\x32\x15.vitcache.v1.RawImageH\x00\x12\x10\n\x06\x64igest\x18\x03 \x01(\x0cH\x00\x42\x08\n\x06source\"6\n\x08RawImage\x12\x0b\n\x03rgb\x18\x01 \x01(\x0c\x12\x0e\n\x06height\x18\x02 \x01(\r\x12\r\n\x05width\x18\x03 \x01(\r\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"O\n\nPixelBatch\x12)\n\x0cpixel_values\x18\x01 \x01(\x0b\x32\x13.vitcache.v1.Tensor\x12\x16\n\x0eimage_grid_thw\x18\x02 \x03(\r\"\\\n\rEncodeRequest\x12\"\n\x06images\x18\x01 \x03(\x0b\x32\x12.vitcache.v1.Image\x12\'\n\x06pixels\x18\x02 \x01(\x0b\x32\x17.vitcache.v1.PixelBatch\"D\n\x0c\x46\x65tchRequest\x12\x0f\n\x07\x64igests\x18\x01 \x03(\x0c\x12\x0c\n\x04keys\x18\x02 \x03(\t\x12\x15\n\rmetadata_only\x18\x03 \x01(\x08\"Q\n\x07PutItem\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x10\n\x08grid_thw\x18\x02 \x03(\r\x12\'\n\nembeddings\x18\x03 \x03(\x0b\x32\x13.vitcache.v1.Tensor\"1\n\nPutRequest\x12#\n\x05items\x18\x01 \x03(\x0b\x32\x14.vitcache.v1.PutItem\"E\n\tPutResult\x12\r\n\x05index\x18\x01 \x01(\r\x12\x12\n\nerror_code\x18\x02 \x01(\x05\x12\x15\n\rerror_message\x18\x03 \x01(\t\"6\n\x0bPutResponse\x12\'\n\x07results\x18\x01 \x03(\x0b\x32\x16.vitcache.v1.PutResult\"\xc4\x01\n\x0bImageResult\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0e\n\x06\x64igest\x18\x02 \x01(\x0c\x12\'\n\nembeddings\x18\x03 \x03(\x0b\x32\x13.vitcache.v1.Tensor\x12\x10\n\x08grid_thw\x18\x04 \x03(\r\x12#\n\x06source\x18\x05 \x01(\x0e\x32\x13.vitcache.v1.Source\x12\x12\n\nerror_code\x18\x06 \x01(\x05\x12\x15\n\rerror_message\x18\x07 \x01(\t\x12\x0b\n\x03key\x18\x08 \x01(\t\"\x11\n\x0fGetStatsRequest\"\xbc\x03\n\x05Stats\x12\x0f\n\x07l1_hits\x18\x01 \x01(\x04\x12\x0f\n\x07l2_hits\x18\x02 \x01(\x04\x12\x0e\n\x06misses\x18\x03 \x01(\x04\x12\x17\n\x0fimages_computed\x18\x04 \x01(\x04\x12\x12\n\nl1_entries\x18\x05 \x01(\x04\x12\x10\n\x08l1_bytes\x18\x06 \x01(\x04\x12\x17\n\x0fredis_connected\x18\x07 \x01(\x08\x12\x19\n\x11l1_capacity_bytes\x18\x08 \x01(\x04\x12\x14\n\x0cl1_evictions\x18\t \x01(\x04\x12\x0e\n\x06\x65rrors\x18\n \x01(\x04\x12\x0f\n\x07\x62\x61tches\x18\x0b \x01(\x04\x12\x1b\n\x13single_flight_joins\x18\x0c \x01(\x04\x12\x11\n\tl2_errors\x18\r \x01(\x04\x12\x12\n\nl2_corrupt\x18\x0e \x01(\x04\x12\x16\n\x0euptime_seconds\x18\x0f \x01(\x01\x12\x12\n\noom_splits\x18\x10 \x01(\x04\x12\x11\n\tnot_found\x18\x11 \x01(\x04\x12\x12\n\noverloaded\x18\x12 \x01(\x04\x12\x18\n\x10\x64\x65\x61\x64line_expired\x18\x13 \x01(\x04\x12\x18\n\x10\x66leet_lock_waits\x18\x14 \x01(\x04\x12\x0c\n\x04puts\x18\x15 \x01(\x04\"\x15\n\x13GetModelInfoRequest\"/\n\nOutputSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0bhidden_size\x18\x02 \x01(\x03\"\xfe\x01\n\tModelInfo\x12\x0e\n\x06\x66\x61mily\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12(\n\x07outputs\x18\x04 \x03(\x0b\x32\x17.vitcache.v1.OutputSpec\x12\x11\n\tnamespace\x18\x05 \x01(\t\x12\x12\n\npatch_size\x18\x06 \x01(\r\x12\x1b\n\x13temporal_patch_size\x18\x07 \x01(\r\x12\x12\n\nmerge_size\x18\x08 \x01(\r\x12\x11\n\tpatch_dim\x18\t \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\n \x01(\t\x12\x1e\n\x16preprocess_config_json\x18\x0b \x01(\t*>\n\x06Source\x12\x16\n\x12SOURCE_UNSPECIFIED\x10\x00\x12\x06\n\x02L1\x10\x01\x12\x06\n\x02L2\x10\x02\x12\x0c\n\x08\x43OMPUTED\x10\x03\x32\xce\x02\n\x08VitCache\x12@\n\x06\x45ncode\x12\x1a.vitcache.v1.EncodeRequest\x1a\x18.vitcache.v1.ImageResult0\x01\x12>\n\x05\x46\x65tch\x12\x19.vitcache.v1.FetchRequest\x1a\x18.vitcache.v1.ImageResult0\x01\x12\x38\n\x03Put\x12\x17.vitcache.v1.PutRequest\x1a\x18.vitcache.v1.PutResponse\x12<\n\x08GetStats\x12\x1c.vitcache.v1.GetStatsRequest\x1a\x12.vitcache.v1.Stats\x12H\n\x0cGetModelInfo\x12 .vitcache.v1.GetModelInfoRequest\x1a\x16.vitcache.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'vitcache.v1.vitcache_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SOURCE']._serialized_start=1422
-  _globals['_SOURCE']._serialized_end=1484
+  _globals['_SOURCE']._serialized_start=1747
+  _globals['_SOURCE']._serialized_end=1809
   _globals['_IMAGE']._serialized_start=43
   _globals['_IMAGE']._serialized_end=135
   _globals['_RAWIMAGE']._serialized_start=137
@@ -44,19 +44,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ENCODEREQUEST']._serialized_start=328
   _globals['_ENCODEREQUEST']._serialized_end=420
   _globals['_FETCHREQUEST']._serialized_start=422
-  _globals['_FETCHREQUEST']._serialized_end=453
-  _globals['_IMAGERESULT']._serialized_start=456
-  _globals['_IMAGERESULT']._serialized_end=639
-  _globals['_GETSTATSREQUEST']._serialized_start=641
-  _globals['_GETSTATSREQUEST']._serialized_end=658
-  _globals['_STATS']._serialized_start=661
-  _globals['_STATS']._serialized_end=1091
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1093
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1114
-  _globals['_OUTPUTSPEC']._serialized_start=1116
-  _globals['_OUTPUTSPEC']._serialized_end=1163
-  _globals['_MODELINFO']._serialized_start=1166
-  _globals['_MODELINFO']._serialized_end=1420
-  _globals['_VITCACHE']._serialized_start=1487
-  _globals['_VITCACHE']._serialized_end=1763
+  _globals['_FETCHREQUEST']._serialized_end=490
+  _globals['_PUTITEM']._serialized_start=492
+  _globals['_PUTITEM']._serialized_end=573
+  _globals['_PUTREQUEST']._serialized_start=575
+  _globals['_PUTREQUEST']._serialized_end=624
+  _globals['_PUTRESULT']._serialized_start=626
+  _globals['_PUTRESULT']._serialized_end=695
+  _globals['_PUTRESPONSE']._serialized_start=697
+  _globals['_PUTRESPONSE']._serialized_end=751
+  _globals['_IMAGERESULT']._serialized_start=754
+  _globals['_IMAGERESULT']._serialized_end=950
+  _globals['_GETSTATSREQUEST']._serialized_start=952
+  _globals['_GETSTATSREQUEST']._serialized_end=969
+  _globals['_STATS']._serialized_start=972
+  _globals['_STATS']._serialized_end=1416
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1418
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1439
+  _globals['_OUTPUTSPEC']._serialized_start=1441
+  _globals['_OUTPUTSPEC']._serialized_end=1488
+  _globals['_MODELINFO']._serialized_start=1491
+  _globals['_MODELINFO']._serialized_end=1745
+  _globals['_VITCACHE']._serialized_start=1812
+  _globals['_VITCACHE']._serialized_end=2146
 # @@protoc_insertion_point(module_scope)

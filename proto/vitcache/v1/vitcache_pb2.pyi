@@ -65,13 +65,49 @@ class EncodeRequest(_message.Message):
     def __init__(self, images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., pixels: _Optional[_Union[PixelBatch, _Mapping]] = ...) -> None: ...
 
 class FetchRequest(_message.Message):
-    __slots__ = ("digests",)
+    __slots__ = ("digests", "keys", "metadata_only")
     DIGESTS_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    METADATA_ONLY_FIELD_NUMBER: _ClassVar[int]
     digests: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(self, digests: _Optional[_Iterable[bytes]] = ...) -> None: ...
+    keys: _containers.RepeatedScalarFieldContainer[str]
+    metadata_only: bool
+    def __init__(self, digests: _Optional[_Iterable[bytes]] = ..., keys: _Optional[_Iterable[str]] = ..., metadata_only: _Optional[bool] = ...) -> None: ...
+
+class PutItem(_message.Message):
+    __slots__ = ("key", "grid_thw", "embeddings")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    GRID_THW_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    grid_thw: _containers.RepeatedScalarFieldContainer[int]
+    embeddings: _containers.RepeatedCompositeFieldContainer[Tensor]
+    def __init__(self, key: _Optional[str] = ..., grid_thw: _Optional[_Iterable[int]] = ..., embeddings: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ...) -> None: ...
+
+class PutRequest(_message.Message):
+    __slots__ = ("items",)
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[PutItem]
+    def __init__(self, items: _Optional[_Iterable[_Union[PutItem, _Mapping]]] = ...) -> None: ...
+
+class PutResult(_message.Message):
+    __slots__ = ("index", "error_code", "error_message")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    error_code: int
+    error_message: str
+    def __init__(self, index: _Optional[int] = ..., error_code: _Optional[int] = ..., error_message: _Optional[str] = ...) -> None: ...
+
+class PutResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[PutResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[PutResult, _Mapping]]] = ...) -> None: ...
 
 class ImageResult(_message.Message):
-    __slots__ = ("index", "digest", "embeddings", "grid_thw", "source", "error_code", "error_message")
+    __slots__ = ("index", "digest", "embeddings", "grid_thw", "source", "error_code", "error_message", "key")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     DIGEST_FIELD_NUMBER: _ClassVar[int]
     EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
@@ -79,6 +115,7 @@ class ImageResult(_message.Message):
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
     ERROR_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    KEY_FIELD_NUMBER: _ClassVar[int]
     index: int
     digest: bytes
     embeddings: _containers.RepeatedCompositeFieldContainer[Tensor]
@@ -86,14 +123,15 @@ class ImageResult(_message.Message):
     source: Source
     error_code: int
     error_message: str
-    def __init__(self, index: _Optional[int] = ..., digest: _Optional[bytes] = ..., embeddings: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., grid_thw: _Optional[_Iterable[int]] = ..., source: _Optional[_Union[Source, str]] = ..., error_code: _Optional[int] = ..., error_message: _Optional[str] = ...) -> None: ...
+    key: str
+    def __init__(self, index: _Optional[int] = ..., digest: _Optional[bytes] = ..., embeddings: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., grid_thw: _Optional[_Iterable[int]] = ..., source: _Optional[_Union[Source, str]] = ..., error_code: _Optional[int] = ..., error_message: _Optional[str] = ..., key: _Optional[str] = ...) -> None: ...
 
 class GetStatsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class Stats(_message.Message):
-    __slots__ = ("l1_hits", "l2_hits", "misses", "images_computed", "l1_entries", "l1_bytes", "redis_connected", "l1_capacity_bytes", "l1_evictions", "errors", "batches", "single_flight_joins", "l2_errors", "l2_corrupt", "uptime_seconds", "oom_splits", "not_found", "overloaded", "deadline_expired", "fleet_lock_waits")
+    __slots__ = ("l1_hits", "l2_hits", "misses", "images_computed", "l1_entries", "l1_bytes", "redis_connected", "l1_capacity_bytes", "l1_evictions", "errors", "batches", "single_flight_joins", "l2_errors", "l2_corrupt", "uptime_seconds", "oom_splits", "not_found", "overloaded", "deadline_expired", "fleet_lock_waits", "puts")
     L1_HITS_FIELD_NUMBER: _ClassVar[int]
     L2_HITS_FIELD_NUMBER: _ClassVar[int]
     MISSES_FIELD_NUMBER: _ClassVar[int]
@@ -114,6 +152,7 @@ class Stats(_message.Message):
     OVERLOADED_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_EXPIRED_FIELD_NUMBER: _ClassVar[int]
     FLEET_LOCK_WAITS_FIELD_NUMBER: _ClassVar[int]
+    PUTS_FIELD_NUMBER: _ClassVar[int]
     l1_hits: int
     l2_hits: int
     misses: int
@@ -134,7 +173,8 @@ class Stats(_message.Message):
     overloaded: int
     deadline_expired: int
     fleet_lock_waits: int
-    def __init__(self, l1_hits: _Optional[int] = ..., l2_hits: _Optional[int] = ..., misses: _Optional[int] = ..., images_computed: _Optional[int] = ..., l1_entries: _Optional[int] = ..., l1_bytes: _Optional[int] = ..., redis_connected: _Optional[bool] = ..., l1_capacity_bytes: _Optional[int] = ..., l1_evictions: _Optional[int] = ..., errors: _Optional[int] = ..., batches: _Optional[int] = ..., single_flight_joins: _Optional[int] = ..., l2_errors: _Optional[int] = ..., l2_corrupt: _Optional[int] = ..., uptime_seconds: _Optional[float] = ..., oom_splits: _Optional[int] = ..., not_found: _Optional[int] = ..., overloaded: _Optional[int] = ..., deadline_expired: _Optional[int] = ..., fleet_lock_waits: _Optional[int] = ...) -> None: ...
+    puts: int
+    def __init__(self, l1_hits: _Optional[int] = ..., l2_hits: _Optional[int] = ..., misses: _Optional[int] = ..., images_computed: _Optional[int] = ..., l1_entries: _Optional[int] = ..., l1_bytes: _Optional[int] = ..., redis_connected: _Optional[bool] = ..., l1_capacity_bytes: _Optional[int] = ..., l1_evictions: _Optional[int] = ..., errors: _Optional[int] = ..., batches: _Optional[int] = ..., single_flight_joins: _Optional[int] = ..., l2_errors: _Optional[int] = ..., l2_corrupt: _Optional[int] = ..., uptime_seconds: _Optional[float] = ..., oom_splits: _Optional[int] = ..., not_found: _Optional[int] = ..., overloaded: _Optional[int] = ..., deadline_expired: _Optional[int] = ..., fleet_lock_waits: _Optional[int] = ..., puts: _Optional[int] = ...) -> None: ...
 
 class GetModelInfoRequest(_message.Message):
     __slots__ = ()

@@ -44,6 +44,11 @@ class VitCacheStub:
                 request_serializer=vitcache_dot_v1_dot_vitcache__pb2.FetchRequest.SerializeToString,
                 response_deserializer=vitcache_dot_v1_dot_vitcache__pb2.ImageResult.FromString,
                 _registered_method=True)
+        self.Put = channel.unary_unary(
+                '/vitcache.v1.VitCache/Put',
+                request_serializer=vitcache_dot_v1_dot_vitcache__pb2.PutRequest.SerializeToString,
+                response_deserializer=vitcache_dot_v1_dot_vitcache__pb2.PutResponse.FromString,
+                _registered_method=True)
         self.GetStats = channel.unary_unary(
                 '/vitcache.v1.VitCache/GetStats',
                 request_serializer=vitcache_dot_v1_dot_vitcache__pb2.GetStatsRequest.SerializeToString,
@@ -67,7 +72,16 @@ class VitCacheServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Fetch(self, request, context):
-        """Lookup only, by digest; never computes. Misses come back NOT_FOUND.
+        """Lookup only, by digest or by Put key; never computes. Misses come back NOT_FOUND.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Put(self, request, context):
+        """Stores embeddings the caller computed (e.g. an inference server's own vision tower) under the
+        caller's keys. Put keys are a key space of their own: they never reach an entry vitcache
+        computed from image bytes, and a digest lookup never returns a Put entry.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -97,6 +111,11 @@ def add_VitCacheServicer_to_server(servicer, server):
                     servicer.Fetch,
                     request_deserializer=vitcache_dot_v1_dot_vitcache__pb2.FetchRequest.FromString,
                     response_serializer=vitcache_dot_v1_dot_vitcache__pb2.ImageResult.SerializeToString,
+            ),
+            'Put': grpc.unary_unary_rpc_method_handler(
+                    servicer.Put,
+                    request_deserializer=vitcache_dot_v1_dot_vitcache__pb2.PutRequest.FromString,
+                    response_serializer=vitcache_dot_v1_dot_vitcache__pb2.PutResponse.SerializeToString,
             ),
             'GetStats': grpc.unary_unary_rpc_method_handler(
                     servicer.GetStats,
@@ -163,6 +182,33 @@ class VitCache:
             '/vitcache.v1.VitCache/Fetch',
             vitcache_dot_v1_dot_vitcache__pb2.FetchRequest.SerializeToString,
             vitcache_dot_v1_dot_vitcache__pb2.ImageResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Put(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vitcache.v1.VitCache/Put',
+            vitcache_dot_v1_dot_vitcache__pb2.PutRequest.SerializeToString,
+            vitcache_dot_v1_dot_vitcache__pb2.PutResponse.FromString,
             options,
             channel_credentials,
             insecure,
