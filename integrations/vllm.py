@@ -6,6 +6,9 @@ Enable it with::
         "ec_connector_module_path": "vitcache.integrations.vllm", "ec_role": "ec_consumer",
         "ec_connector_extra_config": {"target": "vitcache:50051"}}'
 
+``ec_connector_extra_config`` keys: ``target`` (host:port), ``shm_socket`` (the server's ``--shm-socket``, same
+host), ``tls_ca``, ``tls_cert``, ``tls_key``, ``auth_token_file`` (paths), ``tenant``, ``timeout_s`` (default 5).
+
 Identifiers: vLLM keys every multimodal item by ``MultiModalFeatureSpec.identifier`` (its mm_hash, or the
 request's ``uuid`` verbatim). An identifier that is a vitcache digest (32 hex characters, as the EPD proxy helper
 below sends) names the entry vitcache computed from the image's bytes; every identifier is also looked up in the
@@ -26,7 +29,8 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 import torch
-from vitcache.client import ConnectOptions, EncodedImage, FleetClient, VitCacheClient
+from vitcache.client import ConnectOptions, EncodedImage, VitCacheClient
+from vitcache.v1 import vitcache_pb2 as pb
 from vllm.distributed.ec_transfer.ec_connector.base import (
     ECConnectorBase,
     ECConnectorMetadata,
@@ -102,21 +106,25 @@ class ConnectorSettings:
             auth_token_file=extra.get("auth_token_file"),
             tenant=extra.get("tenant"),
         )
+        targets = tuple(t.strip() for t in target.split(",") if t.strip())
+        if len(targets) != 1:
+            raise ValueError(
+                f"VitcacheECConnector: target {target!r} names {len(targets)} servers; give one host:port "
+                "(a fleet's FleetClient has no Fetch or Put yet)"
+            )
         return cls(
-            targets=tuple(t.strip() for t in target.split(",") if t.strip()),
+            targets=targets,
             shm_socket=extra.get("shm_socket"),
             options=options,
             timeout_s=float(extra.get("timeout_s", 5.0)),
         )
 
-    def client(self) -> VitCacheClient | FleetClient:
-        if len(self.targets) > 1:
-            return FleetClient(self.targets, options=self.options)
+    def client(self) -> VitCacheClient:
         return VitCacheClient(self.targets[0], options=self.options, shm_socket=self.shm_socket)
 
 
 def lookup(
-    client: VitCacheClient | FleetClient, identifiers: Sequence[str], metadata_only: bool, timeout_s: float
+    client: VitCacheClient, identifiers: Sequence[str], metadata_only: bool, timeout_s: float
 ) -> dict[str, EncodedImage]:
     """The entries vitcache holds for ``identifiers`` (absent ones left out), in one Fetch.
 
@@ -140,6 +148,7 @@ def lookup(
 class LoadItem:
     identifier: str
     num_tokens: int
+    modality: str
 
 
 @dataclass
@@ -177,7 +186,7 @@ class VitcacheECConnector(ECConnectorBase):
         self._unavailable: set[str] = set()
         self._resolver = PlaceholderMetadataResolver(vllm_config.model_config)
         # worker side
-        self._family: str | None = None
+        self._info: pb.ModelInfo | None = None
         self._failed: set[str] = set()
 
     def shutdown(self) -> None:
@@ -242,7 +251,9 @@ class VitcacheECConnector(ECConnectorBase):
         feature = request.mm_features[index]
         if not self.is_consumer or not self.has_cache_item(feature.identifier):
             return
-        self._loads[feature.identifier] = LoadItem(feature.identifier, request.get_num_encoder_embeds(index))
+        self._loads[feature.identifier] = LoadItem(
+            feature.identifier, request.get_num_encoder_embeds(index), feature.modality
+        )
         self._waiting.setdefault(feature.identifier, set()).add(request.request_id)
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> ECConnectorMetadata:
@@ -283,19 +294,20 @@ class VitcacheECConnector(ECConnectorBase):
             return torch.device(current_platform.device_type, current_platform.current_device())
         return torch.device(current_platform.device_type or "cpu")
 
-    def _model_family(self) -> str:
-        if self._family is None:
-            self._family = self._client.model_info(timeout=self.settings.timeout_s).family
-        return self._family
+    def _model_info(self) -> pb.ModelInfo:
+        """The server's model (asked once): its family decides the layout of a digest entry."""
+        if self._info is None:
+            self._info = self._client.model_info(timeout=self.settings.timeout_s)
+        return self._info
 
-    def _width(self) -> int:
-        """Width of one token of vLLM's encoder output, for the placeholder of an item that failed to load."""
-        try:
-            info = self._client.model_info(timeout=self.settings.timeout_s)
-            widths = [o.hidden_size for o in info.outputs]
-            return sum(widths) if info.family == "qwen3_vl" else widths[0]
-        except grpc.RpcError:
-            return self._vllm_config.model_config.get_hidden_size()
+    def _width(self, modality: str) -> int:
+        """Width of a token of vLLM's encoder output, for the placeholder of an item that failed to load."""
+        if self._info is not None:
+            widths = [output.hidden_size for output in self._info.outputs]
+            return sum(widths) if self._info.family == "qwen3_vl" else widths[0]
+        assert self._vllm_config.ec_transfer_config is not None
+        measured = self._vllm_config.ec_transfer_config.mm_encoder_output_widths
+        return measured.get(modality) or self._vllm_config.model_config.get_inputs_embeds_size()
 
     def start_load_caches(self, encoder_cache: dict[str, torch.Tensor], **kwargs: Any) -> None:
         """Load this step's items with one Fetch; an item that cannot be loaded is reported, never raised."""
@@ -309,7 +321,7 @@ class VitcacheECConnector(ECConnectorBase):
             found = lookup(
                 self._client, [i.identifier for i in wanted], metadata_only=False, timeout_s=self.settings.timeout_s
             )
-            family = self._model_family()
+            family = self._model_info().family
         except grpc.RpcError as error:
             self._warn("vitcache unreachable while loading (%s): failing the affected requests", error.code())
             found, family = {}, ""
@@ -331,7 +343,7 @@ class VitcacheECConnector(ECConnectorBase):
             # vLLM's model runner raises on a missing entry, so the step gets zeros and the scheduler fails the request.
             self._failed.add(item.identifier)
             encoder_cache[item.identifier] = torch.zeros(
-                (item.num_tokens, self._width()), dtype=self._vllm_config.model_config.dtype, device=device
+                (item.num_tokens, self._width(item.modality)), dtype=self._vllm_config.model_config.dtype, device=device
             )
 
     def build_connector_worker_meta(self) -> ECConnectorWorkerMetadata | None:

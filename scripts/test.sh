@@ -6,4 +6,5 @@ scripts/bootstrap.sh
 scripts/install_test_packages.sh  # chromium (dashboard test), a TLS-capable redis-server
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
-exec .venv/bin/python -m pytest "$@"
+.venv/bin/python -m pytest "$@"
+[ $# -gt 0 ] || scripts/test_vllm.sh  # vLLM 0.33.0 in .venv-vllm: its connector unit suite and tests_vllm/
