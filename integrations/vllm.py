@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import torch
 from vitcache.client import ConnectOptions, EncodedImage, VitCacheClient
+from vitcache.integrations.vllm_layout import to_device, vllm_layout
 from vitcache.v1 import vitcache_pb2 as pb
 from vllm.distributed.ec_transfer.ec_connector.base import (
     ECConnectorBase,
@@ -51,31 +52,6 @@ logger = logging.getLogger(__name__)
 _DIGEST = re.compile(r"[0-9a-f]{32}")
 _PRESENT_MEMO = 1 << 16  # identifiers remembered as present; vitcache may evict them, which the load path handles
 _WARN_EVERY_S = 30.0
-
-
-def vllm_layout(family: str, embeddings: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """The column blocks of what vLLM's ``embed_multimodal`` returns for one image, in order.
-
-    Qwen2-VL, Qwen2.5-VL and Kimi-K2.5 return the merged tokens as they are; Qwen3-VL returns
-    ``torch.cat([merged, *deepstack], dim=1)`` (vllm/model_executor/models/qwen3_vl.py, the vision
-    tower's forward). Concatenating the returned blocks along dim 1 gives vLLM's tensor.
-    """
-    if family == "qwen3_vl":
-        return list(embeddings)
-    if len(embeddings) != 1:
-        raise ValueError(f"a {family} entry has one output, this one has {len(embeddings)}")
-    return [embeddings[0]]
-
-
-def to_device(blocks: Sequence[torch.Tensor], device: torch.device | str) -> torch.Tensor:
-    """Concatenate ``blocks`` along dim 1 straight into a new tensor on ``device``: each byte is copied once."""
-    rows = blocks[0].shape[0]
-    out = torch.empty((rows, sum(b.shape[1] for b in blocks)), dtype=blocks[0].dtype, device=device)
-    column = 0
-    for block in blocks:
-        out[:, column : column + block.shape[1]].copy_(block)
-        column += block.shape[1]
-    return out
 
 
 def _digest_of(identifier: str) -> bytes | None:

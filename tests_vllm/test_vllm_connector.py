@@ -167,7 +167,11 @@ def test_the_connector_imports_only_vitcache_s_client_side() -> None:
     tree = ast.parse((ROOT / "integrations" / "vllm.py").read_text())
     modules = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
     modules |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
-    assert {m for m in modules if m.startswith("vitcache")} == {"vitcache.client", "vitcache.v1"}
+    assert {m for m in modules if m.startswith("vitcache")} == {
+        "vitcache.client",
+        "vitcache.v1",
+        "vitcache.integrations.vllm_layout",
+    }
     check = (
         "import sys, vitcache.client; assert 'transformers' not in sys.modules, 'transformers'; "
         "import vitcache.integrations.vllm; "
