@@ -7,4 +7,4 @@ scripts/install_test_packages.sh  # chromium (dashboard test), a TLS-capable red
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/python -m pytest "$@"
-[ $# -gt 0 ] || scripts/test_vllm.sh  # vLLM 0.33.0 in .venv-vllm: its connector unit suite and tests_vllm/
+scripts/test_vllm.sh  # vLLM 0.33.0 in .venv-vllm: its EC connector unit suite and tests_vllm/, each timed
