@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(sys.prefix) / "vllm-src"))
 class RunningServer:
     process: subprocess.Popen[str]
     target: str
+    shm_socket: str | None = None
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -52,7 +53,10 @@ def start_server(*extra: str) -> RunningServer:
 
 
 @pytest.fixture(scope="module")
-def server() -> Iterator[RunningServer]:
-    running = start_server()
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    """One server for the module, with its same-host shared-memory socket too."""
+    shm_socket = str(tmp_path_factory.mktemp("shm") / "vitcache.sock")
+    running = start_server("--shm-socket", shm_socket)
+    running.shm_socket = shm_socket
     yield running
     running.stop()

@@ -29,13 +29,13 @@ from vllm.v1.request import Request
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def connector(role: str, side: ECConnectorRole, target: str) -> VitcacheECConnector:
+def connector(role: str, side: ECConnectorRole, target: str, **extra: str) -> VitcacheECConnector:
     config = create_ec_vllm_config(ec_role=role, dtype=torch.float32)
     config.ec_transfer_config = ECTransferConfig(
         ec_connector="VitcacheECConnector",
         ec_connector_module_path="vitcache.integrations.vllm",
         ec_role=role,
-        ec_connector_extra_config={"target": target, "timeout_s": 5},
+        ec_connector_extra_config={"target": target, "timeout_s": 5, **extra},
     )
     built = ECConnectorFactory.create_connector(config, side)
     assert isinstance(built, VitcacheECConnector)
@@ -69,15 +69,17 @@ def image(seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (56, 84, 3), dtype=np.uint8)
 
 
+@pytest.mark.parametrize("transport", ["grpc", "shm"])
 def test_an_image_encoded_by_vitcache_and_scheduled_by_digest_loads_the_bytes_fetch_returns(
-    server: RunningServer,
+    server: RunningServer, transport: str
 ) -> None:
     with VitCacheClient(server.target) as client:
         encoded = client.encode([image(1)])[0].raise_for_error()
         fetched = client.fetch([encoded.digest])[0].raise_for_error().embeddings[0]
     identifier = encoded.digest.hex()
     scheduler = connector("ec_consumer", ECConnectorRole.SCHEDULER, server.target)
-    worker = connector("ec_consumer", ECConnectorRole.WORKER, server.target)
+    shm = {"shm_socket": server.shm_socket} if transport == "shm" else {}
+    worker = connector("ec_consumer", ECConnectorRole.WORKER, server.target, **shm)
     schedule(scheduler, request("r1", identifier, fetched.shape[0]))
     loaded = load(worker, scheduler)
     assert loaded[identifier].dtype == fetched.dtype
