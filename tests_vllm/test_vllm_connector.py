@@ -186,3 +186,24 @@ def test_the_connector_imports_only_vitcache_s_client_side() -> None:
 def test_a_fleet_target_is_refused_with_what_to_do() -> None:
     with pytest.raises(ValueError, match="give one host:port"):
         connector("ec_consumer", ECConnectorRole.SCHEDULER, "a:1,b:2")
+
+
+def test_token_and_tenant_from_extra_config_scope_what_a_consumer_sees(tmp_path: Path) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text("gateway\n")  # an unbound token: the caller names its tenant
+    token_file = tmp_path / "token"
+    token_file.write_text("gateway\n")
+    secured = start_server("--auth-token-file", str(tokens))
+    try:
+
+        def side(role: str, which: ECConnectorRole, tenant: str) -> VitcacheECConnector:
+            return connector(role, which, secured.target, auth_token_file=str(token_file), tenant=tenant)
+
+        mm_hash = "c5" * 32
+        side("ec_producer", ECConnectorRole.WORKER, "a").save_caches({mm_hash: torch.ones(3, 8)}, mm_hash)
+        assert side("ec_consumer", ECConnectorRole.SCHEDULER, "a").has_cache_item(mm_hash)
+        assert not side("ec_consumer", ECConnectorRole.SCHEDULER, "b").has_cache_item(mm_hash)
+        # without the token the server refuses the lookup: a miss, not an exception in vLLM's scheduler
+        assert not connector("ec_consumer", ECConnectorRole.SCHEDULER, secured.target).has_cache_item(mm_hash)
+    finally:
+        secured.stop()
