@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import grpc
@@ -264,7 +264,7 @@ class VitCacheClient:
             for result in self._stub.Fetch(pb.FetchRequest(digests=[digests[i] for i in full]), timeout=timeout):
                 results[full[result.index]] = _decode(result, full[result.index])
         if keys:
-            results += [_decode(r, r.index + len(digests)) for r in self._fetch_grpc((), keys, False, timeout)]
+            results += [replace(r, index=r.index + len(digests)) for r in self._fetch_grpc((), keys, False, timeout)]
         return results
 
     def _fetch_grpc(

@@ -12,3 +12,4 @@ sglang_start=$SECONDS
 scripts/sglang_env.sh
 .venv-sglang/bin/python -m pytest -q --confcutdir=tests/sglang tests/sglang
 echo "sglang: environment and tests took $((SECONDS - sglang_start)) s"
+scripts/test_vllm.sh  # vLLM 0.33.0 in .venv-vllm: its EC connector unit suite and tests_vllm/, each timed

@@ -153,6 +153,11 @@ def _client_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--auth-token-file", default=None, help="a file holding the bearer token")
     p.add_argument("--tenant", default=None, help="x-vitcache-tenant")
     p.add_argument("--digest-key-file", default=None, help="the server's --digest-key-file")
+    p = sub.add_parser("proxy", help="in front of vLLM: encode chat requests' images here, send vLLM their digests")
+    p.add_argument("--vllm", required=True, help="the vLLM server's URL, e.g. http://127.0.0.1:8000")
+    p.add_argument("--target", default="localhost:50051", help="the vitcache server's host:port")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080, help="0 picks a free port")
     p = sub.add_parser("stats", help="print a running server's dashboard numbers (from its metrics port)")
     p.add_argument("--metrics-url", default="http://127.0.0.1:9400", help="the server's --metrics-host/--metrics-port")
     p.add_argument("--window", type=float, default=10.0, help="seconds the rates and percentiles cover")
@@ -270,6 +275,17 @@ def _stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _proxy(args: argparse.Namespace) -> int:
+    from vitcache.client import VitCacheClient
+    from vitcache.integrations.vllm_proxy import make_proxy
+
+    with VitCacheClient(args.target) as client:
+        server = make_proxy(args.vllm, client, args.host, args.port)
+        print(f"vitcache proxy on {args.host}:{server.server_address[1]} -> {args.vllm}", flush=True)
+        server.serve_forever()
+    return 0
+
+
 def _loadtest(args: argparse.Namespace) -> int:
     from vitcache.client import loadtest
 
@@ -281,6 +297,7 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "encode": _encode,
     "stats": _stats,
     "loadtest": _loadtest,
+    "proxy": _proxy,
 }
 
 
