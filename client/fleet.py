@@ -14,17 +14,19 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 import grpc
 import xxhash
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from vitcache.v1 import vitcache_pb2 as pb
 
-from .client import EncodedImage, ImageFailed, ImageLike, VitCacheClient, _as_input, _failed_with
+from .client import EncodedImage, ImageFailed, ImageLike, PutItems, VitCacheClient, _as_input, _failed_with
 from .connect import ConnectOptions
 
+R = TypeVar("R")
 _SERVICE = "vitcache.v1.VitCache"
 # What a replica that is down, killed mid-call or shutting down answers (a server in its shutdown
 # grace cancels calls that arrive). This client never cancels a call itself, so neither code can
@@ -83,12 +85,26 @@ def _reindexed(result: EncodedImage, index: int) -> EncodedImage:
     return dataclasses.replace(result, index=index, error=error)
 
 
+def _result_unavailable(result: EncodedImage) -> bool:
+    return _failed_with(result, grpc.StatusCode.UNAVAILABLE)
+
+
+def _unavailable(index: int, digest: bytes) -> EncodedImage:
+    failed = ImageFailed(index, grpc.StatusCode.UNAVAILABLE, "every replica failed this image")
+    return EncodedImage(index, digest, [], (), "", failed)
+
+
+def _key_route(key: str) -> bytes:
+    """What a Put key is routed by: never equal to a 16-byte digest."""
+    return b"put\0" + key.encode()
+
+
 class FleetClient:
-    """Blocking client of several replicas sharing one L2 (the same API as :class:`VitCacheClient`'s ``encode``).
+    """Blocking client of several replicas sharing one L2 (:class:`VitCacheClient`'s encode, fetch and put).
 
     Invariants:
-    - An image is sent to the first replica of its rendezvous order that is usable and has
-      not failed it in this request; replicas are tried at most once per image.
+    - An image (a digest, a Put key) is sent to the first replica of its rendezvous order that is
+      usable and has not failed it in this request; replicas are tried at most once per item.
     - The sub-requests of one call run concurrently, one per replica.
     - An image fails with UNAVAILABLE only when every replica failed it.
     """
@@ -131,23 +147,89 @@ class FleetClient:
     def encode(self, images: Sequence[ImageLike], timeout: float | None = None) -> list[EncodedImage]:
         """Embeddings of ``images`` in input order; a failed image carries ``error``."""
         inputs = [_as_input(image, self.options.digest_key) for image in images]
-        orders = [rendezvous_order(digest, self.targets) for digest, _ in inputs]
-        tried: list[set[int]] = [set() for _ in inputs]
-        results: list[EncodedImage | None] = [None] * len(inputs)
-        pending = list(range(len(inputs)))
-        for _ in range(len(self._replicas)):  # every round takes one replica off each pending image
+
+        def send(client: VitCacheClient, items: list[int]) -> list[EncodedImage]:
+            return client._exchange([inputs[i] for i in items], timeout)
+
+        routes = [digest for digest, _ in inputs]
+        return self._spread(routes, send, _result_unavailable, _reindexed, lambda i: _unavailable(i, routes[i]))
+
+    def fetch(
+        self,
+        digests: Sequence[bytes] = (),
+        timeout: float | None = None,
+        *,
+        keys: Sequence[str] = (),
+        metadata_only: bool = False,
+    ) -> list[EncodedImage]:
+        """``VitCacheClient.fetch`` over the fleet: each digest or key asked of the replica that should
+        hold it in L1 (any replica reads the shared L2); results index digests first, then keys."""
+        count = len(digests)
+
+        def send(client: VitCacheClient, items: list[int]) -> list[EncodedImage]:
+            asked_digests, asked_keys = [i for i in items if i < count], [i for i in items if i >= count]
+            answers = client.fetch(
+                [digests[i] for i in asked_digests],
+                timeout,
+                keys=[keys[i - count] for i in asked_keys],
+                metadata_only=metadata_only,
+            )
+            by_item = dict(zip(asked_digests + asked_keys, sorted(answers, key=lambda r: r.index), strict=True))
+            return [by_item[i] for i in items]
+
+        routes = [*digests, *(_key_route(key) for key in keys)]
+        return self._spread(
+            routes, send, _result_unavailable, _reindexed, lambda i: _unavailable(i, digests[i] if i < count else b"")
+        )
+
+    def put(
+        self, items: PutItems, grid_thws: Sequence[Sequence[int]] | None = None, timeout: float | None = None
+    ) -> list[ImageFailed | None]:
+        """``VitCacheClient.put`` over the fleet: each item stored through the replica that should hold it."""
+        pairs = list(items.items()) if isinstance(items, Mapping) else list(items)
+
+        def send(client: VitCacheClient, chosen: list[int]) -> list[ImageFailed | None]:
+            grids = None if grid_thws is None else [grid_thws[i] for i in chosen]
+            return client.put([pairs[i] for i in chosen], grids, timeout)
+
+        def failed(error: ImageFailed | None) -> bool:
+            return error is not None and error.code is grpc.StatusCode.UNAVAILABLE
+
+        def reindexed(error: ImageFailed | None, index: int) -> ImageFailed | None:
+            return error and ImageFailed(index, error.code, error.message)
+
+        def unavailable(index: int) -> ImageFailed:
+            return ImageFailed(index, grpc.StatusCode.UNAVAILABLE, "every replica failed this item")
+
+        return self._spread([_key_route(key) for key, _ in pairs], send, failed, reindexed, unavailable)
+
+    def _spread(
+        self,
+        routes: Sequence[bytes],
+        send: Callable[[VitCacheClient, list[int]], list[R]],
+        failed: Callable[[R], bool],
+        reindexed: Callable[[R, int], R],
+        unavailable: Callable[[int], R],
+    ) -> list[R]:
+        """Sends each item to its replica (by ``routes[i]``'s rendezvous order), one call per replica,
+        concurrently; an item its replica could not serve (the call failed, or ``failed`` says so of
+        its answer) goes to its next replica in a further round."""
+        orders = [rendezvous_order(route, self.targets) for route in routes]
+        tried: list[set[int]] = [set() for _ in routes]
+        results: list[R | None] = [None] * len(routes)
+        pending = list(range(len(routes)))
+        for _ in range(len(self._replicas)):  # every round takes one replica off each pending item
             groups: dict[int, list[int]] = {}
             for i in pending:
                 replica = self._route(orders[i], tried[i])
                 if replica is None:
-                    results[i] = self._unavailable(i, inputs[i][0])
+                    results[i] = unavailable(i)
                 else:
                     groups.setdefault(replica, []).append(i)
-            jobs = {r: [inputs[i] for i in idx] for r, idx in groups.items()}
-            if len(jobs) == 1:  # one replica: no thread hop
-                answers = {r: self._send(r, job, timeout) for r, job in jobs.items()}
+            if len(groups) == 1:  # one replica: no thread hop
+                answers = {r: self._send(r, send, idx) for r, idx in groups.items()}
             else:
-                calls = {r: self._pool.submit(self._send, r, job, timeout) for r, job in jobs.items()}
+                calls = {r: self._pool.submit(self._send, r, send, idx) for r, idx in groups.items()}
                 answers = {r: call.result() for r, call in calls.items()}
             pending = []
             for r, answered in answers.items():
@@ -157,36 +239,43 @@ class FleetClient:
                         tried[i].add(r)
                     pending.extend(groups[r])
                     continue
-                unavailable = False
+                replica_failed = False
                 for i, result in zip(groups[r], answered, strict=True):
-                    if _failed_with(result, grpc.StatusCode.UNAVAILABLE):  # e.g. its encoder process died
-                        unavailable = True
+                    if failed(result):  # e.g. its encoder process died
+                        replica_failed = True
                         tried[i].add(r)
                         pending.append(i)
                     else:
-                        results[i] = _reindexed(result, i)
-                if unavailable:
+                        results[i] = reindexed(result, i)
+                if replica_failed:
                     self._replicas[r].mark_down()
             if not pending:
                 break
         for i in pending:
-            results[i] = self._unavailable(i, inputs[i][0])
+            results[i] = unavailable(i)
         return results  # type: ignore[return-value]
 
     def _send(
-        self, replica: int, inputs: list[tuple[bytes, pb.Image]], timeout: float | None
-    ) -> list[EncodedImage] | None:
+        self, replica: int, send: Callable[[VitCacheClient, list[int]], list[R]], items: list[int]
+    ) -> list[R] | None:
         """The replica's answers; None if it is unavailable (other errors propagate)."""
         try:
-            return self._replicas[replica].client._exchange(inputs, timeout)
+            return send(self._replicas[replica].client, items)
         except grpc.RpcError as exc:
             if exc.code() not in _REPLICA_FAILED:  # type: ignore[attr-defined]
                 raise
             return None
 
-    def _unavailable(self, index: int, digest: bytes) -> EncodedImage:
-        failed = ImageFailed(index, grpc.StatusCode.UNAVAILABLE, "every replica failed this image")
-        return EncodedImage(index, digest, [], (), "", failed)
+    def model_info(self, timeout: float | None = None) -> pb.ModelInfo:
+        """The served model, from the first replica that answers (every replica serves the same one)."""
+        for replica in self._replicas:
+            try:
+                return replica.client.model_info(timeout=timeout)
+            except grpc.RpcError as exc:
+                if exc.code() not in _REPLICA_FAILED:  # type: ignore[attr-defined]
+                    raise
+                last = exc
+        raise last
 
     def stats(self, timeout: float | None = None) -> dict[str, pb.Stats]:
         """Each replica's counters, by target (replicas that do not answer are left out)."""

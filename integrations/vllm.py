@@ -6,8 +6,9 @@ Enable it with::
         "ec_connector_module_path": "vitcache.integrations.vllm", "ec_role": "ec_consumer",
         "ec_connector_extra_config": {"target": "vitcache:50051"}}'
 
-``ec_connector_extra_config`` keys: ``target`` (host:port), ``shm_socket`` (the server's ``--shm-socket``, same
-host), ``tls_ca``, ``tls_cert``, ``tls_key``, ``auth_token_file`` (paths), ``tenant``, ``timeout_s`` (default 5).
+``ec_connector_extra_config`` keys: ``target`` (host:port, or several comma-separated for a fleet),
+``shm_socket`` (the server's ``--shm-socket``, same host, one target only), ``tls_ca``, ``tls_cert``, ``tls_key``,
+``auth_token_file`` (paths), ``tenant``, ``timeout_s`` (default 5).
 
 Identifiers: vLLM keys every multimodal item by ``MultiModalFeatureSpec.identifier`` (its mm_hash, or the
 request's ``uuid`` verbatim). An identifier that is a vitcache digest (32 hex characters, as the EPD proxy helper
@@ -29,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 import torch
-from vitcache.client import ConnectOptions, EncodedImage, VitCacheClient
+from vitcache.client import ConnectOptions, EncodedImage, FleetClient, VitCacheClient
 from vitcache.integrations.vllm_layout import to_device, vllm_layout
 from vitcache.v1 import vitcache_pb2 as pb
 from vllm.distributed.ec_transfer.ec_connector.base import (
@@ -83,10 +84,10 @@ class ConnectorSettings:
             tenant=extra.get("tenant"),
         )
         targets = tuple(t.strip() for t in target.split(",") if t.strip())
-        if len(targets) != 1:
+        if len(targets) > 1 and extra.get("shm_socket"):
             raise ValueError(
-                f"VitcacheECConnector: target {target!r} names {len(targets)} servers; give one host:port "
-                "(a fleet's FleetClient has no Fetch or Put yet)"
+                f"VitcacheECConnector: shm_socket is one server's, but target {target!r} names {len(targets)}; "
+                "give one host:port with shm_socket, or drop shm_socket for a fleet"
             )
         return cls(
             targets=targets,
@@ -95,12 +96,15 @@ class ConnectorSettings:
             timeout_s=float(extra.get("timeout_s", 5.0)),
         )
 
-    def client(self) -> VitCacheClient:
+    def client(self) -> VitCacheClient | FleetClient:
+        """One server's client, or a fleet's (each identifier asked of the replica that should hold it)."""
+        if len(self.targets) > 1:
+            return FleetClient(self.targets, options=self.options)
         return VitCacheClient(self.targets[0], options=self.options, shm_socket=self.shm_socket)
 
 
 def lookup(
-    client: VitCacheClient, identifiers: Sequence[str], metadata_only: bool, timeout_s: float
+    client: VitCacheClient | FleetClient, identifiers: Sequence[str], metadata_only: bool, timeout_s: float
 ) -> dict[str, EncodedImage]:
     """The entries vitcache holds for ``identifiers`` (absent ones left out), in one Fetch.
 

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
+import torch
 from vitcache.client import FleetClient, VitCacheClient
 from vitcache.client.fleet import rendezvous_order
 from vitcache.server.app import ServerConfig
@@ -169,6 +170,17 @@ def test_three_replicas_route_by_digest_and_survive_a_kill_and_a_drain(fleet) ->
         assert stats[replica.target].images_computed == owned == stats[replica.target].l1_entries
     assert [r.source for r in client.encode(images, timeout=60)] == ["L1"] * len(images)
 
+    # Put and Fetch route like images: each key to its owner, whose L1 then holds it; a Fetch mixes both.
+    stored = {f"mm-{i}": [torch.full((2, 4), float(i))] for i in range(6)}
+    assert client.put(stored, timeout=60) == [None] * len(stored)
+    key_owners = [fleet[rendezvous_order(b"put\0" + key.encode(), client.targets)[0]] for key in stored]
+    puts = {target: s.puts for target, s in client.stats().items()}
+    assert puts == {r.target: key_owners.count(r) for r in fleet}
+    fetched = client.fetch([digest_file(image) for image in images[:3]], 60, keys=[*stored, "absent"])
+    assert [r.source for r in fetched[:-1]] == ["L1"] * 9 and [r.key for r in fetched[3:-1]] == list(stored)
+    assert all(torch.equal(r.embeddings[0], stored[r.key][0]) for r in fetched[3:-1])
+    assert fetched[-1].error is not None and fetched[-1].error.code is grpc.StatusCode.NOT_FOUND
+
     # Load from two threads; one replica is killed and another drained (SIGTERM) while it runs.
     done, results, raised = [0, 0], [], []  # requests finished per worker
 
@@ -197,6 +209,8 @@ def test_three_replicas_route_by_digest_and_survive_a_kill_and_a_drain(fleet) ->
     survivor = client.stats()
     assert list(survivor) == [fleet[2].target]
     assert survivor[fleet[2].target].images_computed == stats[fleet[2].target].images_computed
+    # Every Put is in the shared L2: the survivor serves the dead replicas' keys too.
+    assert all(r.ok for r in client.fetch(keys=list(stored), metadata_only=True, timeout=60))
     client.close()
     with pytest.raises(grpc.RpcError):
         VitCacheClient(fleet[0].target).stats(timeout=2)

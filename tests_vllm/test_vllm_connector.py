@@ -16,7 +16,7 @@ import pytest
 import torch
 from conftest import RunningServer, start_server
 from tests.v1.ec_connector.unit.utils import create_ec_vllm_config
-from vitcache.client import VitCacheClient
+from vitcache.client import FleetClient, VitCacheClient
 from vitcache.integrations.vllm import VitcacheECConnector
 from vllm.config.ec_transfer import ECTransferConfig
 from vllm.distributed.ec_transfer.ec_connector.base import ECConnectorRole
@@ -86,6 +86,32 @@ def test_an_image_encoded_by_vitcache_and_scheduled_by_digest_loads_the_bytes_fe
     assert torch.equal(loaded[identifier], fetched)
     assert worker.build_connector_worker_meta() is None
     assert scheduler.take_unavailable_requests() == set()
+
+
+def test_a_fleet_target_routes_each_identifier_to_the_replica_that_holds_it(server: RunningServer) -> None:
+    """Two replicas with no shared L2: an identifier is found only if both the producer's Put and the
+    consumer's lookup go to the replica its rendezvous order picks, as FleetClient's encode does."""
+    second = start_server()
+    try:
+        fleet = f"{server.target},{second.target}"
+        with FleetClient([server.target, second.target]) as client:
+            encoded = [r.raise_for_error() for r in client.encode([image(seed) for seed in range(20, 26)])]
+        saved = {f"{seed:02x}" * 32: torch.randn(4, 48, dtype=torch.bfloat16) for seed in range(6)}
+        producer = connector("ec_producer", ECConnectorRole.WORKER, fleet)
+        for mm_hash, tensor in saved.items():
+            producer.save_caches({mm_hash: tensor}, mm_hash)
+        scheduler = connector("ec_consumer", ECConnectorRole.SCHEDULER, fleet)
+        worker = connector("ec_consumer", ECConnectorRole.WORKER, fleet)
+        wanted = {r.digest.hex(): r.embeddings[0] for r in encoded} | saved
+        for n, (identifier, tensor) in enumerate(wanted.items()):
+            schedule(scheduler, request(f"fleet-{n}", identifier, tensor.shape[0]))
+        loaded = load(worker, scheduler)
+        assert set(loaded) == set(wanted)
+        assert all(torch.equal(loaded[i], wanted[i]) for i in wanted)
+        with pytest.raises(ValueError, match="shm_socket is one server's"):
+            connector("ec_consumer", ECConnectorRole.WORKER, fleet, shm_socket="/tmp/x.sock")
+    finally:
+        second.stop()
 
 
 def test_save_caches_of_a_producer_is_loaded_by_a_consumer(server: RunningServer) -> None:
