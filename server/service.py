@@ -25,6 +25,7 @@ from vitcache.v1 import vitcache_pb2 as pb
 from vitcache.v1 import vitcache_pb2_grpc as pb_grpc
 
 from vitcache.engine import (
+    MAX_PUT_TENSORS,
     DigestOnly,
     EmbeddingEngine,
     EncodedFile,
@@ -46,6 +47,11 @@ _GRID = pb.PixelBatch.DESCRIPTOR.fields_by_name["image_grid_thw"].number
 _DIGESTS = pb.FetchRequest.DESCRIPTOR.fields_by_name["digests"].number
 _KEYS = pb.FetchRequest.DESCRIPTOR.fields_by_name["keys"].number
 _ITEMS = pb.PutRequest.DESCRIPTOR.fields_by_name["items"].number
+_EMBEDDINGS = pb.PutItem.DESCRIPTOR.fields_by_name["embeddings"].number
+_PUT_GRID = pb.PutItem.DESCRIPTOR.fields_by_name["grid_thw"].number
+_PIXEL_VALUES = pb.PixelBatch.DESCRIPTOR.fields_by_name["pixel_values"].number
+_SHAPE = pb.Tensor.DESCRIPTOR.fields_by_name["shape"].number
+_MAX_DIMS = 8  # of a tensor in a request
 #: Fields a request may hold besides its images or digests (its pixels, fields of newer clients).
 _EXTRA_FIELDS = 16
 #: Requests up to this size are read on the event loop (a hash-first request of 256 digests is 5 KiB;
@@ -83,6 +89,32 @@ def _parsed_image_input(data: memoryview) -> ImageInput | ImageError:
         return image_input(pb.Image.FromString(data))
     except DecodeError as exc:
         return _invalid(f"malformed Image: {exc}")
+
+
+def _tensor_dims(payload: memoryview, max_dims: int) -> int:
+    """How many ``shape`` values the serialized Tensor ``payload`` holds (some number over ``max_dims`` past it)."""
+    try:
+        return count_values(fields([payload], max_dims + _EXTRA_FIELDS), _SHAPE, max_dims)
+    except TooManyFields:
+        return max_dims + 1
+
+
+def _put_item(payload: memoryview) -> tuple[str, CachedEmbedding | ImageError]:
+    """A serialized PutItem's key and entry, parsed only once its counts are within bounds."""
+    try:
+        found = fields([payload], MAX_PUT_TENSORS + 3 + _EXTRA_FIELDS)  # tensors, grid values, key, newer fields
+        if count_values(found, _PUT_GRID, 3) > 3:
+            raise _invalid("grid_thw must be empty or t, h, w")
+        if any(number == _EMBEDDINGS and _tensor_dims(tensor, _MAX_DIMS) > _MAX_DIMS for number, _, tensor in found):
+            raise _invalid(f"a Put tensor has at most {_MAX_DIMS} dimensions")
+        item = pb.PutItem.FromString(payload)
+        return item.key, put_entry(item)
+    except TooManyFields:
+        return "", _invalid(f"a Put entry holds 1 to {MAX_PUT_TENSORS} tensors and one grid_thw")
+    except (MalformedMessage, DecodeError) as exc:
+        return "", _invalid(f"malformed Put item: {exc}")
+    except ImageError as exc:
+        return "", exc
 
 
 def image_result(outcome: ImageOutcome) -> pb.ImageResult:
@@ -191,8 +223,11 @@ class VitCacheServicer(pb_grpc.VitCacheServicer):
             raise _invalid(f"{len(images)} images is over --max-images-per-request={limit}")
         if images:
             return [_parsed_image_input(image) for image in images]
-        if count_values(self._fields(pixels, 3, "image_grid_thw values"), _GRID, 3 * limit) > 3 * limit:
+        batch_fields = self._fields(pixels, 3, "image_grid_thw values")
+        if count_values(batch_fields, _GRID, 3 * limit) > 3 * limit:
             raise _invalid(f"more than {limit} images in image_grid_thw is over --max-images-per-request={limit}")
+        if any(n == _PIXEL_VALUES and _tensor_dims(t, _MAX_DIMS) > _MAX_DIMS for n, _, t in batch_fields):
+            raise _invalid(f"pixel_values has more than {_MAX_DIMS} dimensions")
         try:
             batch = pb.PixelBatch.FromString(pixels[0] if len(pixels) == 1 else b"".join(pixels))
         except DecodeError as exc:
@@ -216,15 +251,15 @@ class VitCacheServicer(pb_grpc.VitCacheServicer):
         return self._counted(pb.FetchRequest, request, (_DIGESTS, _KEYS), "digests and keys")
 
     def _put_items(self, request: bytes) -> list[tuple[str, CachedEmbedding | ImageError]]:
-        """Each item's key and entry (or why it has none), built with the parse: an item may hold many tensors."""
-
-        def entry(item: pb.PutItem) -> CachedEmbedding | ImageError:
-            try:
-                return put_entry(item)
-            except ImageError as exc:
-                return exc
-
-        return [(item.key, entry(item)) for item in self._counted(pb.PutRequest, request, (_ITEMS,), "items").items]
+        """Each item's key and entry (or why it has none). Items are parsed one by one, each once its
+        tensors and their dimensions are counted from the wire: a small message of many empty tensors
+        would otherwise cost gigabytes to parse."""
+        limit = self.max_images_per_request
+        found = self._fields([request], 1, "items")
+        items = [payload for number, kind, payload in found if number == _ITEMS and kind == LENGTH_DELIMITED]
+        if len(items) > limit:
+            raise _invalid(f"{len(items)} items is over --max-images-per-request={limit}")
+        return [_put_item(payload) for payload in items]
 
     async def GetStats(self, request: pb.GetStatsRequest, context: grpc.aio.ServicerContext) -> pb.Stats:
         if self.access.requires_token:

@@ -121,10 +121,17 @@ def test_a_put_item_of_a_million_tensors_fails_alone_off_the_event_loop(start_se
     """An item's tensors are only counted by the engine once the item is built: that is done with the
     parse, in a worker thread, so the item fails alone and health checks are answered meanwhile."""
     srv = start_server_thread(ServerConfig(), encoder)
-    item = pb.PutItem(key="many", embeddings=[pb.Tensor()] * 1_000_000)
-    request = pb.PutRequest(items=[item, pb.PutItem(key="empty")]).SerializeToString()
+    items = [
+        pb.PutItem(key="many", embeddings=[pb.Tensor()] * 5_000_000),  # 10 MB: about 0.7 GB and 8 s to build
+        pb.PutItem(key="empty"),
+        pb.PutItem(key="dims", embeddings=[pb.Tensor(dtype="float32", shape=[1] * 3_000_000)]),
+        pb.PutItem(key="grid", grid_thw=[1] * 3_000_000, embeddings=[pb.Tensor(dtype="float32", shape=[0])]),
+        pb.PutItem(key="ok", grid_thw=[1, 1, 1], embeddings=[pb.Tensor(dtype="float32", shape=[1], data=b"\0" * 4)]),
+    ]
+    request = pb.PutRequest(items=items).SerializeToString()
     seconds, (response,), worst_health_check = _call_and_worst_health_check(srv.target, PUT, request)
     put = pb.PutResponse.FromString(response)
-    assert [r.error_code for r in put.results] == [grpc.StatusCode.INVALID_ARGUMENT.value[0]] * 2
-    assert "1 to 8 tensors" in put.results[0].error_message
-    assert worst_health_check < 1.0, (seconds, worst_health_check)
+    assert [r.error_code for r in put.results] == [grpc.StatusCode.INVALID_ARGUMENT.value[0]] * 4 + [0]
+    assert "1 to 8 tensors" in put.results[0].error_message and "dimensions" in put.results[2].error_message
+    # Counted from the wire before anything is built: no item of millions is parsed at all.
+    assert seconds < 1.0 and worst_health_check < 1.0, (seconds, worst_health_check)
