@@ -90,12 +90,13 @@ def test_pool_spreads_work_survives_a_dead_encoder_and_restarts_it(tiny_checkpoi
     assert _wait(lambda: pool.live == 2, 120)
     assert victim not in pool.pids
     with VitCacheClient(server.target) as client:
+        before = [e.images for e in client.stats().encoders]
         client.encode([png_bytes(68, 40, seed=99_000 + i) for i in range(8)], hash_first=False)
         encoders = client.stats().encoders
     assert [e.device for e in encoders] == ["cpu#0", "cpu#1"]
     assert [e.alive for e in encoders] == [True, True]
     assert [e.restarts for e in encoders] == [1, 0]
-    assert all(e.images > 0 for e in encoders), encoders  # both encoders computed images
+    assert encoders[0].images > before[0], (before, encoders)  # the restarted process takes work again
     exposed = generate_latest(server.running.metrics.registry).decode()
     assert 'vitcache_encoder_restarts_total{gpu="cpu#0"} 1.0' in exposed
     assert 'vitcache_encoder_alive{gpu="cpu#1"} 1.0' in exposed
@@ -112,3 +113,39 @@ def test_an_encoder_process_sees_only_its_own_gpu(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4, 6")  # the server itself was given GPUs 4 and 6
     assert _sees_only_its_gpu(EncoderLoader("m", "cuda:1"))[1] == "6"
     assert _sees_only_its_gpu(EncoderLoader("m", "cpu")) == (EncoderLoader("m", "cpu"), None)
+
+
+def test_an_image_under_which_two_encoders_die_fails_internal_and_is_not_tried_again(tiny_checkpoint: Path) -> None:
+    """An image that kills encoders (say, a decoder crash) costs at most two of them, and fails
+    INTERNAL, not UNAVAILABLE, so a fleet client does not carry it on to the next replica."""
+    import asyncio
+
+    from vitcache.engine import EmbeddingEngine, EncodedFile
+    from vitcache.errors import ErrorCode
+    from vitcache.models import EncoderLoader
+    from vitcache.pipeline import PipelineConfig
+    from vitcache.tiers import L1Cache
+
+    async def run() -> tuple[ErrorCode | None, int]:
+        # Batches wait 4 s to fill: the image sits in each child while the test kills it.
+        pool = EncoderPool(
+            [EncoderLoader(str(tiny_checkpoint))] * 3,
+            PipelineConfig(max_batch_wait_s=4.0),
+            restart_backoff_s=3600.0,
+        )
+        engine = EmbeddingEngine(pool, L1Cache(1 << 20))
+        await engine.start()
+        try:
+            outcome = asyncio.ensure_future(anext(engine.encode([EncodedFile(png_bytes(40, 40, seed=7))])))
+            for _ in range(2):
+                await asyncio.sleep(1.0)
+                (busy,) = [slot.process.pid for slot in pool._slots if slot.alive and slot.in_flight]
+                os.kill(busy, signal.SIGKILL)
+            error = (await asyncio.wait_for(outcome, 60)).error
+            return (error.code if error else None), pool.live
+        finally:
+            await engine.stop()
+
+    code, live = asyncio.run(run())
+    assert code is ErrorCode.INTERNAL
+    assert live == 1  # the third encoder was never sent the image

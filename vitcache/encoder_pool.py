@@ -73,8 +73,10 @@ class EncoderPool:
     Invariants:
     - An image goes to the live encoder with the fewest images in flight (ties: the first
       device), so work never queues on a busy GPU while another has less.
-    - An image whose encoder dies before answering is computed again on another live encoder;
-      its caller sees UNAVAILABLE only when no encoder it has not tried is alive.
+    - An image whose encoder dies before answering is computed again on another live encoder, once:
+      if that one dies under it too, it fails INTERNAL (an image that kills encoders must not take
+      down every device, nor, as UNAVAILABLE, send a fleet client on to the next replica). Its caller
+      sees UNAVAILABLE only when no encoder is alive.
     - A dead encoder is started again in the background, after ``restart_backoff_s`` doubling up
       to ``max_restart_backoff_s`` while starts keep failing; it takes no images until then.
     - ``on_unavailable`` runs when the last live encoder dies; ``on_available`` when one is alive
@@ -100,6 +102,7 @@ class EncoderPool:
         self.spec: EncoderSpec
         self._slots = [_Slot(loader) for loader in loaders]
         self._stopping = False
+        self._signalled_unavailable = False  # on_unavailable ran and on_available has not since
         self.on_unavailable: Callable[[], Awaitable[None]] | None = None
         self.on_available: Callable[[], Awaitable[None]] | None = None
 
@@ -191,7 +194,11 @@ class EncoderPool:
             except ImageError as exc:
                 if exc.code is not ErrorCode.UNAVAILABLE or process.alive:
                     raise
-                tried.add(index)  # its process died under this image: try another device
+                if tried:  # a second encoder died under it: the image itself may be what kills them
+                    raise ImageError(
+                        ErrorCode.INTERNAL, "two encoder processes died while computing this image; not tried again"
+                    ) from exc
+                tried.add(index)
                 log.warning("encoder on %s died with an image in flight; computing it elsewhere", slot.loader.device)
             finally:
                 slot.in_flight -= 1
@@ -214,15 +221,19 @@ class EncoderPool:
         """The process of ``slot`` died: stop routing to it, keep its counters, restart it."""
         if self._stopping or slot.process is not process:
             return
+        # Everything up to the restart's scheduling happens before any await: a second death or a
+        # finished restart in between must see this slot dead.
         slot.alive = False
         slot.retired = slot.retired + process.stats
         slot.process = None
+        none_left = self.live == 0
+        slot.restarting = asyncio.ensure_future(self._restart(slot))
+        log.error("encoder on %s died; %d of %d devices left", slot.loader.device, self.live, len(self._slots))
+        if none_left:
+            self._signalled_unavailable = True
+            await self._notify(self.on_unavailable)
         with contextlib.suppress(Exception):  # its ring, pipe and reader thread; the child is gone
             await process.stop()
-        log.error("encoder on %s died; %d of %d devices left", slot.loader.device, self.live, len(self._slots))
-        if self.live == 0 and self.on_unavailable is not None:
-            await self.on_unavailable()
-        slot.restarting = asyncio.ensure_future(self._restart(slot))
 
     async def _restart(self, slot: _Slot) -> None:
         backoff = self.restart_backoff_s
@@ -238,9 +249,19 @@ class EncoderPool:
             slot.restarts += 1
             slot.restarting = None
             log.info("encoder on %s restarted (%d devices live)", slot.loader.device, self.live)
-            if self.live == 1 and self.on_available is not None:
-                await self.on_available()
+            if self._signalled_unavailable:
+                self._signalled_unavailable = False
+                await self._notify(self.on_available)
             return
+
+    @staticmethod
+    async def _notify(callback: Callable[[], Awaitable[None]] | None) -> None:
+        if callback is None:
+            return
+        try:
+            await callback()
+        except Exception:  # a health update failing must not stop restarts
+            log.exception("encoder pool: a state-change callback failed")
 
 
 def pool_loaders(loader: EncoderLoader, devices: Sequence[str]) -> list[EncoderLoader]:

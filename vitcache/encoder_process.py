@@ -226,7 +226,13 @@ class EncoderProcess:
         finally:
             os.close(fd)
         self._loop = asyncio.get_running_loop()
-        first = await self._loop.run_in_executor(None, self._first_message)
+        try:
+            first = await self._loop.run_in_executor(None, self._first_message)
+        except BaseException:  # cancelled (a server stopping during a restart): leave no child behind
+            self._process.kill()
+            self._conn.close()  # ends the wait of _first_message's thread too
+            self._ring.close()
+            raise
         if first[0] != "ready":
             await self._reap()
             if isinstance(first[1], ConfigError):
@@ -314,7 +320,7 @@ class EncoderProcess:
         if self._stopping:
             return
         assert self._process is not None
-        self._process.join(1)  # it has closed its end: it is exiting or gone
+        # It has closed its end: it is exiting or gone (no join here: this is the event loop).
         self._unavailable = f"encoder process exited (code {self._process.exitcode}); no image can be computed"
         log.error(self._unavailable)
         for future in self._pending.values():
