@@ -26,6 +26,8 @@ from .wire import result_stub
 
 #: An encoded file's bytes, a path to one, or uint8 HWC RGB pixels.
 ImageLike = bytes | memoryview | str | os.PathLike | np.ndarray
+#: Items one Fetch or Put carries at most (the server's default --max-images-per-request); more go in several.
+MAX_ITEMS_PER_REQUEST = 256
 #: What ``put`` stores: key -> tensors, as a mapping or as (key, tensors) pairs.
 PutItems = Mapping[str, Sequence[torch.Tensor]] | Sequence[tuple[str, Sequence[torch.Tensor]]]
 
@@ -88,38 +90,62 @@ def _decode(result: pb.ImageResult, index: int) -> EncodedImage:
     )
 
 
-def _put_request(items: PutItems, grid_thws: Sequence[Sequence[int]] | None) -> pb.PutRequest:
-    pairs = list(items.items()) if isinstance(items, Mapping) else list(items)
+def put_pairs(items: PutItems) -> list[tuple[str, Sequence[torch.Tensor]]]:
+    """``put``'s items as (key, tensors) pairs, in order."""
+    return list(items.items()) if isinstance(items, Mapping) else list(items)
+
+
+def _put_requests(items: PutItems, grid_thws: Sequence[Sequence[int]] | None) -> list[tuple[int, pb.PutRequest]]:
+    """(index of its first item, request) per :data:`MAX_ITEMS_PER_REQUEST` items."""
+    pairs = put_pairs(items)
     if grid_thws is not None and len(grid_thws) != len(pairs):
         raise ValueError(f"{len(grid_thws)} grids for {len(pairs)} items")
-    request = pb.PutRequest()
-    for i, (key, tensors) in enumerate(pairs):
-        item = request.items.add(key=key, grid_thw=[int(v) for v in grid_thws[i]] if grid_thws is not None else [])
-        for tensor in tensors:
-            data = TensorBytes.from_tensor(tensor)
-            item.embeddings.add(dtype=data.dtype, shape=data.shape, data=data.data)
-    return request
+    requests = []
+    for start in range(0, len(pairs), MAX_ITEMS_PER_REQUEST):
+        request = pb.PutRequest()
+        for i in range(start, min(len(pairs), start + MAX_ITEMS_PER_REQUEST)):
+            key, tensors = pairs[i]
+            item = request.items.add(key=key, grid_thw=[int(v) for v in grid_thws[i]] if grid_thws is not None else [])
+            for tensor in tensors:
+                data = TensorBytes.from_tensor(tensor)
+                item.embeddings.add(dtype=data.dtype, shape=data.shape, data=data.data)
+        requests.append((start, request))
+    return requests
 
 
-def _put_errors(response: pb.PutResponse) -> list[ImageFailed | None]:
-    """One entry per item: None where it was stored."""
+def _put_errors(response: pb.PutResponse, start: int) -> list[ImageFailed | None]:
+    """One entry per item of a request whose first item is ``start``: None where it was stored."""
     errors: list[ImageFailed | None] = [None] * len(response.results)
     for r in response.results:
         if r.error_code:
-            errors[r.index] = ImageFailed(r.index, _CODES.get(r.error_code, grpc.StatusCode.UNKNOWN), r.error_message)
+            code = _CODES.get(r.error_code, grpc.StatusCode.UNKNOWN)
+            errors[r.index] = ImageFailed(start + r.index, code, r.error_message)
     return errors
 
 
-def _fetch_request(digests: Sequence[bytes], keys: Sequence[str], metadata_only: bool) -> pb.FetchRequest:
-    return pb.FetchRequest(digests=list(digests), keys=list(keys), metadata_only=metadata_only)
+def _fetch_requests(
+    digests: Sequence[bytes], keys: Sequence[str], metadata_only: bool
+) -> list[tuple[int, pb.FetchRequest]]:
+    """(index of its first item, request) per :data:`MAX_ITEMS_PER_REQUEST` digests, then keys."""
+    count, requests = len(digests) + len(keys), []
+    for start in range(0, count, MAX_ITEMS_PER_REQUEST):
+        end = min(count, start + MAX_ITEMS_PER_REQUEST)
+        chunk_digests = digests[start : min(end, len(digests))]
+        chunk_keys = keys[max(0, start - len(digests)) : max(0, end - len(digests))]
+        requests.append((start, pb.FetchRequest(digests=chunk_digests, keys=chunk_keys, metadata_only=metadata_only)))
+    return requests
 
 
-def _from_shm(result: ShmResult, digest: bytes) -> EncodedImage:
+def _fetched(start: int, results: Iterable[pb.ImageResult]) -> list[EncodedImage]:
+    return sorted((_decode(r, start + r.index) for r in results), key=lambda r: r.index)
+
+
+def _from_shm(result: ShmResult, digest: bytes, index: int) -> EncodedImage:
     if result.error is not None:
         code, message = result.error
-        failed = ImageFailed(result.index, _CODES.get(code, grpc.StatusCode.UNKNOWN), message)
-        return EncodedImage(result.index, digest, [], (), "", failed)
-    return EncodedImage(result.index, digest, result.embeddings, result.grid_thw, _SOURCES[result.source])
+        failed = ImageFailed(index, _CODES.get(code, grpc.StatusCode.UNKNOWN), message)
+        return EncodedImage(index, digest, [], (), "", failed)
+    return EncodedImage(index, digest, result.embeddings, result.grid_thw, _SOURCES[result.source])
 
 
 def _failed_with(result: EncodedImage, code: grpc.StatusCode) -> bool:
@@ -257,12 +283,14 @@ class VitCacheClient:
         """
         if self._shm is None or metadata_only:
             return self._fetch_grpc(digests, keys, metadata_only, timeout)
-        results = [_from_shm(r, digests[r.index]) for r in self._shm.fetch(digests, timeout)] if digests else []
+        results: list[EncodedImage] = []
+        for start in range(0, len(digests), MAX_ITEMS_PER_REQUEST):
+            chunk = digests[start : start + MAX_ITEMS_PER_REQUEST]
+            results += [_from_shm(r, chunk[r.index], start + r.index) for r in self._shm.fetch(chunk, timeout)]
         # An image the arena had no room for (its earlier tensors still alive) comes over gRPC.
         full = [r.index for r in results if _failed_with(r, grpc.StatusCode.RESOURCE_EXHAUSTED)]
-        if full:
-            for result in self._stub.Fetch(pb.FetchRequest(digests=[digests[i] for i in full]), timeout=timeout):
-                results[full[result.index]] = _decode(result, full[result.index])
+        for result in self._fetch_grpc([digests[i] for i in full], (), False, timeout):
+            results[full[result.index]] = replace(result, index=full[result.index])
         if keys:
             results += [replace(r, index=r.index + len(digests)) for r in self._fetch_grpc((), keys, False, timeout)]
         return results
@@ -270,8 +298,10 @@ class VitCacheClient:
     def _fetch_grpc(
         self, digests: Sequence[bytes], keys: Sequence[str], metadata_only: bool, timeout: float | None
     ) -> list[EncodedImage]:
-        results = self._stub.Fetch(_fetch_request(digests, keys, metadata_only), timeout=timeout)
-        return sorted((_decode(r, r.index) for r in results), key=lambda r: r.index)
+        results: list[EncodedImage] = []
+        for start, request in _fetch_requests(digests, keys, metadata_only):
+            results += _fetched(start, self._stub.Fetch(request, timeout=timeout))
+        return results
 
     def put(
         self, items: PutItems, grid_thws: Sequence[Sequence[int]] | None = None, timeout: float | None = None
@@ -280,7 +310,10 @@ class VitCacheClient:
 
         Returns one entry per item: None where it was stored, else why not.
         """
-        return _put_errors(self._stub.Put(_put_request(items, grid_thws), timeout=timeout))
+        errors: list[ImageFailed | None] = []
+        for start, request in _put_requests(items, grid_thws):
+            errors += _put_errors(self._stub.Put(request, timeout=timeout), start)
+        return errors
 
     def stats(self, timeout: float | None = None) -> pb.Stats:
         return self._stub.GetStats(pb.GetStatsRequest(), timeout=timeout)
@@ -324,13 +357,18 @@ class AsyncVitCacheClient:
         keys: Sequence[str] = (),
         metadata_only: bool = False,
     ) -> list[EncodedImage]:
-        call = self._stub.Fetch(_fetch_request(digests, keys, metadata_only), timeout=timeout)
-        return sorted([_decode(r, r.index) async for r in call], key=lambda r: r.index)
+        results: list[EncodedImage] = []
+        for start, request in _fetch_requests(digests, keys, metadata_only):
+            results += _fetched(start, [r async for r in self._stub.Fetch(request, timeout=timeout)])
+        return results
 
     async def put(
         self, items: PutItems, grid_thws: Sequence[Sequence[int]] | None = None, timeout: float | None = None
     ) -> list[ImageFailed | None]:
-        return _put_errors(await self._stub.Put(_put_request(items, grid_thws), timeout=timeout))
+        errors: list[ImageFailed | None] = []
+        for start, request in _put_requests(items, grid_thws):
+            errors += _put_errors(await self._stub.Put(request, timeout=timeout), start)
+        return errors
 
     async def stats(self, timeout: float | None = None) -> pb.Stats:
         return await self._stub.GetStats(pb.GetStatsRequest(), timeout=timeout)

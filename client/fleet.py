@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
@@ -23,7 +23,16 @@ import xxhash
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from vitcache.v1 import vitcache_pb2 as pb
 
-from .client import EncodedImage, ImageFailed, ImageLike, PutItems, VitCacheClient, _as_input, _failed_with
+from .client import (
+    EncodedImage,
+    ImageFailed,
+    ImageLike,
+    PutItems,
+    VitCacheClient,
+    _as_input,
+    _failed_with,
+    put_pairs,
+)
 from .connect import ConnectOptions
 
 R = TypeVar("R")
@@ -186,7 +195,7 @@ class FleetClient:
         self, items: PutItems, grid_thws: Sequence[Sequence[int]] | None = None, timeout: float | None = None
     ) -> list[ImageFailed | None]:
         """``VitCacheClient.put`` over the fleet: each item stored through the replica that should hold it."""
-        pairs = list(items.items()) if isinstance(items, Mapping) else list(items)
+        pairs = put_pairs(items)
 
         def send(client: VitCacheClient, chosen: list[int]) -> list[ImageFailed | None]:
             grids = None if grid_thws is None else [grid_thws[i] for i in chosen]

@@ -12,8 +12,8 @@ Enable it with::
 
 Identifiers: vLLM keys every multimodal item by ``MultiModalFeatureSpec.identifier`` (its mm_hash, or the
 request's ``uuid`` verbatim). An identifier that is a vitcache digest (32 hex characters, as the EPD proxy helper
-below sends) names the entry vitcache computed from the image's bytes; every identifier is also looked up in the
-external key space that producers fill with ``Put`` (a key can never shadow a computed entry). The digest entry wins.
+below sends) names the entry vitcache computed from the image's bytes; any other (vLLM's mm_hash is 64) names an
+entry in the key space that producers fill with ``Put`` (a key can never shadow a computed entry).
 
 Only vitcache's client side is imported here (no transformers, no server), so this loads inside vLLM's environment.
 """
@@ -106,22 +106,13 @@ class ConnectorSettings:
 def lookup(
     client: VitCacheClient | FleetClient, identifiers: Sequence[str], metadata_only: bool, timeout_s: float
 ) -> dict[str, EncodedImage]:
-    """The entries vitcache holds for ``identifiers`` (absent ones left out), in one Fetch.
-
-    A digest identifier is looked up as a digest and as a key; the computed entry wins.
-    """
+    """The entries vitcache holds for ``identifiers`` (absent ones left out), in one Fetch (the client
+    splits one of more than 256): digest identifiers as digests, the others as Put keys."""
     digests = [(identifier, d) for identifier in identifiers if (d := _digest_of(identifier)) is not None]
-    results = client.fetch(
-        digests=[d for _, d in digests], keys=list(identifiers), metadata_only=metadata_only, timeout=timeout_s
-    )
-    found: dict[str, EncodedImage] = {}
-    for (identifier, _), result in zip(digests, results[: len(digests)], strict=True):
-        if result.ok:
-            found[identifier] = result
-    for identifier, result in zip(identifiers, results[len(digests) :], strict=True):
-        if result.ok and identifier not in found:
-            found[identifier] = result
-    return found
+    keys = [identifier for identifier in identifiers if _digest_of(identifier) is None]
+    results = client.fetch([d for _, d in digests], timeout_s, keys=keys, metadata_only=metadata_only)
+    asked = [identifier for identifier, _ in digests] + keys
+    return {identifier: result for identifier, result in zip(asked, results, strict=True) if result.ok}
 
 
 @dataclass

@@ -17,6 +17,7 @@ import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+import grpc
 from vitcache.client import VitCacheClient
 
 logger = logging.getLogger(__name__)
@@ -88,7 +89,9 @@ def make_proxy(vllm_url: str, client: VitCacheClient, host: str = "127.0.0.1", p
             if self.path.rstrip("/") == "/v1/chat/completions":
                 try:
                     body = json.dumps(rewrite_chat_request(client, json.loads(body))).encode()
-                except (ValueError, TypeError) as error:  # not JSON, a bad data URL: vLLM answers it as sent
+                # Not JSON, a bad data URL, a message of another shape, vitcache down or refusing: vLLM
+                # answers the request as sent (and encodes its images itself).
+                except (ValueError, TypeError, AttributeError, grpc.RpcError) as error:
                     logger.warning("vitcache proxy: forwarding a request unchanged: %s", error)
             self._forward(body)
 

@@ -157,3 +157,20 @@ def test_async_client_puts_and_fetches_by_key(start_server_thread, encoder) -> N
 
     (result,) = asyncio.run(roundtrip())
     assert result.key == "async-key" and _same(result.embeddings, _tensors(8))
+
+
+def test_fetch_and_put_of_more_than_a_request_holds_go_in_several(start_server_thread, encoder) -> None:  # type: ignore[no-untyped-def]
+    """The server takes 256 items a request (--max-images-per-request); the client sends more in several,
+    keeping every result at its index across the requests."""
+    server = start_server_thread(ServerConfig(), encoder)
+    stored = {f"k{i}": [torch.full((1, 2), float(i))] for i in range(300)}
+    with VitCacheClient(server.target) as client:
+        assert client.put(stored) == [None] * 300
+        computed = [r.raise_for_error() for r in client.encode([png_bytes(32, 32, 1), png_bytes(32, 32, 2)])]
+        digests = [computed[i % 2].digest for i in range(300)]
+        results = client.fetch(digests, keys=[*stored, "absent"])
+    assert [r.index for r in results] == list(range(601))
+    assert all(r.digest == digests[i] and r.source == "L1" for i, r in enumerate(results[:300]))
+    assert [r.key for r in results[300:]] == [*stored, "absent"]
+    assert all(r.embeddings[0][0, 0].item() == i for i, r in enumerate(results[300:600]))
+    assert results[600].error is not None and results[600].error.index == 600

@@ -90,3 +90,26 @@ def test_a_request_without_data_urls_is_unchanged(start_server_thread, encoder) 
     body = {"messages": [{"role": "user", "content": "hi"}]}
     with VitCacheClient(server.target) as client:
         assert rewrite_chat_request(client, body) is body
+
+
+def test_with_vitcache_down_or_a_malformed_message_vllm_gets_the_request_as_sent(
+    start_server_thread, encoder, vllm_stand_in
+) -> None:  # type: ignore[no-untyped-def]
+    """The proxy never drops a request: what it cannot rewrite, vLLM answers (and encodes) itself."""
+    server = start_server_thread(ServerConfig(), encoder)
+    bodies = [{"messages": ["not a message object"]}, chat(png_bytes(32, 32, seed=6))]
+    with VitCacheClient(server.target) as client:
+        proxy = make_proxy(vllm_stand_in, client)
+        url = serve(proxy)
+        try:
+            for n, body in enumerate(bodies):
+                if n == 1:
+                    server.stop()  # vitcache goes away under a running proxy
+                request = urllib.request.Request(
+                    url + "/v1/chat/completions", json.dumps(body).encode(), {"content-type": "application/json"}
+                )
+                with urllib.request.urlopen(request, timeout=60) as response:
+                    assert json.load(response)["choices"][0]["message"]["content"] == "a cat"
+        finally:
+            proxy.shutdown()
+    assert RecordingOpenAI.received == bodies

@@ -209,11 +209,6 @@ def test_the_connector_imports_only_vitcache_s_client_side() -> None:
     subprocess.run([sys.executable, "-c", check], check=True)
 
 
-def test_a_fleet_target_is_refused_with_what_to_do() -> None:
-    with pytest.raises(ValueError, match="give one host:port"):
-        connector("ec_consumer", ECConnectorRole.SCHEDULER, "a:1,b:2")
-
-
 def test_token_and_tenant_from_extra_config_scope_what_a_consumer_sees(tmp_path: Path) -> None:
     tokens = tmp_path / "tokens"
     tokens.write_text("gateway\n")  # an unbound token: the caller names its tenant
