@@ -13,6 +13,7 @@ from vitcache.v1 import vitcache_pb2 as pb
 
 from vitcache.encoder_pool import EncoderPool, parse_devices, pool_loaders
 from vitcache.engine import EmbeddingEngine, EngineConfig
+from vitcache.errors import ConfigError
 from vitcache.fleet_lock import FleetLock
 from vitcache.models import EncoderLoader, VisionEncoder
 from vitcache.pipeline import Pipeline
@@ -141,7 +142,7 @@ async def start_server(config: ServerConfig, encoder: VisionEncoder | None = Non
             )
             await pipeline.load()  # the namespace (and so the L2 keys) is known once the model is
         elif len(devices) > 1:
-            raise ValueError(f"--device {config.device}: several devices need --encoder-process on")
+            raise ConfigError(f"--device {config.device}: several devices need --encoder-process on (or auto)")
         else:
             pipeline = loader.load()
     namespace = pipeline.spec.namespace

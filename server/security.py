@@ -90,21 +90,26 @@ class Access:
 
     def tenant(self, metadata: Metadata) -> str:
         """The caller's tenant ("" for none); raises AccessDenied for a missing or wrong token."""
+        return self.caller(metadata)[0]
+
+    def caller(self, metadata: Metadata) -> tuple[str, bool]:
+        """(the caller's tenant, whether its token is bound to none: a gateway, an operator); raises
+        AccessDenied for a missing or wrong token. Without tokens every caller is unbound."""
         headers = {key: value for key, value in metadata or () if isinstance(value, str)}
         asked = headers.get(TENANT_HEADER, "")
         if asked and not _TENANT_NAME.fullmatch(asked):
             raise AccessDenied(ErrorCode.INVALID_ARGUMENT, f"{TENANT_HEADER} must match [A-Za-z0-9._-]{{1,64}}")
         if not self.requires_token:
-            return asked
+            return asked, True
         fingerprint = _fingerprint(_bearer_token(headers.get(AUTHORIZATION_HEADER, "")))
         if fingerprint not in self.tokens:
             raise AccessDenied(ErrorCode.UNAUTHENTICATED, "unknown token")
         bound = self.tokens[fingerprint]
         if bound is None:
-            return asked
+            return asked, True
         if asked and asked != bound:
             raise AccessDenied(ErrorCode.PERMISSION_DENIED, f"this token may not act as tenant {asked!r}")
-        return bound
+        return bound, False
 
 
 @dataclass(frozen=True)

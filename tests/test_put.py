@@ -174,3 +174,17 @@ def test_fetch_and_put_of_more_than_a_request_holds_go_in_several(start_server_t
     assert [r.key for r in results[300:]] == [*stored, "absent"]
     assert all(r.embeddings[0][0, 0].item() == i for i, r in enumerate(results[300:600]))
     assert results[600].error is not None and results[600].error.index == 600
+
+
+def test_a_put_stored_nowhere_says_so(start_server_thread, encoder, redis_server) -> None:  # type: ignore[no-untyped-def]
+    """An entry larger than L1 is stored only if Redis takes it; with no Redis the Put fails, not "stored"."""
+    big = {"big": [torch.zeros(64, 64)]}  # 16 KiB, over a 4 KiB L1
+    alone = start_server_thread(ServerConfig(l1_bytes=4096), encoder)
+    with VitCacheClient(alone.target) as client:
+        (error,) = client.put(big)
+        assert error is not None and error.code is grpc.StatusCode.RESOURCE_EXHAUSTED and "--l1-bytes" in error.message
+        assert client.stats().puts == 0
+    shared = start_server_thread(ServerConfig(l1_bytes=4096, redis_url=redis_server.url), encoder)
+    with VitCacheClient(shared.target) as client:
+        assert client.put(big) == [None]
+        assert client.fetch(keys=["big"])[0].source == "L2"

@@ -190,6 +190,10 @@ def test_get_stats_counts_only_the_callers_tenant_under_auth(start_server_thread
         assert not stats.encoders  # per-device stats are the server's too
         assert stats.uptime_seconds > 0
     assert srv.engine.stats.misses == 3 and len(srv.engine.l1) == 3  # the server's own view is whole
+    # A token bound to no tenant, naming none (an operator, a gateway's own view), sees the server whole.
+    with VitCacheClient(srv.target, options=ConnectOptions(auth_token="gateway-token")) as gateway:
+        whole = gateway.stats()
+    assert not whole.tenant_only and (whole.misses, whole.images_computed, len(whole.encoders)) == (3, 3, 1)
 
 
 def test_tenants_never_receive_each_others_entries(start_server_thread, encoder, redis_server, tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -11,7 +11,7 @@ import asyncio
 import enum
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Hashable, Sequence
 from dataclasses import dataclass, field, fields, replace
 
 import torch
@@ -233,40 +233,50 @@ class EmbeddingEngine:
         computed from image bytes. Raises :class:`ImageError` for an entry it does not take.
         """
         self._check_put(key, entry)
-        self.l1.put(l1_put_key(key, scope.tenant), entry)
+        in_l1 = self.l1.put(l1_put_key(key, scope.tenant), entry)
+        in_l2 = False
+        if self.l2 is not None:
+            with self.observer.timed("l2_put"):
+                in_l2 = await self.l2.put_at(self.l2.put_key(key, scope.tenant), entry)
+        if not (in_l1 or in_l2):
+            raise ImageError(
+                ErrorCode.RESOURCE_EXHAUSTED,
+                f"a Put entry of {entry.nbytes} bytes is larger than L1 (--l1-bytes) and Redis did not take it",
+            )
         self.stats.puts += 1
         if self.tenant_stats is not None:
             self.tenant_stats.setdefault(scope.tenant, TenantStats()).puts += 1
-        if self.l2 is not None:
-            with self.observer.timed("l2_put"):
-                await self.l2.put_at(self.l2.put_key(key, scope.tenant), entry)
 
     async def fetch_keys(
         self, keys: Sequence[str], scope: Scope = Scope(), first_index: int = 0
     ) -> AsyncIterator[ImageOutcome]:
         """Entries stored by :meth:`put`, one outcome per key (NOT_FOUND if absent), indexed from ``first_index``."""
-        lookups = [self._fetch_key(first_index + offset, key, scope) for offset, key in enumerate(keys)]
-        for next_done in asyncio.as_completed(lookups):
-            outcome = await next_done
-            self._report(outcome, scope)
-            yield outcome
+        lookups = [
+            asyncio.ensure_future(self._fetch_key(first_index + offset, key, scope)) for offset, key in enumerate(keys)
+        ]
+        try:
+            for next_done in asyncio.as_completed(lookups):
+                outcome = await next_done
+                self._report(outcome, scope)
+                yield outcome
+        finally:  # a cancelled Fetch leaves no lookup running
+            for lookup in lookups:
+                lookup.cancel()
 
     async def _fetch_key(self, index: int, key: str, scope: Scope) -> ImageOutcome:
         try:
             self._check_put_key(key)
-            entry = self.l1.get(l1_put_key(key, scope.tenant))
+            at = l1_put_key(key, scope.tenant)
+            entry = self.l1.get(at)
             self.observer.cache_lookup("l1", hit=entry is not None)
             if entry is not None:
                 self.stats.l1_hits += 1
                 return ImageOutcome(index, b"", entry, Source.L1, key=key)
             if self.l2 is not None:
-                with self.observer.timed("l2_get"):
-                    entry = await self.l2.get_at(self.l2.put_key(key, scope.tenant))
-                self.observer.cache_lookup("l2", hit=entry is not None)
+                entry = await self._from_l2_at(at, self.l2.put_key(key, scope.tenant))
             if entry is None:
                 self.stats.not_found += 1
                 raise ImageError(ErrorCode.NOT_FOUND, f"key {key!r} is not cached")
-            self.l1.put(l1_put_key(key, scope.tenant), entry)
             self.stats.l2_hits += 1
             return ImageOutcome(index, b"", entry, Source.L2, key=key)
         except ImageError as exc:
@@ -373,12 +383,17 @@ class EmbeddingEngine:
     async def _from_l2(self, digest: bytes, tenant: str) -> CachedEmbedding | None:
         if self.l2 is None:
             return None
+        return await self._from_l2_at(l1_key(digest, tenant), self.l2.key(digest, tenant))
+
+    async def _from_l2_at(self, l1_at: Hashable, l2_at: bytes) -> CachedEmbedding | None:
+        """The entry at Redis key ``l2_at``, kept in L1 at ``l1_at`` when found."""
+        assert self.l2 is not None
         with self.observer.timed("l2_get"):
-            entry = await self.l2.get(digest, tenant)
+            entry = await self.l2.get_at(l2_at)
         self.observer.cache_lookup("l2", hit=entry is not None)
         if entry is not None:
             with self.observer.timed("l1_put"):
-                self.l1.put(l1_key(digest, tenant), entry)
+                self.l1.put(l1_at, entry)
         return entry
 
     async def _resolve_once(self, digest: bytes, image: ImageInput, scope: Scope) -> tuple[CachedEmbedding, Source]:
