@@ -142,6 +142,13 @@ def test_an_image_under_which_two_encoders_die_fails_internal_and_is_not_tried_a
                 (busy,) = [slot.process.pid for slot in pool._slots if slot.alive and slot.in_flight]
                 os.kill(busy, signal.SIGKILL)
             error = (await asyncio.wait_for(outcome, 60)).error
+            # Asked again, it fails at once from the engine's memory: the last encoder is not sent it.
+            survivor = [slot.process.pid for slot in pool._slots if slot.alive]
+            (again,) = [o async for o in engine.encode([EncodedFile(png_bytes(40, 40, seed=7))])]
+            assert again.error is not None and again.error.code is ErrorCode.INTERNAL
+            assert "earlier try" in again.error.message
+            assert [slot.process.pid for slot in pool._slots if slot.alive] == survivor
+            assert all(slot.in_flight == 0 for slot in pool._slots)
             return (error.code if error else None), pool.live
         finally:
             await engine.stop()

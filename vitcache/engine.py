@@ -11,6 +11,7 @@ import asyncio
 import enum
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Coroutine, Hashable, Sequence
 from dataclasses import dataclass, field, fields, replace
 
@@ -29,6 +30,8 @@ from vitcache.tiers import L1Cache, RedisTier, l1_key, l1_put_key
 
 log = logging.getLogger(__name__)
 
+FAILED_IMAGE_TTL_S = 600.0
+FAILED_IMAGE_MEMORY = 4096
 MAX_PUT_KEY_BYTES = 256
 MAX_PUT_TENSORS = 8
 PUT_DTYPES = ("float32", "bfloat16", "float16")
@@ -128,6 +131,9 @@ class EmbeddingEngine:
       refused at once (RESOURCE_EXHAUSTED) instead of queueing without bound.
     - With a ``fleet_lock``, a miss is also computed once across the replicas sharing L2;
       the holder's L2 write completes before it releases the lock.
+    - An image whose computation failed INTERNAL (encoder processes died under it, its output
+      is not finite) fails again without being computed for ``FAILED_IMAGE_TTL_S`` (the last
+      ``FAILED_IMAGE_MEMORY`` such images): a poison image costs its encoders once, not per retry.
     """
 
     def __init__(
@@ -152,6 +158,7 @@ class EmbeddingEngine:
         self.tenant_stats: dict[str, TenantStats] | None = None
         self._inflight: dict[bytes, asyncio.Task[tuple[CachedEmbedding, Source]]] = {}
         self._l2_writes: set[asyncio.Future[None]] = set()
+        self._failed_images: OrderedDict[bytes, tuple[float, ImageError]] = OrderedDict()  # key -> (until, error)
 
     @property
     def spec(self) -> EncoderSpec:
@@ -406,6 +413,7 @@ class EmbeddingEngine:
                 if entry is not None:
                     self.stats.l1_hits += 1
                     return entry, Source.L1
+                self._check_not_failed(key)
                 if len(self._inflight) >= self.config.max_queued_images:
                     self.stats.overloaded += 1
                     raise ImageError(
@@ -456,6 +464,8 @@ class EmbeddingEngine:
         except BaseException as exc:
             if isinstance(exc, ImageError) and exc.code is ErrorCode.DEADLINE_EXCEEDED:
                 self.stats.deadline_expired += 1
+            if isinstance(exc, ImageError) and exc.code is ErrorCode.INTERNAL:
+                self._remember_failure(l1_key(digest, scope.tenant), exc)
             if token:
                 self._background(self._store(digest, scope.tenant, None, token))
             raise
@@ -464,6 +474,23 @@ class EmbeddingEngine:
         if self.l2 is not None:
             self._background(self._store(digest, scope.tenant, entry, token))
         return entry, Source.COMPUTED
+
+    def _remember_failure(self, key: bytes, error: ImageError) -> None:
+        self._failed_images[key] = (time.monotonic() + FAILED_IMAGE_TTL_S, error)
+        self._failed_images.move_to_end(key)
+        while len(self._failed_images) > FAILED_IMAGE_MEMORY:
+            self._failed_images.popitem(last=False)
+
+    def _check_not_failed(self, key: bytes) -> None:
+        """Raises the INTERNAL error an earlier computation of this image ended in, while it is remembered."""
+        failed = self._failed_images.get(key)
+        if failed is None:
+            return
+        until, error = failed
+        if time.monotonic() >= until:
+            del self._failed_images[key]
+            return
+        raise ImageError(error.code, f"{error.message} (an earlier try; not computed again for a while)")
 
     async def _store(self, digest: bytes, tenant: str, entry: CachedEmbedding | None, lock_token: str) -> None:
         """Writes a computed entry to L2, then releases the fleet lock (if held) so waiters find it."""
