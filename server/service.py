@@ -150,12 +150,17 @@ class VitCacheServicer(pb_grpc.VitCacheServicer):
         if self.access.requires_token:
             engine.count_by_tenant()  # GetStats answers each tenant with its own counts
 
-    async def _scope(self, context: grpc.aio.ServicerContext) -> Scope:
-        """The caller's tenant and the call's deadline (the client's gRPC deadline, if it set one)."""
+    async def _caller(self, context: grpc.aio.ServicerContext) -> tuple[str, bool]:
+        """``Access.caller`` of the call's metadata; a refused caller ends the call."""
         try:
-            tenant = self.access.tenant(context.invocation_metadata())
+            return self.access.caller(context.invocation_metadata())
         except AccessDenied as denied:  # the interceptor refuses these first; kept for direct use
             await context.abort(status_code(denied.code), denied.message)
+            raise  # abort raises; this tells type checkers so
+
+    async def _scope(self, context: grpc.aio.ServicerContext) -> Scope:
+        """The caller's tenant and the call's deadline (the client's gRPC deadline, if it set one)."""
+        tenant, _ = await self._caller(context)
         remaining = context.time_remaining()
         return Scope(tenant, None if remaining is None else time.monotonic() + remaining)
 
@@ -265,10 +270,7 @@ class VitCacheServicer(pb_grpc.VitCacheServicer):
         """Server-wide for a caller that may act as any tenant (no auth, or an unbound token naming no
         tenant), as the metrics port is; otherwise the caller's tenant's own numbers alone."""
         if self.access.requires_token:
-            try:
-                tenant, unbound = self.access.caller(context.invocation_metadata())
-            except AccessDenied as denied:  # the interceptor refuses these first; kept for direct use
-                await context.abort(status_code(denied.code), denied.message)
+            tenant, unbound = await self._caller(context)
             if tenant or not unbound:
                 return self._tenant_stats(tenant)
         engine = self.engine

@@ -110,15 +110,6 @@ class EncoderPool:
     def stats(self) -> BatcherStats:
         return sum((slot.stats for slot in self._slots), BatcherStats())
 
-    def device_memory(self) -> dict[str, int]:
-        """Allocated and reserved bytes over every live encoder's device."""
-        memory: dict[str, int] = {}
-        for slot in self._slots:
-            if slot.alive and slot.process is not None:
-                for name, value in slot.process.device_memory().items():
-                    memory[name] = memory.get(name, 0) + value
-        return memory
-
     def encoders(self) -> list[EncoderStatus]:
         """Per device; its counters cover every process it has had. A device named twice (the CPU,
         in tests) is told apart by its position: ``cpu#0``, ``cpu#1``."""

@@ -40,7 +40,7 @@ class EncoderStatus:
     device: str
     alive: bool
     stats: BatcherStats
-    memory: dict[str, int] = field(default_factory=dict)  # Pipeline.device_memory() of this device
+    memory: dict[str, int] = field(default_factory=dict)  # allocated and reserved bytes (CUDA only)
     in_flight: int = 0  # images sent to it and not answered (encoder pools)
     restarts: int = 0  # times its process was started again after dying (encoder pools)
 
@@ -192,8 +192,6 @@ class Pipeline(Protocol):
 
     @property
     def stats(self) -> BatcherStats: ...
-
-    def device_memory(self) -> dict[str, int]: ...
 
     def encoders(self) -> list[EncoderStatus]:
         """Per device: one for a single encoder, one per device for a pool."""
