@@ -191,7 +191,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer rounds (a smoke run)")
     args = parser.parse_args()
-    from vitcache.models import load_encoder
+    from vitcache.models.loading import load_encoder
 
     encoder = load_encoder("tiny-random", "cpu")
     redis_server = RedisServer()

@@ -49,7 +49,7 @@ def entry_key(i: int) -> bytes:
 def make_entry(i: int):  # type: ignore[no-untyped-def]
     import torch
 
-    from vitcache.entry import CachedEmbedding
+    from vitcache.cache.entry import CachedEmbedding
 
     generator = torch.Generator().manual_seed(i)
     tensor = torch.randn(TOKENS, HIDDEN, generator=generator).to(torch.bfloat16)
@@ -122,7 +122,7 @@ def main() -> None:
 
     from tests.conftest import RedisProcess
     from vitcache.digest import digest_file
-    from vitcache.tensor_codec import TensorBytes
+    from vitcache.wire.tensor_codec import TensorBytes
 
     workdir = Path(tempfile.mkdtemp(prefix="vitcache-bench-"))
     shm_socket = str(workdir / "shm" / "vitcache.sock")

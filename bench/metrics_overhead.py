@@ -28,12 +28,12 @@ from vitcache.client import VitCacheClient
 from vitcache.server.app import ServerConfig, start_server
 from vitcache.server.metrics import ServerMetrics
 
+from vitcache.cache.entry import CachedEmbedding
+from vitcache.cache.tiers import L1Cache
 from vitcache.digest import digest_file
 from vitcache.engine import EmbeddingEngine
-from vitcache.entry import CachedEmbedding
-from vitcache.models import load_encoder
+from vitcache.models.loading import load_encoder
 from vitcache.observer import EngineObserver
-from vitcache.tiers import L1Cache
 
 REPO = Path(__file__).resolve().parent.parent
 IMAGES_PER_REQUEST = 16

@@ -124,8 +124,8 @@ def bench_forward(
     ckpt: Path, device: str, quick: bool, accelerations: tuple[str, ...] = ("varlen", "compile", "graphs")
 ) -> tuple[list[dict], dict]:
     """transformers' forward (the reference) against each of ``accelerations``: speed and error."""
-    from vitcache.models import load_encoder
-    from vitcache.preprocess import preprocess
+    from vitcache.models.loading import load_encoder
+    from vitcache.models.preprocess import preprocess
 
     reference = load_encoder(str(ckpt), device, acceleration="none")
     encoders = [("transformers", reference)]
@@ -159,14 +159,8 @@ def bench_forward(
 
 
 def bench_preprocess(device: str, quick: bool) -> dict:
-    from vitcache.preprocess import (
-        DecodeLimits,
-        PreprocessConfig,
-        decode_image,
-        decode_image_on,
-        decode_images_on,
-        preprocess,
-    )
+    from vitcache.encode.decode import DecodeLimits, decode_image, decode_image_on, decode_images_on
+    from vitcache.models.preprocess import PreprocessConfig, preprocess
 
     config = PreprocessConfig(
         kind="qwen2_vl",
@@ -447,7 +441,7 @@ def bench_service(
 
 def bench_encoder_batches(encoder, side: int, batch_images: int, iters: int = 10) -> float:  # type: ignore[no-untyped-def]
     """img/s of the encoder alone, called in process on batches of ``batch_images`` images."""
-    from vitcache.preprocess import preprocess
+    from vitcache.models.preprocess import preprocess
 
     rng = np.random.default_rng(side)
     pixels = [
@@ -467,10 +461,11 @@ def bench_device_overheads(
     batcher's), then the decoding and preprocessing of the next batch's JPEGs on a side stream
     (the preprocessing threads'). Tells apart why a service whose GPU is busy all the time still
     runs below its encoder alone."""
-    from vitcache import accel
-    from vitcache.batcher import copy_to_host
-    from vitcache.models import load_encoder
-    from vitcache.preprocess import DecodeLimits, decode_images_on, preprocess
+    from vitcache.encode.decode import DecodeLimits, decode_images_on
+    from vitcache.encode.split import copy_to_host
+    from vitcache.models import accel
+    from vitcache.models.loading import load_encoder
+    from vitcache.models.preprocess import preprocess
 
     encoder = load_encoder(
         str(ckpt),
@@ -515,9 +510,9 @@ def bench_engine(
     from vitcache.server.metrics import ServerMetrics
     from vitcache.server.stats_view import StatsView
 
+    from vitcache.cache.tiers import L1Cache
     from vitcache.engine import EmbeddingEngine, EncodedFile, EngineConfig
-    from vitcache.models import load_encoder
-    from vitcache.tiers import L1Cache
+    from vitcache.models.loading import load_encoder
 
     encoder = load_encoder(
         str(ckpt), device, acceleration=acceleration, graph_max_patches=batch_patches, warmup_image_sizes=[(side, side)]

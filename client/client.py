@@ -18,7 +18,7 @@ import torch
 from vitcache.v1 import vitcache_pb2 as pb
 
 from vitcache.digest import digest_file, digest_pixels, digest_rgb
-from vitcache.tensor_codec import TensorBytes, dtype_name
+from vitcache.wire.tensor_codec import TensorBytes, dtype_name
 
 from .connect import ConnectOptions, open_async_channel, open_channel
 from .shm import ShmChannel, ShmResult

@@ -1,4 +1,4 @@
-"""Client side of the same-host shared-memory path (frames: ``vitcache.shm_protocol``).
+"""Client side of the same-host shared-memory path (frames: ``vitcache.wire.shm_protocol``).
 
 Results arrive as CPU tensors viewing this connection's arena: no tensor byte is copied on
 this side, and nothing here touches CUDA.
@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-from vitcache.shm_protocol import LENGTH, json_frame, request_frame
-from vitcache.tensor_codec import dtype_from_name
+from vitcache.wire.shm_protocol import LENGTH, json_frame, request_frame
+from vitcache.wire.tensor_codec import dtype_from_name
 
 
 class ShmRequestFailed(RuntimeError):

@@ -17,7 +17,7 @@ from google.protobuf.message import DecodeError
 from vitcache.v1 import vitcache_pb2 as pb
 from vitcache.v1 import vitcache_pb2_grpc as pb_grpc
 
-from vitcache.tensor_codec import TensorBytes
+from vitcache.wire.tensor_codec import TensorBytes
 
 _VARINT, _FIXED64, _LENGTH_DELIMITED, _FIXED32 = 0, 1, 2, 5
 _EMBEDDINGS = pb.ImageResult.DESCRIPTOR.fields_by_name["embeddings"].number

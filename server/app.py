@@ -11,13 +11,13 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from vitcache.v1 import vitcache_pb2 as pb
 
-from vitcache.encoder_pool import EncoderPool, parse_devices, pool_loaders
+from vitcache.cache.fleet_lock import FleetLock
+from vitcache.cache.tiers import L1Cache, RedisTier, check_redis_url
+from vitcache.encode.encoder_pool import EncoderPool, parse_devices, pool_loaders
+from vitcache.encode.pipeline import Pipeline
 from vitcache.engine import EmbeddingEngine, EngineConfig
 from vitcache.errors import ConfigError
-from vitcache.fleet_lock import FleetLock
-from vitcache.models import EncoderLoader, VisionEncoder
-from vitcache.pipeline import Pipeline
-from vitcache.tiers import L1Cache, RedisTier, check_redis_url
+from vitcache.models.loading import EncoderLoader, VisionEncoder
 
 from .metrics import ServerMetrics
 from .ports import GRPC_OPTIONS, add_grpc_port, check_port_free
@@ -61,7 +61,7 @@ class ServerConfig:
     shm_arena_bytes: int = 256 << 20  # shared memory each shm client connection may hold
     engine: EngineConfig = field(default_factory=EngineConfig)
     # Decode, preprocessing and the forward in a child process that owns the device, so
-    # serving never waits for the GIL of kernel launches (vitcache.encoder_process). None: on for CUDA.
+    # serving never waits for the GIL of kernel launches (vitcache.encode.encoder_process). None: on for CUDA.
     encoder_process: bool | None = None
     encoder_ring_bytes: int = 512 << 20  # shared memory the encoder process hands embeddings back through
     encoder_restart_backoff_s: float = 1.0  # first wait before a dead encoder process is started again

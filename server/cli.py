@@ -191,8 +191,8 @@ def _serve(args: argparse.Namespace) -> int:
     from vitcache.server.app import ServerConfig, serve_forever
 
     from vitcache.digest import load_digest_key
+    from vitcache.encode.decode import DecodeLimits
     from vitcache.engine import EngineConfig
-    from vitcache.preprocess import DecodeLimits
 
     config = ServerConfig(
         model=args.model,

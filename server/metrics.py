@@ -26,11 +26,12 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Proc
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from vitcache.engine import EmbeddingEngine, ImageOutcome
+from vitcache.encode.pipeline import EncoderStatus
+from vitcache.engine import EmbeddingEngine
 from vitcache.errors import ErrorCode
 from vitcache.observer import EngineObserver, Stage, Tier
-from vitcache.pipeline import EncoderStatus
-from vitcache.tensor_codec import dtype_name
+from vitcache.outcomes import ImageOutcome
+from vitcache.wire.tensor_codec import dtype_name
 
 #: 5 µs (an L1 hit) to 30 s (a large forward on a busy device).
 LATENCY_BUCKETS = (

@@ -24,20 +24,20 @@ from vitcache.server.wire import (
 from vitcache.v1 import vitcache_pb2 as pb
 from vitcache.v1 import vitcache_pb2_grpc as pb_grpc
 
+from vitcache.cache.entry import CachedEmbedding
 from vitcache.engine import (
     MAX_PUT_TENSORS,
     DigestOnly,
     EmbeddingEngine,
     EncodedFile,
     ImageInput,
-    ImageOutcome,
     RawRGB,
     Scope,
     TenantStats,
 )
-from vitcache.entry import CachedEmbedding
 from vitcache.errors import ErrorCode, ImageError
-from vitcache.tensor_codec import TensorBytes, dtype_name
+from vitcache.outcomes import ImageOutcome
+from vitcache.wire.tensor_codec import TensorBytes, dtype_name
 
 T = TypeVar("T")
 M = TypeVar("M", bound=Message)

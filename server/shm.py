@@ -1,4 +1,4 @@
-"""Same-host delivery in shared memory: ``vitcache serve --shm-socket PATH`` (frames: ``vitcache.shm_protocol``).
+"""Same-host delivery in shared memory: ``vitcache serve --shm-socket PATH`` (frames: ``vitcache.wire.shm_protocol``).
 
 Why memfds passed over the socket rather than named ``/dev/shm`` segments: a memfd has no
 name in any file system, so nothing can outlive the processes that map it; a killed client
@@ -22,10 +22,11 @@ from typing import Any
 from vitcache.server.security import Access, AccessDenied
 from vitcache.server.status import wire_code
 
-from vitcache.engine import EmbeddingEngine, ImageOutcome, Scope
-from vitcache.entry import CachedEmbedding
+from vitcache.cache.entry import CachedEmbedding
+from vitcache.engine import EmbeddingEngine, Scope
 from vitcache.errors import ErrorCode
-from vitcache.shm_protocol import (
+from vitcache.outcomes import ImageOutcome
+from vitcache.wire.shm_protocol import (
     ALIGNMENT,
     LENGTH,
     MAX_HELLO_BYTES,

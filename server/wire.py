@@ -24,7 +24,7 @@ import grpc
 from vitcache.v1 import vitcache_pb2 as pb
 from vitcache.v1 import vitcache_pb2_grpc as pb_grpc
 
-from vitcache.tensor_codec import TensorBytes
+from vitcache.wire.tensor_codec import TensorBytes
 
 # Protobuf wire types.
 VARINT, _FIXED64, LENGTH_DELIMITED, _START_GROUP, _END_GROUP, _FIXED32 = range(6)

@@ -20,8 +20,8 @@ from PIL import Image
 from vitcache.server.app import ServerConfig
 from vitcache.server.background import BackgroundServer
 
-from vitcache.models import VisionEncoder, load_encoder
-from vitcache.tiny import make_tiny_checkpoint
+from vitcache.models.loading import VisionEncoder, load_encoder
+from vitcache.models.tiny import make_tiny_checkpoint
 
 from .serve_process import ServeProcess as ServeProcess  # for the tests that start servers
 

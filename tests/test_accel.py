@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from vitcache import accel
-from vitcache.models import FAMILIES, load_encoder
-from vitcache.tiny import make_tiny_checkpoint
+from vitcache.models import accel
+from vitcache.models.loading import FAMILIES, load_encoder
+from vitcache.models.tiny import make_tiny_checkpoint
 
 GRIDS = [(1, 4, 6), (1, 8, 8), (1, 6, 4)]
 

@@ -12,7 +12,7 @@ import pytest
 from vitcache.client import VitCacheClient
 from vitcache.server.app import ServerConfig
 
-from vitcache.budget import PixelBudget
+from vitcache.encode.budget import PixelBudget
 from vitcache.engine import EngineConfig
 from vitcache.errors import ErrorCode, ImageError
 

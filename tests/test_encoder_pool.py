@@ -16,7 +16,7 @@ from vitcache.client import VitCacheClient
 from vitcache.server.app import ServerConfig
 
 from tests.conftest import png_bytes
-from vitcache.encoder_pool import EncoderPool, parse_devices
+from vitcache.encode.encoder_pool import EncoderPool, parse_devices
 from vitcache.errors import ConfigError
 
 
@@ -104,8 +104,8 @@ def test_pool_spreads_work_survives_a_dead_encoder_and_restarts_it(tiny_checkpoi
 
 
 def test_an_encoder_process_sees_only_its_own_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
-    from vitcache.encoder_process import _sees_only_its_gpu
-    from vitcache.models import EncoderLoader
+    from vitcache.encode.encoder_process import _sees_only_its_gpu
+    from vitcache.models.loading import EncoderLoader
 
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     loader, visible = _sees_only_its_gpu(EncoderLoader("m", "cuda:1"))
@@ -120,11 +120,11 @@ def test_an_image_under_which_two_encoders_die_fails_internal_and_is_not_tried_a
     INTERNAL, not UNAVAILABLE, so a fleet client does not carry it on to the next replica."""
     import asyncio
 
+    from vitcache.cache.tiers import L1Cache
+    from vitcache.encode.pipeline import PipelineConfig
     from vitcache.engine import EmbeddingEngine, EncodedFile
     from vitcache.errors import ErrorCode
-    from vitcache.models import EncoderLoader
-    from vitcache.pipeline import PipelineConfig
-    from vitcache.tiers import L1Cache
+    from vitcache.models.loading import EncoderLoader
 
     async def run() -> tuple[ErrorCode | None, int]:
         # Batches wait 4 s to fill: the image sits in each child while the test kills it.

@@ -19,14 +19,15 @@ from vitcache.server.app import ServerConfig
 from vitcache.server.metrics import ServerMetrics
 
 from tests.conftest import jpeg_bytes, png_bytes, solid_png
-from vitcache.encoder_pool import EncoderPool
-from vitcache.encoder_process import EncoderProcess
-from vitcache.engine import EmbeddingEngine, EncodedFile, EngineConfig, ImageOutcome, Source
+from vitcache.cache.tiers import L1Cache
+from vitcache.encode.encoder_pool import EncoderPool
+from vitcache.encode.encoder_process import EncoderProcess
+from vitcache.encode.pipeline import PipelineConfig
+from vitcache.engine import EmbeddingEngine, EncodedFile, EngineConfig
 from vitcache.errors import ErrorCode
-from vitcache.models import EncoderLoader, VisionEncoder
-from vitcache.pipeline import PipelineConfig
-from vitcache.preprocess import preprocess
-from vitcache.tiers import L1Cache
+from vitcache.models.loading import EncoderLoader, VisionEncoder
+from vitcache.models.preprocess import preprocess
+from vitcache.outcomes import ImageOutcome, Source
 
 # 40x40 images: 2 x 2 tokens of 64 floats = 1 KiB per embedding on the tiny model.
 IMAGES = [png_bytes(40 + 28 * (i % 3), 40, seed=i) for i in range(24)]

@@ -26,8 +26,8 @@ from vitcache.server.wire import LENGTH_DELIMITED, count_values, fields, varint
 from vitcache.v1 import vitcache_pb2 as pb
 from vitcache.v1 import vitcache_pb2_grpc as pb_grpc
 
-from vitcache.entry import CachedEmbedding, CorruptEntry
-from vitcache.tiers import L2Unavailable, RedisTier
+from vitcache.cache.entry import CachedEmbedding, CorruptEntry
+from vitcache.cache.tiers import L2Unavailable, RedisTier
 
 from .conftest import png_bytes
 

@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from vitcache import accel
-from vitcache.graphs import GRAPH_FAMILIES, pad_batch
-from vitcache.models import load_encoder
-from vitcache.preprocess import image_grid
-from vitcache.tiny import make_tiny_checkpoint
+from vitcache.models import accel
+from vitcache.models.graphs import GRAPH_FAMILIES, pad_batch
+from vitcache.models.loading import load_encoder
+from vitcache.models.preprocess import image_grid
+from vitcache.models.tiny import make_tiny_checkpoint
 
 # The last two share a bucket (one graph) but not their metadata, which each replay must load.
 BATCHES = [

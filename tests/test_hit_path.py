@@ -11,9 +11,9 @@ from vitcache.server.app import ServerConfig
 from vitcache.server.service import image_result, image_result_bytes
 from vitcache.v1 import vitcache_pb2 as pb
 
-from vitcache.engine import ImageOutcome, Source
-from vitcache.entry import CachedEmbedding
+from vitcache.cache.entry import CachedEmbedding
 from vitcache.errors import ErrorCode, ImageError
+from vitcache.outcomes import ImageOutcome, Source
 
 from .conftest import png_bytes
 

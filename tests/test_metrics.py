@@ -25,7 +25,7 @@ from vitcache.server.stats_view import StatsView, _compute, _Snapshot, histogram
 from vitcache.v1 import vitcache_pb2 as pb
 from vitcache.v1 import vitcache_pb2_grpc as pb_grpc
 
-from vitcache.preprocess import preprocess
+from vitcache.models.preprocess import preprocess
 
 from .conftest import http_get, png_bytes
 

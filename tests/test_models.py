@@ -10,9 +10,10 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForImageTextToText
 
-from vitcache.models import FAMILIES, ModelLoadError, VisionEncoder, load_encoder
-from vitcache.preprocess import DecodeLimits, decode_image, preprocess
-from vitcache.tiny import make_tiny_checkpoint
+from vitcache.encode.decode import DecodeLimits, decode_image
+from vitcache.models.loading import FAMILIES, ModelLoadError, VisionEncoder, load_encoder
+from vitcache.models.preprocess import preprocess
+from vitcache.models.tiny import make_tiny_checkpoint
 
 VISION_PREFIXES = (
     "visual.",

@@ -10,16 +10,9 @@ from PIL import Image, ImageDraw, ImageFile
 from transformers import Qwen2VLImageProcessorPil
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-from vitcache.preprocess import (
-    KIMI_DEFAULTS,
-    DecodeLimits,
-    ImageRejected,
-    PreprocessConfig,
-    decode_image,
-    image_grid,
-    preprocess,
-    raw_image,
-)
+from vitcache.encode.decode import DecodeLimits, decode_image, raw_image
+from vitcache.errors import ImageRejected
+from vitcache.models.preprocess import KIMI_DEFAULTS, PreprocessConfig, image_grid, preprocess
 
 LIMITS = DecodeLimits()
 QWEN_PROCESSOR = {"min_pixels": 4 * 28 * 28, "max_pixels": 128 * 28 * 28}

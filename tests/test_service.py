@@ -23,12 +23,13 @@ from vitcache.server.app import ServerConfig
 from vitcache.v1 import vitcache_pb2 as pb
 from vitcache.v1 import vitcache_pb2_grpc as pb_grpc
 
+from vitcache.cache.tiers import RedisTier
 from vitcache.digest import digest_file
-from vitcache.encoder_pool import EncoderPool
+from vitcache.encode.decode import DecodeLimits
+from vitcache.encode.encoder_pool import EncoderPool
 from vitcache.engine import EngineConfig
-from vitcache.models import load_encoder
-from vitcache.preprocess import DecodeLimits, preprocess
-from vitcache.tiers import RedisTier
+from vitcache.models.loading import load_encoder
+from vitcache.models.preprocess import preprocess
 
 from .conftest import RedisProcess, jpeg_bytes, png_bytes
 
@@ -225,7 +226,7 @@ def test_redis_killed_mid_test_keeps_serving_and_reconnects(
 
 def test_redis_unreachable_at_start_and_every_change_are_logged_without_the_password(tmp_path, caplog) -> None:  # type: ignore[no-untyped-def]
     redis = RedisProcess(tmp_path / "redis", password="s3cret")  # its port is chosen; not started yet
-    caplog.set_level(logging.INFO, logger="vitcache.tiers")
+    caplog.set_level(logging.INFO, logger="vitcache.cache.tiers")
 
     async def run() -> list[bool]:
         tier = RedisTier(redis.url, "ns", timeout_s=0.5)

@@ -28,7 +28,7 @@ from vitcache.client.shm import ShmChannel, ShmRequestFailed
 from vitcache.server.app import ServerConfig
 from vitcache.server.shm import ShmServer
 
-from vitcache.shm_protocol import LENGTH, MEMFD_NAME, REQUEST, aligned, json_frame, request_frame
+from vitcache.wire.shm_protocol import LENGTH, MEMFD_NAME, REQUEST, aligned, json_frame, request_frame
 
 from .conftest import ServeProcess, png_bytes
 

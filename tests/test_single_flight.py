@@ -14,12 +14,13 @@ import pytest
 from vitcache.client import AsyncVitCacheClient
 from vitcache.server.app import ServerConfig
 
-from vitcache.engine import EmbeddingEngine, EngineConfig, Source
-from vitcache.entry import CachedEmbedding
+from vitcache.cache.entry import CachedEmbedding
+from vitcache.cache.tiers import L1Cache
+from vitcache.encode.pipeline import EncodePipeline
+from vitcache.engine import EmbeddingEngine, EngineConfig
 from vitcache.inputs import Computable, EncodedFile, Scope
-from vitcache.models import VisionEncoder
-from vitcache.pipeline import EncodePipeline
-from vitcache.tiers import L1Cache
+from vitcache.models.loading import VisionEncoder
+from vitcache.outcomes import Source
 
 from .conftest import png_bytes
 

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
+from vitcache.cache.entry import CachedEmbedding, CorruptEntry
+from vitcache.cache.tiers import L1Cache
 from vitcache.digest import DIGEST_SIZE, digest_file, digest_pixels, digest_rgb
-from vitcache.entry import CachedEmbedding, CorruptEntry
-from vitcache.tensor_codec import TensorBytes, tensor_from_buffer
-from vitcache.tiers import L1Cache
+from vitcache.wire.tensor_codec import TensorBytes, tensor_from_buffer
 
 
 def test_digest_covers_geometry_and_kind() -> None:

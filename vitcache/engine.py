@@ -2,13 +2,12 @@
 
 The gRPC server is a thin layer over :class:`EmbeddingEngine`; anything that embeds
 vitcache in-process (an inference server's own encoder path) can use it directly. The device
-work of a miss is its :class:`~vitcache.pipeline.Pipeline`'s, in this process or another.
+work of a miss is its :class:`~vitcache.encode.pipeline.Pipeline`'s, in this process or another.
 """
 
 from __future__ import annotations
 
 import asyncio
-import enum
 import logging
 import time
 from collections import OrderedDict
@@ -17,16 +16,17 @@ from dataclasses import dataclass, field, fields, replace
 
 import torch
 
+from vitcache.cache.entry import CachedEmbedding
+from vitcache.cache.fleet_lock import FleetLock
+from vitcache.cache.tiers import L1Cache, RedisTier, l1_key, l1_put_key
 from vitcache.digest import DIGEST_SIZE, digest_file, digest_pixels, digest_rgb
-from vitcache.entry import CachedEmbedding
+from vitcache.encode.pipeline import EncodePipeline, Pipeline, PipelineConfig
 from vitcache.errors import ErrorCode, ImageError
-from vitcache.fleet_lock import FleetLock
 from vitcache.inputs import DigestOnly, EncodedFile, ImageInput, PixelRows, RawRGB, Scope
-from vitcache.models import EncoderSpec, VisionEncoder
+from vitcache.models.loading import EncoderSpec, VisionEncoder
 from vitcache.observer import EngineObserver
-from vitcache.pipeline import EncodePipeline, Pipeline, PipelineConfig
-from vitcache.tensor_codec import dtype_from_name
-from vitcache.tiers import L1Cache, RedisTier, l1_key, l1_put_key
+from vitcache.outcomes import ImageOutcome, Source
+from vitcache.wire.tensor_codec import dtype_from_name
 
 log = logging.getLogger(__name__)
 
@@ -38,24 +38,6 @@ PUT_DTYPES = ("float32", "bfloat16", "float16")
 
 #: Images ``encode`` admits in one turn of the event loop (a few ms) before letting other calls run.
 _IMAGES_PER_LOOP_TURN = 256
-
-
-class Source(enum.IntEnum):
-    """Where an image's embedding came from; values match the wire enum."""
-
-    L1 = 1
-    L2 = 2
-    COMPUTED = 3
-
-
-@dataclass(frozen=True)
-class ImageOutcome:
-    index: int
-    digest: bytes
-    entry: CachedEmbedding | None = None
-    source: Source | None = None
-    error: ImageError | None = None
-    key: str = ""  # the Put key, for outcomes of fetch_keys (digest is then empty)
 
 
 @dataclass(frozen=True)
@@ -235,8 +217,8 @@ class EmbeddingEngine:
     async def put(self, key: str, entry: CachedEmbedding, scope: Scope = Scope()) -> None:
         """Stores a caller-computed entry under ``key``, in L1 and then L2 before returning.
 
-        Put keys are a key space of their own (:func:`~vitcache.tiers.l1_put_key`,
-        :meth:`~vitcache.tiers.RedisTier.put_key`): a caller can never replace or shadow an entry
+        Put keys are a key space of their own (:func:`~vitcache.cache.tiers.l1_put_key`,
+        :meth:`~vitcache.cache.tiers.RedisTier.put_key`): a caller can never replace or shadow an entry
         computed from image bytes. Raises :class:`ImageError` for an entry it does not take.
         """
         self._check_put(key, entry)

@@ -36,6 +36,10 @@ class ImageError(Exception):
         return f"ImageError({self.code.name}, {self.message!r})"
 
 
+class ImageRejected(ValueError):
+    """An input image is unusable; str(e) is the message sent to the user (INVALID_ARGUMENT)."""
+
+
 class ConfigError(Exception):
     """A setting an operator gave cannot work (a model that does not load, a malformed URL, ...).
 

@@ -14,7 +14,7 @@ import time
 from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
-    from vitcache.engine import ImageOutcome
+    from vitcache.outcomes import ImageOutcome
 
 #: queue: batcher wait from a miss's arrival to the start of its forward;
 #: preprocess: decode + preprocess, including the wait for a preprocessing thread;

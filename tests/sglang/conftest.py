@@ -23,17 +23,18 @@ REPO = Path(__file__).resolve().parents[2]
 MAIN_VENV = REPO / ".venv" / "bin"
 QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 FAMILIES = (*QWEN_FAMILIES, "kimi_k25")
-# The tiny checkpoints' special tokens (vitcache/tiny.py) and a few words, for a word-level tokenizer.
+# The tiny checkpoints' special tokens (vitcache/models/tiny.py) and a few words, for a word-level tokenizer.
 SPECIAL_TOKENS = {"<|image_pad|>": 500, "<|video_pad|>": 501, "<|vision_start|>": 502, "<|vision_end|>": 503}
 WORDS = ("<unk>", "<pad>", "describe", "and", "then", ".")
 
 
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Tiny random checkpoints of the four families, written by vitcache.tiny in the main venv."""
+    """Tiny random checkpoints of the four families, written by vitcache.models.tiny in the main venv."""
     root = tmp_path_factory.mktemp("checkpoints")
     script = (
-        "import sys; from vitcache.tiny import make_tiny_checkpoint as m; [m(f, sys.argv[1] + f) for f in sys.argv[2:]]"
+        "import sys; from vitcache.models.tiny import make_tiny_checkpoint as m; "
+        "[m(f, sys.argv[1] + f) for f in sys.argv[2:]]"
     )
     subprocess.run([str(MAIN_VENV / "python"), "-c", script, f"{root}/", *FAMILIES], check=True, capture_output=True)
     return {family: root / family for family in FAMILIES}

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import xxhash
 
-from vitcache.tensor_codec import TensorBytes
+from vitcache.wire.tensor_codec import TensorBytes
 
 _MAGIC = b"VTC"
 FORMAT_VERSION = 2  # 2: the checksum covers the header's grid and output specs too

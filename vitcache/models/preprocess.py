@@ -1,4 +1,4 @@
-"""Image decoding with resource limits, and the HF image processors' preprocessing in plain torch.
+"""The HF image processors' preprocessing in plain torch.
 
 Preprocessing runs on the encoder's device, so it is written with torch ops that reproduce what
 transformers' torchvision-backed processors (`Qwen2VLImageProcessor`, `Kimi_K25ImageProcessor`)
@@ -7,25 +7,22 @@ compute, while the target sizes come from transformers' own `smart_resize` / `na
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import io
 import json
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
 from transformers import Qwen2VLImageProcessorPil
 from transformers.image_processing_utils import ImageProcessingMixin
-from transformers.image_transforms import convert_to_rgb
 from transformers.image_utils import IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD, PILImageResampling
 
 # The torchvision-backed module re-exports the same function but cannot be imported without torchvision.
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+from vitcache.errors import ImageRejected
 
 PREPROCESS_KINDS = ("qwen2_vl", "kimi_k25")
 
@@ -41,154 +38,8 @@ KIMI_DEFAULTS = {
     "rescale_factor": 1 / 255,
 }
 
-# Raster formats accepted from the network. Pillow can open many more (EPS and PDF-like ones run external
-# programs such as Ghostscript), which is attack surface no VLM request needs.
-DECODE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")  # JPEG includes multi-picture (MPO) files
-
 # Processor settings this module implements; a checkpoint asking for anything else is refused, not approximated.
 _SUPPORTED_FLAGS = {"do_resize": True, "do_rescale": True, "do_normalize": True, "resample": PILImageResampling.BICUBIC}
-
-
-class ImageRejected(ValueError):
-    """Input image unusable; str(e) is the message sent to the user (INVALID_ARGUMENT)."""
-
-
-@dataclass(frozen=True)
-class DecodeLimits:
-    max_image_bytes: int = 32 * 2**20
-    max_image_pixels: int = 64 * 2**20
-
-
-def _check_size(height: int, width: int, limits: DecodeLimits) -> None:
-    if height <= 0 or width <= 0:
-        raise ImageRejected(f"image has zero size ({width}x{height})")
-    if height * width > limits.max_image_pixels:
-        raise ImageRejected(
-            f"image is {width}x{height} = {width * height} pixels, over the limit of {limits.max_image_pixels}"
-        )
-
-
-@contextlib.contextmanager
-def _opened(data: bytes, limits: DecodeLimits) -> Iterator[Image.Image]:
-    """The image with only its header read and checked against ``limits``; whatever Pillow raises
-    in the block becomes ImageRejected.
-
-    Pillow reads only the header in `Image.open`, so the limits are enforced before any pixel
-    buffer is allocated.
-    """
-    if not data:
-        raise ImageRejected("image is empty")
-    if len(data) > limits.max_image_bytes:
-        raise ImageRejected(f"image is {len(data)} bytes, over the limit of {limits.max_image_bytes}")
-    image_format = "image"  # its format once Pillow has recognised one
-    try:
-        with Image.open(io.BytesIO(data), formats=DECODE_FORMATS) as image:
-            image_format = f"{image.format} image"
-            _check_size(image.height, image.width, limits)
-            yield image
-    except ImageRejected:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageRejected(f"image has too many pixels: {e}") from e
-    except UnidentifiedImageError as e:  # its message is a repr of the in-memory file
-        raise ImageRejected(f"not a decodable image: its bytes are none of {', '.join(DECODE_FORMATS)}") from e
-    # Pillow's format plugins raise many exception types on malformed input (OSError, SyntaxError,
-    # ValueError, struct.error, EOFError, ...): every one of them means the upload is unusable.
-    except Exception as e:
-        raise ImageRejected(f"not a decodable {image_format}: {e}") from e
-
-
-def decode_image(data: bytes, limits: DecodeLimits) -> np.ndarray:
-    """Decode an encoded image to (H, W, 3) uint8 RGB, refusing oversized inputs before decoding them.
-
-    Modes are converted with transformers' `convert_to_rgb` (transparency composited onto white),
-    and no EXIF transpose is applied, both exactly as HF's image processors do.
-    """
-    with _opened(data, limits) as image:
-        image.load()
-        return convert_to_rgb(image, return_numpy=True)
-
-
-def image_pixels(data: bytes, limits: DecodeLimits) -> int:
-    """width x height of an encoded image from its header alone, so its decoded size is known (and
-    budgeted) before decoding; raises ImageRejected for what `decode_image` refuses before decoding."""
-    with _opened(data, limits) as image:
-        return image.height * image.width
-
-
-def _nvjpeg_eligible(data: bytes, limits: DecodeLimits) -> bool:
-    """A baseline RGB/grayscale JPEG within the limits (checked from its header; raises ImageRejected)."""
-    if data[:2] != b"\xff\xd8" or len(data) > limits.max_image_bytes:
-        return False
-    try:
-        with Image.open(io.BytesIO(data), formats=("JPEG",)) as header:
-            _check_size(header.height, header.width, limits)
-            return header.mode in ("RGB", "L")  # CMYK and the like keep Pillow's conversion
-    except ImageRejected:
-        raise
-    except Exception:
-        return False  # Pillow's full decode below gives the user the real error
-
-
-def decode_images_on(
-    files: list[bytes], limits: DecodeLimits, device: torch.device | str
-) -> list[torch.Tensor | ImageRejected]:
-    """Like `decode_image` for many files, each an (H, W, 3) uint8 tensor on `device`, or its rejection.
-
-    On CUDA with torchvision, baseline JPEGs decode in one batched nvJPEG call (Huffman decoding on
-    the GPU too); anything nvJPEG refuses, and every other format, goes through Pillow, so the accepted
-    inputs and their limits are the same on every device.
-    """
-    device = torch.device(device)
-    results: list[torch.Tensor | ImageRejected | None] = [None] * len(files)
-    on_gpu: list[int] = []
-    if device.type == "cuda":
-        try:
-            from torchvision.io import ImageReadMode, decode_jpeg
-        except ImportError:
-            decode_jpeg = None
-        for i, data in enumerate(files):
-            try:
-                if decode_jpeg is not None and _nvjpeg_eligible(data, limits):
-                    on_gpu.append(i)
-            except ImageRejected as e:
-                results[i] = e
-        if on_gpu:
-            encoded = [torch.frombuffer(bytearray(files[i]), dtype=torch.uint8) for i in on_gpu]
-            try:
-                decoded = decode_jpeg(encoded, ImageReadMode.RGB, device=device)
-            except RuntimeError:  # one file nvJPEG cannot take (progressive, arithmetic-coded): one by one
-                decoded = []
-                for data in encoded:
-                    try:
-                        decoded.append(decode_jpeg(data, ImageReadMode.RGB, device=device))
-                    except RuntimeError:
-                        decoded.append(None)
-            for i, chw in zip(on_gpu, decoded, strict=True):
-                results[i] = None if chw is None else chw.permute(1, 2, 0)
-    for i, data in enumerate(files):
-        if results[i] is None:
-            try:
-                results[i] = torch.from_numpy(decode_image(data, limits)).to(device)
-            except ImageRejected as e:
-                results[i] = e
-    return results  # type: ignore[return-value]
-
-
-def decode_image_on(data: bytes, limits: DecodeLimits, device: torch.device | str) -> torch.Tensor:
-    """`decode_images_on` for one file; raises ImageRejected."""
-    (result,) = decode_images_on([data], limits, device)
-    if isinstance(result, ImageRejected):
-        raise result
-    return result
-
-
-def raw_image(rgb: bytes, height: int, width: int, limits: DecodeLimits) -> np.ndarray:
-    """View packed RGB bytes as an (H, W, 3) uint8 image without copying."""
-    _check_size(height, width, limits)
-    if len(rgb) != height * width * 3:
-        raise ImageRejected(f"raw RGB image of {width}x{height} needs {height * width * 3} bytes, got {len(rgb)}")
-    return np.frombuffer(rgb, dtype=np.uint8).reshape(height, width, 3)
 
 
 @dataclass(frozen=True)

@@ -13,12 +13,11 @@ from typing import TypeVar
 
 import torch
 
-from vitcache import accel
-from vitcache.entry import CachedEmbedding
+from vitcache.cache.entry import CachedEmbedding
+from vitcache.encode.split import copy_to_host
 from vitcache.errors import ErrorCode, ImageError
-from vitcache.models import VisionEncoder
+from vitcache.models.loading import VisionEncoder
 from vitcache.observer import EngineObserver
-from vitcache.preprocess import DecodeLimits, ImageRejected, decode_images_on
 
 log = logging.getLogger(__name__)
 
@@ -62,25 +61,6 @@ async def gather_batch(
     return batch
 
 
-def copy_to_host(
-    outputs: list[torch.Tensor], tokens: list[int]
-) -> tuple[list[tuple[torch.Tensor, ...]], torch.cuda.Event | None]:
-    """Queues one device-to-host copy per output kind (into pinned memory, at full bus speed) instead
-    of one per image; returns per kind the host views of each image's ``tokens`` rows, and the event
-    that marks the copies done."""
-    host_outputs, copied = [], None
-    for output in outputs:
-        if output.device.type == "cuda":
-            host = torch.empty(output.shape, dtype=output.dtype, pin_memory=True)
-            host.copy_(output, non_blocking=True)
-            output = host
-            copied = torch.cuda.Event(enable_timing=True)
-        host_outputs.append(output.split(tokens))
-    if copied is not None:
-        copied.record()
-    return host_outputs, copied
-
-
 def deliver(futures: list[asyncio.Future[R]], results: list[R | Exception]) -> None:
     """Resolves each still-waiting future with its result, or raises its exception into it."""
     for future, result in zip(futures, results, strict=True):
@@ -90,59 +70,6 @@ def deliver(futures: list[asyncio.Future[R]], results: list[R | Exception]) -> N
             future.set_exception(result)
         else:
             future.set_result(result)
-
-
-class DecodeBatcher:
-    """Decodes the encoded files of concurrent requests together on the encoder's device.
-
-    One batched nvJPEG call decodes a whole batch with Huffman decoding on the GPU too, about
-    3x faster than file by file (bench/miss_path.py). Same FIFO/budget/wait rules as the forward
-    batcher; the decode runs on the preprocessing threads.
-    """
-
-    def __init__(
-        self, limits: DecodeLimits, device: torch.device, pool: ThreadPoolExecutor, max_files: int = 64
-    ) -> None:
-        self.limits = limits
-        self.device = device
-        self.max_files = max_files
-        self._pool = pool
-        self._queue: deque[tuple[bytes, asyncio.Future[torch.Tensor]]] = deque()
-        self._wakeup = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="vitcache-decoder")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-
-    async def decode(self, data: bytes) -> torch.Tensor:
-        """(H, W, 3) uint8 on the device; raises ImageRejected."""
-        future: asyncio.Future[torch.Tensor] = asyncio.get_running_loop().create_future()
-        self._queue.append((data, future))
-        self._wakeup.set()
-        return await future
-
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            batch = await gather_batch(self._queue, self._wakeup, self.max_files, lambda _: 1, 0.0005)
-            batch = [(data, future) for data, future in batch if not future.done()]
-            if not batch:
-                continue
-            try:
-                results = await loop.run_in_executor(self._pool, self._decode, [data for data, _ in batch])
-            except Exception as exc:  # a bug, not bad input: fail this batch, keep serving
-                log.exception("decode failed")
-                results = [exc] * len(batch)
-            deliver([future for _, future in batch], results)
-
-    def _decode(self, files: list[bytes]) -> list[torch.Tensor | ImageRejected]:
-        with accel.side_stream(self.device):
-            return decode_images_on(files, self.limits, self.device)
 
 
 @dataclass

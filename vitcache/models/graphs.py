@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vitcache import accel
+from vitcache.models import accel
 
 log = logging.getLogger(__name__)
 

@@ -37,11 +37,11 @@ from transformers.models.kimi_k25.modeling_kimi_k25 import Kimi_K25MultimodalPro
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
 
-from vitcache import accel
 from vitcache.errors import ConfigError
-from vitcache.graphs import GRAPH_FAMILIES, GraphedTower
-from vitcache.preprocess import PreprocessConfig, image_grid
-from vitcache.tiny import make_tiny_checkpoint
+from vitcache.models import accel
+from vitcache.models.graphs import GRAPH_FAMILIES, GraphedTower
+from vitcache.models.preprocess import PreprocessConfig, image_grid
+from vitcache.models.tiny import make_tiny_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -251,10 +251,10 @@ def load_encoder(
 ) -> VisionEncoder:
     """Load the vision encoder of a local HF checkpoint directory (or the built-in "tiny-random").
 
-    ``acceleration`` picks the forward (see vitcache.accel): "none" is transformers' own with SDPA,
+    ``acceleration`` picks the forward (see vitcache.models.accel): "none" is transformers' own with SDPA,
     "varlen" one packed attention call per layer, "compile" varlen plus compiled blocks; "auto" is
     varlen where it is available (CUDA) and none elsewhere; "graphs" is compile plus CUDA graphs
-    (vitcache.graphs) for batches of up to ``graph_max_patches`` patches, on the Qwen families. It
+    (vitcache.models.graphs) for batches of up to ``graph_max_patches`` patches, on the Qwen families. It
     is not part of the namespace: the outputs agree within the dtype's rounding.
 
     ``warmup_image_sizes`` ((width, height) pairs) are run before returning, in batches of 1 to

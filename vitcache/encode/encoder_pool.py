@@ -1,4 +1,4 @@
-"""One encoder process per device behind one :class:`~vitcache.pipeline.Pipeline`.
+"""One encoder process per device behind one :class:`~vitcache.encode.pipeline.Pipeline`.
 
 Why one pool rather than one server per GPU: the serving process, L1, single flight and the
 fleet lock stay one per host, so an image is computed once on the host whatever GPU runs it,
@@ -13,14 +13,14 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 
-from vitcache.batcher import BatcherStats
-from vitcache.encoder_process import EncoderProcess
-from vitcache.entry import CachedEmbedding
+from vitcache.cache.entry import CachedEmbedding
+from vitcache.encode.batch import BatcherStats
+from vitcache.encode.encoder_process import EncoderProcess
+from vitcache.encode.pipeline import EncoderStatus, PipelineConfig
 from vitcache.errors import ConfigError, ErrorCode, ImageError
 from vitcache.inputs import Computable, Scope
-from vitcache.models import EncoderLoader, EncoderSpec
+from vitcache.models.loading import EncoderLoader, EncoderSpec
 from vitcache.observer import EngineObserver
-from vitcache.pipeline import EncoderStatus, PipelineConfig
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ class _Slot:
 
 
 class EncoderPool:
-    """A :class:`~vitcache.pipeline.Pipeline` over one :class:`EncoderProcess` per device.
+    """A :class:`~vitcache.encode.pipeline.Pipeline` over one :class:`EncoderProcess` per device.
 
     Invariants:
     - An image goes to the live encoder with the fewest images in flight (ties: the first

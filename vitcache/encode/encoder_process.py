@@ -44,14 +44,14 @@ from multiprocessing.connection import Connection
 import numpy as np
 import torch
 
-from vitcache.batcher import BatcherStats
-from vitcache.entry import CachedEmbedding
+from vitcache.cache.entry import CachedEmbedding
+from vitcache.encode.batch import BatcherStats
+from vitcache.encode.pipeline import EncodePipeline, EncoderStatus, PipelineConfig
 from vitcache.errors import ConfigError, ErrorCode, ImageError
 from vitcache.inputs import Computable, PixelRows, Scope
-from vitcache.models import EncoderLoader, EncoderSpec, VisionEncoder
+from vitcache.models.loading import EncoderLoader, EncoderSpec, VisionEncoder
 from vitcache.observer import EngineObserver, Stage
-from vitcache.pipeline import EncodePipeline, EncoderStatus, PipelineConfig
-from vitcache.tensor_codec import TensorBytes, dtype_name
+from vitcache.wire.tensor_codec import TensorBytes, dtype_name
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +150,7 @@ class _RingEntry(CachedEmbedding):
 
 
 class EncoderProcess:
-    """A :class:`~vitcache.pipeline.Pipeline` whose encoder lives in a child process.
+    """A :class:`~vitcache.encode.pipeline.Pipeline` whose encoder lives in a child process.
 
     ``load`` (or ``start``, which loads if needed) spawns the child and waits until the model
     ``loader`` describes is loaded (and compiled) there; ``spec`` is then the child's :class:`EncoderSpec`. If the

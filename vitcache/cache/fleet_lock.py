@@ -24,8 +24,8 @@ import contextlib
 import enum
 import secrets
 
-from vitcache.entry import CachedEmbedding
-from vitcache.tiers import L2Unavailable, RedisTier
+from vitcache.cache.entry import CachedEmbedding
+from vitcache.cache.tiers import L2Unavailable, RedisTier
 
 # Takes the lock (KEYS[1] = lock, ARGV[1] = token, ARGV[2] = ttl in ms): 1 taken, 0 held by another,
 # 2 taken over a key of another type than a lock's (which would otherwise block every claim for ever).

@@ -1,6 +1,6 @@
 """The device side of a miss: decode, preprocess and the batched vision forward.
 
-:class:`EncodePipeline` runs them in this process; ``vitcache.encoder_process.EncoderProcess``
+:class:`EncodePipeline` runs them in this process; ``vitcache.encode.encoder_process.EncoderProcess``
 runs one in a child process and answers through the same methods, so the engine does not
 care which it has.
 """
@@ -14,23 +14,17 @@ from typing import Protocol
 
 import torch
 
-from vitcache import accel
-from vitcache.batcher import Batcher, BatcherStats, DecodeBatcher, Materialize
-from vitcache.budget import PixelBudget
-from vitcache.entry import CachedEmbedding
-from vitcache.errors import ErrorCode, ImageError
+from vitcache.cache.entry import CachedEmbedding
+from vitcache.encode.batch import Batcher, BatcherStats, Materialize
+from vitcache.encode.budget import PixelBudget
+from vitcache.encode.decode import DecodeBatcher, DecodeLimits, decode_image_on, image_pixels, raw_image
+from vitcache.errors import ErrorCode, ImageError, ImageRejected
 from vitcache.inputs import Computable, EncodedFile, PixelRows, RawRGB, Scope
-from vitcache.models import EncoderSpec, VisionEncoder
+from vitcache.models import accel
+from vitcache.models.loading import EncoderSpec, VisionEncoder
+from vitcache.models.preprocess import preprocess
 from vitcache.observer import EngineObserver
-from vitcache.preprocess import (
-    DecodeLimits,
-    ImageRejected,
-    decode_image_on,
-    image_pixels,
-    preprocess,
-    raw_image,
-)
-from vitcache.tensor_codec import tensor_from_buffer
+from vitcache.wire.tensor_codec import tensor_from_buffer
 
 
 @dataclass

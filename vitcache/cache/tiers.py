@@ -25,7 +25,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import parse_url
 from redis.exceptions import RedisClusterException, RedisError, ResponseError
 
-from vitcache.entry import CachedEmbedding, CorruptEntry
+from vitcache.cache.entry import CachedEmbedding, CorruptEntry
 from vitcache.errors import ConfigError
 
 log = logging.getLogger(__name__)
