@@ -391,10 +391,14 @@ def bench_service(
         with VitCacheClient(target) as client:
             before = client.stats()
         profilers = _profile_server(server.pid, side, seconds)
-        killer = None
+        killer, killed = None, {}
         if kill_encoder_at_s is not None:
             encoders = [pid for pid in _children(server.pid) if b"spawn_main" in _cmdline(pid)]
-            killer = threading.Timer(kill_encoder_at_s, os.kill, (min(encoders), signal.SIGKILL))
+            killer = threading.Thread(
+                target=_kill_under_load,
+                args=(target, min(encoders), before.images_computed, kill_encoder_at_s, seconds, killed),
+                daemon=True,
+            )
             killer.start()
         totals, elapsed, cores, server_view = _run_clients(
             target, side, clients, seconds, hash_first, 1000, server.pid, metrics
@@ -420,6 +424,7 @@ def bench_service(
             "img_s": images / elapsed,
             "batches": after.batches - before.batches,
             "images_computed": after.images_computed - before.images_computed,
+            **killed,
             "server_stages_ms": server_view.get("latency_ms"),
             "server_batch": server_view.get("batch"),
             "gpu_busy_fraction": (server_view.get("gpu") or {}).get("busy_fraction"),
@@ -437,6 +442,25 @@ def bench_service(
     finally:
         server.terminate()
         server.wait(timeout=60)
+
+
+def _kill_under_load(
+    target: str, pid: int, computed_before: int, after_s: float, run_seconds: float, killed: dict
+) -> None:
+    """SIGKILLs encoder ``pid`` ``after_s`` seconds after the timed run's first computed image (client
+    processes take seconds to start, so a timer from the start could fire before any load), and records
+    when, and how many images the server had computed by then."""
+    from vitcache.client import VitCacheClient
+
+    with VitCacheClient(target) as client:
+        deadline = time.monotonic() + run_seconds
+        while client.stats().images_computed == computed_before and time.monotonic() < deadline:
+            time.sleep(0.1)
+        loaded_at = time.monotonic()
+        time.sleep(after_s)
+        os.kill(pid, signal.SIGKILL)
+        killed["encoder_killed_after_load_s"] = time.monotonic() - loaded_at
+        killed["images_computed_before_kill"] = client.stats().images_computed - computed_before
 
 
 def bench_encoder_batches(encoder, side: int, batch_images: int, iters: int = 10) -> float:  # type: ignore[no-untyped-def]
@@ -616,7 +640,12 @@ def tables(result: dict) -> str:
                 lines.append(f"  GPU running forwards {run['gpu_busy_fraction']:.0%} of the time")
     for row in result.get("scaling", []):
         one = next(r for r in result["scaling"] if r["side"] == row["side"] and r["gpus"] == 1)
-        killed = f", one encoder killed at {row['encoder_killed_at_s']:.0f} s" if row.get("encoder_killed_at_s") else ""
+        killed = (
+            f", one encoder killed {row['encoder_killed_after_load_s']:.1f} s into the load, "
+            f"{row['images_computed_before_kill']} images in"
+            if "encoder_killed_after_load_s" in row
+            else ""
+        )
         busy = ", ".join(f"{e['device']} {e['busy_fraction']:.0%}" for e in row.get("encoders", []))
         lines.append(
             f"scaling {row['side']}x{row['side']} on {row['gpus']} GPU(s) ({row['devices']}{killed}): "
@@ -655,7 +684,8 @@ def main() -> None:
         "--kill-encoder-at",
         type=float,
         default=None,
-        help="--parts scaling: also run each multi-GPU server again, killing one encoder this many seconds in",
+        help="--parts scaling: also run each multi-GPU server again, killing one encoder this many seconds after "
+        "its timed load begins",
     )
     parser.add_argument("--out", default=str(REPO / "bench" / "results"))
     args = parser.parse_args()
