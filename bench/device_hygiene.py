@@ -2,7 +2,9 @@
 
     python bench/device_hygiene.py        # < 2 min; prints a table, writes bench/results/device_hygiene-*.json
 
-1. A vitcache server runs on GPU 0 in this process (built-in tiny-random tower, L1 only, no Redis).
+1. A vitcache server runs in this process (built-in tiny-random tower, L1 only, no Redis), with one
+   encoder process per GPU of ``--device`` (``cuda:0`` by default; ``cuda:0,cuda:1`` for two): each
+   encoder process must hold a context on its own GPU and no other, and this (serving) process none.
    4 client processes (the "TP workers"; two take results in shared memory, two over gRPC)
    encode the same images and hold their embeddings while ``nvidia-smi --query-compute-apps``
    is read: none of them may appear, none may have opened the driver (/dev/nvidia*), and
@@ -47,6 +49,28 @@ def compute_apps() -> dict[int, int]:
             pid, used = (field.strip() for field in line.split(","))
             apps[int(pid)] = int(used) if used.isdigit() else 0
     return apps
+
+
+def compute_app_gpus() -> dict[int, set[int]]:
+    """pid -> the indices of the GPUs it holds a context on (nvidia-smi names GPUs by UUID)."""
+
+    def query(what: str) -> list[list[str]]:
+        out = subprocess.run(
+            ["nvidia-smi", f"--query-{what}", "--format=csv,noheader"], capture_output=True, text=True, check=True
+        ).stdout
+        return [[field.strip() for field in line.split(",")] for line in out.splitlines() if line.strip()]
+
+    index_of = {uuid: int(index) for index, uuid in query("gpu=index,uuid")}
+    apps: dict[int, set[int]] = {}
+    for pid, uuid in query("compute-apps=pid,gpu_uuid"):
+        apps.setdefault(int(pid), set()).add(index_of[uuid])
+    return apps
+
+
+def encoder_processes(server_pid: int) -> list[int]:
+    """The serving process's encoder processes (multiprocessing spawn children)."""
+    children = Path(f"/proc/{server_pid}/task/{server_pid}/children").read_text().split()
+    return [int(pid) for pid in children if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
 
 
 def gpu_memory_used_mib() -> int:
@@ -138,12 +162,14 @@ def main() -> int:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=str(REPO / "bench" / "results"))
+    parser.add_argument("--device", default="cuda:0", help="the server's --device, e.g. cuda:0,cuda:1")
     args = parser.parse_args()
+    wanted_gpus = [int(d.split(":")[1]) for d in args.device.split(",")]
     started = time.monotonic()
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="vitcache-hygiene-") as workdir:
         shm_socket = os.path.join(workdir, "shm", "vitcache.sock")
-        server = BackgroundServer(ServerConfig(device="cuda:0", port=0, shm_socket=shm_socket))
+        server = BackgroundServer(ServerConfig(device=args.device, port=0, shm_socket=shm_socket))
         try:
             baseline_mib = gpu_memory_used_mib()
             clients, processes, release = gather(vitcache_client, lambda i: (i, server.target, shm_socket), CLIENTS)
@@ -161,6 +187,11 @@ def main() -> int:
                     }
                 )
             server_visible = os.getpid() in apps
+            app_gpus = compute_app_gpus()
+            encoders = [
+                {"pid": pid, "gpus": sorted(app_gpus.get(pid, set())), "opened_driver": opened_driver(pid)}
+                for pid in encoder_processes(os.getpid())
+            ]
             server_serving_mib = used_mib - baseline_mib
             finish(processes, release)
         finally:
@@ -217,6 +248,16 @@ def main() -> int:
     vitcache_rows = [r for r in rows if r["case"].startswith("vitcache")]
     clean = not any(r["in_nvidia_smi"] or r["opened_driver"] or r["cuda_initialized"] for r in vitcache_rows)
     print("vitcache clients opened no CUDA context" if clean else "A VITCACHE CLIENT OPENED A CUDA CONTEXT")
+    for encoder in encoders:
+        print(f"encoder process {encoder['pid']}: contexts on GPU(s) {encoder['gpus']}")
+    # One encoder per wanted GPU, each with a context on exactly one GPU, together covering them all.
+    encoders_own_gpu = sorted(g for e in encoders for g in e["gpus"]) == sorted(wanted_gpus) and all(
+        len(e["gpus"]) == 1 for e in encoders
+    )
+    print(
+        f"each encoder process holds a context on its own GPU only: {encoders_own_gpu}; "
+        f"the serving process holds none: {not server_visible}"
+    )
 
     date = utc_stamp()
     out = Path(args.out)
@@ -227,7 +268,10 @@ def main() -> int:
         "commit": commit(),
         "date": date,
         "torch": torch.__version__,
+        "server_device": args.device,
         "server_pid_in_nvidia_smi": server_visible,
+        "encoder_processes": encoders,
+        "encoders_own_gpu_only": encoders_own_gpu,
         "gpu_mib_change": {
             "server_while_serving_clients": server_serving_mib,
             "bare_context": bare_delta_mib,
@@ -240,7 +284,7 @@ def main() -> int:
     }
     path.write_text(json.dumps(result, indent=2))
     print(f"wrote {path} in {result['seconds']} s")
-    return 0 if clean else 1
+    return 0 if clean and encoders_own_gpu and not server_visible else 1
 
 
 if __name__ == "__main__":
