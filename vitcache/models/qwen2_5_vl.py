@@ -22,9 +22,7 @@ class Qwen2_5VL(Qwen2VL):
     config_cls = Qwen2_5_VLConfig
     model_cls = Qwen2_5_VLForConditionalGeneration
     vision_cls = Qwen2_5_VisionTransformerPretrainedModel
-
-    def merged_width(self, vision_config: PretrainedConfig) -> int:
-        return vision_config.out_hidden_size
+    merged_width_name = "out_hidden_size"
 
     def grid_metadata(self, tower: nn.Module, grid: torch.Tensor) -> dict[str, Any]:
         meta = super().grid_metadata(tower, grid)

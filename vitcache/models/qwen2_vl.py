@@ -89,16 +89,14 @@ class Qwen2VL(ModelFamily):
     checkpoint_prefixes = ("visual.", "model.visual.")
     preprocess_cls = Qwen2VLPreprocessConfig
     cuda_graphs = True
+    merged_width_name = "hidden_size"  # the vision config's name of the merger's output width
 
     def output_layout(self, config: PretrainedConfig) -> OutputLayout:
         vision_config = config.vision_config
         deepstack = getattr(vision_config, "deepstack_visual_indexes", ())
         names = ("merged", *(f"deepstack_{i}" for i in range(len(deepstack))))
-        return OutputLayout(vision_config.spatial_merge_size, names, (self.merged_width(vision_config),) * len(names))
-
-    def merged_width(self, vision_config: PretrainedConfig) -> int:
-        """The merger's output width: Qwen2-VL names it `hidden_size`."""
-        return vision_config.hidden_size
+        width = getattr(vision_config, self.merged_width_name)
+        return OutputLayout(vision_config.spatial_merge_size, names, (width,) * len(names))
 
     def grid_metadata(self, tower: nn.Module, grid: torch.Tensor) -> dict[str, Any]:
         meta: dict[str, Any] = {

@@ -18,9 +18,7 @@ class Qwen3VL(Qwen2VL):
     config_cls = Qwen3VLConfig
     model_cls = Qwen3VLForConditionalGeneration
     vision_cls = Qwen3VLVisionModel
-
-    def merged_width(self, vision_config: PretrainedConfig) -> int:
-        return vision_config.out_hidden_size
+    merged_width_name = "out_hidden_size"
 
     def grid_metadata(self, tower: nn.Module, grid: torch.Tensor) -> dict[str, Any]:
         meta = super().grid_metadata(tower, grid)
