@@ -160,17 +160,15 @@ def bench_forward(
 
 def bench_preprocess(device: str, quick: bool) -> dict:
     from vitcache.encode.decode import DecodeLimits, decode_image, decode_image_on, decode_images_on
-    from vitcache.models.preprocess import PreprocessConfig, preprocess
+    from vitcache.models.preprocess import preprocess
+    from vitcache.models.qwen2_vl import Qwen2VLPreprocessConfig
 
-    config = PreprocessConfig(
-        kind="qwen2_vl",
+    config = Qwen2VLPreprocessConfig(
         patch_size=14,
         temporal_patch_size=2,
         merge_size=2,
         min_pixels=56 * 56,
         max_pixels=1344 * 1344,
-        max_patches=None,
-        max_size_per_side=None,
         image_mean=(0.48145466, 0.4578275, 0.40821073),
         image_std=(0.26862954, 0.26130258, 0.27577711),
         rescale_factor=1 / 255,

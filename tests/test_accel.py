@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from vitcache.models import accel
-from vitcache.models.loading import FAMILIES, load_encoder
+from vitcache.models.loading import load_encoder
+from vitcache.models.registry import FAMILIES
 from vitcache.models.tiny import make_tiny_checkpoint
 
 GRIDS = [(1, 4, 6), (1, 8, 8), (1, 6, 4)]
@@ -20,7 +21,7 @@ GRIDS = [(1, 4, 6), (1, 8, 8), (1, 6, 4)]
 
 def _tower_and_inputs(family: str, tmp_path: Path):  # type: ignore[no-untyped-def]
     encoder = load_encoder(str(make_tiny_checkpoint(family, tmp_path / family)), "cpu", "float32")
-    tower = encoder.module["vision_tower" if family == "kimi_k25" else "visual"]
+    tower = encoder.tower
     config = encoder.preprocess_config
     pixels = torch.randn(
         sum(t * h * w for t, h, w in GRIDS), config.patch_dim, generator=torch.Generator().manual_seed(0)
@@ -39,7 +40,7 @@ def test_rewrites_and_metadata_keep_outputs(family: str, tmp_path: Path) -> None
     assert isinstance(fast.patch_embed.proj, accel.PatchLinear)
     with torch.inference_mode():
         want = tower(pixels, grid_thw=grid).pooler_output
-        got = fast(pixels, grid_thw=grid, **accel.batch_metadata(family, fast, GRIDS)).pooler_output
+        got = fast(pixels, grid_thw=grid, **FAMILIES[family].batch_metadata(fast, GRIDS)).pooler_output
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
@@ -48,7 +49,7 @@ def test_mlp_is_padded_to_the_multiple_and_metadata_is_really_used(tmp_path: Pat
     widths = {block.mlp.down_proj.in_features for block in tower.blocks}
     accel.pad_mlp_width(tower, multiple=48)
     assert {block.mlp.down_proj.in_features for block in tower.blocks} == {-(-w // 48) * 48 for w in widths}
-    meta = accel.batch_metadata("qwen2_5_vl", tower, GRIDS)
+    meta = FAMILIES["qwen2_5_vl"].batch_metadata(tower, GRIDS)
     wrong = dict(meta, position_ids=torch.zeros_like(meta["position_ids"]))
     with torch.inference_mode():
         right = tower(pixels, grid_thw=grid, **meta).pooler_output
@@ -63,8 +64,8 @@ def test_batch_metadata_joined_from_cached_images_equals_the_helpers(family: str
     batches = [GRIDS, [(1, 4, 4)], [(2, 8, 12), (1, 4, 6), (3, 6, 4)]]
     batches += [[(int(t), 2 * int(h), 2 * int(w)) for t, h, w in torch.randint(1, 9, (5, 3), generator=rng)]]
     for grids in batches:
-        joined = accel.batch_metadata(family, encoder.tower, grids)
-        direct = accel._helper_metadata(family, encoder.tower, grids)
+        joined = FAMILIES[family].batch_metadata(encoder.tower, grids)
+        direct = FAMILIES[family].grid_metadata(encoder.tower, torch.tensor(grids))
         assert joined.keys() == direct.keys()
         for name, value in direct.items():
             if torch.is_tensor(value):

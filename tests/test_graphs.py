@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from vitcache.models import accel
-from vitcache.models.graphs import GRAPH_FAMILIES, pad_batch
+from vitcache.models.graphs import pad_batch
 from vitcache.models.loading import load_encoder
 from vitcache.models.preprocess import image_grid
+from vitcache.models.registry import FAMILIES
 from vitcache.models.tiny import make_tiny_checkpoint
 
 # The last two share a bucket (one graph) but not their metadata, which each replay must load.
@@ -30,7 +30,7 @@ def _pixels(grids: list[tuple[int, int, int]], patch_dim: int, seed: int) -> tor
     return torch.randn(rows, patch_dim, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("family", GRAPH_FAMILIES)
+@pytest.mark.parametrize("family", [name for name, family in FAMILIES.items() if family.cuda_graphs])
 def test_filler_image_and_padded_boundaries_leave_real_tokens_unchanged(family: str, tmp_path: Path) -> None:
     """The padding a graph bucket applies, run through the towers' own (SDPA) forward on the CPU.
 
@@ -42,7 +42,7 @@ def test_filler_image_and_padded_boundaries_leave_real_tokens_unchanged(family: 
     for seed, grids in enumerate(BATCHES):
         pixels = _pixels(grids, encoder.preprocess_config.patch_dim, seed)
         grid = torch.tensor(grids)
-        padded = pad_batch(family, tower, merge, grids, patch_step=64)
+        padded = pad_batch(FAMILIES[family], tower, merge, grids, patch_step=64)
         assert padded.patches == -(-pixels.shape[0] // 64) * 64  # the next multiple; no filler when it fits
         assert all(v & (v - 1) == 0 for v in padded.ints.values())  # powers of two
         filler = torch.randn(padded.patches - pixels.shape[0], pixels.shape[1])
@@ -52,16 +52,16 @@ def test_filler_image_and_padded_boundaries_leave_real_tokens_unchanged(family: 
             assert (meta[name][len(boundaries) :] == boundaries[-1]).all()
             meta[name] = boundaries
         with torch.inference_mode():
-            want = encoder._run_tower(pixels, grid, accel.batch_metadata(family, tower, grids))
+            want = encoder._run_tower(pixels, grid, FAMILIES[family].batch_metadata(tower, grids))
             got = encoder._run_tower(torch.cat([pixels, filler]), grid, {**meta, **padded.ints})
         tokens = pixels.shape[0] // merge**2
         assert len(got) == len(want)
         for g, w in zip(got, want, strict=True):
             torch.testing.assert_close(g[:tokens], w, rtol=1e-4, atol=1e-5)
     # Batches of one bucket share a key (one graph); another bucket is another key.
-    same = [pad_batch(family, tower, merge, grids, 64).key for grids in ([(1, 4, 6)], [(1, 6, 4)])]
+    same = [pad_batch(FAMILIES[family], tower, merge, grids, 64).key for grids in ([(1, 4, 6)], [(1, 6, 4)])]
     assert same[0] == same[1]
-    assert pad_batch(family, tower, merge, [(1, 8, 16)], 64).key != same[0]
+    assert pad_batch(FAMILIES[family], tower, merge, [(1, 8, 16)], 64).key != same[0]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
@@ -96,7 +96,7 @@ def test_warmup_image_sizes_capture_every_batch_size_at_load(tmp_path: Path) -> 
     grid = image_grid(84, 112, plain.preprocess_config)
     patches = grid[0] * grid[1] * grid[2]
     buckets = {
-        pad_batch("qwen2_5_vl", plain.tower, plain.merge_size, [grid] * count, plain.graphs.patch_step).key
+        pad_batch(FAMILIES["qwen2_5_vl"], plain.tower, plain.merge_size, [grid] * count, plain.graphs.patch_step).key
         for count in range(1, 512 // patches + 1)
     }
     assert plain.graphs.captured == 0

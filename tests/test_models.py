@@ -11,8 +11,9 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForImageTextToText
 
 from vitcache.encode.decode import DecodeLimits, decode_image
-from vitcache.models.loading import FAMILIES, ModelLoadError, VisionEncoder, load_encoder
+from vitcache.models.loading import ModelLoadError, VisionEncoder, load_encoder
 from vitcache.models.preprocess import preprocess
+from vitcache.models.registry import FAMILIES
 from vitcache.models.tiny import make_tiny_checkpoint
 
 VISION_PREFIXES = (

@@ -12,7 +12,9 @@ from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from vitcache.encode.decode import DecodeLimits, decode_image, raw_image
 from vitcache.errors import ImageRejected
-from vitcache.models.preprocess import KIMI_DEFAULTS, PreprocessConfig, image_grid, preprocess
+from vitcache.models.kimi_k25 import KIMI_DEFAULTS, KimiK25PreprocessConfig
+from vitcache.models.preprocess import PreprocessConfig, image_grid, preprocess
+from vitcache.models.qwen2_vl import Qwen2VLPreprocessConfig
 
 LIMITS = DecodeLimits()
 QWEN_PROCESSOR = {"min_pixels": 4 * 28 * 28, "max_pixels": 128 * 28 * 28}
@@ -46,12 +48,12 @@ def with_png_size(data: bytes, width: int, height: int) -> bytes:
 
 def qwen_config(tmp_path, **processor) -> PreprocessConfig:
     Qwen2VLImageProcessorPil(**{**QWEN_PROCESSOR, **processor}).save_pretrained(tmp_path)
-    return PreprocessConfig.from_pretrained(tmp_path, "qwen2_vl")
+    return Qwen2VLPreprocessConfig.from_pretrained(tmp_path)
 
 
 def kimi_config(tmp_path) -> PreprocessConfig:
     (tmp_path / "preprocessor_config.json").write_text(json.dumps(KIMI_PROCESSOR))
-    return PreprocessConfig.from_pretrained(tmp_path, "kimi_k25")
+    return KimiK25PreprocessConfig.from_pretrained(tmp_path)
 
 
 # --- decoding ---------------------------------------------------------------------------------------
@@ -205,10 +207,10 @@ def test_qwen_config_resolves_like_hf(tmp_path):
     (tmp_path / "preprocessor_config.json").write_text(
         json.dumps({"size": {"shortest_edge": 1, "longest_edge": 2}, "min_pixels": 3136, "max_pixels": 50176})
     )
-    config = PreprocessConfig.from_pretrained(tmp_path, "qwen2_vl")
+    config = Qwen2VLPreprocessConfig.from_pretrained(tmp_path)
     assert (config.min_pixels, config.max_pixels) == (3136, 50176)
     (tmp_path / "preprocessor_config.json").write_text("{}")
-    config = PreprocessConfig.from_pretrained(tmp_path, "qwen2_vl")
+    config = Qwen2VLPreprocessConfig.from_pretrained(tmp_path)
     assert (config.min_pixels, config.max_pixels) == (56 * 56, 28 * 28 * 1280)
     assert (config.patch_size, config.merge_size, config.temporal_patch_size) == (14, 2, 2)
     assert (config.image_mean, config.image_std) == (tuple(OPENAI_CLIP_MEAN), tuple(OPENAI_CLIP_STD))
@@ -217,7 +219,7 @@ def test_qwen_config_resolves_like_hf(tmp_path):
 
 def test_kimi_config_defaults(tmp_path):
     (tmp_path / "preprocessor_config.json").write_text("{}")
-    config = PreprocessConfig.from_pretrained(tmp_path, "kimi_k25")
+    config = KimiK25PreprocessConfig.from_pretrained(tmp_path)
     assert (config.max_patches, config.max_size_per_side, config.patch_size, config.merge_size) == (16384, 512, 14, 2)
     assert config.patch_dim == 3 * 14 * 14
 
@@ -227,7 +229,7 @@ def test_config_refuses_unsupported_processing(tmp_path):
         qwen_config(tmp_path, do_normalize=False)
     (tmp_path / "preprocessor_config.json").write_text(json.dumps({"size": {"max_height": 32, "max_width": 64}}))
     with pytest.raises(ValueError, match="max_width"):
-        PreprocessConfig.from_pretrained(tmp_path, "kimi_k25")
+        KimiK25PreprocessConfig.from_pretrained(tmp_path)
 
 
 def test_config_json_is_canonical(tmp_path):
@@ -324,13 +326,10 @@ def test_kimi_rescales_normalises_and_pads_by_hand():
     """Kimi-K2.5's steps, computed by hand (no HF processor): pad the (resized) image with black at the
     bottom and right to multiples of patch_size * merge_size, rescale by 1/255, normalise each channel
     with its own mean and std, and cut patches in raster order, each one (channel, row, column)."""
-    config = PreprocessConfig(
-        kind="kimi_k25",
+    config = KimiK25PreprocessConfig(
         patch_size=2,
         temporal_patch_size=1,
         merge_size=2,
-        min_pixels=None,
-        max_pixels=None,
         max_patches=1024,
         max_size_per_side=64,  # a 3x5 image is within both bounds: not resized
         image_mean=(0.1, 0.2, 0.3),

@@ -16,7 +16,7 @@ from transformers import AutoModelForImageTextToText
 from vitcache.integrations.vllm_layout import to_device, vllm_layout
 
 from tests.test_models import GRIDS, assert_outputs_close, batch, checkpoints, encoders  # noqa: F401 (fixtures)
-from vitcache.models.loading import FAMILIES
+from vitcache.models.registry import FAMILIES
 
 
 @pytest.mark.parametrize("family", FAMILIES)

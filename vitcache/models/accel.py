@@ -8,7 +8,8 @@ permutation, with a device sync per layer for ``max_seqlen``). Here:
   batch, registered as a transformers attention implementation (its name contains "flash" so
   the towers hand it ``cu_seqlens``);
 - the grid-derived metadata is computed once per batch on the CPU, with transformers' own
-  helpers (``transformers.vision_utils``), and passed in, so a forward has no host syncs;
+  helpers (``transformers.vision_utils``, called by each family's ``grid_metadata``), and passed
+  in, so a forward has no host syncs;
 - optionally each block is ``torch.compile``d (one graph shared by all blocks, dynamic length).
 
 The transformers forward with SDPA stays the reference and the fallback (CPU, other devices).
@@ -21,17 +22,15 @@ import itertools
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 from transformers import AttentionInterface
-from transformers.vision_utils import (
-    get_vision_cu_seqlens,
-    get_vision_interpolation_indices_and_weights,
-    get_vision_position_ids,
-    get_vision_window_index,
-)
+from transformers.vision_utils import get_vision_interpolation_indices_and_weights
+
+if TYPE_CHECKING:
+    from vitcache.models.family import ModelFamily
 
 VARLEN_ATTENTION = "flash_varlen_vitcache"
 
@@ -71,7 +70,8 @@ def varlen_available(device: torch.device) -> bool:
     return True
 
 
-def _max_len(cu_seqlens: torch.Tensor) -> int:
+def max_len(cu_seqlens: torch.Tensor) -> int:
+    """The longest sequence that ``cu_seqlens`` bounds (attention's ``max_seqlen``)."""
     return int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
 
 
@@ -79,15 +79,13 @@ def _max_len(cu_seqlens: torch.Tensor) -> int:
 _PER_PATCH = ("position_ids", "interp_indices", "interp_weights")
 
 
-def batch_metadata(family: str, tower: nn.Module, grids: list[tuple[int, int, int]]) -> dict[str, Any]:
-    """Everything the tower derives from ``grid_thw``, computed on the CPU (no device syncs).
-
-    Keys are the ones transformers' vision helpers pop from the forward's kwargs. For the Qwen
-    families a batch's metadata is its images' (each computed once per grid and cached: batches
+def joined_metadata(family: ModelFamily, tower: nn.Module, grids: list[tuple[int, int, int]]) -> dict[str, Any]:
+    """``family.grid_metadata`` of a batch, as its images' (each computed once per grid and cached: batches
     repeat resolutions) joined with offsets, which costs far less than the helpers' loops.
+
+    For families whose metadata is per image: per-patch rows, ``cu_*`` boundaries in patches, ints that are
+    maxima over images, and a ``window_index`` over merged tokens.
     """
-    if family == "kimi_k25":
-        return _helper_metadata(family, tower, grids)
     parts = [_image_metadata(family, tower, tuple(grid)) for grid in grids]
     merge_unit = tower.config.spatial_merge_size**2
     meta: dict[str, Any] = {}
@@ -108,45 +106,23 @@ def batch_metadata(family: str, tower: nn.Module, grids: list[tuple[int, int, in
 
 
 @functools.lru_cache(maxsize=4096)
-def _image_metadata(family: str, tower: nn.Module, grid: tuple[int, int, int]) -> dict[str, Any]:
-    return _helper_metadata(family, tower, [grid])
+def _image_metadata(family: ModelFamily, tower: nn.Module, grid: tuple[int, int, int]) -> dict[str, Any]:
+    return family.grid_metadata(tower, torch.tensor([grid], dtype=torch.int64))
 
 
-def _helper_metadata(family: str, tower: nn.Module, grids: list[tuple[int, int, int]]) -> dict[str, Any]:
-    """``batch_metadata`` straight from transformers' helpers."""
-    grid = torch.tensor(grids, dtype=torch.int64)
-    config = tower.config
-    meta: dict[str, Any] = {}
-    if family == "kimi_k25":
-        from transformers.models.kimi_k25.modeling_kimi_k25 import (
-            get_vision_frame_index,
-            get_vision_temporal_merge_index,
-        )
-
-        meta["position_ids"] = get_vision_position_ids(grid, spatial_merge_size=1)
-        meta["cu_seqlens"] = get_vision_cu_seqlens(grid, merge_temporal=True)
-        meta["frame_index"] = get_vision_frame_index(grid)
-        meta["temporal_merge_index"] = get_vision_temporal_merge_index(grid, *tower.merge_kernel_size)
-    else:
-        meta["position_ids"] = get_vision_position_ids(grid, config.spatial_merge_size)
-        meta["cu_seqlens"] = get_vision_cu_seqlens(grid)
-    meta["max_seqlen"] = _max_len(meta["cu_seqlens"])
-    if family == "qwen2_5_vl":
-        window_index, cu_window = get_vision_window_index(
-            grid, config.spatial_merge_size, config.window_size, config.patch_size
-        )
-        meta.update(window_index=window_index, cu_window_seqlens=cu_window, max_window_seqlen=_max_len(cu_window))
+def interpolation_metadata(tower: nn.Module, grid: torch.Tensor, **options: int) -> dict[str, torch.Tensor]:
+    """The indices and weights that resample a tower's learned position table to each image (none if it has none)."""
     interpolated = next((m for m in tower.modules() if hasattr(m, "num_grid_per_side")), None)
-    if interpolated is not None:  # Qwen3-VL, Kimi-K2.5: learned position tables resampled per image
-        extra = {"spatial_merge_size": config.spatial_merge_size} if family == "qwen3_vl" else {}
-        meta["interp_indices"], meta["interp_weights"] = get_vision_interpolation_indices_and_weights(
-            grid,
-            interpolated.num_grid_per_side,
-            mode=interpolated.interpolation_mode,
-            align_corners=interpolated.interpolation_align_corners,
-            **extra,
-        )
-    return meta
+    if interpolated is None:
+        return {}
+    indices, weights = get_vision_interpolation_indices_and_weights(
+        grid,
+        interpolated.num_grid_per_side,
+        mode=interpolated.interpolation_mode,
+        align_corners=interpolated.interpolation_align_corners,
+        **options,
+    )
+    return {"interp_indices": indices, "interp_weights": weights}
 
 
 def to_device(meta: dict[str, Any], device: torch.device) -> dict[str, Any]:

@@ -33,15 +33,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from vitcache.models import accel
+from vitcache.models.family import ModelFamily
 
 log = logging.getLogger(__name__)
 
 #: (pixels, grid_thw on the device, metadata) -> the tower's outputs, one row per token.
 TowerRun = Callable[[torch.Tensor, torch.Tensor, dict[str, Any]], list[torch.Tensor]]
-
-# Families whose forward takes nothing but the metadata above (Kimi's pooling takes more).
-GRAPH_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 
 def _next_power_of_two(value: int) -> int:
@@ -59,7 +56,7 @@ class PaddedBatch:
 
 
 def pad_batch(
-    family: str, tower: nn.Module, merge_size: int, grids: list[tuple[int, int, int]], patch_step: int
+    family: ModelFamily, tower: nn.Module, merge_size: int, grids: list[tuple[int, int, int]], patch_step: int
 ) -> PaddedBatch:
     """The metadata of ``grids`` plus a filler image, padded to fixed shapes (see the module doc)."""
     patches = sum(t * h * w for t, h, w in grids)
@@ -69,7 +66,7 @@ def pad_batch(
         rows = max(d for d in range(1, math.isqrt(units) + 1) if units % d == 0)  # near square: few windows
         grids = [*grids, (1, rows * merge_size, units // rows * merge_size)]
     tensors, ints = {}, {}
-    for name, value in accel.batch_metadata(family, tower, grids).items():
+    for name, value in family.batch_metadata(tower, grids).items():
         if isinstance(value, int):
             ints[name] = _next_power_of_two(value)
         elif name.startswith("cu_"):
@@ -101,7 +98,7 @@ class GraphedTower:
     def __init__(
         self,
         run: TowerRun,
-        family: str,
+        family: ModelFamily,
         tower: nn.Module,
         merge_size: int,
         patch_dim: int,
@@ -111,8 +108,8 @@ class GraphedTower:
         patch_step: int = 256,
         max_graphs: int = 128,
     ) -> None:
-        if family not in GRAPH_FAMILIES:
-            raise ValueError(f"CUDA graphs support {GRAPH_FAMILIES}, not {family!r}")
+        if not family.cuda_graphs:
+            raise ValueError(f"CUDA graphs do not support {type(family).__name__}")
         self._run = run
         self._family = family
         self._tower = tower

@@ -18,34 +18,20 @@ import torch
 import xxhash
 from safetensors import SafetensorError, safe_open
 from torch import nn
-from transformers import (
-    AutoConfig,
-    Kimi_K25ForConditionalGeneration,
-    Kimi_K25VisionModel,
-    PretrainedConfig,
-    PreTrainedModel,
-    Qwen2_5_VLForConditionalGeneration,
-    Qwen2VLForConditionalGeneration,
-    Qwen3VLForConditionalGeneration,
-    Qwen3VLVisionModel,
-)
+from transformers import PretrainedConfig
 from transformers import initialization as hf_init
 from transformers.conversion_mapping import get_model_conversion_mapping
 from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
-from transformers.modeling_utils import local_torch_dtype
-from transformers.models.kimi_k25.modeling_kimi_k25 import Kimi_K25MultimodalProjection
-from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
-from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
 
-from vitcache.errors import ConfigError
 from vitcache.models import accel
-from vitcache.models.graphs import GRAPH_FAMILIES, GraphedTower
+from vitcache.models.family import ModelFamily, ModelLoadError, OutputLayout
+from vitcache.models.graphs import GraphedTower
 from vitcache.models.preprocess import PreprocessConfig, image_grid
+from vitcache.models.registry import FAMILIES, TINY_RANDOM_FAMILY
 from vitcache.models.tiny import make_tiny_checkpoint
 
 log = logging.getLogger(__name__)
 
-FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "kimi_k25")
 ACCELERATIONS = ("none", "varlen", "compile", "graphs")
 
 # Bump when the meaning of cached outputs changes without any hashed input changing (e.g. a new output layout).
@@ -53,44 +39,7 @@ NAMESPACE_VERSION = "vitcache-namespace-v1"
 # Config entries that describe where/when a config was written, not what the encoder computes.
 _BOOKKEEPING_CONFIG_KEYS = frozenset({"transformers_version", "_name_or_path", "dtype", "architectures"})
 TINY_RANDOM = "tiny-random"
-_TINY_RANDOM_FAMILY = "qwen2_5_vl"
-_TINY_RANDOM_DIR = "tiny-random-qwen2_5_vl-seed0-v1"
-
-
-class ModelLoadError(ConfigError):
-    """The checkpoint or device cannot give a correct vision encoder (missing files, weights, unsupported model)."""
-
-
-@dataclass(frozen=True)
-class _Family:
-    model_cls: type[PreTrainedModel]  # the full model: only instantiated on the meta device, to map checkpoint keys
-    vision_cls: type[PreTrainedModel]
-    tower: str  # attribute of `model_cls.model` holding the vision tower
-    checkpoint_prefixes: tuple[str, ...]  # checkpoint keys under these are the encoder's, in any known layout
-    preprocess_kind: str
-
-
-_QWEN_PREFIXES = ("visual.", "model.visual.")
-_FAMILY_SPECS = {
-    "qwen2_vl": _Family(
-        Qwen2VLForConditionalGeneration, Qwen2VisionTransformerPretrainedModel, "visual", _QWEN_PREFIXES, "qwen2_vl"
-    ),
-    "qwen2_5_vl": _Family(
-        Qwen2_5_VLForConditionalGeneration,
-        Qwen2_5_VisionTransformerPretrainedModel,
-        "visual",
-        _QWEN_PREFIXES,
-        "qwen2_vl",
-    ),
-    "qwen3_vl": _Family(Qwen3VLForConditionalGeneration, Qwen3VLVisionModel, "visual", _QWEN_PREFIXES, "qwen2_vl"),
-    "kimi_k25": _Family(
-        Kimi_K25ForConditionalGeneration,
-        Kimi_K25VisionModel,
-        "vision_tower",
-        ("vision_tower.", "model.vision_tower.", "mm_projector.", "model.mm_projector."),
-        "kimi_k25",
-    ),
-}
+_TINY_RANDOM_DIR = f"tiny-random-{TINY_RANDOM_FAMILY}-seed0-v1"
 
 
 @dataclass(frozen=True)
@@ -107,34 +56,20 @@ class EncoderSpec:
     merge_size: int
     output_names: tuple[str, ...]
     output_hidden_sizes: tuple[int, ...]
-    max_frames: int | None  # Kimi embeds clips of at most this many frames
+    max_frames: int | None  # clips of more frames are refused
+    pools_frames: bool  # a clip's frames are averaged into one set of tokens (else each frame has its own)
 
     @classmethod
     def of(
         cls,
         family: str,
         model_name: str,
-        config: PretrainedConfig,
+        layout: OutputLayout,
         preprocess_config: PreprocessConfig,
         dtype: torch.dtype,
         device: torch.device,
         namespace: str,
     ) -> EncoderSpec:
-        vision_config = config.vision_config
-        names = ["merged"]
-        if family == "kimi_k25":
-            kernel_h, kernel_w = vision_config.merge_kernel_size
-            if kernel_h != kernel_w:
-                raise ModelLoadError(f"non-square Kimi merge kernel {vision_config.merge_kernel_size} is unsupported")
-            merge_size, sizes = kernel_h, [config.text_config.hidden_size]
-        else:
-            merge_size = vision_config.spatial_merge_size
-            # Qwen2-VL's merger projects to `hidden_size`; later versions name it `out_hidden_size`.
-            hidden = vision_config.hidden_size if family == "qwen2_vl" else vision_config.out_hidden_size
-            deepstack = getattr(vision_config, "deepstack_visual_indexes", ())
-            names += [f"deepstack_{i}" for i in range(len(deepstack))]
-            sizes = [hidden] * len(names)
-        max_frames = vision_config.pos_emb_time if family == "kimi_k25" else None
         return cls(
             family,
             model_name,
@@ -142,16 +77,16 @@ class EncoderSpec:
             str(device),
             preprocess_config,
             namespace,
-            merge_size,
-            tuple(names),
-            tuple(sizes),
-            max_frames,
+            layout.merge_size,
+            layout.names,
+            layout.hidden_sizes,
+            layout.max_frames,
+            layout.pools_frames,
         )
 
     def tokens_for(self, grid_thw: tuple[int, int, int]) -> int:
         t, h, w = grid_thw
-        # Kimi averages the frames of a clip into one set of tokens; Qwen keeps every temporal patch.
-        frames = 1 if self.family == "kimi_k25" else t
+        frames = 1 if self.pools_frames else t
         return frames * h * w // self.merge_size**2
 
     def validate_grid(self, grid_thw: tuple[int, int, int]) -> None:
@@ -165,15 +100,17 @@ class EncoderSpec:
 
 
 class VisionEncoder:
-    """A vision tower (+ projector for Kimi) in eval/inference mode on one device.
+    """A vision tower (+ the modules its family runs after it) in eval/inference mode on one device.
 
     What it computes (family, dtype, output sizes, ...) is its :class:`EncoderSpec`, whose fields
-    and methods read as the encoder's own (``encoder.family``, ``encoder.tokens_for(grid)``).
+    and methods read as the encoder's own (``encoder.family``, ``encoder.tokens_for(grid)``);
+    how, its :class:`ModelFamily` (``encoder.model_family``).
     """
 
     def __init__(
         self,
         family: str,
+        model_family: ModelFamily,
         model_name: str,
         module: nn.ModuleDict,
         config: PretrainedConfig,
@@ -183,10 +120,12 @@ class VisionEncoder:
     ) -> None:
         # Keys mirror the full model's submodules under `model.`: "visual" or "vision_tower" + "mm_projector".
         self.module = module
+        self.model_family = model_family
         self.device = next(module.parameters()).device
         self.acceleration = "none"  # set by load_encoder
         self.graphs: GraphedTower | None = None  # set by load_encoder for acceleration="graphs"
-        self.spec = EncoderSpec.of(family, model_name, config, preprocess_config, dtype, self.device, namespace)
+        layout = model_family.output_layout(config)
+        self.spec = EncoderSpec.of(family, model_name, layout, preprocess_config, dtype, self.device, namespace)
 
     def __getattr__(self, name: str) -> Any:
         if name == "spec":  # not set yet (during __init__ or unpickling): no recursion
@@ -213,7 +152,7 @@ class VisionEncoder:
 
     @property
     def tower(self) -> nn.Module:
-        return self.module["vision_tower" if self.family == "kimi_k25" else "visual"]
+        return self.module[self.model_family.tower_name]
 
     def _forward(
         self, pixels: torch.Tensor, grid_thw: torch.Tensor, grids: list[tuple[int, int, int]]
@@ -225,20 +164,12 @@ class VisionEncoder:
         meta = (
             {}
             if self.acceleration == "none"
-            else accel.to_device(accel.batch_metadata(self.family, self.tower, grids), self.device)
+            else accel.to_device(self.model_family.batch_metadata(self.tower, grids), self.device)
         )
         return self._run_tower(pixels, grid_thw, meta)
 
     def _run_tower(self, pixels: torch.Tensor, grid_thw: torch.Tensor, meta: dict[str, Any]) -> list[torch.Tensor]:
-        tower = self.tower
-        if self.family == "kimi_k25":
-            # As Kimi_K25Model.get_image_features: the tower pools each merge window, the projector embeds it.
-            patch = self.preprocess_config.patch_size
-            pooled = tower(pixels.view(-1, 3, patch, patch), grid_thw=grid_thw, **meta).pooler_output
-            return [self.module["mm_projector"](pooled).squeeze(1)]
-        out = tower(pixels, grid_thw=grid_thw, **meta)
-        # Qwen3-VL also returns the features its LLM adds into early decoder layers ("deepstack").
-        return [out.pooler_output, *(getattr(out, "deepstack_features", None) or ())]
+        return self.model_family.run_tower(self.module, pixels, grid_thw, meta, self.preprocess_config)
 
 
 def load_encoder(
@@ -272,26 +203,21 @@ def load_encoder(
         )
     if not (path / "config.json").is_file():
         raise ModelLoadError(f"model {model!r} is not a Hugging Face checkpoint directory: it has no config.json")
+    family, model_family, config = _read_config(path)
+    if acceleration == "graphs" and not model_family.cuda_graphs:
+        log.warning("CUDA graphs do not support %s; compiling without them", family)
+        acceleration = "compile"
     try:
-        config = AutoConfig.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"cannot read the model config of {path}: {e}") from e
-    family = config.model_type
-    if family not in FAMILIES:
-        raise ModelLoadError(f"unsupported model_type {family!r}, expected one of {FAMILIES}")
-    acceleration = _resolve_family_acceleration(acceleration, family)
-    spec = _FAMILY_SPECS[family]
-    try:
-        preprocess_config = PreprocessConfig.from_pretrained(path, spec.preprocess_kind)
+        preprocess_config = model_family.preprocess_cls.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"cannot read the image processor config of {path}: {e}") from e
 
     namespace = xxhash.xxh3_128()
-    for part in (NAMESPACE_VERSION, family, _describe(config), str(dtype), preprocess_config.to_json()):
+    for part in (NAMESPACE_VERSION, family, _describe(model_family, config), str(dtype), preprocess_config.to_json()):
         namespace.update(part.encode() + b"\0")
     with ExitStack() as files:
         try:
-            state = _read_vision_state(path, config, spec, files)
+            state = _read_vision_state(path, config, model_family, files)
         except (OSError, SafetensorError) as e:
             raise ModelLoadError(f"cannot read the vision weights of {path}: {e}") from e
         for name in sorted(state):
@@ -299,23 +225,26 @@ def load_encoder(
             namespace.update(f"{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
             namespace.update(tensor.reshape(-1).view(torch.uint8).numpy())
         attention = "sdpa" if acceleration == "none" else accel.VARLEN_ATTENTION
-        module = _build_module(config, spec, device, dtype, attention)
+        module = _build_module(config, model_family, device, dtype, attention)
         _check_weights_fit(module, state, f"vision weights of {path} do not fit its {family} config")
         module.load_state_dict(state, strict=True)
     module.eval().requires_grad_(False)
+    tower = module[model_family.tower_name]
     if acceleration != "none":
-        accel.linear_patch_embed(module[spec.tower])
-        accel.pad_mlp_width(module[spec.tower])
+        accel.linear_patch_embed(tower)
+        accel.pad_mlp_width(tower)
     if acceleration in ("compile", "graphs"):
-        accel.compile_blocks(module[spec.tower])
-    encoder = VisionEncoder(family, model, module, config, preprocess_config, dtype, namespace.hexdigest())
+        accel.compile_blocks(tower)
+    encoder = VisionEncoder(
+        family, model_family, model, module, config, preprocess_config, dtype, namespace.hexdigest()
+    )
     encoder.acceleration = acceleration
     if acceleration in ("compile", "graphs"):
         _warm_up(encoder)
     if acceleration == "graphs":
         encoder.graphs = GraphedTower(
             encoder._run_tower,
-            family,
+            model_family,
             encoder.tower,
             encoder.merge_size,
             preprocess_config.patch_dim,
@@ -379,13 +308,6 @@ def _resolve_acceleration(acceleration: str, device: torch.device, dtype: torch.
     return acceleration
 
 
-def _resolve_family_acceleration(acceleration: str, family: str) -> str:
-    if acceleration == "graphs" and family not in GRAPH_FAMILIES:
-        log.warning("CUDA graphs do not support %s; compiling without them", family)
-        return "compile"
-    return acceleration
-
-
 def _resolve_device(device: str | torch.device) -> torch.device:
     """``device``, checked to exist here before anything is loaded onto it."""
     try:
@@ -423,7 +345,7 @@ def _tiny_random_checkpoint() -> Path:
     if not target.is_dir():
         home.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=home) as tmp:
-            built = make_tiny_checkpoint(_TINY_RANDOM_FAMILY, Path(tmp) / "checkpoint")
+            built = make_tiny_checkpoint(TINY_RANDOM_FAMILY, Path(tmp) / "checkpoint")
             try:
                 built.rename(target)
             except OSError:
@@ -432,17 +354,28 @@ def _tiny_random_checkpoint() -> Path:
     return target
 
 
-def _describe(config: PretrainedConfig) -> str:
+def _read_config(path: Path) -> tuple[str, ModelFamily, PretrainedConfig]:
+    """(model_type, its family, the config) of the checkpoint at ``path``, read as transformers' AutoConfig does."""
+    try:
+        config_dict, unused = PretrainedConfig.get_config_dict(path)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot read the model config of {path}: {e}") from e
+    family = config_dict.get("model_type")
+    if family not in FAMILIES:
+        raise ModelLoadError(
+            f"unsupported model_type {family!r} in {path / 'config.json'}, expected one of {tuple(FAMILIES)}"
+        )
+    model_family = FAMILIES[family]
+    try:
+        return family, model_family, model_family.config_cls.from_dict(config_dict, **unused)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot read the model config of {path}: {e}") from e
+
+
+def _describe(model_family: ModelFamily, config: PretrainedConfig) -> str:
     """Canonical JSON of every config value the encoder's computation depends on."""
     vision = {k: v for k, v in config.vision_config.to_dict().items() if k not in _BOOKKEEPING_CONFIG_KEYS}
-    described = {"vision_config": vision}
-    if config.model_type == "kimi_k25":
-        described["projector"] = {
-            "projection_hidden_size": config.projection_hidden_size,
-            "projection_layer_norm_eps": config.projection_layer_norm_eps,
-            "output_hidden_size": config.text_config.hidden_size,
-        }
-    return json.dumps(described, sort_keys=True)
+    return json.dumps({"vision_config": vision, **model_family.describe(config)}, sort_keys=True)
 
 
 def _weight_map(path: Path) -> dict[str, str]:
@@ -461,7 +394,7 @@ def _weight_map(path: Path) -> dict[str, str]:
 
 
 def _read_vision_state(
-    path: Path, config: PretrainedConfig, spec: _Family, files: ExitStack
+    path: Path, config: PretrainedConfig, model_family: ModelFamily, files: ExitStack
 ) -> dict[str, torch.Tensor]:
     """The encoder's CPU state dict, keyed as the full model's parameters minus "model.".
 
@@ -471,7 +404,7 @@ def _read_vision_state(
     """
     weight_map = _weight_map(path)
     with torch.device("meta"), hf_init.no_init_weights():
-        full_model = spec.model_cls._from_config(copy.deepcopy(config))
+        full_model = model_family.model_cls._from_config(copy.deepcopy(config))
     transforms = get_model_conversion_mapping(full_model)
     renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
     converters = [t for t in transforms if isinstance(t, WeightConverter)]
@@ -488,11 +421,12 @@ def _read_vision_state(
 
     state: dict[str, torch.Tensor] = {}
     pending: dict[str, WeightConverter] = {}
-    vision_keys = sorted((k for k in weight_map if k.startswith(spec.checkpoint_prefixes)), key=dot_natural_key)
+    prefixes = model_family.checkpoint_prefixes
+    vision_keys = sorted((k for k in weight_map if k.startswith(prefixes)), key=dot_natural_key)
     if not vision_keys:
         raise ModelLoadError(
-            f"checkpoint {path} has no vision weights (no tensor under {', '.join(spec.checkpoint_prefixes)}): is it "
-            f"a complete Qwen2-VL/2.5-VL/3-VL or Kimi-K2.5 checkpoint, as its config.json says ({config.model_type})?"
+            f"checkpoint {path} has no vision weights (no tensor under {', '.join(prefixes)}): is it "
+            f"a complete {config.model_type} checkpoint, as its config.json says?"
         )
     for key in vision_keys:
         target, pattern = rename_source_key(key, renamings, converters, full_model.base_model_prefix, meta_state)
@@ -532,17 +466,14 @@ def _check_weights_fit(module: nn.Module, state: dict[str, torch.Tensor], contex
 
 
 def _build_module(
-    config: PretrainedConfig, spec: _Family, device: torch.device, dtype: torch.dtype, attention: str
+    config: PretrainedConfig, model_family: ModelFamily, device: torch.device, dtype: torch.dtype, attention: str
 ) -> nn.ModuleDict:
     """Allocate the encoder on `device` without random init: every parameter is then loaded from the checkpoint."""
     with torch.device(device), hf_init.no_init_weights():
-        tower = spec.vision_cls._from_config(config.vision_config, dtype=dtype, attn_implementation="sdpa")
+        tower = model_family.vision_cls._from_config(config.vision_config, dtype=dtype, attn_implementation="sdpa")
         if attention != "sdpa":
             # Set after construction: transformers' constructor check would look for a flash-attn package
             # for any name containing "flash", and the name must contain it for the towers to pass cu_seqlens.
             tower.config._attn_implementation_internal = attention
-        modules = {spec.tower: tower}
-        if config.model_type == "kimi_k25":
-            with local_torch_dtype(dtype):
-                modules["mm_projector"] = Kimi_K25MultimodalProjection(config)
+        modules = {model_family.tower_name: tower, **model_family.extra_modules(config, dtype)}
     return nn.ModuleDict(modules)
