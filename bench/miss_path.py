@@ -114,7 +114,7 @@ def launch_ms(encoder, values: torch.Tensor, grid: torch.Tensor) -> float:  # ty
     """CPU time to queue one forward (the call returns before the device finishes)."""
     torch.cuda.synchronize()
     start = time.perf_counter()
-    encoder.encode(values, grid)
+    encoder.forward(values, grid)
     elapsed = time.perf_counter() - start
     torch.cuda.synchronize()
     return elapsed * 1e3
@@ -141,10 +141,10 @@ def bench_forward(
         values = torch.cat([p for p, _ in pixels]).to(torch.bfloat16)
         grid = torch.tensor([g for _, g in pixels])
         flops = count * flops_per_image(n_params, pixels[0][1], QWEN25_7B_VISION)
-        want = reference.encode(values, grid)
+        want = reference.forward(values, grid)
         row = {"workload": f"{count} images {label}", "tflop_per_image": flops / count / 1e12}
         for name, encoder in encoders:
-            got = encoder.encode(values, grid)
+            got = encoder.forward(values, grid)
             err = max(
                 float((g[0].float() - w[0].float()).abs().max() / w[0].float().abs().max())
                 for g, w in zip(got, want, strict=True)
@@ -472,7 +472,7 @@ def bench_encoder_batches(encoder, side: int, batch_images: int, iters: int = 10
     ]
     values = torch.cat([p for p, _ in pixels])
     grid = torch.tensor([g for _, g in pixels])
-    return batch_images / timed(lambda: encoder.encode(values, grid), iters)
+    return batch_images / timed(lambda: encoder.forward(values, grid), iters)
 
 
 def bench_device_overheads(
@@ -507,9 +507,9 @@ def bench_device_overheads(
     values, grid = torch.cat([p for p, _ in prepared]), torch.tensor([g for _, g in prepared])
     tokens = [encoder.tokens_for(g) for _, g in prepared]
     steps = {
-        "forward": lambda: encoder.encode_packed(values, grid),
-        "forward_d2h": lambda: copy_to_host(encoder.encode_packed(values, grid), tokens),
-        "forward_d2h_prepare": lambda: (copy_to_host(encoder.encode_packed(values, grid), tokens), prepare()),
+        "forward": lambda: encoder.forward_packed(values, grid),
+        "forward_d2h": lambda: copy_to_host(encoder.forward_packed(values, grid), tokens),
+        "forward_d2h_prepare": lambda: (copy_to_host(encoder.forward_packed(values, grid), tokens), prepare()),
     }
     result: dict = {"side": side, "batch_images": batch_images}
     for name, step in steps.items():

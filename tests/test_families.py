@@ -80,8 +80,8 @@ def test_a_fifth_family_is_one_class_and_one_registry_line(monkeypatch: pytest.M
     assert fifth.namespace != same_tower.namespace  # the family is part of what the cache keys on
     image = np.random.default_rng(0).integers(0, 256, (70, 90, 3), dtype=np.uint8)
     pixel_values, grid = preprocess(image, fifth.preprocess_config)
-    (outputs,) = fifth.encode(pixel_values, torch.tensor([grid]))
-    (expected,) = same_tower.encode(pixel_values, torch.tensor([grid]))
+    (outputs,) = fifth.forward(pixel_values, torch.tensor([grid]))
+    (expected,) = same_tower.forward(pixel_values, torch.tensor([grid]))
     assert [o.shape for o in outputs] == [(fifth.tokens_for(grid), size) for size in fifth.output_hidden_sizes]
     for got, want in zip(outputs, expected, strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=0)

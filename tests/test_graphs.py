@@ -76,7 +76,7 @@ def test_cuda_graph_replays_match_the_compiled_forward(family: str, tmp_path: Pa
     for seed, grids in enumerate(BATCHES * 2):
         pixels = _pixels(grids, reference.preprocess_config.patch_dim, seed).cuda()
         grid = torch.tensor(grids)
-        want, got = reference.encode(pixels, grid), graphed.encode(pixels, grid)
+        want, got = reference.forward(pixels, grid), graphed.forward(pixels, grid)
         for got_image, want_image in zip(got, want, strict=True):
             for g, w in zip(got_image, want_image, strict=True):
                 torch.testing.assert_close(g.float(), w.float(), rtol=0.05, atol=0.05)
@@ -84,7 +84,7 @@ def test_cuda_graph_replays_match_the_compiled_forward(family: str, tmp_path: Pa
     assert 0 < captured < len(BATCHES)  # the second round replayed the first round's graphs, the last two one
     large = [(1, 24, 24)]  # 576 patches: over graph_max_patches, so the forward runs directly
     pixels = _pixels(large, reference.preprocess_config.patch_dim, 99).cuda()
-    want, got = reference.encode(pixels, torch.tensor(large)), graphed.encode(pixels, torch.tensor(large))
+    want, got = reference.forward(pixels, torch.tensor(large)), graphed.forward(pixels, torch.tensor(large))
     torch.testing.assert_close(got[0][0].float(), want[0][0].float(), rtol=0.05, atol=0.05)
     assert graphed.graphs.captured == captured
 
@@ -106,5 +106,5 @@ def test_warmup_image_sizes_capture_every_batch_size_at_load(tmp_path: Path) -> 
     assert warm.graphs.captured == len(buckets) > 1
     for count in (1, 512 // patches):  # served from the graphs captured at load
         pixels = _pixels([grid] * count, warm.preprocess_config.patch_dim, count).cuda()
-        warm.encode(pixels, torch.tensor([grid] * count))
+        warm.forward(pixels, torch.tensor([grid] * count))
     assert warm.graphs.captured == len(buckets)

@@ -71,7 +71,7 @@ def test_encode_matches_transformers_full_model(family, checkpoints, encoders):
     full = AutoModelForImageTextToText.from_pretrained(checkpoints[family]).eval()
     pixel_values, grid_thw = batch(encoder)
 
-    outputs = encoder.encode(pixel_values, grid_thw)
+    outputs = encoder.forward(pixel_values, grid_thw)
 
     # Kimi's processor hands the model (patches, 3, p, p); ours is the same memory, flattened.
     patch = encoder.preprocess_config.patch_size
@@ -111,10 +111,10 @@ def test_parameters_are_the_checkpoint_tensors(checkpoints, encoders):
 def test_batch_split_equals_single_images(family, encoders):
     encoder = encoders[family]
     pixel_values, grid_thw = batch(encoder)
-    together = encoder.encode(pixel_values, grid_thw)
+    together = encoder.forward(pixel_values, grid_thw)
     start = 0
     for i, (t, h, w) in enumerate(GRIDS):
-        alone = encoder.encode(pixel_values[start : start + t * h * w], grid_thw[i : i + 1])
+        alone = encoder.forward(pixel_values[start : start + t * h * w], grid_thw[i : i + 1])
         start += t * h * w
         assert len(alone) == 1
         for a, b in zip(alone[0], together[i], strict=True):
@@ -127,7 +127,7 @@ def test_end_to_end_from_encoded_image(encoders):
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (90, 160, 3), dtype=np.uint8)).save(buf, "PNG")
     pixel_values, grid = preprocess(decode_image(buf.getvalue(), DecodeLimits()), encoder.preprocess_config)
     encoder.validate_grid(grid)
-    (merged,) = encoder.encode(pixel_values, torch.tensor([grid]))[0]
+    (merged,) = encoder.forward(pixel_values, torch.tensor([grid]))[0]
     assert merged.shape == (encoder.tokens_for(grid), encoder.output_hidden_sizes[0])
     assert torch.isfinite(merged).all()
 
@@ -205,7 +205,7 @@ def test_only_vision_shards_are_read(family, checkpoints, encoders, tmp_path):
     encoder = load_encoder(str(path))
     assert encoder.namespace == encoders[family].namespace
     pixel_values, grid_thw = batch(encoder)
-    sharded, single = encoder.encode(pixel_values, grid_thw), encoders[family].encode(pixel_values, grid_thw)
+    sharded, single = encoder.forward(pixel_values, grid_thw), encoders[family].forward(pixel_values, grid_thw)
     for a, b in zip(sharded[0], single[0], strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
@@ -272,8 +272,8 @@ def test_dtype_selection(checkpoints, encoders):
     assert encoder.dtype == torch.bfloat16
     assert all(p.dtype == torch.bfloat16 for p in encoder.module.parameters())
     pixel_values, grid_thw = batch(encoder)
-    low = encoder.encode(pixel_values, grid_thw)
-    high = encoders["qwen3_vl"].encode(pixel_values, grid_thw)
+    low = encoder.forward(pixel_values, grid_thw)
+    high = encoders["qwen3_vl"].forward(pixel_values, grid_thw)
     assert low[0][0].dtype == torch.bfloat16
     torch.testing.assert_close(low[0][0].float(), high[0][0], rtol=0.1, atol=0.1 * high[0][0].abs().max().item())
     with pytest.raises(ModelLoadError, match="dtype"):
@@ -285,13 +285,13 @@ def test_cuda_encoder(checkpoints, encoders):
     for family in FAMILIES:
         reference = encoders[family]
         pixel_values, grid_thw = batch(reference)
-        expected = reference.encode(pixel_values, grid_thw)
+        expected = reference.forward(pixel_values, grid_thw)
         fast = load_encoder(str(checkpoints[family]), "cuda")  # "auto": bfloat16
         exact = load_encoder(str(checkpoints[family]), "cuda", torch.float32)
         assert fast.dtype == torch.bfloat16 and fast.namespace != exact.namespace == reference.namespace
         # float32 is not bit-exact on GPU: cuDNN runs the patch-embedding convolution in TF32 by default.
         for encoder, tolerance in ((exact, 2e-3), (fast, 5e-2)):
-            outputs = encoder.encode(pixel_values, grid_thw)
+            outputs = encoder.forward(pixel_values, grid_thw)
             for image, reference_image in zip(outputs, expected, strict=True):
                 for output, cpu in zip(image, reference_image, strict=True):
                     assert output.device.type == "cuda" and output.dtype == encoder.dtype
@@ -307,7 +307,7 @@ def test_tiny_random_builds_once(monkeypatch, tmp_path):
     assert load_encoder("tiny-random").namespace == encoder.namespace
     assert list(tmp_path.iterdir()) == [built]
     pixel_values, grid_thw = batch(encoder)
-    assert len(encoder.encode(pixel_values, grid_thw)) == len(GRIDS)
+    assert len(encoder.forward(pixel_values, grid_thw)) == len(GRIDS)
 
 
 def test_tiny_checkpoints_are_deterministic(tmp_path):
@@ -335,9 +335,9 @@ def test_encode_checks_pixel_values_against_grids(encoders):
     encoder = encoders["qwen2_vl"]
     pixel_values, grid_thw = batch(encoder)
     with pytest.raises(ValueError, match="do not match"):
-        encoder.encode(pixel_values[1:], grid_thw)
+        encoder.forward(pixel_values[1:], grid_thw)
     with pytest.raises(ValueError, match="multiples"):
-        encoder.encode(pixel_values[:15], torch.tensor([[1, 3, 5]]))
+        encoder.forward(pixel_values[:15], torch.tensor([[1, 3, 5]]))
 
 
 def test_load_errors(checkpoints, tmp_path):

@@ -408,16 +408,16 @@ def test_out_of_memory_splits_the_batch_and_fails_only_the_image_that_cannot_fit
     start_server_thread, tiny_checkpoint
 ) -> None:  # type: ignore[no-untyped-def]
     encoder = load_encoder(str(tiny_checkpoint))
-    real_encode = encoder.encode_packed
+    real_forward = encoder.forward_packed
     seen_batches: list[int] = []
 
-    def encode_with_small_memory(pixel_values, grid_thw):  # type: ignore[no-untyped-def]
+    def forward_with_small_memory(pixel_values, grid_thw):  # type: ignore[no-untyped-def]
         seen_batches.append(len(grid_thw))
         if pixel_values.shape[0] > 400:  # simulated device memory: 400 patches
             raise torch.OutOfMemoryError("simulated: CUDA out of memory")
-        return real_encode(pixel_values, grid_thw)
+        return real_forward(pixel_values, grid_thw)
 
-    encoder.encode_packed = encode_with_small_memory  # type: ignore[method-assign]
+    encoder.forward_packed = forward_with_small_memory  # type: ignore[method-assign]
     srv = start_server_thread(config(engine=EngineConfig(max_batch_patches=4096, max_batch_wait_s=0.2)), encoder)
     images = [png_bytes(224, 224, 80 + i) for i in range(4)]  # 256 patches each
     huge = png_bytes(420, 420, 90)  # more than 400 patches alone
@@ -511,7 +511,7 @@ def test_cuda_service_agrees_with_cpu_and_rejects_bad_files(start_server_thread,
         )
     ref = start_server_thread(config(), cpu)
     with VitCacheClient(srv.target) as client, VitCacheClient(ref.target) as reference:
-        got, want = client.encode(images), reference.encode(images)
+        got, want = client.encode(images), reference.forward(images)
     for g, w in zip(got[:3], want[:3], strict=True):
         assert g.ok and w.ok and g.grid_thw == w.grid_thw and g.embeddings[0].dtype == torch.bfloat16
         # bf16 weights and activations, nvJPEG vs Pillow decoding: close in direction, token by token.

@@ -30,7 +30,7 @@ def test_connector_tensor_is_vllm_embed_multimodal_layout(family, checkpoints, e
         features = full.model.get_image_features(hf_pixels, grid_thw)
     per_output = [features.pooler_output, *getattr(features, "deepstack_features", ())]
 
-    for i, outputs in enumerate(encoder.encode(pixel_values, grid_thw)):
+    for i, outputs in enumerate(encoder.forward(pixel_values, grid_thw)):
         built = to_device(vllm_layout(family, outputs), "cpu")
         expected = torch.cat([output[i] for output in per_output], dim=1)
         assert expected.shape[1] == (

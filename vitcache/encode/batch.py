@@ -172,7 +172,7 @@ class Batcher:
         self._worker.shutdown(wait=True)
         self._collector.shutdown(wait=True)
 
-    async def encode(
+    async def submit(
         self, pixel_values: torch.Tensor, grid_thw: tuple[int, int, int], deadline: float | None = None
     ) -> CachedEmbedding:
         future: asyncio.Future[CachedEmbedding] = asyncio.get_running_loop().create_future()
@@ -245,7 +245,7 @@ class Batcher:
             if self.encoder.device.type == "cuda":  # after the CPU work above: device time is the GPU's alone
                 on_device = torch.cuda.Event(enable_timing=True)
                 on_device.record()
-            outputs = self.encoder.encode_packed(pixel_values, grid)
+            outputs = self.encoder.forward_packed(pixel_values, grid)
             # Per output row, whether it is all finite: travels with the outputs, read once they are on the host.
             finite = torch.stack([output.reshape(len(output), -1).isfinite().all(dim=1) for output in outputs])
             outputs = [*outputs, finite.all(dim=0)]

@@ -113,7 +113,7 @@ class EncodePipeline:
             preparing = asyncio.ensure_future(self._preprocess(image, scope))
             preparing.add_done_callback(lambda done: self._give_back(pixels, done))
             pixel_values, grid = await asyncio.shield(preparing)
-        return await self.batcher.encode(pixel_values, grid, scope.deadline)
+        return await self.batcher.submit(pixel_values, grid, scope.deadline)
 
     async def _preprocess(self, image: Computable, scope: Scope) -> tuple[torch.Tensor, tuple[int, int, int]]:
         decoded = await self._decode_on_device(image)

@@ -132,14 +132,14 @@ class VisionEncoder:
             raise AttributeError(name)
         return getattr(self.spec, name)
 
-    def encode(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> list[list[torch.Tensor]]:
-        """Encode a batch of images in one forward; per image, its outputs in `output_names` order."""
+    def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> list[list[torch.Tensor]]:
+        """Runs the tower on a batch of images in one forward; per image, its outputs in `output_names` order."""
         sizes = [self.tokens_for(tuple(grid)) for grid in grid_thw.tolist()]
-        outputs = self.encode_packed(pixel_values, grid_thw)
+        outputs = self.forward_packed(pixel_values, grid_thw)
         return [list(per_image) for per_image in zip(*(output.split(sizes) for output in outputs), strict=True)]
 
-    def encode_packed(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> list[torch.Tensor]:
-        """As :meth:`encode`, but per output the batch's tokens in one tensor, image after image
+    def forward_packed(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> list[torch.Tensor]:
+        """As :meth:`forward`, but per output the batch's tokens in one tensor, image after image
         (``tokens_for`` each): what one copy to the host takes."""
         grids = [tuple(g) for g in grid_thw.tolist()]
         for grid in grids:
@@ -281,7 +281,7 @@ def _run_blank(encoder: VisionEncoder, grids: list[tuple[int, int, int]]) -> Non
     """One forward of all-zero pixels for a batch of images of ``grids``."""
     patches = sum(t * h * w for t, h, w in grids)
     pixels = torch.zeros(patches, encoder.preprocess_config.patch_dim, device=encoder.device)
-    encoder.encode(pixels, torch.tensor(grids))
+    encoder.forward(pixels, torch.tensor(grids))
 
 
 def _warm_up(encoder: VisionEncoder) -> None:
