@@ -59,7 +59,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _DIGEST = re.compile(r"[0-9a-f]{32}")
-_PRESENT_MEMO = 1 << 16  # identifiers remembered as present; vitcache may evict them, which the load path handles
+_PRESENT_MEMO = 1 << 16  # identifiers remembered as present; vitcache may evict them, which staging handles
 _WARN_EVERY_S = 30.0
 _DEFAULT_STAGING_BYTES = 2 << 30
 
@@ -216,6 +216,7 @@ class VitcacheECConnector(ECConnectorBase):
         self._drops: list[int] = []
         self._deferred_since: dict[str, float] = {}  # request id -> when it first waited for staging
         self._encode_locally: dict[str, set[str]] = {}  # request id -> identifiers vitcache could not deliver
+        self._loaded: dict[str, tuple[int, set[str]]] = {}  # request id -> (its preemptions, identifiers loaded)
         self._unavailable: set[str] = set()
         self._resolver = PlaceholderMetadataResolver(vllm_config.model_config)
         # worker side
@@ -279,11 +280,12 @@ class VitcacheECConnector(ECConnectorBase):
         request_id = request.request_id
         if request_id in self._unavailable:
             return False
-        local = self._encode_locally.get(request_id, set())
+        # vLLM encodes these itself, or holds them since their load (a chunked prefill asks again for each chunk)
+        skip = self._encode_locally.get(request_id, set()) | self._loaded_by(request)
         waiting, to_stage = [], {}
         for index, feature in pending:
             identifier = feature.identifier
-            if identifier in local:
+            if identifier in skip:
                 continue
             stage = self._stages.get(identifier)
             if stage is not None:
@@ -378,11 +380,22 @@ class VitcacheECConnector(ECConnectorBase):
     def update_state_after_alloc(self, request: Request, index: int) -> None:
         """vLLM loads the item this step (has_cache_item said it is staged): the workers move it into
         ``encoder_cache``, which frees its staging."""
-        stage = self._stages.get(request.mm_features[index].identifier)
+        identifier = request.mm_features[index].identifier
+        stage = self._stages.get(identifier)
         if not self.is_consumer or stage is None or not stage.ready:
             return
         self._loads.append(stage.item)
         self._forget(stage)
+        self._loaded_by(request).add(identifier)
+
+    def _loaded_by(self, request: Request) -> set[str]:
+        """Identifiers loaded for the request: vLLM's encoder cache keeps them until their tokens are computed,
+        unless the request is preempted (vLLM frees its encoder inputs then, and they must be staged again)."""
+        preemptions, loaded = self._loaded.get(request.request_id, (request.num_preemptions, set()))
+        if preemptions != request.num_preemptions:
+            loaded = set()
+        self._loaded[request.request_id] = (request.num_preemptions, loaded)
+        return loaded
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> ECConnectorMetadata:
         prefetches = [stage.item for stage in self._stages.values() if not stage.sent]
@@ -429,6 +442,7 @@ class VitcacheECConnector(ECConnectorBase):
                 self._leave(stage, request.request_id)
         self._deferred_since.pop(request.request_id, None)
         self._encode_locally.pop(request.request_id, None)
+        self._loaded.pop(request.request_id, None)
         return False, None
 
     def has_pending_push_work(self) -> bool:

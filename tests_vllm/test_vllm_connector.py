@@ -289,6 +289,27 @@ def test_an_aborted_request_frees_its_staging_and_staging_is_bounded(server: Run
     assert_failed_before_any_forward(refusing, "no-room")
 
 
+def test_a_chunked_prefill_does_not_stage_again_what_vllm_holds_until_a_preemption(server: RunningServer) -> None:
+    key = "c4" * 32
+    with VitCacheClient(server.target) as client:
+        assert client.put({key: [torch.randn(16, 32)]}) == [None]
+    scheduler = connector("ec_consumer", ECConnectorRole.SCHEDULER, server.target)
+    worker = connector("ec_consumer", ECConnectorRole.WORKER, server.target)
+    engine = Engine(scheduler, worker)
+    req = request("chunked", key, 16)
+    assert not scheduler.ensure_cache_available(req, 0)
+    engine.step()  # staged
+    assert scheduler.ensure_cache_available(req, 0)
+    scheduler.update_state_after_alloc(req, 0)  # the first chunk loads it; its tokens 1..8 are computed
+    engine.step()
+    assert key in engine.caches[0] and engine.staged() == 0
+    assert scheduler.ensure_cache_available(req, 8)  # the second chunk: vLLM still holds it
+    assert not scheduler._stages
+    req.num_preemptions += 1  # vLLM's preemption frees the request's encoder inputs
+    assert not scheduler.ensure_cache_available(req, 0)
+    assert key in scheduler._stages
+
+
 def test_a_request_waiting_past_stage_wait_s_is_failed(server: RunningServer) -> None:
     entry = torch.randn(16, 32)
     keys = [f"{n:02x}" * 32 for n in range(4, 6)]
