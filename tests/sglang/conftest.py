@@ -25,6 +25,7 @@ QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 FAMILIES = (*QWEN_FAMILIES, "kimi_k25")
 # The tiny checkpoints' special tokens (vitcache/models/tiny.py) and a few words, for a word-level tokenizer.
 SPECIAL_TOKENS = {"<|image_pad|>": 500, "<|video_pad|>": 501, "<|vision_start|>": 502, "<|vision_end|>": 503}
+KIMI_SPECIAL_TOKENS = {"<|media_pad|>": 500}  # Kimi-K2.5's image placeholder, at the tiny config's image_token_id
 WORDS = ("<unk>", "<pad>", "describe", "and", "then", ".")
 
 
@@ -59,16 +60,16 @@ def vitcache_targets(
             server.stop()
 
 
-def tiny_tokenizer():  # type: ignore[no-untyped-def]
+def tiny_tokenizer(special_tokens: dict[str, int] = SPECIAL_TOKENS):  # type: ignore[no-untyped-def]
     """A word-level fast tokenizer with the tiny checkpoints' vision tokens at their ids."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {word: index for index, word in enumerate(WORDS)} | SPECIAL_TOKENS
+    vocab = {word: index for index, word in enumerate(WORDS)} | special_tokens
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, unk_token="<unk>", pad_token="<pad>", additional_special_tokens=list(SPECIAL_TOKENS)
+        tokenizer_object=tokenizer, unk_token="<unk>", pad_token="<pad>", additional_special_tokens=list(special_tokens)
     )
 
 

@@ -14,7 +14,11 @@ from PIL import Image
 from sglang.srt.managers.io_struct import GenerateReqInput
 from sglang.srt.managers.schedule_batch import MultimodalInputFormat
 from sglang.srt.multimodal.processors.kimi_common import KimiGridMMDataMixin, _item_grid_thw
-from sglang.srt.multimodal.processors.kimi_k25 import _grid_thw_from_resize_config, navit_resize_config
+from sglang.srt.multimodal.processors.kimi_k25 import (
+    KimiK2_5VLImageProcessor,
+    _grid_thw_from_resize_config,
+    navit_resize_config,
+)
 from sglang.srt.multimodal.processors.qwen_vl import QwenVLImageProcessor
 from sglang.srt.runtime_context import publish
 from sglang.srt.server_args import ServerArgs
@@ -22,7 +26,7 @@ from transformers import AutoConfig, AutoImageProcessor
 from vitcache.client import VitCacheClient
 from vitcache.integrations.sglang import expand_image_tokens, image_embedding, precomputed_embedding
 
-from .conftest import QWEN_FAMILIES, png, tiny_tokenizer
+from .conftest import KIMI_SPECIAL_TOKENS, QWEN_FAMILIES, png, tiny_tokenizer
 
 PROMPT = "describe <|vision_start|><|image_pad|><|vision_end|> and <|vision_start|><|image_pad|><|vision_end|> ."
 IMAGES = (png(90, 60, seed=1), png(50, 120, seed=2))  # two sizes: two grids, two spans of tokens
@@ -92,32 +96,84 @@ def test_qwen3_vl_deepstack_columns_split_as_sglang_splits_them(checkpoints, vit
     assert torch.equal(deepstack, torch.cat(result.embeddings[1:], dim=-1))
 
 
-def test_kimi_k25_item_matches_sglang_kimi_preprocessing(checkpoints, vitcache_targets):
-    # SGLang's Kimi-K2.5 processor needs the checkpoint's remote-code HF processor, which a tiny checkpoint has
-    # not: its grid and token arithmetic and its identity rules are checked one by one.
-    import json
+class KimiRemoteProcessorCalls:
+    """The calls SGLang's Kimi-K2.5 processor makes on the checkpoint's remote-code HF processor (``media_processor``
+    with ``media_proc_cfg`` and ``media_tokens_calculator``; ``__call__(text, medias=...)``), answered by transformers'
+    own Kimi-K2.5 image processor of the tiny checkpoint: the tiny checkpoint is transformers-native and Moonshot's
+    remote code is not fetched in tests. Token counts and grids are transformers' arithmetic, not made up."""
 
-    from sglang.srt.managers.schedule_batch import Modality, MultimodalDataItem
+    def __init__(self, checkpoint: Path) -> None:
+        self.image_processor = AutoImageProcessor.from_pretrained(checkpoint)
+        self.tokenizer = tiny_tokenizer(KIMI_SPECIAL_TOKENS)
+        self.media_processor = self
+        processor = self.image_processor
+        self.media_proc_cfg = {
+            "patch_size": processor.patch_size,
+            "merge_kernel_size": processor.merge_size,
+            "in_patch_limit": processor.max_patches,
+            "patch_limit_on_one_side": processor.size["max_height"],
+            "image_mean": list(processor.image_mean),
+            "image_std": list(processor.image_std),
+        }
 
-    preprocessor = json.loads((checkpoints["kimi_k25"] / "preprocessor_config.json").read_text())
+    def media_tokens_calculator(self, media: dict) -> int:
+        width, height = media["image"].size
+        return self.image_processor.get_number_of_image_patches(height, width, {}) // self.image_processor.merge_size**2
+
+    def __call__(self, text: list[str], medias: list[dict], **kwargs: object) -> dict:
+        pixels = self.image_processor([media["image"] for media in medias], return_tensors="pt")
+        input_ids = self.tokenizer(text, return_tensors="pt")["input_ids"]
+        return {"input_ids": input_ids, "pixel_values": pixels["pixel_values"], "grid_thws": pixels["image_grid_thw"]}
+
+
+def sglang_kimi_processor(checkpoint: Path) -> KimiK2_5VLImageProcessor:
+    """SGLang's Kimi-K2.5 processor; the remote-code config names the image token media_placeholder_token_id."""
+    config = AutoConfig.from_pretrained(checkpoint)
+    config.media_placeholder_token_id = config.image_token_id
+    server_args = ServerArgs(model_path=str(checkpoint), device="cpu")
+    publish(server_args, role="test")
+    return KimiK2_5VLImageProcessor(config, server_args, KimiRemoteProcessorCalls(checkpoint), "default")
+
+
+@pytest.mark.parametrize("image", IMAGES, ids=("90x60", "50x120"))
+def test_kimi_k25_precomputed_matches_sglang_processing_the_image(image, checkpoints, vitcache_targets):
+    processor = sglang_kimi_processor(checkpoints["kimi_k25"])
+    with VitCacheClient(vitcache_targets["kimi_k25"]) as client:
+        (result,) = [r.raise_for_error() for r in client.encode([image])]
+    prompt = "describe <|media_pad|> ."
+
+    from_image = process(processor, prompt, [Image.open(io.BytesIO(image)).convert("RGB")])
+    item = precomputed_embedding([result], "kimi_k25")
+    from_vitcache = process(processor, expand_image_tokens(prompt, [result], "kimi_k25"), [item])
+
+    # The same tokens, span and grid as when SGLang preprocesses the image itself; the embedding in place of pixels.
+    assert from_vitcache.input_ids == from_image.input_ids
+    (pixels,), (precomputed,) = from_image.mm_items, from_vitcache.mm_items
+    assert precomputed.format == MultimodalInputFormat.PRECOMPUTED_EMBEDDING
+    assert precomputed.offsets == pixels.offsets
+    assert _item_grid_thw(precomputed) == _item_grid_thw(pixels)
+    assert torch.equal(precomputed.feature, image_embedding(result))
+    ((start, end),) = precomputed.offsets
+    assert end - start + 1 == precomputed.feature.shape[0]
+    assert precomputed.hash is not None  # SGLang's own identity, from the embedding (callers may not give one)
+    # SGLang's GPU path sizes images with its own arithmetic: the same count.
+    width, height = Image.open(io.BytesIO(image)).size
+    config = processor._processor.media_processor.media_proc_cfg
+    resize = navit_resize_config(
+        width,
+        height,
+        config["patch_size"],
+        config["merge_kernel_size"],
+        config["in_patch_limit"],
+        config["patch_limit_on_one_side"],
+    )
+    assert resize["num_tokens"] == precomputed.feature.shape[0]
+    assert tuple(_item_grid_thw(precomputed)) == _grid_thw_from_resize_config(resize, config["patch_size"])
+
+
+def test_kimi_k25_takes_one_image_and_no_caller_identity(vitcache_targets):
     with VitCacheClient(vitcache_targets["kimi_k25"]) as client:
         results = [result.raise_for_error() for result in client.encode(list(IMAGES))]
-    for data, result in zip(IMAGES, results, strict=True):
-        width, height = Image.open(io.BytesIO(data)).size
-        resize = navit_resize_config(
-            width,
-            height,
-            patch_size=preprocessor["patch_size"],
-            merge_kernel_size=preprocessor["merge_size"],
-            in_patch_limit=preprocessor["max_patches"],
-            patch_limit_on_one_side=preprocessor["size"]["max_height"],
-        )
-        item = precomputed_embedding([result], "kimi_k25")
-        assert item["feature"].shape[0] == resize["num_tokens"]
-        grid = {"image_grid_thw": item["image_grid_thw"]}
-        sglang_item = MultimodalDataItem(modality=Modality.IMAGE, model_specific_data=grid)
-        assert tuple(_item_grid_thw(sglang_item)) == _grid_thw_from_resize_config(resize, preprocessor["patch_size"])
-        KimiGridMMDataMixin.reject_caller_image_identity([item], None)  # no caller identity: SGLang accepts it
     with pytest.raises(ValueError, match=r"one precomputed Kimi-K2\.5 image"):
         precomputed_embedding(results, "kimi_k25")
     with pytest.raises(ValueError, match="hash"):  # why the Qwen items' hash is left out for Kimi
