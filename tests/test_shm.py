@@ -95,7 +95,7 @@ def test_shm_results_equal_grpc_and_view_shared_memory(start_server_thread, enco
     images = [png_bytes(64, 48, 1), png_bytes(100, 30, 2), png_bytes(30, 100, 3)]
     with VitCacheClient(server.target) as plain:
         reference = [r.raise_for_error() for r in plain.encode(images)]
-    with VitCacheClient(server.target, shm_socket=socket_path) as client:
+    with VitCacheClient(server.target, shm_socket=socket_path, shm_shared_l1=False) as client:
         results = [r.raise_for_error() for r in client.encode(images)]
         assert [r.source for r in results] == ["L1"] * 3
         mappings = arena_mappings()
@@ -125,7 +125,7 @@ def test_misses_and_a_full_arena_fail_per_image_and_leases_come_back(start_serve
     server = shm_server(start_server_thread, encoder, socket_path, shm_arena_bytes=2 * size)
     with VitCacheClient(server.target) as plain:
         digests = [r.raise_for_error().digest for r in plain.encode(images)]
-    channel = ShmChannel(socket_path)
+    channel = ShmChannel(socket_path, shared_l1=False)
     try:
         results = channel.fetch([*digests, b"\x00" * 16])
         assert [r.error is None for r in results] == [True, True, False, False]
@@ -137,7 +137,7 @@ def test_misses_and_a_full_arena_fail_per_image_and_leases_come_back(start_serve
         assert third.error is None and server.running.shm.leased_bytes == size
     finally:
         channel.close()
-    with VitCacheClient(server.target, shm_socket=socket_path) as client:
+    with VitCacheClient(server.target, shm_socket=socket_path, shm_shared_l1=False) as client:
         # An image the arena has no room for comes over gRPC instead.
         held = client.fetch(digests)
         assert [r.raise_for_error().source for r in held] == ["L1"] * 3
