@@ -174,10 +174,12 @@ class VitCacheServicer(pb_grpc.VitCacheServicer):
         """``request`` is a FetchRequest's bytes (``wire.add_servicer`` registers it so)."""
         fetch = await self._read(self._fetch_request, request, context)
         scope = await self._scope(context)
-        async for outcome in self.engine.fetch(list(fetch.digests), scope):
-            yield image_result_bytes(outcome, fetch.metadata_only)
-        async for outcome in self.engine.fetch_keys(list(fetch.keys), scope, first_index=len(fetch.digests)):
-            yield image_result_bytes(outcome, fetch.metadata_only)
+        if fetch.digests:
+            async for outcome in self.engine.fetch(list(fetch.digests), scope):
+                yield image_result_bytes(outcome, fetch.metadata_only)
+        if fetch.keys:  # skipped when empty: an async generator and a queue cost 30 us of a 2 ms hit
+            async for outcome in self.engine.fetch_keys(list(fetch.keys), scope, first_index=len(fetch.digests)):
+                yield image_result_bytes(outcome, fetch.metadata_only)
 
     async def Put(self, request: bytes, context: grpc.aio.ServicerContext) -> pb.PutResponse:
         """``request`` is a PutRequest's bytes (``wire.add_servicer`` registers it so)."""
