@@ -8,15 +8,13 @@ import fcntl
 import gc
 import mmap
 import os
-import shutil
 import signal
 import socket
 import stat
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -37,14 +35,6 @@ NOT_FOUND = grpc.StatusCode.NOT_FOUND.value[0]
 RESOURCE_EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
 INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT.value[0]
 UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED.value[0]
-
-
-@pytest.fixture
-def socket_path() -> Iterator[Path]:
-    """A socket path under a short private directory (Unix socket paths are limited to 107 bytes)."""
-    parent = Path(tempfile.mkdtemp(prefix="vcshm-"))
-    yield parent / "shm" / "vitcache.sock"
-    shutil.rmtree(parent, ignore_errors=True)
 
 
 def shm_server(start_server_thread, encoder, path: Path, **config):  # type: ignore[no-untyped-def]
@@ -88,6 +78,18 @@ def read_reply(sock: socket.socket, data: bytes = b"") -> dict:
         assert chunk, "connection closed"
         data += chunk
     return json.loads(data[LENGTH.size :])
+
+
+def refusals(attempts: dict[str, Callable[[], object]]) -> dict[str, int | None]:
+    """The errno each attempt failed with; None for one that succeeded."""
+    refused: dict[str, int | None] = {}
+    for name, attempt in attempts.items():
+        try:
+            attempt()
+            refused[name] = None
+        except OSError as exc:
+            refused[name] = exc.errno
+    return refused
 
 
 def test_shm_results_equal_grpc_and_view_shared_memory(start_server_thread, encoder, socket_path) -> None:  # type: ignore[no-untyped-def]
@@ -227,13 +229,7 @@ def test_a_client_cannot_resize_its_arena_so_the_server_lives_on(tiny_checkpoint
                 "seal writes": lambda: fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE),
                 "shrink": lambda: os.ftruncate(fd, 0),
             }
-            refused = {}
-            for name, attempt in attempts.items():
-                try:
-                    attempt()
-                    refused[name] = None
-                except OSError as exc:
-                    refused[name] = exc.errno
+            refused = refusals(attempts)
             os.close(fd)
             sock.sendall(request_frame([cached.digest], []))
             (result,) = read_reply(sock)["results"]  # where the server died of SIGBUS

@@ -10,10 +10,7 @@ import errno
 import gc
 import mmap
 import os
-import shutil
 import socket
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,16 +28,9 @@ from vitcache.digest import digest_file
 from vitcache.wire.shm_protocol import json_frame, request_frame
 
 from .conftest import png_bytes
-from .test_shm import read_reply
+from .test_shm import read_reply, refusals
 
 ABORTED = grpc.StatusCode.ABORTED.value[0]
-
-
-@pytest.fixture
-def socket_path() -> Iterator[Path]:
-    parent = Path(tempfile.mkdtemp(prefix="vcl1-"))
-    yield parent / "shm" / "vitcache.sock"
-    shutil.rmtree(parent, ignore_errors=True)
 
 
 def entry(seed: int, tokens: int = 64) -> CachedEmbedding:
@@ -154,13 +144,7 @@ def test_a_client_cannot_write_the_shared_l1(start_server_thread, socket_path) -
             "shrink, reopened": lambda: os.ftruncate(reopened, 0),
             "grow, reopened": lambda: os.ftruncate(reopened, 2 * size),
         }
-        refused = {}
-        for name, attempt in attempts.items():
-            try:
-                attempt()
-                refused[name] = None
-            except OSError as exc:
-                refused[name] = exc.errno
+        refused = refusals(attempts)
         os.close(reopened)
         os.close(fd)
         assert refused == {
