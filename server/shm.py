@@ -23,6 +23,7 @@ from vitcache.server.status import wire_code
 
 from vitcache.cache.arena import ArenaEntry, FirstFitLeases
 from vitcache.cache.entry import CachedEmbedding
+from vitcache.cache.tiers import l1_key
 from vitcache.engine import EmbeddingEngine, Scope
 from vitcache.errors import ErrorCode
 from vitcache.outcomes import ImageOutcome
@@ -299,23 +300,25 @@ class ShmServer:
             reply = _error(ErrorCode.INVALID_ARGUMENT, f"leases {unknown} are not held by this connection")
         else:
             outcomes = self.engine.fetch(digests, scope)
-            reply = {"results": [self._result(arena, outcome) async for outcome in outcomes]}
+            reply = {"results": [self._result(arena, outcome, scope) async for outcome in outcomes]}
         writer.write(json_frame(reply))
         await writer.drain()
 
-    @staticmethod
-    def _result(arena: Arena | None, outcome: ImageOutcome) -> dict[str, Any]:
+    def _result(self, arena: Arena | None, outcome: ImageOutcome, scope: Scope) -> dict[str, Any]:
         result: dict[str, Any] = {"index": outcome.index}
         if outcome.error is not None:
             return result | _error(outcome.error.code, outcome.error.message)
         assert outcome.entry is not None and outcome.source is not None
-        placed = _located(outcome.entry) if arena is None else arena.place(outcome.entry)
+        if arena is not None:
+            placed = arena.place(outcome.entry)
+        else:  # an L2 hit's entry is the one read from Redis; L1 holds its copy in the shared arena
+            placed = _located(outcome.entry) or _located(self.engine.l1.get(l1_key(outcome.digest, scope.tenant)))
         if placed is None:
             return result | _error(ErrorCode.RESOURCE_EXHAUSTED, _no_room(arena))
         return result | placed | {"source": int(outcome.source)}
 
 
-def _located(entry: CachedEmbedding) -> dict[str, Any] | None:
+def _located(entry: CachedEmbedding | None) -> dict[str, Any] | None:
     """Where ``entry`` lies in the shared L1; None for an entry held outside it."""
     if not isinstance(entry, ArenaEntry):
         return None

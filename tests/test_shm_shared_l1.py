@@ -11,6 +11,7 @@ import gc
 import mmap
 import os
 import socket
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from vitcache.cache.arena import GENERATION, ArenaEntry, SharedArena
 from vitcache.cache.entry import CachedEmbedding
 from vitcache.cache.tiers import L1Cache
 from vitcache.digest import digest_file
+from vitcache.outcomes import Source
 from vitcache.wire.shm_protocol import json_frame, request_frame
 
 from .conftest import png_bytes
@@ -201,3 +203,33 @@ def test_l1_entries_live_in_the_arena_and_blocks_come_back_once_unviewed() -> No
     del held
     gc.collect()
     assert arena.leased_bytes == used
+
+
+def test_an_l2_hit_is_read_from_its_copy_in_the_shared_l1(start_server_thread, socket_path, redis_server) -> None:  # type: ignore[no-untyped-def]
+    server = start_server_thread(ServerConfig(shm_socket=str(socket_path), redis_url=redis_server.url))
+    digest, stored = digest_file(b"in redis"), entry(6)
+    assert server.call(server.engine.l2.put(digest, stored))
+    channel = ShmChannel(socket_path)
+    try:
+        (result,) = channel.fetch([digest])  # not RESOURCE_EXHAUSTED, which would send it over gRPC again
+        assert result.error is None and result.source == int(Source.L2)
+        assert payload(result.embeddings) == payload(stored.tensors())
+    finally:
+        channel.close()
+
+
+def test_an_entry_dying_while_the_arena_is_locked_gives_its_block_back_later() -> None:
+    """The last reference to an entry can go anywhere, even inside the arena's own lock (garbage
+    collection runs on any allocation): taking the lock again there would deadlock the server."""
+    arena = SharedArena(1 << 20)
+    held = [arena.store(entry(7))]
+
+    def drop_inside_the_lock() -> None:
+        with arena._lock:
+            held.clear()
+
+    worker = threading.Thread(target=drop_inside_the_lock, daemon=True)
+    worker.start()
+    worker.join(30)
+    assert not worker.is_alive(), "deadlocked"
+    assert arena.leased_bytes == 0

@@ -18,6 +18,7 @@ order, which x86-64 guarantees (the only platform the shared-memory path is test
 from __future__ import annotations
 
 import bisect
+import collections
 import fcntl
 import itertools
 import mmap
@@ -123,7 +124,8 @@ class SharedArena:
     - a dropped entry's block is leased again only once no object in this process views its bytes
       (its :class:`ArenaEntry` is gone), so gRPC replies being built from it stay whole.
     Thread-safe: L1 stores from the batcher's thread, and blocks come back from whichever thread
-    drops an entry's last reference.
+    drops an entry's last reference (even one inside ``store``, by garbage collection: so a dead entry's
+    block only joins ``_unviewed``, taken back under the lock by the next call).
     """
 
     def __init__(self, capacity: int) -> None:
@@ -142,14 +144,18 @@ class SharedArena:
         self._leases = FirstFitLeases(capacity)
         self._lock = threading.Lock()
         self._generations = itertools.count(2, 2)  # even: a live entry
+        self._unviewed: collections.deque[int] = collections.deque()
 
     @property
     def leased_bytes(self) -> int:
-        return self._leases.leased_bytes
+        with self._lock:
+            self._take_back_unviewed()
+            return self._leases.leased_bytes
 
     def store(self, entry: CachedEmbedding) -> ArenaEntry | None:
         """A copy of ``entry`` in a new block; None when no free range is large enough."""
         with self._lock:
+            self._take_back_unviewed()
             at = self._leases.lease(block_size(entry))
             generation = next(self._generations)
         if at is None:
@@ -160,7 +166,7 @@ class SharedArena:
             outputs.append(TensorBytes(out.dtype, out.shape, self._view[offset : offset + out.nbytes].toreadonly()))
         GENERATION.pack_into(self._view, at, generation)  # last: the block is whole from here on
         stored = ArenaEntry(entry.grid_thw, tuple(outputs), at, generation)
-        weakref.finalize(stored, self._release, at).atexit = False
+        weakref.finalize(stored, self._unviewed.append, at).atexit = False
         return stored
 
     def drop(self, entry: ArenaEntry) -> None:
@@ -168,9 +174,9 @@ class SharedArena:
         with self._lock:
             GENERATION.pack_into(self._view, entry.at, next(self._generations) + 1)  # odd: dropped
 
-    def _release(self, at: int) -> None:
-        with self._lock:
-            self._leases.release(at)
+    def _take_back_unviewed(self) -> None:
+        while self._unviewed:
+            self._leases.release(self._unviewed.popleft())
 
     def read_only_fd(self) -> int:
         """A new descriptor of the memfd opened read-only (the caller closes it); with the seals,
