@@ -76,9 +76,10 @@ def copied_out(mapping: memoryview, result: dict[str, Any]) -> list[torch.Tensor
 class ShmChannel:
     """One connection to a server's ``--shm-socket``; blocking. Thread-safe: requests take turns.
 
-    Invariant: an image's lease is released (with the next request) only once every tensor
-    viewing it is gone: their storages all hold the one memoryview of the lease that
-    carries its finalizer.
+    Invariants: from the shared L1, a result's tensors are copies whose entry kept its generation
+    through the copy; from its own arena, an image's lease is released (with the next request) only
+    once every tensor viewing it is gone: their storages all hold the one memoryview of the lease
+    that carries its finalizer.
     """
 
     def __init__(
