@@ -160,6 +160,10 @@ def test_a_client_cannot_write_the_shared_l1(start_server_thread, socket_path) -
         }
         sock.sendall(request_frame([digest], []))
         assert read_reply(sock)["results"][0]["generation"] > 0
+        sock.sendall(request_frame([digest], [64]))  # a lease to release: there are none on the shared L1
+        reply = read_reply(sock)
+        assert reply["error"][0] == grpc.StatusCode.INVALID_ARGUMENT.value[0] and "0 leases held" in reply["error"][1]
+        assert sock.recv(100) == b""  # that connection alone ends
     with VitCacheClient(server.target, shm_socket=socket_path) as client:
         (fetched,) = client.fetch([digest])
         assert payload(fetched.raise_for_error().embeddings) == payload(cached.tensors())
