@@ -3,9 +3,11 @@
     .venv/bin/python bench/hit_path.py        # ~2 min on 2 cores; prints tables, writes bench/results/hit_path-*.json
 
 One 448x448 image of Qwen2.5-VL-7B is 256 tokens x 3584 bf16 = 1.8 MB. A server process holds
-16 such entries in L1 (put there directly: a hit never runs the tower) and serves them three
+16 such entries in L1 (put there directly: a hit never runs the tower) and serves them four
 ways: the vitcache gRPC API as served (hit-path codecs on both sides), the same API with
-protobuf's own serializer and parser (the path before them), and the shared-memory socket.
+protobuf's own serializer and parser (the path before them), and the shared-memory socket, both
+from the shared L1 (the client copies out of its read-only mapping; the server copies nothing) and
+into the connection's own arena (the server copies, the client's tensors view the arena).
 Beside it, in the same process, a raw gRPC service answers a tiny request with the same number of
 bytes (one-way: what a hit moves, and the baseline the ratios divide by). Redis GETs the same bytes from a
 redis-server this script starts. Every method runs round-robin in one loop, so a busy machine
@@ -144,6 +146,7 @@ def main() -> None:
 
         grpc_client = VitCacheClient(f"127.0.0.1:{vitcache_port}")
         shm_client = VitCacheClient(f"127.0.0.1:{vitcache_port}", shm_socket=shm_socket)
+        own_arena_client = VitCacheClient(f"127.0.0.1:{vitcache_port}", shm_socket=shm_socket, shm_shared_l1=False)
         unlimited = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
         channel = grpc.insecure_channel(f"127.0.0.1:{baseline_port}", options=unlimited)
         echo = channel.unary_unary(f"/{RAW_SERVICE}/Echo", _identity, _identity)
@@ -165,6 +168,7 @@ def main() -> None:
                 "vitcache gRPC": lambda: fetch(grpc_client, count),
                 "vitcache gRPC before (protobuf codecs)": lambda: fetch_before(count),
                 "vitcache shm": lambda: fetch(shm_client, count),
+                "vitcache shm, own arena (server copies)": lambda: fetch(own_arena_client, count),
                 "vitcache shm, misses (control path only)": lambda: shm_client.fetch(absent[:count]),
                 "raw gRPC 1-byte echo (control path only)": lambda: echo(b"x"),
                 "redis GET": lambda: store.mget(keys),
@@ -174,7 +178,7 @@ def main() -> None:
         rows = []
         for count in (int(n) for n in args.images.split(",")):
             methods = methods_for(count)
-            for name in ("vitcache gRPC", "vitcache gRPC before (protobuf codecs)", "vitcache shm"):
+            for name in [name for name in methods if name.startswith("vitcache") and "misses" not in name]:
                 tensors = methods[name]()
                 assert isinstance(tensors, list) and len(tensors) == count, name
                 for tensor, entry in zip(tensors, expected, strict=False):
@@ -203,17 +207,17 @@ def main() -> None:
                         "rounds": iters,
                     }
                 )
-        for client in (grpc_client, shm_client):
+        for client in (grpc_client, shm_client, own_arena_client):
             client.close()
     finally:
         server.kill()
         redis_server.kill()
 
     print(f"\nhit path, {item_bytes / 1e6:.2f} MB per image ({TOKENS} x {HIDDEN} bf16), {os.cpu_count()} CPUs")
-    print(f"{'images':>6}  {'method':<42}{'p50 ms':>9}{'p99 ms':>9}{'GB/s':>8}{'p50 / one-way':>15}")
+    print(f"{'images':>6}  {'method':<44}{'p50 ms':>9}{'p99 ms':>9}{'GB/s':>8}{'p50 / one-way':>15}")
     for row in rows:
         print(
-            f"{row['images']:>6}  {row['method']:<42}{row['p50_ms']:>9.3f}{row['p99_ms']:>9.3f}"
+            f"{row['images']:>6}  {row['method']:<44}{row['p50_ms']:>9.3f}{row['p99_ms']:>9.3f}"
             f"{'-' if row['gb_per_s'] is None else format(row['gb_per_s'], '.2f'):>8}{row['vs_one_way']:>15.2f}"
         )
     out = Path(args.out)

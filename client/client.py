@@ -148,6 +148,9 @@ def _from_shm(result: ShmResult, digest: bytes, index: int) -> EncodedImage:
     return EncodedImage(index, digest, result.embeddings, result.grid_thw, _SOURCES[result.source])
 
 
+_SHM_RETRIED_OVER_GRPC = (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED)
+
+
 def _failed_with(result: EncodedImage, code: grpc.StatusCode) -> bool:
     return result.error is not None and result.error.code is code
 
@@ -202,7 +205,7 @@ class VitCacheClient:
     """Blocking client. ``target`` is a gRPC target such as ``"localhost:50051"``; ``options``
     carry TLS, token, tenant and digest key (:class:`ConnectOptions`). With ``shm_socket``
     (the server's ``--shm-socket``, same host only) lookups are answered in shared memory
-    and only image bytes travel over gRPC."""
+    and only image bytes travel over gRPC; ``shm_shared_l1`` as in :class:`ShmChannel`."""
 
     def __init__(
         self,
@@ -210,11 +213,14 @@ class VitCacheClient:
         max_message_bytes: int = 256 << 20,
         options: ConnectOptions | None = None,
         shm_socket: str | os.PathLike | None = None,
+        shm_shared_l1: bool = True,
     ) -> None:
         self.options = options or ConnectOptions()
         self._channel = open_channel(target, self.options, max_message_bytes)
         self._stub = result_stub(self._channel)
-        self._shm = ShmChannel(shm_socket, self.options.metadata()) if shm_socket is not None else None
+        self._shm = None
+        if shm_socket is not None:
+            self._shm = ShmChannel(shm_socket, self.options.metadata(), shared_l1=shm_shared_l1)
 
     def close(self) -> None:
         self._channel.close()
@@ -287,8 +293,9 @@ class VitCacheClient:
         for start in range(0, len(digests), MAX_ITEMS_PER_REQUEST):
             chunk = digests[start : start + MAX_ITEMS_PER_REQUEST]
             results += [_from_shm(r, chunk[r.index], start + r.index) for r in self._shm.fetch(chunk, timeout)]
-        # An image the arena had no room for (its earlier tensors still alive) comes over gRPC.
-        full = [r.index for r in results if _failed_with(r, grpc.StatusCode.RESOURCE_EXHAUSTED)]
+        # An image the arena had no room for (its earlier tensors still alive), or whose entry kept being
+        # replaced while it was read from the shared L1, comes over gRPC.
+        full = [r.index for r in results if any(_failed_with(r, code) for code in _SHM_RETRIED_OVER_GRPC)]
         for result in self._fetch_grpc([digests[i] for i in full], (), False, timeout):
             results[full[result.index]] = replace(result, index=full[result.index])
         if keys:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import grpc.experimental
 
 
 @dataclass(frozen=True)
@@ -119,7 +120,10 @@ class _AsyncStreamMetadata(grpc.aio.UnaryStreamClientInterceptor):
 
 
 def open_channel(target: str, options: ConnectOptions, max_message_bytes: int) -> grpc.Channel:
-    channel_options = options.channel_options(max_message_bytes)
+    # A response stream read on the calling thread, not handed over from the channel's polling thread:
+    # 0.9 ms less per 1-image Fetch on 2 cores (docs/benchmarks.md); every stream here is read by its caller.
+    single_threaded = (grpc.experimental.ChannelOptions.SingleThreadedUnaryStream, 1)
+    channel_options = [*options.channel_options(max_message_bytes), single_threaded]
     if options.uses_tls:
         channel = grpc.secure_channel(target, options.credentials(), channel_options)
     else:

@@ -1,7 +1,8 @@
 """Client side of the same-host shared-memory path (frames: ``vitcache.wire.shm_protocol``).
 
-Results arrive as CPU tensors viewing this connection's arena: no tensor byte is copied on
-this side, and nothing here touches CUDA.
+Where the server shares its L1 (``shared_l1``), results are copied out of a read-only mapping of it
+(the one copy a hit costs) and checked against their generation afterwards; otherwise they arrive as
+CPU tensors viewing this connection's own arena, copied there by the server. Nothing here touches CUDA.
 """
 
 from __future__ import annotations
@@ -20,8 +21,13 @@ from typing import Any
 
 import torch
 
+from vitcache.cache.arena import GENERATION
 from vitcache.wire.shm_protocol import LENGTH, json_frame, request_frame
 from vitcache.wire.tensor_codec import dtype_from_name
+
+#: Lookups of an entry that was replaced while it was being copied, before its image fails with ABORTED.
+MAX_READS = 3
+_ABORTED = 10  # grpc.StatusCode.ABORTED
 
 
 class ShmRequestFailed(RuntimeError):
@@ -53,21 +59,44 @@ def _tensor_at(region: memoryview, start: int, dtype: str, shape: Sequence[int],
     return torch.frombuffer(region, dtype=torch_dtype, count=count, offset=start).view(tuple(shape))
 
 
+def copied_out(mapping: memoryview, result: dict[str, Any]) -> list[torch.Tensor] | None:
+    """The tensors of a shared-L1 ``result``, copied out of ``mapping``; None if the entry was dropped or
+    replaced (its generation changed) before the copy ended, so the copy may be torn."""
+    generation, at = int(result["generation"]), int(result["at"])
+    spans = [(at, at + GENERATION.size)] + [(start, start + nbytes) for _, _, start, nbytes in result["outputs"]]
+    if not all(0 <= start <= end <= len(mapping) for start, end in spans):
+        raise ValueError(f"server sent an entry at {at} outside the shared L1")
+    tensors = [
+        _tensor_at(memoryview(bytearray(mapping[start : start + nbytes])), 0, dtype, shape, nbytes)
+        for dtype, shape, start, nbytes in result["outputs"]
+    ]
+    return tensors if GENERATION.unpack_from(mapping, at)[0] == generation else None
+
+
 class ShmChannel:
     """One connection to a server's ``--shm-socket``; blocking. Thread-safe: requests take turns.
 
-    Invariant: an image's lease is released (with the next request) only once every tensor
-    viewing it is gone: their storages all hold the one memoryview of the lease that
-    carries its finalizer.
+    Invariants: from the shared L1, a result's tensors are copies whose entry kept its generation
+    through the copy; from its own arena, an image's lease is released (with the next request) only
+    once every tensor viewing it is gone: their storages all hold the one memoryview of the lease
+    that carries its finalizer.
     """
 
-    def __init__(self, path: str | os.PathLike, metadata: Sequence[tuple[str, str]] = (), timeout_s: float = 30.0):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        metadata: Sequence[tuple[str, str]] = (),
+        timeout_s: float = 30.0,
+        shared_l1: bool = True,
+    ):
+        """``shared_l1``: ask for the server's L1 mapped read-only (results are copies); False, or a server
+        that isolates tenants, gives this connection its own arena (results are views of it)."""
         self.timeout_s = timeout_s
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self._sock.settimeout(timeout_s)
             self._sock.connect(os.fspath(path))
-            self._sock.sendall(json_frame({"metadata": [list(pair) for pair in metadata]}))
+            self._sock.sendall(json_frame({"metadata": [list(pair) for pair in metadata], "shared_l1": shared_l1}))
             welcome, fds, _, _ = socket.recv_fds(self._sock, 4096, 1)
             try:
                 reply = self._read_json(welcome)
@@ -77,7 +106,12 @@ class ShmChannel:
                     raise ConnectionError("the server sent no shared memory")
                 self.arena_bytes = int(reply["arena_bytes"])
                 self.max_images = int(reply["max_images"])
-                arena = mmap.mmap(fds[0], self.arena_bytes)
+                self.shared_l1 = reply.get("shared_l1") is True
+                arena = mmap.mmap(
+                    fds[0],
+                    self.arena_bytes,
+                    prot=mmap.PROT_READ if self.shared_l1 else mmap.PROT_WRITE | mmap.PROT_READ,
+                )
             finally:
                 for fd in fds:
                     os.close(fd)
@@ -101,11 +135,38 @@ class ShmChannel:
             if self._sock.gettimeout() != timeout_s:  # a system call otherwise spent on every lookup
                 self._sock.settimeout(timeout_s)
             for start in range(0, len(digests), self.max_images):
-                results += self._fetch_chunk(digests[start : start + self.max_images], start)
+                chunk = digests[start : start + self.max_images]
+                results += self._read_shared(chunk, start) if self.shared_l1 else self._fetch_chunk(chunk, start)
         return results
+
+    def _read_shared(self, digests: Sequence[bytes], first_index: int) -> list[ShmResult]:
+        """Results copied out of the shared L1; an image whose entry changed during its copy is looked up
+        again, up to ``MAX_READS`` times in all, then fails with ABORTED (never torn bytes)."""
+        results: dict[int, ShmResult] = {}
+        pending = list(range(len(digests)))
+        for _ in range(MAX_READS):
+            replies = self._request([digests[i] for i in pending], [])
+            retry = []
+            for reply in replies:
+                index = pending[int(reply["index"])]
+                tensors = None if "error" in reply else copied_out(self._arena, reply)
+                if tensors is None and "error" not in reply:
+                    retry.append(index)
+                    continue
+                results[index] = self._result(reply | {"index": index}, first_index, tensors)
+            if not (pending := retry):
+                break
+        for index in pending:
+            error = (_ABORTED, f"the entry was replaced {MAX_READS} times while it was read; try again")
+            results[index] = ShmResult(first_index + index, [], (), 0, error)
+        return [results[i] for i in range(len(digests))]
 
     def _fetch_chunk(self, digests: Sequence[bytes], first_index: int) -> list[ShmResult]:
         releases = [self._released.popleft() for _ in range(len(self._released))]
+        results = [self._result(r, first_index) for r in self._request(digests, releases)]
+        return sorted(results, key=lambda r: r.index)
+
+    def _request(self, digests: Sequence[bytes], releases: Sequence[int]) -> list[dict[str, Any]]:
         try:
             self._sock.sendall(request_frame(digests, releases))
             reply = self._read_json(b"")
@@ -114,14 +175,16 @@ class ShmChannel:
             raise
         if "error" in reply:
             raise ShmRequestFailed(*reply["error"])
-        results = [self._result(r, first_index) for r in reply["results"]]
-        return sorted(results, key=lambda r: r.index)
+        return reply["results"]
 
-    def _result(self, result: dict[str, Any], first_index: int) -> ShmResult:
+    def _result(self, result: dict[str, Any], first_index: int, copies: list[torch.Tensor] | None = None) -> ShmResult:
+        """``result`` as an ShmResult: ``copies`` its tensors (shared L1), else views of this connection's arena."""
         index = first_index + int(result["index"])
         if "error" in result:
             code, message = result["error"]
             return ShmResult(index, [], (), 0, (int(code), str(message)))
+        if copies is not None:
+            return ShmResult(index, copies, tuple(result["grid_thw"]), int(result["source"]), None)
         lease = int(result["lease"])
         outputs = result["outputs"]
         end = max((start + nbytes for _, _, start, nbytes in outputs), default=lease)

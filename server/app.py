@@ -11,6 +11,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from vitcache.v1 import vitcache_pb2 as pb
 
+from vitcache.cache.arena import SharedArena, shared_arena_bytes
 from vitcache.cache.fleet_lock import FleetLock
 from vitcache.cache.tiers import L1Cache, RedisTier, check_redis_url
 from vitcache.encode.encoder_pool import EncoderPool, parse_devices, pool_loaders
@@ -157,7 +158,8 @@ async def start_server(config: ServerConfig, encoder: VisionEncoder | None = Non
         )
         if config.fleet_lock_ttl_s:
             fleet_lock = FleetLock(l2, config.fleet_lock_ttl_s)
-    engine = EmbeddingEngine(pipeline, L1Cache(config.l1_bytes), l2, config.engine, fleet_lock, observer=metrics)
+    l1 = L1Cache(config.l1_bytes, SharedArena(shared_arena_bytes(config.l1_bytes)) if config.shm_socket else None)
+    engine = EmbeddingEngine(pipeline, l1, l2, config.engine, fleet_lock, observer=metrics)
     metrics.watch(engine)
     await engine.start()
 

@@ -88,6 +88,12 @@ class Access:
     def requires_token(self) -> bool:
         return bool(self.tokens)
 
+    @property
+    def tenants_isolated(self) -> bool:
+        """Whether some caller is kept from other tenants' entries (a token is bound to a tenant);
+        otherwise every caller may act as any tenant."""
+        return any(tenant is not None for tenant in self.tokens.values())
+
     def tenant(self, metadata: Metadata) -> str:
         """The caller's tenant ("" for none); raises AccessDenied for a missing or wrong token."""
         return self.caller(metadata)[0]

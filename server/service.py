@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from typing import TypeVar
 
 import grpc
@@ -117,7 +117,8 @@ def _put_item(payload: memoryview) -> tuple[str, CachedEmbedding | ImageError]:
         return "", exc
 
 
-def image_result(outcome: ImageOutcome) -> pb.ImageResult:
+def _result_header(outcome: ImageOutcome) -> pb.ImageResult:
+    """The outcome's ImageResult without its tensors."""
     result = pb.ImageResult(index=outcome.index, digest=outcome.digest, key=outcome.key)
     if outcome.error is not None:
         result.error_code = wire_code(outcome.error.code)
@@ -126,7 +127,12 @@ def image_result(outcome: ImageOutcome) -> pb.ImageResult:
     assert outcome.entry is not None and outcome.source is not None
     result.source = int(outcome.source)
     result.grid_thw.extend(outcome.entry.grid_thw)
-    for out in outcome.entry.outputs:
+    return result
+
+
+def image_result(outcome: ImageOutcome) -> pb.ImageResult:
+    result = _result_header(outcome)
+    for out in outcome.entry.outputs if outcome.error is None and outcome.entry is not None else ():
         result.embeddings.add(dtype=out.dtype, shape=out.shape, data=bytes(out.data))
     return result
 
@@ -136,10 +142,10 @@ def image_result_bytes(outcome: ImageOutcome, metadata_only: bool = False) -> by
 
     ``metadata_only`` leaves the tensors out: an existence check needs source and grid alone.
     """
-    if outcome.entry is None:
-        return image_result(outcome).SerializeToString()
-    bare = replace(outcome, entry=replace(outcome.entry, outputs=()))
-    return with_tensors(image_result(bare), () if metadata_only else outcome.entry.outputs)
+    header = _result_header(outcome)
+    if outcome.error is not None or outcome.entry is None:
+        return header.SerializeToString()
+    return with_tensors(header, () if metadata_only else outcome.entry.outputs)
 
 
 class VitCacheServicer(pb_grpc.VitCacheServicer):
@@ -174,10 +180,12 @@ class VitCacheServicer(pb_grpc.VitCacheServicer):
         """``request`` is a FetchRequest's bytes (``wire.add_servicer`` registers it so)."""
         fetch = await self._read(self._fetch_request, request, context)
         scope = await self._scope(context)
-        async for outcome in self.engine.fetch(list(fetch.digests), scope):
-            yield image_result_bytes(outcome, fetch.metadata_only)
-        async for outcome in self.engine.fetch_keys(list(fetch.keys), scope, first_index=len(fetch.digests)):
-            yield image_result_bytes(outcome, fetch.metadata_only)
+        if fetch.digests:
+            async for outcome in self.engine.fetch(list(fetch.digests), scope):
+                yield image_result_bytes(outcome, fetch.metadata_only)
+        if fetch.keys:  # skipped when empty: an async generator and a queue cost 30 us of a 2 ms hit
+            async for outcome in self.engine.fetch_keys(list(fetch.keys), scope, first_index=len(fetch.digests)):
+                yield image_result_bytes(outcome, fetch.metadata_only)
 
     async def Put(self, request: bytes, context: grpc.aio.ServicerContext) -> pb.PutResponse:
         """``request`` is a PutRequest's bytes (``wire.add_servicer`` registers it so)."""

@@ -8,7 +8,6 @@ or a killed server leaves nothing behind to clean up.
 from __future__ import annotations
 
 import asyncio
-import bisect
 import fcntl
 import json
 import logging
@@ -22,7 +21,9 @@ from typing import Any
 from vitcache.server.security import Access, AccessDenied
 from vitcache.server.status import wire_code
 
+from vitcache.cache.arena import ArenaEntry, FirstFitLeases
 from vitcache.cache.entry import CachedEmbedding
+from vitcache.cache.tiers import l1_key
 from vitcache.engine import EmbeddingEngine, Scope
 from vitcache.errors import ErrorCode
 from vitcache.outcomes import ImageOutcome
@@ -39,55 +40,6 @@ from vitcache.wire.shm_protocol import (
 )
 
 log = logging.getLogger(__name__)
-
-
-class FirstFitLeases:
-    """Leases of aligned ranges of ``[0, capacity)``, first fit.
-
-    Invariants:
-    - ``_free`` holds sorted, disjoint, non-empty ``(start, end)`` ranges, never two adjacent
-      (a release merges with its neighbours), so no fragmentation outlives its leases;
-    - every lease starts and ends on a multiple of ``ALIGNMENT``;
-    - ``leased_bytes`` + free bytes == ``capacity``.
-    """
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity - capacity % ALIGNMENT
-        self.leased_bytes = 0
-        self._free: list[tuple[int, int]] = [(0, self.capacity)] if self.capacity else []
-        self._leases: dict[int, int] = {}
-
-    def __len__(self) -> int:
-        return len(self._leases)
-
-    def lease(self, size: int) -> int | None:
-        """The start of a free range of at least ``size`` bytes, now leased; None if none is free."""
-        size = max(ALIGNMENT, aligned(size))
-        for i, (start, end) in enumerate(self._free):
-            if end - start >= size:
-                if end - start == size:
-                    del self._free[i]
-                else:
-                    self._free[i] = (start + size, end)
-                self._leases[start] = start + size
-                self.leased_bytes += size
-                return start
-        return None
-
-    def release(self, start: int) -> bool:
-        """Frees the lease at ``start``; False if there is none."""
-        end = self._leases.pop(start, None)
-        if end is None:
-            return False
-        self.leased_bytes -= end - start
-        i = bisect.bisect_left(self._free, (start, end))
-        if i > 0 and self._free[i - 1][1] == start:
-            start = self._free.pop(i - 1)[0]
-            i -= 1
-        if i < len(self._free) and self._free[i][0] == end:
-            end = self._free.pop(i)[1]
-        self._free.insert(i, (start, end))
-        return True
 
 
 #: What the client may not do to its arena's memfd: resize it (a shrunk file would make the server's
@@ -180,11 +132,19 @@ def _prepare_socket_path(path: Path) -> None:
 
 
 class ShmServer:
-    """Answers digest lookups on a Unix socket with results placed in the caller's arena.
+    """Answers digest lookups on a Unix socket, from the L1's shared arena or through the caller's own arena.
+
+    Two ways to deliver a hit (``vitcache.wire.shm_protocol``):
+    - shared L1: the client maps the L1's arena (``SharedArena``) read-only and gets where each entry
+      lies; the server copies nothing. Offered only where tenants are no boundary (no token is bound to
+      a tenant, so any caller may act as any tenant): the mapping holds every tenant's entries;
+    - own arena: each entry is copied into the connection's arena (every other case, and clients that
+      do not ask for the shared L1).
 
     Invariants:
     - the socket lives in a directory only this user can enter (0700) and is itself 0600;
-      arenas are 0600 memfds with no name, reachable only through the connection;
+      arenas are 0600 memfds with no name, reachable only through the connection; the shared L1's
+      descriptor is read-only and its memfd sealed against writes and resizing;
     - a connection's arena is unmapped here when the connection ends, however it ends
       (a killed client's socket is closed by its kernel), so memory lives only as long as
       some process maps it;
@@ -207,14 +167,13 @@ class ShmServer:
         self.arena_bytes = arena_bytes
         self.max_images_per_request = max_images_per_request
         self.access = access or Access.open()
+        arena = engine.l1.arena
+        self.shared_l1 = arena if arena is not None and not self.access.tenants_isolated else None
+        self.connections = 0
         self._listener: socket.socket | None = None
         self._accepting: asyncio.Task[None] | None = None
         self._connections: set[asyncio.Task[None]] = set()
         self._arenas: set[Arena] = set()
-
-    @property
-    def connections(self) -> int:
-        return len(self._arenas)
 
     @property
     def leased_bytes(self) -> int:
@@ -233,7 +192,8 @@ class ShmServer:
             raise
         self._listener = listener
         self._accepting = asyncio.get_running_loop().create_task(self._accept(), name="vitcache-shm-accept")
-        log.info("shared memory on %s (%d bytes per client)", self.path, self.arena_bytes)
+        shared = "the L1 shared read-only" if self.shared_l1 is not None else "no shared L1 (tenants are isolated)"
+        log.info("shared memory on %s (%d bytes per client; %s)", self.path, self.arena_bytes, shared)
 
     async def stop(self) -> None:
         tasks = [t for t in (self._accepting, *self._connections) if t is not None]
@@ -261,15 +221,30 @@ class ShmServer:
 
     async def _serve(self, conn: socket.socket) -> None:
         arena: Arena | None = None
+        counted = False
         reader, writer = await asyncio.open_unix_connection(sock=conn)
         try:
-            scope = await self._hello(reader, writer)
-            arena = Arena(self.arena_bytes)
-            self._arenas.add(arena)
-            welcome = json_frame({"arena_bytes": self.arena_bytes, "max_images": self.max_images_per_request})
-            # Past the stream, which holds nothing yet: the first bytes on an empty send buffer never block.
-            socket.send_fds(conn, [welcome], [arena.fd])
-            arena.close_fd()
+            scope, wants_shared_l1 = await self._hello(reader, writer)
+            welcome = {"max_images": self.max_images_per_request}
+            if wants_shared_l1 and self.shared_l1 is not None:
+                welcome |= {"arena_bytes": self.shared_l1.capacity, "shared_l1": True}
+                fd = self.shared_l1.read_only_fd()
+            else:
+                arena = Arena(self.arena_bytes)
+                self._arenas.add(arena)
+                welcome |= {"arena_bytes": self.arena_bytes}
+                assert arena.fd is not None
+                fd = arena.fd
+            try:
+                # Past the stream, which holds nothing yet: the first bytes on an empty send buffer never block.
+                socket.send_fds(conn, [json_frame(welcome)], [fd])
+            finally:
+                if arena is None:
+                    os.close(fd)
+                else:
+                    arena.close_fd()
+            self.connections += 1
+            counted = True
             while True:
                 await self._answer(reader, writer, arena, scope)
         except _Disconnect as why:
@@ -280,18 +255,21 @@ class ShmServer:
             log.exception("shm client connection ended by an unexpected error")
         finally:
             writer.close()
+            self.connections -= counted
             if arena is not None:
                 self._arenas.discard(arena)
                 arena.close()
 
-    async def _hello(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> Scope:
+    async def _hello(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> tuple[Scope, bool]:
+        """The caller's scope, and whether it asks for the shared L1."""
         (size,) = LENGTH.unpack(await _read(reader, LENGTH.size))
         if size > MAX_HELLO_BYTES:
             raise _Disconnect(f"hello of {size} bytes")
         try:
             hello = json.loads(await _read(reader, size))
             metadata = [(str(key), str(value)) for key, value in hello["metadata"]]
-        except (ValueError, KeyError, TypeError) as exc:
+            wants_shared_l1 = hello.get("shared_l1") is True
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise _Disconnect(f"malformed hello: {exc}") from exc
         try:
             tenant = self.access.tenant(metadata)
@@ -299,41 +277,60 @@ class ShmServer:
             writer.write(json_frame(_error(denied.code, denied.message)))
             await writer.drain()
             raise _Disconnect(denied.message) from denied
-        return Scope(tenant)
+        return Scope(tenant), wants_shared_l1
 
     async def _answer(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, arena: Arena, scope: Scope
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, arena: Arena | None, scope: Scope
     ) -> None:
+        """One request: results located in the shared L1 (``arena`` None) or placed in ``arena``."""
+        leases = 0 if arena is None else len(arena.leases)
         digest_count, release_count = REQUEST.unpack(await _read(reader, REQUEST.size))
-        if digest_count > self.max_images_per_request or release_count > len(arena.leases):
+        if digest_count > self.max_images_per_request or release_count > leases:
             message = (
                 f"{digest_count} digests and {release_count} releases: at most "
-                f"--max-images-per-request={self.max_images_per_request} and the {len(arena.leases)} leases held"
+                f"--max-images-per-request={self.max_images_per_request} and the {leases} leases held"
             )
             writer.write(json_frame(_error(ErrorCode.INVALID_ARGUMENT, message)))
             await writer.drain()
             raise _Disconnect(message)
         body = await _read(reader, request_body_size(digest_count, release_count))
         digests, releases = parse_request_body(body, digest_count, release_count)
-        unknown = [lease for lease in releases if not arena.leases.release(lease)]
+        unknown = [lease for lease in releases if arena is None or not arena.leases.release(lease)]
         if unknown:
             reply = _error(ErrorCode.INVALID_ARGUMENT, f"leases {unknown} are not held by this connection")
         else:
-            reply = {"results": [self._place(arena, o) async for o in self.engine.fetch(digests, scope)]}
+            outcomes = self.engine.fetch(digests, scope)
+            reply = {"results": [self._result(arena, outcome, scope) async for outcome in outcomes]}
         writer.write(json_frame(reply))
         await writer.drain()
 
-    @staticmethod
-    def _place(arena: Arena, outcome: ImageOutcome) -> dict[str, Any]:
+    def _result(self, arena: Arena | None, outcome: ImageOutcome, scope: Scope) -> dict[str, Any]:
         result: dict[str, Any] = {"index": outcome.index}
         if outcome.error is not None:
             return result | _error(outcome.error.code, outcome.error.message)
         assert outcome.entry is not None and outcome.source is not None
-        placed = arena.place(outcome.entry)
+        if arena is not None:
+            placed = arena.place(outcome.entry)
+        else:  # an L2 hit's entry is the one read from Redis; L1 holds its copy in the shared arena
+            placed = _located(outcome.entry) or _located(self.engine.l1.get(l1_key(outcome.digest, scope.tenant)))
         if placed is None:
-            message = (
-                f"shared memory arena full ({arena.leases.leased_bytes} of {arena.leases.capacity} bytes leased): "
-                "drop tensors of earlier results, or raise --shm-arena-bytes"
-            )
-            return result | _error(ErrorCode.RESOURCE_EXHAUSTED, message)
+            return result | _error(ErrorCode.RESOURCE_EXHAUSTED, _no_room(arena))
         return result | placed | {"source": int(outcome.source)}
+
+
+def _located(entry: CachedEmbedding | None) -> dict[str, Any] | None:
+    """Where ``entry`` lies in the shared L1; None for an entry held outside it."""
+    if not isinstance(entry, ArenaEntry):
+        return None
+    offsets = entry.output_offsets()
+    outputs = [[out.dtype, list(out.shape), at, out.nbytes] for out, at in zip(entry.outputs, offsets, strict=True)]
+    return {"at": entry.at, "generation": entry.generation, "grid_thw": list(entry.grid_thw), "outputs": outputs}
+
+
+def _no_room(arena: Arena | None) -> str:
+    if arena is None:
+        return "entry not in the shared L1 (its arena was full when it was stored)"
+    return (
+        f"shared memory arena full ({arena.leases.leased_bytes} of {arena.leases.capacity} bytes leased): "
+        "drop tensors of earlier results, or raise --shm-arena-bytes"
+    )

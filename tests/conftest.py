@@ -7,6 +7,7 @@ import os
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -156,6 +157,14 @@ def start_server_thread() -> Iterator:
     yield start
     for server in started:
         server.stop()
+
+
+@pytest.fixture
+def socket_path() -> Iterator[Path]:
+    """A socket path under a short private directory (Unix socket paths are limited to 107 bytes)."""
+    parent = Path(tempfile.mkdtemp(prefix="vcshm-"))
+    yield parent / "shm" / "vitcache.sock"
+    shutil.rmtree(parent, ignore_errors=True)
 
 
 def png_bytes(width: int, height: int, seed: int) -> bytes:

@@ -19,7 +19,7 @@ MAX_SECONDS = 60.0
 def main() -> None:
     path, *hex_digests = sys.argv[1:]
     digests = [bytes.fromhex(h) for h in hex_digests]
-    channel = ShmChannel(path)
+    channel = ShmChannel(path, shared_l1=False)  # its own arena: it dies holding leases
     held: collections.deque[object] = collections.deque(maxlen=8)
     deadline = time.monotonic() + MAX_SECONDS
     for done in range(1, MAX_REQUESTS + 1):

@@ -8,15 +8,13 @@ import fcntl
 import gc
 import mmap
 import os
-import shutil
 import signal
 import socket
 import stat
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -37,14 +35,6 @@ NOT_FOUND = grpc.StatusCode.NOT_FOUND.value[0]
 RESOURCE_EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
 INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT.value[0]
 UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED.value[0]
-
-
-@pytest.fixture
-def socket_path() -> Iterator[Path]:
-    """A socket path under a short private directory (Unix socket paths are limited to 107 bytes)."""
-    parent = Path(tempfile.mkdtemp(prefix="vcshm-"))
-    yield parent / "shm" / "vitcache.sock"
-    shutil.rmtree(parent, ignore_errors=True)
 
 
 def shm_server(start_server_thread, encoder, path: Path, **config):  # type: ignore[no-untyped-def]
@@ -90,12 +80,24 @@ def read_reply(sock: socket.socket, data: bytes = b"") -> dict:
     return json.loads(data[LENGTH.size :])
 
 
+def refusals(attempts: dict[str, Callable[[], object]]) -> dict[str, int | None]:
+    """The errno each attempt failed with; None for one that succeeded."""
+    refused: dict[str, int | None] = {}
+    for name, attempt in attempts.items():
+        try:
+            attempt()
+            refused[name] = None
+        except OSError as exc:
+            refused[name] = exc.errno
+    return refused
+
+
 def test_shm_results_equal_grpc_and_view_shared_memory(start_server_thread, encoder, socket_path) -> None:  # type: ignore[no-untyped-def]
     server = shm_server(start_server_thread, encoder, socket_path)
     images = [png_bytes(64, 48, 1), png_bytes(100, 30, 2), png_bytes(30, 100, 3)]
     with VitCacheClient(server.target) as plain:
         reference = [r.raise_for_error() for r in plain.encode(images)]
-    with VitCacheClient(server.target, shm_socket=socket_path) as client:
+    with VitCacheClient(server.target, shm_socket=socket_path, shm_shared_l1=False) as client:
         results = [r.raise_for_error() for r in client.encode(images)]
         assert [r.source for r in results] == ["L1"] * 3
         mappings = arena_mappings()
@@ -125,7 +127,7 @@ def test_misses_and_a_full_arena_fail_per_image_and_leases_come_back(start_serve
     server = shm_server(start_server_thread, encoder, socket_path, shm_arena_bytes=2 * size)
     with VitCacheClient(server.target) as plain:
         digests = [r.raise_for_error().digest for r in plain.encode(images)]
-    channel = ShmChannel(socket_path)
+    channel = ShmChannel(socket_path, shared_l1=False)
     try:
         results = channel.fetch([*digests, b"\x00" * 16])
         assert [r.error is None for r in results] == [True, True, False, False]
@@ -137,7 +139,7 @@ def test_misses_and_a_full_arena_fail_per_image_and_leases_come_back(start_serve
         assert third.error is None and server.running.shm.leased_bytes == size
     finally:
         channel.close()
-    with VitCacheClient(server.target, shm_socket=socket_path) as client:
+    with VitCacheClient(server.target, shm_socket=socket_path, shm_shared_l1=False) as client:
         # An image the arena has no room for comes over gRPC instead.
         held = client.fetch(digests)
         assert [r.raise_for_error().source for r in held] == ["L1"] * 3
@@ -227,13 +229,7 @@ def test_a_client_cannot_resize_its_arena_so_the_server_lives_on(tiny_checkpoint
                 "seal writes": lambda: fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE),
                 "shrink": lambda: os.ftruncate(fd, 0),
             }
-            refused = {}
-            for name, attempt in attempts.items():
-                try:
-                    attempt()
-                    refused[name] = None
-                except OSError as exc:
-                    refused[name] = exc.errno
+            refused = refusals(attempts)
             os.close(fd)
             sock.sendall(request_frame([cached.digest], []))
             (result,) = read_reply(sock)["results"]  # where the server died of SIGBUS

@@ -197,7 +197,7 @@ class EmbeddingEngine:
             for outcome in answered:
                 self._report(outcome, scope)
                 yield outcome
-            for next_done in asyncio.as_completed(tasks):
+            for next_done in asyncio.as_completed(tasks) if tasks else ():  # all hits: no Queue to build
                 outcome = await next_done
                 self._report(outcome, scope)
                 yield outcome

@@ -25,6 +25,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import parse_url
 from redis.exceptions import RedisClusterException, RedisError, ResponseError
 
+from vitcache.cache.arena import ArenaEntry, SharedArena
 from vitcache.cache.entry import CachedEmbedding, CorruptEntry
 from vitcache.errors import ConfigError
 
@@ -53,13 +54,17 @@ class L1Cache:
     - ``bytes_used`` is the sum of ``nbytes`` of the held entries and never exceeds ``capacity_bytes``.
     - An entry larger than the whole capacity is not stored (it would evict everything).
     - ``get`` refreshes recency; ``put`` of a held digest replaces it.
+    - With an ``arena``, a stored entry's bytes are copied into it (the held entry views them there) and
+      a dropped entry is marked dropped in it; an entry the arena has no room for even once everything
+      else is evicted (blocks still viewed elsewhere) is held in private memory.
     Thread-safe: the batcher's worker thread and the event loop may both touch it.
     """
 
-    def __init__(self, capacity_bytes: int) -> None:
+    def __init__(self, capacity_bytes: int, arena: SharedArena | None = None) -> None:
         if capacity_bytes < 0:
             raise ValueError("capacity_bytes must be >= 0")
         self.capacity_bytes = capacity_bytes
+        self.arena = arena
         self.bytes_used = 0
         self.evictions = 0
         self._entries: OrderedDict[Hashable, CachedEmbedding] = OrderedDict()
@@ -83,14 +88,30 @@ class L1Cache:
         with self._lock:
             old = self._entries.pop(key, None)
             if old is not None:
-                self.bytes_used -= old.nbytes
+                self._forget(old)
             while self.bytes_used + size > self.capacity_bytes:
-                _, evicted = self._entries.popitem(last=False)
-                self.bytes_used -= evicted.nbytes
-                self.evictions += 1
+                self._evict_oldest()
+            if self.arena is not None:
+                entry = self._in_arena(entry, self.arena)
             self._entries[key] = entry
             self.bytes_used += size
             return True
+
+    def _in_arena(self, entry: CachedEmbedding, arena: SharedArena) -> CachedEmbedding:
+        """``entry`` copied into ``arena``, evicting older entries while it has no room."""
+        while (stored := arena.store(entry)) is None and self._entries:
+            self._evict_oldest()
+        return entry if stored is None else stored
+
+    def _evict_oldest(self) -> None:
+        _, evicted = self._entries.popitem(last=False)
+        self._forget(evicted)
+        self.evictions += 1
+
+    def _forget(self, entry: CachedEmbedding) -> None:
+        self.bytes_used -= entry.nbytes
+        if isinstance(entry, ArenaEntry) and self.arena is not None:
+            self.arena.drop(entry)
 
 
 def check_redis_url(url: str) -> None:

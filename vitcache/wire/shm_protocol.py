@@ -1,24 +1,28 @@
 """Frames of the same-host shared-memory path (``vitcache serve --shm-socket``).
 
 A client connects to the server's Unix socket and says hello; the server answers with a
-memfd (passed with SCM_RIGHTS) that becomes this connection's arena. Both map it: the
-server writes each result into it once, the client builds CPU tensors viewing it. A lookup
-then costs a small request and a JSON reply on the socket plus one copy from L1 into the
-arena; no tensor bytes cross the socket.
+memfd (passed with SCM_RIGHTS): the L1's shared arena, read-only, when the client asked for it
+and the server shares it (``vitcache.cache.arena``); else an arena of this connection's own.
+
+- shared L1: a hit names where the entry lies and its generation; the server copies nothing, the
+  client copies the bytes out and then checks the generation (changed: look it up again).
+- own arena: the server copies each hit into the arena once; the client's tensors view it.
 
 Frames (integers little-endian)::
 
-    hello    client -> server  u32 n, n bytes of JSON {"metadata": [[key, value], ...]}  (token, tenant)
-    welcome  server -> client  u32 n, n bytes of JSON {"arena_bytes": int, "max_images": int}, the memfd;
-                               or {"error": [code, message]}, and the server closes the connection
-    request  client -> server  u32 digests, u32 releases, 16 bytes per digest, u64 per released lease
+    hello    client -> server  u32 n, n bytes of JSON {"metadata": [[key, value], ...], "shared_l1": bool}
+                               (token, tenant; shared_l1 absent: false)
+    welcome  server -> client  u32 n, n bytes of JSON {"arena_bytes": int, "max_images": int, "shared_l1": true?},
+                               the memfd; or {"error": [code, message]}, and the server closes the connection
+    request  client -> server  u32 digests, u32 releases, 16 bytes per digest, u64 per released lease (own arena)
     reply    server -> client  u32 n, n bytes of JSON {"results": [result, ...]} or {"error": [code, message]}
 
-A result is ``{"index", "lease", "grid_thw", "source", "outputs": [[dtype, shape, offset, nbytes], ...]}``
-or ``{"index", "error": [code, message]}``; codes are grpc.StatusCode numbers, offsets are
-into the arena. A lease is the offset of an image's range; the client releases it in a later
-request once no tensor views it, and the server reuses the range only after that (or after
-the connection closed).
+A result is ``{"index", "grid_thw", "source", "outputs": [[dtype, shape, offset, nbytes], ...]}`` plus
+``"at", "generation"`` (shared L1: the entry's block and the generation the client checks after its copy) or
+``"lease"`` (own arena); or ``{"index", "error": [code, message]}``. Codes are grpc.StatusCode numbers,
+offsets are into the mapped memfd. A lease is the offset of an image's range; the client releases it in a
+later request once no tensor views it, and the server reuses the range only after that (or after the
+connection closed).
 """
 
 from __future__ import annotations

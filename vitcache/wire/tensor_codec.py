@@ -71,7 +71,7 @@ def tensor_from_buffer(data: bytes | memoryview, dtype: str, shape: tuple[int, .
         if dim < 0:
             raise ValueError(f"negative dimension in shape {shape}")
         numel *= dim
-    itemsize = torch.empty((), dtype=torch_dtype).element_size()
+    itemsize = torch_dtype.itemsize
     if len(data) != numel * itemsize:
         raise ValueError(f"{len(data)} bytes do not hold a {dtype} tensor of shape {list(shape)}")
     if numel == 0:
