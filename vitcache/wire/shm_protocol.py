@@ -15,6 +15,7 @@ Frames (integers little-endian)::
     reply    server -> client  u32 n, n bytes of JSON {"results": [result, ...]} or {"error": [code, message]}
 
 A result is ``{"index", "lease", "grid_thw", "source", "outputs": [[dtype, shape, offset, nbytes], ...]}``
+(and ``"video"``, ``VideoTiming.to_json()``, for a video)
 or ``{"index", "error": [code, message]}``; codes are grpc.StatusCode numbers, offsets are
 into the arena. A lease is the offset of an image's range; the client releases it in a later
 request once no tensor views it, and the server reuses the range only after that (or after
