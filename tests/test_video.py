@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+from dataclasses import replace
 from fractions import Fraction
 from pathlib import Path
 
@@ -19,11 +20,13 @@ from transformers.video_utils import VideoMetadata
 from vitcache.client import Video, VitCacheClient
 from vitcache.server.app import ServerConfig
 
+from vitcache.cache.entry import CachedEmbedding, CorruptEntry, VideoTiming
 from vitcache.cache.tiers import L1Cache
+from vitcache.encode.encoder_process import EncoderProcess
 from vitcache.encode.video_decode import VideoLimits
 from vitcache.engine import EmbeddingEngine, EngineConfig
 from vitcache.inputs import EncodedVideo, VideoSampling
-from vitcache.models.loading import VisionEncoder, load_encoder
+from vitcache.models.loading import EncoderLoader, VisionEncoder, load_encoder
 from vitcache.models.tiny import make_tiny_checkpoint
 from vitcache.models.video import load_video_processor
 from vitcache.outcomes import ImageOutcome, Source
@@ -289,3 +292,36 @@ def test_video_hit_over_shared_memory_keeps_its_timing(start_server_thread, enco
     assert (computed.source, hit.source) == ("COMPUTED", "L1")
     assert hit.video == computed.video and hit.video.second_per_grid_ts > 0
     assert same_tensors(hit.embeddings, computed.embeddings)
+
+
+@pytest.mark.parametrize(("container", "codec"), [("webm", "libvpx-vp9"), ("matroska", "libx264")])
+def test_webm_and_mkv_files_equal_transformers(container, codec, checkpoints, encoders):
+    """Matroska containers store no frame count: the packets are counted from the index."""
+    data = encode_clip(clip_frames(8, 60, 80, seed=7), container=container, codec=codec)
+    frames, fps = decode_all(data)
+    inputs, expected = reference(checkpoints["qwen2_vl"], "qwen2_vl", frames, fps, fps=5)
+    outcome = run(encoders["qwen2_vl"], [EncodedVideo(data, VideoSampling(fps=5))])[0]
+    assert outcome.error is None, outcome.error
+    assert list(outcome.entry.grid_thw) == inputs["video_grid_thw"][0].tolist()
+    torch.testing.assert_close(outcome.entry.tensors()[0], expected[0], rtol=1e-4, atol=1e-4)
+
+
+def test_video_timing_crosses_the_encoder_process(checkpoints, encoders, clip):
+    """The child writes the tokens into the shared ring; the timing travels with the reply."""
+    video = [EncodedVideo(clip, VideoSampling(fps=4))]
+    child = run(EncoderProcess(EncoderLoader(str(checkpoints["qwen3_vl"]))), video)[0]
+    here = run(encoders["qwen3_vl"], video)[0]
+    assert child.error is None, child.error
+    assert child.entry.video == here.entry.video and child.entry.video is not None
+    for a, b in zip(child.entry.tensors(), here.entry.tensors(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_stored_video_timing_is_checksummed():
+    timing = VideoTiming(4, 2.0, 1.0, (0.25, 1.25))
+    entry = CachedEmbedding.from_tensors((2, 2, 2), [torch.ones(2, 4)])
+    value = replace(entry, video=timing).to_value()
+    assert CachedEmbedding.from_value(value).video == timing
+    assert CachedEmbedding.from_value(entry.to_value()).video is None
+    with pytest.raises(CorruptEntry, match="checksum"):
+        CachedEmbedding.from_value(value.replace(b"1.25", b"9.25"))
