@@ -25,7 +25,8 @@ from vitcache.cache.tiers import L1Cache
 from vitcache.encode.encoder_process import EncoderProcess
 from vitcache.encode.video_decode import VideoLimits
 from vitcache.engine import EmbeddingEngine, EngineConfig
-from vitcache.inputs import EncodedVideo, VideoSampling
+from vitcache.errors import ErrorCode
+from vitcache.inputs import EncodedFile, EncodedVideo, VideoSampling
 from vitcache.models.loading import EncoderLoader, VisionEncoder, load_encoder
 from vitcache.models.tiny import make_tiny_checkpoint
 from vitcache.models.video import load_video_processor
@@ -225,6 +226,7 @@ def test_video_over_the_cached_bound_is_returned_not_cached(start_server_thread,
     )
     assert (first[1].cached, again[1].source) == (True, "L1")  # images are not bound by it
     assert len(redis_server.client().keys("vitcache:v1:*")) == 1  # the image alone
+    assert redis_server.client().keys("*:lock") == []  # the fleet lock of the unstored video was released
     assert same_tensors(first[0].embeddings, again[0].embeddings)
 
 
@@ -325,3 +327,13 @@ def test_stored_video_timing_is_checksummed():
     assert CachedEmbedding.from_value(entry.to_value()).video is None
     with pytest.raises(CorruptEntry, match="checksum"):
         CachedEmbedding.from_value(value.replace(b"1.25", b"9.25"))
+
+
+def test_kimi_video_items_fail_alone(tmp_path, clip):
+    """transformers 5.23's Kimi-K2.5 video path does not run (get_video_features splits the tower's pooled
+    output by t*h*w/4 tokens per chunk, not h*w/4), so there is nothing to match: videos are refused."""
+    kimi = load_encoder(str(make_tiny_checkpoint("kimi_k25", tmp_path / "kimi")), "cpu")
+    video, image = run(kimi, [EncodedVideo(clip), EncodedFile(png_bytes(56, 56, 6))])[:2]
+    assert video.error is not None and video.error.code is ErrorCode.INVALID_ARGUMENT
+    assert "has no video path" in video.error.message
+    assert image.error is None and image.source is Source.COMPUTED

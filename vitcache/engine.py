@@ -468,18 +468,21 @@ class EmbeddingEngine:
                 self.stats.deadline_expired += 1
             if isinstance(exc, ImageError) and exc.code is ErrorCode.INTERNAL:
                 self._remember_failure(l1_key(digest, scope.tenant), exc)
-            if token:
-                self._background(self._store(digest, scope.tenant, None, token))
+            self._release_unstored(digest, scope.tenant, token)
             raise
         if self._too_large_to_cache(entry):
-            if token:
-                self._background(self._store(digest, scope.tenant, None, token))
+            self._release_unstored(digest, scope.tenant, token)
             return entry, Source.COMPUTED
         with self.observer.timed("l1_put"):
             self.l1.put(l1_key(digest, scope.tenant), entry)
         if self.l2 is not None:
             self._background(self._store(digest, scope.tenant, entry, token))
         return entry, Source.COMPUTED
+
+    def _release_unstored(self, digest: bytes, tenant: str, token: str) -> None:
+        """Releases the fleet lock (if held) of a computation that stores nothing."""
+        if token:
+            self._background(self._store(digest, tenant, None, token))
 
     def _remember_failure(self, key: bytes, error: ImageError) -> None:
         self._failed_images[key] = (time.monotonic() + FAILED_IMAGE_TTL_S, error)

@@ -79,7 +79,9 @@ class EncodePipeline:
         self.batcher = Batcher(encoder, config.max_batch_patches, config.max_batch_wait_s, self.observer, materialize)
         self._pool = ThreadPoolExecutor(config.preprocess_workers, "vitcache-preprocess")
         self.decoder = DecodeBatcher(self.limits, encoder.device, self._pool) if encoder.device.type == "cuda" else None
-        self.videos = VideoPipeline(encoder, config.video_limits, self.budget, self._pool, self.batcher)
+        self.videos = VideoPipeline(
+            encoder, config.video_limits, self.budget, self._give_back, self._pool, self.batcher
+        )
 
     @property
     def stats(self) -> BatcherStats:

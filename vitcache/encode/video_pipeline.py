@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import math
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
@@ -57,12 +58,14 @@ class VideoPipeline:
         encoder: VisionEncoder,
         limits: VideoLimits,
         budget: PixelBudget,
+        give_back: Callable[[int, asyncio.Future[object]], None],
         pool: ThreadPoolExecutor,
         batcher: Batcher,
     ) -> None:
         self.encoder = encoder
         self.limits = limits
         self.budget = budget
+        self.give_back = give_back  # returns a video's pixels to ``budget`` once it is preprocessed
         self.pool = pool
         self.batcher = batcher
 
@@ -77,15 +80,10 @@ class VideoPipeline:
             raise ImageError(ErrorCode.INVALID_ARGUMENT, str(exc)) from exc
         await self.budget.take(plan.pixels, scope.deadline)
         preparing = loop.run_in_executor(self.pool, self._prepare, video, plan, scope)
-        preparing.add_done_callback(lambda done: self._give_back(plan.pixels, done))
+        preparing.add_done_callback(lambda done: self.give_back(plan.pixels, done))
         pixel_values, grid = await asyncio.shield(preparing)
         entry = await self.batcher.submit(pixel_values, grid, scope.deadline)
         return replace(entry, video=plan.timing)
-
-    def _give_back(self, pixels: int, prepared: asyncio.Future[object]) -> None:
-        self.budget.give_back(pixels)
-        if not prepared.cancelled():
-            prepared.exception()  # retrieved: the caller that would have may be gone
 
     def _plan(self, video: EncodedVideo | RawVideo) -> _Plan:
         """The frames to decode and their timing, from the header alone (a worker thread: probing a
