@@ -103,6 +103,12 @@ class EncodedImage:
             raise self.error
         return self
 
+    def temporal_groups(self) -> list[torch.Tensor]:
+        """Each output as (grid_thw[0], tokens per group, hidden): a video's tokens per temporal group (what
+        Qwen3-VL places after each group's timestamp), a view, no copy. An image has one group."""
+        groups = self.grid_thw[0]
+        return [out.view(groups, out.shape[0] // groups, out.shape[1]) for out in self.embeddings]
+
 
 def _as_input(image: ImageLike, key: bytes | None = None) -> tuple[bytes, pb.Image]:
     """(digest, the message that carries the image's bytes); ``key`` for keyed digests."""

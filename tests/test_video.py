@@ -186,6 +186,12 @@ def test_videos_through_grpc_l1_and_redis(start_server_thread, checkpoints, enco
         Qwen3VLProcessor._calculate_timestamps(None, list(range(5)), fps, 2)
     )
 
+    t, h, w = at8.grid_thw
+    merge = encoders["qwen3_vl"].merge_size
+    groups = at8.temporal_groups()
+    assert [tuple(g.shape) for g in groups] == [(t, h * w // merge**2, 32)] * 3  # merged + 2 deepstack levels
+    assert torch.equal(groups[0][1], at8.embeddings[0][h * w // merge**2 : 2 * h * w // merge**2])
+
     second = start_server_thread(server_config(redis_url=redis_server.url), encoders["qwen3_vl"])
     with VitCacheClient(second.target) as client:
         fetched = client.fetch([r.digest for r in computed])
