@@ -188,6 +188,9 @@ def _client_parsers(sub: argparse._SubParsersAction) -> None:
         action="append",
         help="WIDTHxHEIGHT of synthetic images; repeat for a mix (default 448x448)",
     )
+    p.add_argument(
+        "--video-fraction", type=float, default=0.0, help="share of synthetic items that are 2 s MP4 clips (0 to 1)"
+    )
     p.add_argument("--image-dir", default=None, help="use the files of this folder instead of synthetic images")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-in-flight", type=int, default=1024, help="open loop: outstanding requests before dropping")
