@@ -291,6 +291,21 @@ def test_video_over_the_decoded_pixel_budget_waits_or_fails(start_server_thread,
     assert sampled.ok and sampled.video.frames == 8
 
 
+def test_small_frames_count_as_what_they_are_scaled_up_to(start_server_thread, encoders):
+    """2 frames of 16x16 scaled up to min_pixels=40000 take 80000 pixels of the budget, not 512."""
+    tiny = encode_clip(clip_frames(2, 16, 16))
+    config = server_config(max_decoded_pixels_in_flight=60_000, video_limits=VideoLimits(max_video_frame_pixels=50_000))
+    server = start_server_thread(config, encoders["qwen2_vl"])
+    with VitCacheClient(server.target) as client:
+        upscaled, over_bound, default = client.encode(
+            [Video(tiny, min_pixels=40_000, max_pixels=50_000), Video(tiny, min_pixels=60_000), Video(tiny)]
+        )
+    assert upscaled.error is not None and upscaled.error.code is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert over_bound.error is not None and over_bound.error.code is grpc.StatusCode.INVALID_ARGUMENT
+    assert "--max-video-frame-pixels" in over_bound.error.message
+    assert default.ok  # the tiny checkpoint's min_pixels (3136) per frame fits
+
+
 def test_video_hit_over_shared_memory_keeps_its_timing(start_server_thread, encoders, clip, tmp_path):
     socket_path = tmp_path / "shm" / "shm.sock"
     server = start_server_thread(ServerConfig(shm_socket=str(socket_path)), encoders["qwen2_5_vl"])

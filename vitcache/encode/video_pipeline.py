@@ -1,8 +1,10 @@
 """The device side of a video miss: probe, sample, decode, preprocess, then the batched forward.
 
-A video takes its sampled frames' width x height from the pipeline's decoded pixel budget before
-any frame is decoded (from the container's header, or the raw frames' geometry) and gives it back
-once its ``pixel_values_videos`` are made, as an image does.
+A video takes its sampled frames' pixels from the pipeline's decoded pixel budget before any frame
+is decoded (from the container's header, or the raw frames' geometry) and gives them back once its
+``pixel_values_videos`` are made, as an image does. A frame counts as the larger of its own width x
+height and the processor's ``min_pixels``, which small frames are scaled up to: a clip of 2x2 frames
+must not buy a gigabyte of resized frames for a few bytes of budget.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from vitcache.encode.video_decode import (
     probe_video,
 )
 from vitcache.errors import ErrorCode, ImageError, ImageRejected
-from vitcache.inputs import EncodedVideo, RawVideo, Scope
+from vitcache.inputs import EncodedVideo, RawVideo, Scope, VideoSampling
 from vitcache.models import accel
 from vitcache.models.loading import VisionEncoder
 from vitcache.models.video import file_timing, preprocess_video, sample_indices, timing
@@ -94,8 +96,17 @@ class VideoPipeline:
         header = probe_video(video.data, self.limits)
         indices = sample_indices(self.encoder.video_processor, header.frames, header.fps, video.sampling)
         check_frame_count(len(indices), self.limits)
-        pixels = len(indices) * header.height * header.width
+        pixels = len(indices) * self._frame_pixels(header.height, header.width, video.sampling)
         return _Plan(pixels, file_timing(indices, header.frames, header.fps, temporal), header, tuple(indices))
+
+    def _frame_pixels(self, height: int, width: int, sampling: VideoSampling) -> int:
+        """What one frame takes of the budget: its pixels, or the ``min_pixels`` it is scaled up to.
+        Raises ImageRejected for pixel bounds over ``max_video_frame_pixels``."""
+        bound = self.limits.max_video_frame_pixels
+        if max(sampling.min_pixels or 0, sampling.max_pixels or 0) > bound:
+            raise ImageRejected(f"min_pixels and max_pixels may be at most {bound} (--max-video-frame-pixels)")
+        min_pixels = sampling.min_pixels or self.encoder.video_processor.size["shortest_edge"]
+        return max(height * width, min_pixels)
 
     def _raw_plan(self, video: RawVideo, temporal: int) -> _Plan:
         if video.sampling.fps is not None or video.sampling.num_frames is not None:
@@ -114,7 +125,8 @@ class VideoPipeline:
             raise ImageRejected(f"{len(seconds)} timestamps for {video.frames} frames: give one per frame")
         if not all(math.isfinite(s) for s in seconds) or any(b < a for a, b in itertools.pairwise(seconds)):
             raise ImageRejected("frame timestamps must be finite seconds in ascending order")
-        return _Plan(video.frames * video.height * video.width, timing(seconds, temporal))
+        pixels = video.frames * self._frame_pixels(video.height, video.width, video.sampling)
+        return _Plan(pixels, timing(seconds, temporal))
 
     def _prepare(
         self, video: EncodedVideo | RawVideo, plan: _Plan, scope: Scope
