@@ -23,9 +23,9 @@ from vitcache.server.app import ServerConfig
 from vitcache.cache.entry import CachedEmbedding, CorruptEntry, VideoTiming
 from vitcache.cache.tiers import L1Cache
 from vitcache.encode.encoder_process import EncoderProcess
-from vitcache.encode.video_decode import VideoLimits
+from vitcache.encode.video_decode import VideoLimits, decode_frames, probe_video
 from vitcache.engine import EmbeddingEngine, EngineConfig
-from vitcache.errors import ErrorCode
+from vitcache.errors import ErrorCode, ImageError
 from vitcache.inputs import EncodedFile, EncodedVideo, VideoSampling
 from vitcache.models.loading import EncoderLoader, VisionEncoder, load_encoder
 from vitcache.models.tiny import make_tiny_checkpoint
@@ -358,3 +358,19 @@ def test_kimi_video_items_fail_alone(tmp_path, clip):
     assert video.error is not None and video.error.code is ErrorCode.INVALID_ARGUMENT
     assert "has no video path" in video.error.message
     assert image.error is None and image.source is Source.COMPUTED
+
+
+def test_decoding_stops_at_the_deadline(clip):
+    """The deadline is checked before each decoded frame, not only before decoding starts."""
+    header = probe_video(clip, VideoLimits())
+    checked = []
+
+    def check_deadline() -> None:
+        checked.append(1)
+        if len(checked) == 3:
+            raise ImageError(ErrorCode.DEADLINE_EXCEEDED, "deadline passed")
+
+    with pytest.raises(ImageError, match="deadline passed"):
+        decode_frames(clip, header, [0, 11], check_deadline)
+    assert len(checked) == 3
+    assert decode_frames(clip, header, [0, 5, 5, 11], lambda: None).shape == (4, 60, 80, 3)

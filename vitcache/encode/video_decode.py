@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -114,11 +115,14 @@ def probe_video(data: bytes | memoryview, limits: VideoLimits) -> VideoHeader:
     return header
 
 
-def decode_frames(data: bytes | memoryview, header: VideoHeader, indices: list[int]) -> np.ndarray:
+def decode_frames(
+    data: bytes | memoryview, header: VideoHeader, indices: list[int], check_deadline: Callable[[], None]
+) -> np.ndarray:
     """The frames at ``indices`` (ascending, repeats allowed) as (len(indices), H, W, 3) uint8 RGB.
 
     Decodes the stream in order and keeps only the sampled frames; whatever PyAV raises on a
-    damaged stream becomes ImageRejected.
+    damaged stream becomes ImageRejected. ``check_deadline`` runs before each frame (decoding a
+    long stream takes seconds), so a call whose deadline passes stops decoding.
     """
     wanted, last = set(indices), max(indices)
     kept: dict[int, np.ndarray] = {}
@@ -127,6 +131,7 @@ def decode_frames(data: bytes | memoryview, header: VideoHeader, indices: list[i
         stream.thread_type = "AUTO"
         try:
             for position, frame in enumerate(container.decode(stream)):
+                check_deadline()
                 if (frame.height, frame.width) != (header.height, header.width):
                     raise ImageRejected(
                         f"frame {position} is {frame.width}x{frame.height}, not the "

@@ -137,7 +137,7 @@ class VideoPipeline:
         try:
             if isinstance(video, EncodedVideo):
                 assert plan.header is not None
-                frames = decode_frames(video.data, plan.header, list(plan.indices))
+                frames = decode_frames(video.data, plan.header, list(plan.indices), scope.check_deadline)
             else:
                 shape = (video.frames, video.height, video.width, 3)
                 frames = np.frombuffer(video.rgb, np.uint8).reshape(shape)
