@@ -36,6 +36,7 @@ from vitcache.server.background import BackgroundServer
 
 from vitcache.cache.tiers import L1Cache
 from vitcache.models.loading import TINY_RANDOM, _tiny_random_checkpoint
+from vitcache.models.registry import FAMILIES
 from vitcache.models.video import load_video_processor
 
 
@@ -68,7 +69,7 @@ def timed(fn, repeats: int) -> list[float]:  # type: ignore[no-untyped-def]
 def transformers_path(model_dir: str, clip: bytes, fps: float, device: str, dtype: torch.dtype):  # type: ignore[no-untyped-def]
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    processor = load_video_processor(model_dir, "qwen2_5_vl")
+    processor = load_video_processor(model_dir, FAMILIES["qwen2_5_vl"])
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir, dtype=dtype).to(device).eval()
 
     def run() -> None:

@@ -28,6 +28,7 @@ from vitcache.engine import EmbeddingEngine, EngineConfig
 from vitcache.errors import ErrorCode, ImageError
 from vitcache.inputs import EncodedFile, EncodedVideo, VideoSampling
 from vitcache.models.loading import EncoderLoader, VisionEncoder, load_encoder
+from vitcache.models.registry import FAMILIES
 from vitcache.models.tiny import make_tiny_checkpoint
 from vitcache.models.video import load_video_processor
 from vitcache.outcomes import ImageOutcome, Source
@@ -102,7 +103,7 @@ def run(encoder: VisionEncoder, items: list, config: EngineConfig | None = None)
 def reference(checkpoint: Path, family: str, frames: np.ndarray, video_fps: float, **sampling) -> tuple[dict, list]:
     """transformers' video path: the family's video processor on every decoded frame (it samples),
     then the full model's ``get_video_features``."""
-    processor = load_video_processor(checkpoint, family)
+    processor = load_video_processor(checkpoint, FAMILIES[family])
     metadata = VideoMetadata(total_num_frames=len(frames), fps=video_fps, height=frames.shape[1], width=frames.shape[2])
     inputs = processor(
         videos=[torch.from_numpy(frames).permute(0, 3, 1, 2)],

@@ -212,7 +212,7 @@ def load_encoder(
         acceleration = "compile"
     try:
         preprocess_config = model_family.preprocess_cls.from_pretrained(path)
-        video_processor = load_video_processor(path, family)
+        video_processor = load_video_processor(path, model_family)
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"cannot read the image or video processor config of {path}: {e}") from e
 

@@ -15,33 +15,27 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import Qwen2VLVideoProcessor, Qwen3VLVideoProcessor
 from transformers.video_processing_utils import BaseVideoProcessor
 from transformers.video_utils import VideoMetadata
 
 from vitcache.cache.entry import VideoTiming
 from vitcache.errors import ImageRejected
 from vitcache.inputs import VideoSampling
+from vitcache.models.family import ModelFamily
 
-VIDEO_PROCESSORS: dict[str, type[BaseVideoProcessor]] = {
-    "qwen2_vl": Qwen2VLVideoProcessor,
-    "qwen2_5_vl": Qwen2VLVideoProcessor,
-    "qwen3_vl": Qwen3VLVideoProcessor,
-}
 #: transformers' frame rate for frames whose rate is unknown (a single raw frame).
 DEFAULT_FPS = 24.0
 
 
-def load_video_processor(checkpoint_dir: str | Path, family: str) -> BaseVideoProcessor | None:
+def load_video_processor(checkpoint_dir: str | Path, family: ModelFamily) -> BaseVideoProcessor | None:
     """The family's transformers video processor as the checkpoint configures it (None: no video path).
 
     A checkpoint leaving ``cap_pixels_per_frame`` unset gets transformers' current behaviour (False),
     set explicitly so the namespace and the warning-free call agree.
     """
-    cls = VIDEO_PROCESSORS.get(family)
-    if cls is None:
+    if family.video_processor_cls is None:
         return None
-    processor = cls.from_pretrained(str(checkpoint_dir))
+    processor = family.video_processor_cls.from_pretrained(str(checkpoint_dir))
     if processor.cap_pixels_per_frame is None:
         processor.cap_pixels_per_frame = False
     return processor
