@@ -1,6 +1,6 @@
 """vitcache client: ``VitCacheClient`` (blocking) and ``AsyncVitCacheClient`` (asyncio)."""
 
-from .client import AsyncVitCacheClient, EncodedImage, ImageFailed, ImageLike, VitCacheClient
+from .client import AsyncVitCacheClient, EncodedImage, ImageFailed, ImageLike, Video, VitCacheClient
 from .connect import ConnectOptions
 from .fleet import FleetClient
 
@@ -11,5 +11,6 @@ __all__ = [
     "FleetClient",
     "ImageFailed",
     "ImageLike",
+    "Video",
     "VitCacheClient",
 ]

@@ -17,15 +17,52 @@ import numpy as np
 import torch
 from vitcache.v1 import vitcache_pb2 as pb
 
-from vitcache.digest import digest_file, digest_pixels, digest_rgb
+from vitcache.cache.entry import VideoTiming
+from vitcache.digest import digest_file, digest_pixels, digest_rgb, digest_video_file, digest_video_frames
+from vitcache.inputs import VideoSampling
 from vitcache.wire.tensor_codec import TensorBytes, dtype_name
 
 from .connect import ConnectOptions, open_async_channel, open_channel
 from .shm import ShmChannel, ShmResult
 from .wire import result_stub
 
-#: An encoded file's bytes, a path to one, or uint8 HWC RGB pixels.
-ImageLike = bytes | memoryview | str | os.PathLike | np.ndarray
+
+@dataclass(frozen=True)
+class Video:
+    """A video to encode (Qwen families): a file's bytes or path (MP4, WebM, MKV, ...), or uint8
+    (T, H, W, 3) RGB frames with the second each is shown at. The sampling settings are part of its
+    digest; unset ones take the model's video processor's values (fps and num_frames: files only)."""
+
+    source: bytes | memoryview | str | os.PathLike | np.ndarray
+    timestamps: Sequence[float] | None = None  # frames only: one per frame, ascending
+    fps: float | None = None
+    num_frames: int | None = None
+    min_pixels: int | None = None
+    max_pixels: int | None = None
+
+    def as_input(self, key: bytes | None) -> tuple[bytes, pb.Image]:
+        """(digest, the message that carries the video's bytes)."""
+        sampling = VideoSampling(self.fps, self.num_frames, self.min_pixels, self.max_pixels)
+        wire = pb.VideoSampling(**{k: v for k, v in vars(sampling).items() if v is not None})
+        header = sampling.header()
+        if isinstance(self.source, np.ndarray):
+            frames = self.source
+            if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[3] != 3:
+                raise ValueError(f"video frames must be uint8 (T, H, W, 3), got {frames.dtype} {frames.shape}")
+            if self.timestamps is None or len(self.timestamps) != len(frames):
+                raise ValueError("video frames need timestamps, one per frame")
+            rgb, (count, height, width) = np.ascontiguousarray(frames).tobytes(), frames.shape[:3]
+            seconds = [float(s) for s in self.timestamps]
+            raw = pb.RawVideo(rgb=rgb, frames=count, height=height, width=width, timestamps=seconds)
+            digest = digest_video_frames(rgb, count, height, width, seconds, header, key)
+            return digest, pb.Image(video=pb.Video(raw=raw, sampling=wire))
+        source = self.source
+        data = Path(source).read_bytes() if isinstance(source, (str, os.PathLike)) else bytes(source)
+        return digest_video_file(data, header, key), pb.Image(video=pb.Video(encoded=data, sampling=wire))
+
+
+#: An encoded file's bytes, a path to one, uint8 HWC RGB pixels, or a :class:`Video`.
+ImageLike = bytes | memoryview | str | os.PathLike | np.ndarray | Video
 #: Items one Fetch or Put carries at most (the server's default --max-images-per-request); more go in several.
 MAX_ITEMS_PER_REQUEST = 256
 #: What ``put`` stores: key -> tensors, as a mapping or as (key, tensors) pairs.
@@ -54,6 +91,8 @@ class EncodedImage:
     source: str  # "L1", "L2", "COMPUTED"; "" on error
     error: ImageFailed | None = None
     key: str = ""  # the Put key, for results of ``fetch(keys=...)``
+    video: VideoTiming | None = None  # a video's timing (second_per_grid_ts, per-group timestamps)
+    cached: bool = True  # False: a video over the server's --max-cached-video-bytes, computed but not stored
 
     @property
     def ok(self) -> bool:
@@ -64,9 +103,17 @@ class EncodedImage:
             raise self.error
         return self
 
+    def temporal_groups(self) -> list[torch.Tensor]:
+        """Each output as (grid_thw[0], tokens per group, hidden): a video's tokens per temporal group (what
+        Qwen3-VL places after each group's timestamp), a view, no copy. An image has one group."""
+        groups = self.grid_thw[0]
+        return [out.view(groups, out.shape[0] // groups, out.shape[1]) for out in self.embeddings]
+
 
 def _as_input(image: ImageLike, key: bytes | None = None) -> tuple[bytes, pb.Image]:
     """(digest, the message that carries the image's bytes); ``key`` for keyed digests."""
+    if isinstance(image, Video):
+        return image.as_input(key)
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"pixel arrays must be uint8 (H, W, 3), got {image.dtype} {image.shape}")
@@ -85,8 +132,13 @@ def _decode(result: pb.ImageResult, index: int) -> EncodedImage:
         failed = ImageFailed(index, code, result.error_message)
         return EncodedImage(index, result.digest, [], tuple(result.grid_thw), "", failed, result.key)
     embeddings = [TensorBytes(t.dtype, tuple(t.shape), t.data).to_tensor() for t in result.embeddings]
+    video = None
+    if result.HasField("video"):
+        wire = result.video
+        video = VideoTiming(wire.frames, wire.sampled_fps, wire.second_per_grid_ts, tuple(wire.timestamps))
+    source = _SOURCES[result.source]
     return EncodedImage(
-        index, result.digest, embeddings, tuple(result.grid_thw), _SOURCES[result.source], key=result.key
+        index, result.digest, embeddings, tuple(result.grid_thw), source, None, result.key, video, not result.not_cached
     )
 
 
@@ -145,7 +197,7 @@ def _from_shm(result: ShmResult, digest: bytes, index: int) -> EncodedImage:
         code, message = result.error
         failed = ImageFailed(index, _CODES.get(code, grpc.StatusCode.UNKNOWN), message)
         return EncodedImage(index, digest, [], (), "", failed)
-    return EncodedImage(index, digest, result.embeddings, result.grid_thw, _SOURCES[result.source])
+    return EncodedImage(index, digest, result.embeddings, result.grid_thw, _SOURCES[result.source], video=result.video)
 
 
 _SHM_RETRIED_OVER_GRPC = (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED)

@@ -1,6 +1,7 @@
 """``vitcache loadtest``: drive a server with Zipf-popular images and report what its clients see.
 
-Images come from a pool (synthetic, or the files of a folder) ranked by popularity: rank ``k``
+Images come from a pool (synthetic, or the files of a folder; ``--video-fraction`` of the synthetic ones are
+2-second MP4 clips) ranked by popularity: rank ``k``
 (0-based) is drawn with probability proportional to ``1 / (k + 1) ** s``. Two modes:
 
 - open loop (``--rate``): requests start on a fixed schedule whatever the server does, like
@@ -31,6 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import av
 import grpc
 import numpy as np
 from PIL import Image
@@ -38,7 +40,7 @@ from tqdm import tqdm
 
 from vitcache.cache.tiers import L1Cache
 
-from .client import AsyncVitCacheClient, EncodedImage
+from .client import AsyncVitCacheClient, EncodedImage, Video
 
 SOURCES = ("L1", "L2", "COMPUTED")
 QUANTILES = (50, 90, 95, 99)
@@ -59,6 +61,7 @@ class LoadConfig:
     zipf_exponent: float = 1.0
     image_sizes: tuple[tuple[int, int], ...] = ((448, 448),)  # (width, height), drawn uniformly per image
     image_dir: str | None = None
+    video_fraction: float = 0.0  # share of synthetic pool items that are clips (MP4, 8 frames at 4 fps)
     seed: int = 0
     max_in_flight: int = 1024
     timeout_s: float = 60.0
@@ -67,7 +70,8 @@ class LoadConfig:
 
 
 class ImagePool:
-    """``size`` images by popularity rank; synthetic ones are made on first use and kept (JPEG bytes)."""
+    """``size`` images by popularity rank; synthetic ones are made on first use and kept (JPEG bytes, or
+    a :class:`Video` of MP4 bytes for ``video_fraction`` of them)."""
 
     def __init__(
         self,
@@ -76,10 +80,14 @@ class ImagePool:
         seed: int,
         image_sizes: Sequence[tuple[int, int]] = ((448, 448),),
         image_dir: str | None = None,
+        video_fraction: float = 0.0,
     ) -> None:
         if size < 1:
             raise ValueError("the pool needs at least one image")
+        if not 0 <= video_fraction <= 1:
+            raise ValueError("the video fraction is a share, from 0 to 1")
         self._seed = seed
+        self._video_fraction = video_fraction
         self._sizes = list(image_sizes)
         self._files: list[Path] | None = None
         if image_dir is not None:
@@ -93,25 +101,42 @@ class ImagePool:
         weights = 1.0 / np.arange(1, size + 1, dtype=np.float64) ** zipf_exponent
         self.probabilities = weights / weights.sum()
         self._rng = np.random.default_rng([seed, 1])
-        self._made: dict[int, bytes] = {}
+        self._made: dict[int, bytes | Video] = {}
 
     def draw(self, count: int) -> list[int]:
         return self._rng.choice(self.size, size=count, p=self.probabilities).tolist()
 
-    def image(self, index: int) -> bytes:
+    def image(self, index: int) -> bytes | Video:
         if self._files is not None:
             return self._files[index].read_bytes()
         if index not in self._made:
             self._made[index] = self._synthesize(index)
         return self._made[index]
 
-    def _synthesize(self, index: int) -> bytes:
+    def _synthesize(self, index: int) -> bytes | Video:
         rng = np.random.default_rng([self._seed, 2, index])
         width, height = self._sizes[int(rng.integers(len(self._sizes)))]
         coarse = rng.integers(0, 256, (max(1, height // 16), max(1, width // 16), 3), dtype=np.uint8)
+        picture = Image.fromarray(coarse).resize((width, height), Image.Resampling.BILINEAR)
+        if rng.random() < self._video_fraction:
+            return Video(_clip(np.asarray(picture)))
         buf = io.BytesIO()
-        Image.fromarray(coarse).resize((width, height), Image.Resampling.BILINEAR).save(buf, format="JPEG", quality=90)
+        picture.save(buf, format="JPEG", quality=90)
         return buf.getvalue()
+
+
+def _clip(picture: np.ndarray, frames: int = 8, fps: int = 4) -> bytes:
+    """An H.264 MP4 of ``picture`` panning sideways (its size cut to even sides, as yuv420p needs)."""
+    picture = picture[: picture.shape[0] // 2 * 2 or 2, : picture.shape[1] // 2 * 2 or 2]
+    out = io.BytesIO()
+    with av.open(out, mode="w", format="mp4") as file:
+        stream = file.add_stream("libx264", rate=fps)
+        stream.height, stream.width, stream.pix_fmt = picture.shape[0], picture.shape[1], "yuv420p"
+        for i in range(frames):
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(np.roll(picture, 4 * i, axis=1)), format="rgb24")
+            file.mux(stream.encode(frame))
+        file.mux(stream.encode())
+    return out.getvalue()
 
 
 @dataclass
@@ -244,6 +269,7 @@ def build_report(test: LoadTest, l1_capacity_bytes: int | None) -> dict[str, Any
             "answered": sum(sources.values()),
             **{s: sources[s] for s in SOURCES},
             "errors": sum(errors.values()),
+            "videos": sum(r.video is not None for record in records for r in record.results),  # of the answered
         },
         "throughput": {
             "requests_per_s": len(answered) / elapsed,
@@ -360,7 +386,7 @@ def format_report(report: dict[str, Any]) -> str:
         f"{report['throughput']['images_per_s']:.1f} images/s",
         "latency (ms)    " + "  ".join(f"p{q} {_num(lat[f'p{q}'])}" for q in QUANTILES) + f"  max {_num(lat['max'])}",
         f"hit ratio       {_pct(hits['overall'])}  (L1 {_pct(hits['L1'])}, L2 {_pct(hits['L2'])}; "
-        f"{img['COMPUTED']} of {img['answered']} images computed)",
+        f"{img['COMPUTED']} of {img['answered']} images computed; {img['videos']} of them videos)",
         "errors          " + (", ".join(f"{code} {n}" for code, n in report["errors_by_code"].items()) or "none"),
     ]
     lru = report["lru"]
@@ -398,6 +424,7 @@ def config_from_args(args: argparse.Namespace) -> LoadConfig:
         zipf_exponent=args.zipf_exponent,
         image_sizes=tuple(args.image_size or [(448, 448)]),
         image_dir=args.image_dir,
+        video_fraction=args.video_fraction,
         seed=args.seed,
         max_in_flight=args.max_in_flight,
         timeout_s=args.timeout,
@@ -407,7 +434,9 @@ def config_from_args(args: argparse.Namespace) -> LoadConfig:
 
 
 async def run_loadtest(config: LoadConfig) -> tuple[dict[str, Any], LoadTest]:
-    pool = ImagePool(config.pool_size, config.zipf_exponent, config.seed, config.image_sizes, config.image_dir)
+    pool = ImagePool(
+        config.pool_size, config.zipf_exponent, config.seed, config.image_sizes, config.image_dir, config.video_fraction
+    )
     test = LoadTest(config, pool)
     async with AsyncVitCacheClient(config.target) as client:
         stats = await client.stats(timeout=10)

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from vitcache.cache.arena import GENERATION
+from vitcache.cache.entry import VideoTiming
 from vitcache.wire.shm_protocol import LENGTH, json_frame, request_frame
 from vitcache.wire.tensor_codec import dtype_from_name
 
@@ -46,6 +47,7 @@ class ShmResult:
     grid_thw: tuple[int, ...]
     source: int  # the wire enum's value; 0 on error
     error: tuple[int, str] | None  # (grpc.StatusCode number, message)
+    video: VideoTiming | None = None
 
 
 def _tensor_at(region: memoryview, start: int, dtype: str, shape: Sequence[int], nbytes: int) -> torch.Tensor:
@@ -193,7 +195,8 @@ class ShmChannel:
         region = self._arena[lease:end]
         weakref.finalize(region, self._released.append, lease).atexit = False
         tensors = [_tensor_at(region, start - lease, dtype, shape, nbytes) for dtype, shape, start, nbytes in outputs]
-        return ShmResult(index, tensors, tuple(result["grid_thw"]), int(result["source"]), None)
+        video = VideoTiming.from_json(result["video"]) if "video" in result else None
+        return ShmResult(index, tensors, tuple(result["grid_thw"]), int(result["source"]), None, video)
 
     def _read_json(self, received: bytes) -> dict[str, Any]:
         """One ``u32 length + JSON`` frame, of which ``received`` already arrived."""

@@ -108,6 +108,16 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-images-per-request", type=int, default=256)
     p.add_argument("--max-request-bytes", type=byte_size, default="256MiB", help="largest gRPC message accepted")
     p.add_argument("--max-put-bytes", type=byte_size, default="256MiB", help="tensor bytes of one Put entry")
+    p.add_argument("--max-video-bytes", type=byte_size, default="128MiB", help="largest encoded video accepted")
+    p.add_argument("--max-video-seconds", type=float, default=3600.0, help="longest video accepted (its header)")
+    p.add_argument("--max-video-frames", type=int, default=768, help="frames sampled from one video")
+    p.add_argument("--max-video-frame-pixels", type=int, default=3840 * 2160, help="width*height of a video frame")
+    p.add_argument(
+        "--max-cached-video-bytes",
+        type=byte_size,
+        default="256MiB",
+        help="a video entry larger than this is computed and returned, not cached",
+    )
     p.add_argument("--preprocess-workers", type=int, default=4, help="threads that decode and preprocess")
     p.add_argument(
         "--shm-socket",
@@ -178,6 +188,9 @@ def _client_parsers(sub: argparse._SubParsersAction) -> None:
         action="append",
         help="WIDTHxHEIGHT of synthetic images; repeat for a mix (default 448x448)",
     )
+    p.add_argument(
+        "--video-fraction", type=float, default=0.0, help="share of synthetic items that are 2 s MP4 clips (0 to 1)"
+    )
     p.add_argument("--image-dir", default=None, help="use the files of this folder instead of synthetic images")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-in-flight", type=int, default=1024, help="open loop: outstanding requests before dropping")
@@ -192,6 +205,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from vitcache.digest import load_digest_key
     from vitcache.encode.decode import DecodeLimits
+    from vitcache.encode.video_decode import VideoLimits
     from vitcache.engine import EngineConfig
 
     config = ServerConfig(
@@ -226,6 +240,10 @@ def _serve(args: argparse.Namespace) -> int:
             max_decoded_pixels_in_flight=args.max_decoded_pixels_in_flight,
             max_queued_images=args.max_queued_images,
             max_put_bytes=args.max_put_bytes,
+            video_limits=VideoLimits(
+                args.max_video_bytes, args.max_video_seconds, args.max_video_frames, args.max_video_frame_pixels
+            ),
+            max_cached_video_bytes=args.max_cached_video_bytes,
             digest_key=load_digest_key(args.digest_key_file) if args.digest_key_file else None,
         ),
         encoder_process={"auto": None, "on": True, "off": False}[args.encoder_process],

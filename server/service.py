@@ -36,6 +36,7 @@ from vitcache.engine import (
     TenantStats,
 )
 from vitcache.errors import ErrorCode, ImageError
+from vitcache.inputs import EncodedVideo, RawVideo, VideoSampling
 from vitcache.outcomes import ImageOutcome
 from vitcache.wire.tensor_codec import TensorBytes, dtype_name
 
@@ -72,7 +73,26 @@ def image_input(image: pb.Image) -> ImageInput | ImageError:
         return RawRGB(image.raw.rgb, image.raw.height, image.raw.width)
     if which == "digest":
         return DigestOnly(image.digest)
-    return ImageError(ErrorCode.INVALID_ARGUMENT, "image has no source: set encoded, raw or digest")
+    if which == "video":
+        return video_input(image.video)
+    return ImageError(ErrorCode.INVALID_ARGUMENT, "image has no source: set encoded, raw, digest or video")
+
+
+def video_input(video: pb.Video) -> EncodedVideo | RawVideo | ImageError:
+    wire = video.sampling
+    sampling = VideoSampling(
+        *(
+            getattr(wire, name) if wire.HasField(name) else None
+            for name in ("fps", "num_frames", "min_pixels", "max_pixels")
+        )
+    )
+    which = video.WhichOneof("source")
+    if which == "encoded":
+        return EncodedVideo(video.encoded, sampling)
+    if which == "raw":
+        raw = video.raw
+        return RawVideo(raw.rgb, raw.frames, raw.height, raw.width, tuple(raw.timestamps), sampling)
+    return ImageError(ErrorCode.INVALID_ARGUMENT, "video has no source: set encoded or raw")
 
 
 def put_entry(item: pb.PutItem) -> CachedEmbedding:
@@ -127,6 +147,9 @@ def _result_header(outcome: ImageOutcome) -> pb.ImageResult:
     assert outcome.entry is not None and outcome.source is not None
     result.source = int(outcome.source)
     result.grid_thw.extend(outcome.entry.grid_thw)
+    if (video := outcome.entry.video) is not None:
+        result.video.CopyFrom(pb.VideoTiming(**video.to_json()))
+        result.not_cached = not outcome.cached
     return result
 
 

@@ -85,7 +85,8 @@ class Arena:
             start = lease + offset
             self.map[start : start + out.nbytes] = out.data
             outputs.append([out.dtype, list(out.shape), start, out.nbytes])
-        return {"lease": lease, "grid_thw": list(entry.grid_thw), "outputs": outputs}
+        placed = {"lease": lease, "grid_thw": list(entry.grid_thw), "outputs": outputs}
+        return placed if entry.video is None else placed | {"video": entry.video.to_json()}
 
     def close_fd(self) -> None:
         """Once the client holds the fd, the mapping alone keeps the memory alive here."""

@@ -10,6 +10,7 @@ import socket
 import numpy as np
 import pytest
 from PIL import Image
+from vitcache.client import Video
 from vitcache.client.loadtest import ImagePool, LoadConfig, run_loadtest, simulate_lru
 from vitcache.server import cli
 from vitcache.server.app import ServerConfig
@@ -135,3 +136,16 @@ def test_unreachable_target_fails_fast_with_a_clear_message(capsys) -> None:  # 
     code = cli.main(["loadtest", "--target", f"127.0.0.1:{port}", "--max-requests", "3", "--no-progress"])
     assert code == 2
     assert f"cannot reach 127.0.0.1:{port}: UNAVAILABLE" in capsys.readouterr().err
+
+
+def test_a_mix_of_images_and_clips(server, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """--video-fraction makes that share of the synthetic pool 2-second MP4 clips, sent as Video items."""
+    pool = ImagePool(40, 1.0, seed=1, image_sizes=[(64, 48)], video_fraction=0.5)
+    kinds = [isinstance(pool.image(i), Video) for i in range(40)]
+    assert 10 < sum(kinds) < 30
+    out = tmp_path / "report"
+    args = ["loadtest", "--target", server.target, "--concurrency", "2", "--max-requests", "12", "--pool-size", "4"]
+    args += ["--image-size", "64x48", "--video-fraction", "1", "--no-progress", "--output-dir", str(out)]
+    assert cli.main(args) == 0
+    images = json.loads((out / "report.json").read_text())["images"]
+    assert images["answered"] == images["videos"] == 12 and images["errors"] == 0

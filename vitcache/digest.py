@@ -11,7 +11,14 @@ KIND       HEADER (ASCII)                          PAYLOAD
 ``file``   (empty)                                 the encoded file's bytes
 ``rgb8``   ``{height}x{width}``                    uint8 HWC RGB pixels
 ``pix``    ``{t}x{h}x{w}:{dtype}:{row_width}``     one image's pixel_values rows (C order)
+``vfile``  ``{sampling}``                          a video file's bytes
+``vrgb8``  ``{t}x{h}x{w}:{sampling}:{seconds}``    uint8 THWC RGB frames
 =========  =====================================  ==================================
+
+``{sampling}`` is ``VideoSampling.header()`` (fps, frame count, pixel bounds a request chose), so
+one file sampled two ways has two digests; ``{seconds}`` the frames' timestamps (``float.hex``,
+comma-separated). A video's ``pixel_values_videos`` rows are ``pix`` like an image's: the tower
+computes the same from the same rows and grid.
 
 Geometry is part of the hashed bytes, so two images with the same pixel bytes but other
 shapes (a 30x100 and a 100x30) never share a digest (cf. vLLM CVE-2025-46722), and the three
@@ -72,3 +79,22 @@ def digest_pixels(
     """Digest of one image's preprocessed ``pixel_values`` rows (t*h*w rows of ``row_width``)."""
     t, h, w = grid_thw
     return _digest(b"pix", f"{t}x{h}x{w}:{dtype}:{row_width}".encode(), (rows,), key)
+
+
+def digest_video_file(data: bytes | memoryview, sampling: str, key: bytes | None = None) -> bytes:
+    """Digest of an encoded video file sampled with the settings ``sampling`` (``VideoSampling.header()``)."""
+    return _digest(b"vfile", sampling.encode(), (data,), key)
+
+
+def digest_video_frames(
+    rgb: bytes | memoryview,
+    frames: int,
+    height: int,
+    width: int,
+    timestamps: Iterable[float],
+    sampling: str,
+    key: bytes | None = None,
+) -> bytes:
+    """Digest of raw uint8 THWC RGB video frames, their timestamps and sampling settings."""
+    seconds = ",".join(float(s).hex() for s in timestamps)
+    return _digest(b"vrgb8", f"{frames}x{height}x{width}:{sampling}:{seconds}".encode(), (rgb,), key)

@@ -19,10 +19,10 @@ import torch
 from vitcache.cache.entry import CachedEmbedding
 from vitcache.cache.fleet_lock import FleetLock
 from vitcache.cache.tiers import L1Cache, RedisTier, l1_key, l1_put_key
-from vitcache.digest import DIGEST_SIZE, digest_file, digest_pixels, digest_rgb
+from vitcache.digest import DIGEST_SIZE, digest_file, digest_pixels, digest_rgb, digest_video_file, digest_video_frames
 from vitcache.encode.pipeline import EncodePipeline, Pipeline, PipelineConfig
 from vitcache.errors import ErrorCode, ImageError
-from vitcache.inputs import DigestOnly, EncodedFile, ImageInput, PixelRows, RawRGB, Scope
+from vitcache.inputs import DigestOnly, EncodedFile, EncodedVideo, ImageInput, PixelRows, RawRGB, RawVideo, Scope
 from vitcache.models.loading import EncoderSpec, VisionEncoder
 from vitcache.observer import EngineObserver
 from vitcache.outcomes import ImageOutcome, Source
@@ -47,6 +47,7 @@ class EngineConfig(PipelineConfig):
     max_queued_images: int = 1024  # misses being resolved at once; more are RESOURCE_EXHAUSTED
     digest_key: bytes | None = None  # keyed digests (vitcache.digest); None = plain xxh3-128
     max_put_bytes: int = 256 << 20  # tensor bytes of one Put entry
+    max_cached_video_bytes: int = 256 << 20  # a video entry larger than this is returned, not cached
 
     @property
     def pipeline(self) -> PipelineConfig:
@@ -341,7 +342,7 @@ class EmbeddingEngine:
                 self.stats.l2_hits += 1
                 return ImageOutcome(index, digest, entry, Source.L2)
             entry, source = await self._resolve_once(digest, image, scope)
-            return ImageOutcome(index, digest, entry, source)
+            return ImageOutcome(index, digest, entry, source, cached=not self._too_large_to_cache(entry))
         except ImageError as exc:
             return self._failed(index, digest, exc)
 
@@ -367,7 +368,26 @@ class EmbeddingEngine:
             return digest_file(image.data, key)
         if isinstance(image, RawRGB):
             return digest_rgb(image.rgb, image.height, image.width, key)
+        if isinstance(image, EncodedVideo | RawVideo):
+            return self._video_digest(image)
         return digest_pixels(image.data, image.grid_thw, image.dtype, image.row_width, key)
+
+    def _video_digest(self, video: EncodedVideo | RawVideo) -> bytes:
+        video.sampling.check()
+        key, sampling = self.config.digest_key, video.sampling.header()
+        if isinstance(video, RawVideo):
+            return digest_video_frames(
+                video.rgb, video.frames, video.height, video.width, video.timestamps, sampling, key
+            )
+        limit = self.config.video_limits.max_video_bytes
+        if len(video.data) > limit:
+            raise ImageError(ErrorCode.INVALID_ARGUMENT, f"video of {len(video.data)} bytes is over the limit {limit}")
+        return digest_video_file(video.data, sampling, key)
+
+    def _too_large_to_cache(self, entry: CachedEmbedding) -> bool:
+        """A video entry over ``max_cached_video_bytes``: computed and returned, never stored (a long
+        clip would evict thousands of images from L1 and make a Redis value of gigabytes)."""
+        return entry.video is not None and entry.nbytes > self.config.max_cached_video_bytes
 
     async def _from_l2(self, digest: bytes, tenant: str) -> CachedEmbedding | None:
         if self.l2 is None:
@@ -448,14 +468,21 @@ class EmbeddingEngine:
                 self.stats.deadline_expired += 1
             if isinstance(exc, ImageError) and exc.code is ErrorCode.INTERNAL:
                 self._remember_failure(l1_key(digest, scope.tenant), exc)
-            if token:
-                self._background(self._store(digest, scope.tenant, None, token))
+            self._release_unstored(digest, scope.tenant, token)
             raise
+        if self._too_large_to_cache(entry):
+            self._release_unstored(digest, scope.tenant, token)
+            return entry, Source.COMPUTED
         with self.observer.timed("l1_put"):
             self.l1.put(l1_key(digest, scope.tenant), entry)
         if self.l2 is not None:
             self._background(self._store(digest, scope.tenant, entry, token))
         return entry, Source.COMPUTED
+
+    def _release_unstored(self, digest: bytes, tenant: str, token: str) -> None:
+        """Releases the fleet lock (if held) of a computation that stores nothing."""
+        if token:
+            self._background(self._store(digest, tenant, None, token))
 
     def _remember_failure(self, key: bytes, error: ImageError) -> None:
         self._failed_images[key] = (time.monotonic() + FAILED_IMAGE_TTL_S, error)

@@ -35,7 +35,59 @@ class DigestOnly:
     digest: bytes
 
 
-ImageInput = EncodedFile | RawRGB | PixelRows | DigestOnly
+@dataclass(frozen=True)
+class VideoSampling:
+    """What a request chooses of a video's preprocessing; part of its digest, so the same file at 1 fps
+    and at 2 fps are two entries. Unset fields take the model's video processor's values;
+    ``min_pixels``/``max_pixels`` are its ``size`` bounds as it reads them (Qwen3-VL: over all frames)."""
+
+    fps: float | None = None
+    num_frames: int | None = None
+    min_pixels: int | None = None
+    max_pixels: int | None = None
+
+    def check(self) -> None:
+        """Raises ImageError INVALID_ARGUMENT for settings no processor takes."""
+        problem = ""
+        if self.fps is not None and self.num_frames is not None:
+            problem = "set fps or num_frames, not both"
+        elif self.fps is not None and not 0 < self.fps <= 1000:
+            problem = f"fps must be in (0, 1000], got {self.fps}"
+        elif any(v is not None and v < 1 for v in (self.num_frames, self.min_pixels, self.max_pixels)):
+            problem = "num_frames, min_pixels and max_pixels must be positive"
+        elif None not in (self.min_pixels, self.max_pixels) and self.min_pixels > self.max_pixels:  # type: ignore[operator]
+            problem = "min_pixels is over max_pixels"
+        if problem:
+            raise ImageError(ErrorCode.INVALID_ARGUMENT, f"video sampling: {problem}")
+
+    def header(self) -> str:
+        """Canonical text of the settings, hashed into the digest (``float.hex``: exact, one spelling)."""
+        fps = "" if self.fps is None else float(self.fps).hex()
+        values = (self.num_frames, self.min_pixels, self.max_pixels)
+        return f"fps={fps};frames={{}};min={{}};max={{}}".format(*("" if v is None else v for v in values))
+
+
+@dataclass(frozen=True)
+class EncodedVideo:
+    """A video file (MP4, WebM, MKV, ...), decoded and sampled on the server."""
+
+    data: bytes
+    sampling: VideoSampling = VideoSampling()
+
+
+@dataclass(frozen=True)
+class RawVideo:
+    """Frames the caller decoded and sampled: uint8 (T, H, W, 3) RGB and the second each is shown at."""
+
+    rgb: bytes
+    frames: int
+    height: int
+    width: int
+    timestamps: tuple[float, ...]
+    sampling: VideoSampling = VideoSampling()  # only min/max_pixels apply: the frames are sampled already
+
+
+ImageInput = EncodedFile | RawRGB | PixelRows | DigestOnly | EncodedVideo | RawVideo
 
 
 @dataclass(frozen=True)
@@ -52,4 +104,4 @@ class Scope:
 
 
 #: What needs the device: everything but a digest.
-Computable = EncodedFile | RawRGB | PixelRows
+Computable = EncodedFile | RawRGB | PixelRows | EncodedVideo | RawVideo

@@ -28,3 +28,4 @@ class ImageOutcome:
     source: Source | None = None
     error: ImageError | None = None
     key: str = ""  # the Put key, for outcomes of fetch_keys (digest is then empty)
+    cached: bool = True  # False: a video entry over max_cached_video_bytes, computed for this answer alone

@@ -1,4 +1,4 @@
-"""One cached image: its grid and output tensors, and the binary value Redis stores.
+"""One cached image or video: its grid, output tensors (and a video's timing), and the binary value Redis stores.
 
 Value layout (one Redis string)::
 
@@ -41,9 +41,29 @@ def _checksum(meta: dict, payload: Iterable[bytes | memoryview]) -> str:
 
 
 @dataclass(frozen=True)
+class VideoTiming:
+    """Where a video's temporal groups sit in time (a group is ``temporal_patch_size`` frames)."""
+
+    frames: int  # frames sampled (before padding to a multiple of temporal_patch_size)
+    sampled_fps: float  # frames per second of the sampled frames
+    second_per_grid_ts: float  # Qwen2.5-VL's M-RoPE time step: temporal_patch_size / sampled_fps
+    timestamps: tuple[float, ...]  # Qwen3-VL's: seconds at the middle of each group (first and last frame)
+
+    def to_json(self) -> dict:
+        return {"frames": self.frames, "sampled_fps": self.sampled_fps, "second_per_grid_ts": self.second_per_grid_ts,
+                "timestamps": list(self.timestamps)}  # fmt: skip
+
+    @classmethod
+    def from_json(cls, value: dict) -> VideoTiming:
+        seconds = tuple(float(s) for s in value["timestamps"])
+        return cls(int(value["frames"]), float(value["sampled_fps"]), float(value["second_per_grid_ts"]), seconds)
+
+
+@dataclass(frozen=True)
 class CachedEmbedding:
     grid_thw: tuple[int, int, int]
     outputs: tuple[TensorBytes, ...]
+    video: VideoTiming | None = None  # a video's timing; None for an image
 
     @property
     def nbytes(self) -> int:
@@ -57,10 +77,12 @@ class CachedEmbedding:
         return [out.to_tensor() for out in self.outputs]
 
     def to_value(self) -> bytes:
-        meta = {
+        meta: dict = {
             "grid_thw": list(self.grid_thw),
             "outputs": [{"dtype": o.dtype, "shape": list(o.shape), "nbytes": o.nbytes} for o in self.outputs],
         }
+        if self.video is not None:
+            meta["video"] = self.video.to_json()
         checksum = _checksum(meta, (out.data for out in self.outputs))
         header = json.dumps({**meta, "xxh3_64": checksum}, separators=(",", ":")).encode()
         prefix = _PREFIX.pack(_MAGIC, FORMAT_VERSION, len(header))
@@ -91,9 +113,12 @@ class CachedEmbedding:
             if start != len(value):
                 raise CorruptEntry("trailing bytes after the payload")
             meta = {"grid_thw": header["grid_thw"], "outputs": header["outputs"]}
+            if "video" in header:
+                meta["video"] = header["video"]
             if _checksum(meta, (out.data for out in outputs)) != header["xxh3_64"]:
                 raise CorruptEntry("checksum mismatch")
-            return cls(grid, tuple(outputs))  # type: ignore[arg-type]
+            video = VideoTiming.from_json(header["video"]) if "video" in header else None
+            return cls(grid, tuple(outputs), video)  # type: ignore[arg-type]
         except CorruptEntry:
             raise
         except (struct.error, ValueError, KeyError, TypeError, AttributeError) as exc:

@@ -44,7 +44,7 @@ from multiprocessing.connection import Connection
 import numpy as np
 import torch
 
-from vitcache.cache.entry import CachedEmbedding
+from vitcache.cache.entry import CachedEmbedding, VideoTiming
 from vitcache.encode.batch import BatcherStats
 from vitcache.encode.pipeline import EncodePipeline, EncoderStatus, PipelineConfig
 from vitcache.errors import ConfigError, ErrorCode, ImageError
@@ -125,6 +125,7 @@ class _InRing:
     outputs: tuple[tuple[str, tuple[int, ...], int], ...]  # (dtype, shape, nbytes) per output
     start: int
     end: int
+    video: VideoTiming | None = None
 
     def take(self, ring: _Ring) -> CachedEmbedding:
         data = ring.read(self.start, [nbytes for _, _, nbytes in self.outputs])
@@ -134,6 +135,7 @@ class _InRing:
             tuple(
                 TensorBytes(dtype, shape, chunk) for (dtype, shape, _), chunk in zip(self.outputs, data, strict=True)
             ),
+            self.video,
         )
 
 
@@ -146,7 +148,7 @@ class _RingEntry(CachedEmbedding):
 
     def reply(self) -> _InRing:
         outputs = tuple((out.dtype, out.shape, out.nbytes) for out in self.outputs)
-        return _InRing(self.grid_thw, outputs, self.start, self.end)
+        return _InRing(self.grid_thw, outputs, self.start, self.end, self.video)
 
 
 class EncoderProcess:
@@ -468,4 +470,4 @@ class _ChildServer:
         outputs = tuple(
             TensorBytes(dtype_name(t.dtype), tuple(t.shape), v) for t, v in zip(tensors, views, strict=True)
         )
-        return _RingEntry(tuple(grid_thw), outputs, *span)
+        return _RingEntry(tuple(grid_thw), outputs, start=span[0], end=span[1])

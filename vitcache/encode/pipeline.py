@@ -18,8 +18,10 @@ from vitcache.cache.entry import CachedEmbedding
 from vitcache.encode.batch import Batcher, BatcherStats, Materialize
 from vitcache.encode.budget import PixelBudget
 from vitcache.encode.decode import DecodeBatcher, DecodeLimits, decode_image_on, image_pixels, raw_image
+from vitcache.encode.video_decode import VideoLimits
+from vitcache.encode.video_pipeline import VideoPipeline
 from vitcache.errors import ErrorCode, ImageError, ImageRejected
-from vitcache.inputs import Computable, EncodedFile, PixelRows, RawRGB, Scope
+from vitcache.inputs import Computable, EncodedFile, EncodedVideo, PixelRows, RawRGB, RawVideo, Scope
 from vitcache.models import accel
 from vitcache.models.loading import EncoderSpec, VisionEncoder
 from vitcache.models.preprocess import preprocess
@@ -50,6 +52,7 @@ class PipelineConfig:
     # width x height of the images being decoded and preprocessed at once, all requests together:
     # about 16 bytes each at the peak (uint8 RGB and its float copy), so the default is about 2 GiB.
     max_decoded_pixels_in_flight: int = 128 << 20
+    video_limits: VideoLimits = field(default_factory=VideoLimits)
 
 
 class EncodePipeline:
@@ -76,6 +79,9 @@ class EncodePipeline:
         self.batcher = Batcher(encoder, config.max_batch_patches, config.max_batch_wait_s, self.observer, materialize)
         self._pool = ThreadPoolExecutor(config.preprocess_workers, "vitcache-preprocess")
         self.decoder = DecodeBatcher(self.limits, encoder.device, self._pool) if encoder.device.type == "cuda" else None
+        self.videos = VideoPipeline(
+            encoder, config.video_limits, self.budget, self._give_back, self._pool, self.batcher
+        )
 
     @property
     def stats(self) -> BatcherStats:
@@ -105,6 +111,8 @@ class EncodePipeline:
 
     async def compute(self, image: Computable, scope: Scope) -> CachedEmbedding:
         scope.check_deadline()
+        if isinstance(image, EncodedVideo | RawVideo):
+            return await self.videos.compute(image, scope)
         with self.observer.timed("preprocess"):
             pixels = await self._decoded_pixels(image)
             await self.budget.take(pixels, scope.deadline)

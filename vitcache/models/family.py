@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
+from transformers.video_processing_utils import BaseVideoProcessor
 
 from vitcache.errors import ConfigError
 from vitcache.models.preprocess import PreprocessConfig
@@ -56,6 +57,8 @@ class ModelFamily(ABC):
     checkpoint_prefixes: tuple[str, ...]  # checkpoint keys under these are the encoder's, in any known layout
     preprocess_cls: type[PreprocessConfig]
     cuda_graphs = False  # whether the forward takes nothing but batch_metadata, so graphs.py can pad and capture it
+    # transformers' video processor, whose pixel_values_videos the tower takes as it takes images' (None: no videos)
+    video_processor_cls: type[BaseVideoProcessor] | None = None
 
     @abstractmethod
     def output_layout(self, config: PretrainedConfig) -> OutputLayout:

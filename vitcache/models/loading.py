@@ -22,6 +22,7 @@ from transformers import PretrainedConfig
 from transformers import initialization as hf_init
 from transformers.conversion_mapping import get_model_conversion_mapping
 from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
+from transformers.video_processing_utils import BaseVideoProcessor
 
 from vitcache.models import accel
 from vitcache.models.family import ModelFamily, ModelLoadError, OutputLayout
@@ -29,6 +30,7 @@ from vitcache.models.graphs import GraphedTower
 from vitcache.models.preprocess import PreprocessConfig, image_grid
 from vitcache.models.registry import FAMILIES, TINY_RANDOM_FAMILY
 from vitcache.models.tiny import make_tiny_checkpoint
+from vitcache.models.video import load_video_processor, processor_json
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +126,7 @@ class VisionEncoder:
         self.device = next(module.parameters()).device
         self.acceleration = "none"  # set by load_encoder
         self.graphs: GraphedTower | None = None  # set by load_encoder for acceleration="graphs"
+        self.video_processor: BaseVideoProcessor | None = None  # set by load_encoder for families with videos
         layout = model_family.output_layout(config)
         self.spec = EncoderSpec.of(family, model_name, layout, preprocess_config, dtype, self.device, namespace)
 
@@ -209,12 +212,15 @@ def load_encoder(
         acceleration = "compile"
     try:
         preprocess_config = model_family.preprocess_cls.from_pretrained(path)
+        video_processor = load_video_processor(path, model_family)
     except (OSError, ValueError) as e:
-        raise ModelLoadError(f"cannot read the image processor config of {path}: {e}") from e
+        raise ModelLoadError(f"cannot read the image or video processor config of {path}: {e}") from e
 
     namespace = xxhash.xxh3_128()
     for part in (NAMESPACE_VERSION, family, _describe(model_family, config), str(dtype), preprocess_config.to_json()):
         namespace.update(part.encode() + b"\0")
+    if video_processor is not None:  # videos: every setting of the family's video processor
+        namespace.update(processor_json(video_processor).encode() + b"\0")
     with ExitStack() as files:
         try:
             state = _read_vision_state(path, config, model_family, files)
@@ -239,6 +245,7 @@ def load_encoder(
         family, model_family, model, module, config, preprocess_config, dtype, namespace.hexdigest()
     )
     encoder.acceleration = acceleration
+    encoder.video_processor = video_processor
     if acceleration in ("compile", "graphs"):
         _warm_up(encoder)
     if acceleration == "graphs":

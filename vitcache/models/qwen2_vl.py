@@ -8,7 +8,13 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import PretrainedConfig, Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil
+from transformers import (
+    PretrainedConfig,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+    Qwen2VLImageProcessorPil,
+    Qwen2VLVideoProcessor,
+)
 
 # The torchvision-backed module re-exports the same function but cannot be imported without torchvision.
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
@@ -89,6 +95,7 @@ class Qwen2VL(ModelFamily):
     checkpoint_prefixes = ("visual.", "model.visual.")
     preprocess_cls = Qwen2VLPreprocessConfig
     cuda_graphs = True
+    video_processor_cls = Qwen2VLVideoProcessor  # Qwen2.5-VL's too
     merged_width_name = "hidden_size"  # the vision config's name of the merger's output width
 
     def output_layout(self, config: PretrainedConfig) -> OutputLayout:

@@ -6,7 +6,13 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import PretrainedConfig, Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLVisionModel
+from transformers import (
+    PretrainedConfig,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
+    Qwen3VLVideoProcessor,
+    Qwen3VLVisionModel,
+)
 
 from vitcache.models import accel
 from vitcache.models.family import TINY_SPECIAL_TOKENS
@@ -19,6 +25,7 @@ class Qwen3VL(Qwen2VL):
     model_cls = Qwen3VLForConditionalGeneration
     vision_cls = Qwen3VLVisionModel
     merged_width_name = "out_hidden_size"
+    video_processor_cls = Qwen3VLVideoProcessor
 
     def grid_metadata(self, tower: nn.Module, grid: torch.Tensor) -> dict[str, Any]:
         meta = super().grid_metadata(tower, grid)

@@ -19,10 +19,10 @@ Frames (integers little-endian)::
 
 A result is ``{"index", "grid_thw", "source", "outputs": [[dtype, shape, offset, nbytes], ...]}`` plus
 ``"at", "generation"`` (shared L1: the entry's block and the generation the client checks after its copy) or
-``"lease"`` (own arena); or ``{"index", "error": [code, message]}``. Codes are grpc.StatusCode numbers,
-offsets are into the mapped memfd. A lease is the offset of an image's range; the client releases it in a
-later request once no tensor views it, and the server reuses the range only after that (or after the
-connection closed).
+``"lease"`` (own arena), and ``"video"`` (``VideoTiming.to_json()``) for a video; or
+``{"index", "error": [code, message]}``. Codes are grpc.StatusCode numbers, offsets are into the mapped memfd.
+A lease is the offset of an image's range; the client releases it in a later request once no tensor views it,
+and the server reuses the range only after that (or after the connection closed).
 """
 
 from __future__ import annotations

@@ -19,14 +19,64 @@ L2: Source
 COMPUTED: Source
 
 class Image(_message.Message):
-    __slots__ = ("encoded", "raw", "digest")
+    __slots__ = ("encoded", "raw", "digest", "video")
     ENCODED_FIELD_NUMBER: _ClassVar[int]
     RAW_FIELD_NUMBER: _ClassVar[int]
     DIGEST_FIELD_NUMBER: _ClassVar[int]
+    VIDEO_FIELD_NUMBER: _ClassVar[int]
     encoded: bytes
     raw: RawImage
     digest: bytes
-    def __init__(self, encoded: _Optional[bytes] = ..., raw: _Optional[_Union[RawImage, _Mapping]] = ..., digest: _Optional[bytes] = ...) -> None: ...
+    video: Video
+    def __init__(self, encoded: _Optional[bytes] = ..., raw: _Optional[_Union[RawImage, _Mapping]] = ..., digest: _Optional[bytes] = ..., video: _Optional[_Union[Video, _Mapping]] = ...) -> None: ...
+
+class Video(_message.Message):
+    __slots__ = ("encoded", "raw", "sampling")
+    ENCODED_FIELD_NUMBER: _ClassVar[int]
+    RAW_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    encoded: bytes
+    raw: RawVideo
+    sampling: VideoSampling
+    def __init__(self, encoded: _Optional[bytes] = ..., raw: _Optional[_Union[RawVideo, _Mapping]] = ..., sampling: _Optional[_Union[VideoSampling, _Mapping]] = ...) -> None: ...
+
+class RawVideo(_message.Message):
+    __slots__ = ("rgb", "frames", "height", "width", "timestamps")
+    RGB_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    TIMESTAMPS_FIELD_NUMBER: _ClassVar[int]
+    rgb: bytes
+    frames: int
+    height: int
+    width: int
+    timestamps: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, rgb: _Optional[bytes] = ..., frames: _Optional[int] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., timestamps: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class VideoSampling(_message.Message):
+    __slots__ = ("fps", "num_frames", "min_pixels", "max_pixels")
+    FPS_FIELD_NUMBER: _ClassVar[int]
+    NUM_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    MIN_PIXELS_FIELD_NUMBER: _ClassVar[int]
+    MAX_PIXELS_FIELD_NUMBER: _ClassVar[int]
+    fps: float
+    num_frames: int
+    min_pixels: int
+    max_pixels: int
+    def __init__(self, fps: _Optional[float] = ..., num_frames: _Optional[int] = ..., min_pixels: _Optional[int] = ..., max_pixels: _Optional[int] = ...) -> None: ...
+
+class VideoTiming(_message.Message):
+    __slots__ = ("frames", "sampled_fps", "second_per_grid_ts", "timestamps")
+    FRAMES_FIELD_NUMBER: _ClassVar[int]
+    SAMPLED_FPS_FIELD_NUMBER: _ClassVar[int]
+    SECOND_PER_GRID_TS_FIELD_NUMBER: _ClassVar[int]
+    TIMESTAMPS_FIELD_NUMBER: _ClassVar[int]
+    frames: int
+    sampled_fps: float
+    second_per_grid_ts: float
+    timestamps: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, frames: _Optional[int] = ..., sampled_fps: _Optional[float] = ..., second_per_grid_ts: _Optional[float] = ..., timestamps: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class RawImage(_message.Message):
     __slots__ = ("rgb", "height", "width")
@@ -107,7 +157,7 @@ class PutResponse(_message.Message):
     def __init__(self, results: _Optional[_Iterable[_Union[PutResult, _Mapping]]] = ...) -> None: ...
 
 class ImageResult(_message.Message):
-    __slots__ = ("index", "digest", "embeddings", "grid_thw", "source", "error_code", "error_message", "key")
+    __slots__ = ("index", "digest", "embeddings", "grid_thw", "source", "error_code", "error_message", "key", "video", "not_cached")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     DIGEST_FIELD_NUMBER: _ClassVar[int]
     EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
@@ -116,6 +166,8 @@ class ImageResult(_message.Message):
     ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
     ERROR_MESSAGE_FIELD_NUMBER: _ClassVar[int]
     KEY_FIELD_NUMBER: _ClassVar[int]
+    VIDEO_FIELD_NUMBER: _ClassVar[int]
+    NOT_CACHED_FIELD_NUMBER: _ClassVar[int]
     index: int
     digest: bytes
     embeddings: _containers.RepeatedCompositeFieldContainer[Tensor]
@@ -124,7 +176,9 @@ class ImageResult(_message.Message):
     error_code: int
     error_message: str
     key: str
-    def __init__(self, index: _Optional[int] = ..., digest: _Optional[bytes] = ..., embeddings: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., grid_thw: _Optional[_Iterable[int]] = ..., source: _Optional[_Union[Source, str]] = ..., error_code: _Optional[int] = ..., error_message: _Optional[str] = ..., key: _Optional[str] = ...) -> None: ...
+    video: VideoTiming
+    not_cached: bool
+    def __init__(self, index: _Optional[int] = ..., digest: _Optional[bytes] = ..., embeddings: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., grid_thw: _Optional[_Iterable[int]] = ..., source: _Optional[_Union[Source, str]] = ..., error_code: _Optional[int] = ..., error_message: _Optional[str] = ..., key: _Optional[str] = ..., video: _Optional[_Union[VideoTiming, _Mapping]] = ..., not_cached: _Optional[bool] = ...) -> None: ...
 
 class GetStatsRequest(_message.Message):
     __slots__ = ()
