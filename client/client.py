@@ -17,10 +17,10 @@ import numpy as np
 import torch
 from vitcache.v1 import vitcache_pb2 as pb
 
-from vitcache.cache.entry import VideoTiming
 from vitcache.digest import digest_file, digest_pixels, digest_rgb, digest_video_file, digest_video_frames
 from vitcache.inputs import VideoSampling
 from vitcache.wire.tensor_codec import TensorBytes, dtype_name
+from vitcache.wire.timing import VideoTiming
 
 from .connect import ConnectOptions, open_async_channel, open_channel
 from .shm import ShmChannel, ShmResult

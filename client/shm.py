@@ -21,10 +21,9 @@ from typing import Any
 
 import torch
 
-from vitcache.cache.arena import GENERATION
-from vitcache.cache.entry import VideoTiming
-from vitcache.wire.shm_protocol import LENGTH, json_frame, request_frame
+from vitcache.wire.shm_protocol import GENERATION, LENGTH, json_frame, request_frame
 from vitcache.wire.tensor_codec import dtype_from_name
+from vitcache.wire.timing import VideoTiming
 
 #: Lookups of an entry that was replaced while it was being copied, before its image fails with ABORTED.
 MAX_READS = 3

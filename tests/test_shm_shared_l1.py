@@ -22,12 +22,12 @@ from vitcache.client import ConnectOptions, VitCacheClient
 from vitcache.client.shm import ShmChannel, copied_out
 from vitcache.server.app import ServerConfig
 
-from vitcache.cache.arena import GENERATION, ArenaEntry, SharedArena
+from vitcache.cache.arena import ArenaEntry, SharedArena
 from vitcache.cache.entry import CachedEmbedding
 from vitcache.cache.tiers import L1Cache
 from vitcache.digest import digest_file
 from vitcache.outcomes import Source
-from vitcache.wire.shm_protocol import json_frame, request_frame
+from vitcache.wire.shm_protocol import GENERATION, json_frame, request_frame
 
 from .conftest import png_bytes
 from .test_shm import read_reply, refusals

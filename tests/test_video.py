@@ -20,7 +20,7 @@ from transformers.video_utils import VideoMetadata
 from vitcache.client import Video, VitCacheClient
 from vitcache.server.app import ServerConfig
 
-from vitcache.cache.entry import CachedEmbedding, CorruptEntry, VideoTiming
+from vitcache.cache.entry import CachedEmbedding, CorruptEntry
 from vitcache.cache.tiers import L1Cache
 from vitcache.encode.encoder_process import EncoderProcess
 from vitcache.encode.video_decode import VideoLimits, decode_frames, probe_video
@@ -32,6 +32,7 @@ from vitcache.models.registry import FAMILIES
 from vitcache.models.tiny import make_tiny_checkpoint
 from vitcache.models.video import load_video_processor
 from vitcache.outcomes import ImageOutcome, Source
+from vitcache.wire.timing import VideoTiming
 
 from .conftest import png_bytes
 

@@ -23,16 +23,14 @@ import fcntl
 import itertools
 import mmap
 import os
-import struct
 import threading
 import weakref
 from dataclasses import dataclass
 
 from vitcache.cache.entry import CachedEmbedding
-from vitcache.wire.shm_protocol import ALIGNMENT, aligned
+from vitcache.wire.shm_protocol import ALIGNMENT, GENERATION, aligned
 from vitcache.wire.tensor_codec import TensorBytes
 
-GENERATION = struct.Struct("<Q")
 #: Linux >= 5.1: no new writable mapping and no write(2) (ours, made before it, stays writable);
 #: not in Python 3.11's fcntl module.
 F_SEAL_FUTURE_WRITE = getattr(fcntl, "F_SEAL_FUTURE_WRITE", 0x0010)

@@ -22,6 +22,7 @@ import torch
 import xxhash
 
 from vitcache.wire.tensor_codec import TensorBytes
+from vitcache.wire.timing import VideoTiming
 
 _MAGIC = b"VTC"
 FORMAT_VERSION = 2  # 2: the checksum covers the header's grid and output specs too
@@ -38,25 +39,6 @@ def _checksum(meta: dict, payload: Iterable[bytes | memoryview]) -> str:
     for chunk in payload:
         checksum.update(chunk)
     return checksum.hexdigest()
-
-
-@dataclass(frozen=True)
-class VideoTiming:
-    """Where a video's temporal groups sit in time (a group is ``temporal_patch_size`` frames)."""
-
-    frames: int  # frames sampled (before padding to a multiple of temporal_patch_size)
-    sampled_fps: float  # frames per second of the sampled frames
-    second_per_grid_ts: float  # Qwen2.5-VL's M-RoPE time step: temporal_patch_size / sampled_fps
-    timestamps: tuple[float, ...]  # Qwen3-VL's: seconds at the middle of each group (first and last frame)
-
-    def to_json(self) -> dict:
-        return {"frames": self.frames, "sampled_fps": self.sampled_fps, "second_per_grid_ts": self.second_per_grid_ts,
-                "timestamps": list(self.timestamps)}  # fmt: skip
-
-    @classmethod
-    def from_json(cls, value: dict) -> VideoTiming:
-        seconds = tuple(float(s) for s in value["timestamps"])
-        return cls(int(value["frames"]), float(value["sampled_fps"]), float(value["second_per_grid_ts"]), seconds)
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,7 @@ from multiprocessing.connection import Connection
 import numpy as np
 import torch
 
-from vitcache.cache.entry import CachedEmbedding, VideoTiming
+from vitcache.cache.entry import CachedEmbedding
 from vitcache.encode.batch import BatcherStats
 from vitcache.encode.pipeline import EncodePipeline, EncoderStatus, PipelineConfig
 from vitcache.errors import ConfigError, ErrorCode, ImageError
@@ -52,6 +52,7 @@ from vitcache.inputs import Computable, PixelRows, Scope
 from vitcache.models.loading import EncoderLoader, EncoderSpec, VisionEncoder
 from vitcache.observer import EngineObserver, Stage
 from vitcache.wire.tensor_codec import TensorBytes, dtype_name
+from vitcache.wire.timing import VideoTiming
 
 log = logging.getLogger(__name__)
 

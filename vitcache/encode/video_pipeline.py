@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from vitcache.cache.entry import CachedEmbedding, VideoTiming
+from vitcache.cache.entry import CachedEmbedding
 from vitcache.encode.batch import Batcher
 from vitcache.encode.budget import PixelBudget
 from vitcache.encode.video_decode import (
@@ -35,6 +35,7 @@ from vitcache.inputs import EncodedVideo, RawVideo, Scope, VideoSampling
 from vitcache.models import accel
 from vitcache.models.loading import VisionEncoder
 from vitcache.models.video import file_timing, preprocess_video, sample_indices, timing
+from vitcache.wire.timing import VideoTiming
 
 
 @dataclass(frozen=True)

@@ -18,10 +18,10 @@ import torch
 from transformers.video_processing_utils import BaseVideoProcessor
 from transformers.video_utils import VideoMetadata
 
-from vitcache.cache.entry import VideoTiming
 from vitcache.errors import ImageRejected
 from vitcache.inputs import VideoSampling
 from vitcache.models.family import ModelFamily
+from vitcache.wire.timing import VideoTiming
 
 #: transformers' frame rate for frames whose rate is unknown (a single raw frame).
 DEFAULT_FPS = 24.0

@@ -43,6 +43,9 @@ MAX_HELLO_BYTES = 64 << 10
 ALIGNMENT = 64
 MEMFD_NAME = "vitcache-shm"
 
+#: The u64 at the start of a shared-L1 block (``vitcache.cache.arena``): a reader compares it after its copy.
+GENERATION = struct.Struct("<Q")
+
 
 def json_frame(message: dict[str, Any]) -> bytes:
     body = json.dumps(message, separators=(",", ":")).encode()
