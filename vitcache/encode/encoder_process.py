@@ -140,7 +140,7 @@ class _InRing:
         )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)  # keywords: CachedEmbedding may grow fields
 class _RingEntry(CachedEmbedding):
     """Child side: an entry written into the ring at [start, end) (its outputs view the ring)."""
 
