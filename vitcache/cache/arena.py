@@ -163,7 +163,9 @@ class SharedArena:
             self._view[offset : offset + out.nbytes] = out.data
             outputs.append(TensorBytes(out.dtype, out.shape, self._view[offset : offset + out.nbytes].toreadonly()))
         GENERATION.pack_into(self._view, at, generation)  # last: the block is whole from here on
-        stored = ArenaEntry(grid_thw=entry.grid_thw, outputs=tuple(outputs), video=entry.video, at=at, generation=generation)
+        stored = ArenaEntry(
+            grid_thw=entry.grid_thw, outputs=tuple(outputs), video=entry.video, at=at, generation=generation
+        )
         weakref.finalize(stored, self._unviewed.append, at).atexit = False
         return stored
 
