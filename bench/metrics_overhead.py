@@ -29,7 +29,7 @@ from vitcache.server.app import ServerConfig, start_server
 from vitcache.server.metrics import ServerMetrics
 
 from vitcache.cache.entry import CachedEmbedding
-from vitcache.cache.tiers import L1Cache
+from vitcache.cache.l1 import L1Cache
 from vitcache.digest import digest_file
 from vitcache.engine import EmbeddingEngine
 from vitcache.models.loading import load_encoder

@@ -510,7 +510,7 @@ def bench_engine(
     from vitcache.server.metrics import ServerMetrics
     from vitcache.server.stats_view import StatsView
 
-    from vitcache.cache.tiers import L1Cache
+    from vitcache.cache.l1 import L1Cache
     from vitcache.engine import EmbeddingEngine, EncodedFile, EngineConfig
     from vitcache.models.loading import load_encoder
 

@@ -12,7 +12,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from vitcache.v1 import vitcache_pb2 as pb
 
 from vitcache.cache.fleet_lock import FleetLock
-from vitcache.cache.tiers import L1Cache, RedisTier, check_redis_url
+from vitcache.cache.l1 import L1Cache
+from vitcache.cache.tiers import RedisTier, check_redis_url
 from vitcache.encode.encoder_pool import EncoderPool, parse_devices, pool_loaders
 from vitcache.encode.pipeline import Pipeline
 from vitcache.engine import EmbeddingEngine, EngineConfig

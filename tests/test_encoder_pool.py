@@ -120,7 +120,7 @@ def test_an_image_under_which_two_encoders_die_fails_internal_and_is_not_tried_a
     INTERNAL, not UNAVAILABLE, so a fleet client does not carry it on to the next replica."""
     import asyncio
 
-    from vitcache.cache.tiers import L1Cache
+    from vitcache.cache.l1 import L1Cache
     from vitcache.encode.pipeline import PipelineConfig
     from vitcache.engine import EmbeddingEngine, EncodedFile
     from vitcache.errors import ErrorCode

@@ -19,7 +19,7 @@ from vitcache.server.app import ServerConfig
 from vitcache.server.metrics import ServerMetrics
 
 from tests.conftest import jpeg_bytes, png_bytes, solid_png
-from vitcache.cache.tiers import L1Cache
+from vitcache.cache.l1 import L1Cache
 from vitcache.encode.encoder_pool import EncoderPool
 from vitcache.encode.encoder_process import EncoderProcess
 from vitcache.encode.pipeline import PipelineConfig

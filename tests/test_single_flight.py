@@ -15,7 +15,7 @@ from vitcache.client import AsyncVitCacheClient
 from vitcache.server.app import ServerConfig
 
 from vitcache.cache.entry import CachedEmbedding
-from vitcache.cache.tiers import L1Cache
+from vitcache.cache.l1 import L1Cache
 from vitcache.encode.pipeline import EncodePipeline
 from vitcache.engine import EmbeddingEngine, EngineConfig
 from vitcache.inputs import Computable, EncodedFile, Scope

@@ -18,7 +18,8 @@ import torch
 
 from vitcache.cache.entry import CachedEmbedding
 from vitcache.cache.fleet_lock import FleetLock
-from vitcache.cache.tiers import L1Cache, RedisTier, l1_key, l1_put_key
+from vitcache.cache.l1 import L1Cache, l1_key, l1_put_key
+from vitcache.cache.tiers import RedisTier
 from vitcache.digest import DIGEST_SIZE, digest_file, digest_pixels, digest_rgb
 from vitcache.encode.pipeline import EncodePipeline, Pipeline, PipelineConfig
 from vitcache.errors import ErrorCode, ImageError
@@ -217,7 +218,7 @@ class EmbeddingEngine:
     async def put(self, key: str, entry: CachedEmbedding, scope: Scope = Scope()) -> None:
         """Stores a caller-computed entry under ``key``, in L1 and then L2 before returning.
 
-        Put keys are a key space of their own (:func:`~vitcache.cache.tiers.l1_put_key`,
+        Put keys are a key space of their own (:func:`~vitcache.cache.l1.l1_put_key`,
         :meth:`~vitcache.cache.tiers.RedisTier.put_key`): a caller can never replace or shadow an entry
         computed from image bytes. Raises :class:`ImageError` for an entry it does not take.
         """
