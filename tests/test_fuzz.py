@@ -21,13 +21,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
-from vitcache.server.app import ServerConfig
 from vitcache.server.wire import LENGTH_DELIMITED, count_values, fields, varint
 from vitcache.v1 import vitcache_pb2 as pb
 from vitcache.v1 import vitcache_pb2_grpc as pb_grpc
 
 from vitcache.cache.entry import CachedEmbedding, CorruptEntry
 from vitcache.cache.tiers import L2Unavailable, RedisTier
+from vitcache.config import VitcacheConfig
 
 from .conftest import png_bytes
 
@@ -95,7 +95,7 @@ def pixel_batches(draw: st.DrawFn) -> pb.EncodeRequest:
 
 @pytest.fixture
 def fuzz_target(start_server_thread, encoder, redis_server):  # type: ignore[no-untyped-def]
-    srv = start_server_thread(ServerConfig(redis_url=redis_server.url, max_images_per_request=8), encoder)
+    srv = start_server_thread(VitcacheConfig.of(redis_url=redis_server.url, max_images_per_request=8), encoder)
     channel = grpc.insecure_channel(srv.target)
     yield srv, pb_grpc.VitCacheStub(channel), health_pb2_grpc.HealthStub(channel), redis_server
     channel.close()

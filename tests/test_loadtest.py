@@ -14,7 +14,8 @@ import pytest
 from PIL import Image
 from vitcache.client.loadtest import ImagePool, LoadConfig, run_loadtest, simulate_lru
 from vitcache.server import cli
-from vitcache.server.app import ServerConfig
+
+from vitcache.config import VitcacheConfig
 
 from .conftest import png_bytes
 
@@ -23,7 +24,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 @pytest.fixture
 def server(start_server_thread, encoder):  # type: ignore[no-untyped-def]
-    return start_server_thread(ServerConfig(), encoder)
+    return start_server_thread(VitcacheConfig.of(), encoder)
 
 
 def test_simulated_lru_matches_a_hand_computed_sequence() -> None:

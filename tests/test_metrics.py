@@ -19,12 +19,12 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from vitcache.client import VitCacheClient
 from vitcache.server import cli
-from vitcache.server.app import ServerConfig
 from vitcache.server.metrics import ServerMetrics
 from vitcache.server.stats_view import StatsView, _compute, _Snapshot, histogram_quantile
 from vitcache.v1 import vitcache_pb2 as pb
 from vitcache.v1 import vitcache_pb2_grpc as pb_grpc
 
+from vitcache.config import VitcacheConfig
 from vitcache.models.preprocess import preprocess
 
 from .conftest import http_get, png_bytes
@@ -53,7 +53,7 @@ def value(samples: Samples, name: str, **labels: str) -> float:
 @pytest.fixture
 def metered(start_server_thread, encoder, redis_server):  # type: ignore[no-untyped-def]
     def start(**kwargs):  # type: ignore[no-untyped-def]
-        return start_server_thread(ServerConfig(redis_url=redis_server.url, metrics_port=0, **kwargs), encoder)
+        return start_server_thread(VitcacheConfig.of(redis_url=redis_server.url, metrics_port=0, **kwargs), encoder)
 
     return start
 
@@ -130,7 +130,8 @@ def test_l1_evictions_and_redis_errors_are_exported(start_server_thread, encoder
     _, grid = preprocess(rgb, encoder.preprocess_config)
     entry_bytes = encoder.tokens_for(grid) * sum(encoder.output_hidden_sizes) * torch.finfo(encoder.dtype).bits // 8
     server = start_server_thread(
-        ServerConfig(redis_url=own_redis.url, redis_timeout_s=0.2, l1_bytes=2 * entry_bytes, metrics_port=0), encoder
+        VitcacheConfig.of(redis_url=own_redis.url, redis_timeout_s=0.2, l1_bytes=2 * entry_bytes, metrics_port=0),
+        encoder,
     )
     own_redis.kill()
     with VitCacheClient(server.target) as client:
@@ -258,5 +259,5 @@ def test_gpu_busy_fraction_is_device_seconds_per_second_of_the_window() -> None:
 
 
 def test_metrics_port_off_by_default(start_server_thread, encoder) -> None:  # type: ignore[no-untyped-def]
-    server = start_server_thread(ServerConfig(), encoder)
+    server = start_server_thread(VitcacheConfig.of(), encoder)
     assert server.running.metrics_port is None and server.running.metrics is not None

@@ -12,7 +12,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Coroutine, Hashable, Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -20,6 +20,7 @@ from vitcache.cache.entry import CachedEmbedding
 from vitcache.cache.fleet_lock import FleetLock
 from vitcache.cache.l1 import L1Cache, l1_key, l1_put_key
 from vitcache.cache.tiers import RedisTier
+from vitcache.config import LimitsConfig
 from vitcache.digest import DIGEST_SIZE, digest_file, digest_pixels, digest_rgb
 from vitcache.encode.pipeline import EncodePipeline, Pipeline, PipelineConfig
 from vitcache.errors import ErrorCode, ImageError
@@ -42,17 +43,15 @@ _IMAGES_PER_LOOP_TURN = 256
 
 
 @dataclass(frozen=True)
-class EngineConfig(PipelineConfig):
-    """The device side's fields (:class:`PipelineConfig`) and the engine's own."""
+class EngineConfig:
+    """The device side's settings (what an encoder process is sent) and the digest key (which is not)."""
 
-    max_queued_images: int = 1024  # misses being resolved at once; more are RESOURCE_EXHAUSTED
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     digest_key: bytes | None = None  # keyed digests (vitcache.digest); None = plain xxh3-128
-    max_put_bytes: int = 256 << 20  # tensor bytes of one Put entry
 
     @property
-    def pipeline(self) -> PipelineConfig:
-        """The device side's fields alone: what an encoder process is sent (not the digest key)."""
-        return PipelineConfig(**{f.name: getattr(self, f.name) for f in fields(PipelineConfig)})
+    def limits(self) -> LimitsConfig:
+        return self.pipeline.limits
 
 
 @dataclass
@@ -131,7 +130,9 @@ class EmbeddingEngine:
         self.config = config or EngineConfig()
         self.observer = observer or EngineObserver()
         self.pipeline: Pipeline = (
-            EncodePipeline(encoder, self.config, self.observer) if isinstance(encoder, VisionEncoder) else encoder
+            EncodePipeline(encoder, self.config.pipeline, self.observer)
+            if isinstance(encoder, VisionEncoder)
+            else encoder
         )
         self.l1 = l1
         self.l2 = l2
@@ -282,10 +283,10 @@ class EmbeddingEngine:
         self._check_put_key(key)
         if not 0 < len(entry.outputs) <= MAX_PUT_TENSORS:
             raise ImageError(ErrorCode.INVALID_ARGUMENT, f"a Put entry holds 1 to {MAX_PUT_TENSORS} tensors")
-        if entry.nbytes > self.config.max_put_bytes:
+        if entry.nbytes > self.config.limits.max_put_bytes:
             raise ImageError(
                 ErrorCode.RESOURCE_EXHAUSTED,
-                f"a Put entry of {entry.nbytes} bytes is over --max-put-bytes={self.config.max_put_bytes}",
+                f"a Put entry of {entry.nbytes} bytes is over --max-put-bytes={self.config.limits.max_put_bytes}",
             )
         if any(v < 0 for v in entry.grid_thw):
             raise ImageError(ErrorCode.INVALID_ARGUMENT, "grid_thw values must not be negative")
@@ -397,7 +398,7 @@ class EmbeddingEngine:
                     self.stats.l1_hits += 1
                     return entry, Source.L1
                 self._check_not_failed(key)
-                if len(self._inflight) >= self.config.max_queued_images:
+                if len(self._inflight) >= self.config.limits.max_queued_images:
                     self.stats.overloaded += 1
                     raise ImageError(
                         ErrorCode.RESOURCE_EXHAUSTED,
