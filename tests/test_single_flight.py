@@ -16,8 +16,8 @@ from vitcache.client import AsyncVitCacheClient
 from vitcache.cache.entry import CachedEmbedding
 from vitcache.cache.l1 import L1Cache
 from vitcache.config import VitcacheConfig
-from vitcache.encode.pipeline import EncodePipeline
-from vitcache.engine import EmbeddingEngine, EngineConfig
+from vitcache.encode.pipeline import EncodePipeline, PipelineConfig
+from vitcache.engine import EmbeddingEngine
 from vitcache.inputs import Computable, EncodedFile, Scope
 from vitcache.models.loading import VisionEncoder
 from vitcache.outcomes import Source
@@ -90,7 +90,7 @@ class _ArrivalAtTheEnd(EncodePipeline):
     arrive: it looks in L1 before the entry is there and goes on after the computation is done."""
 
     def __init__(self, encoder: VisionEncoder, image: bytes) -> None:
-        super().__init__(encoder, EngineConfig())
+        super().__init__(encoder, PipelineConfig())
         self.engine: EmbeddingEngine | None = None
         self.image = image
         self.late: asyncio.Task[list[Source | None]] | None = None
