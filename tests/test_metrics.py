@@ -261,3 +261,39 @@ def test_gpu_busy_fraction_is_device_seconds_per_second_of_the_window() -> None:
 def test_metrics_port_off_by_default(start_server_thread, encoder) -> None:  # type: ignore[no-untyped-def]
     server = start_server_thread(VitcacheConfig.of(), encoder)
     assert server.running.metrics_port is None and server.running.metrics is not None
+
+
+def test_get_stats_api_stats_and_metrics_agree(metered) -> None:  # type: ignore[no-untyped-def]
+    """All three read the engine's one snapshot (and the observer's counters), so after the same traffic
+    they tell the same numbers."""
+    server = metered()
+    images = [png_bytes(56, 56, 21), png_bytes(84, 56, 22)]
+    with VitCacheClient(server.target) as client:
+        client.encode(images)
+        client.encode(images)  # L1 hits
+        client.fetch([bytes(16)])  # NOT_FOUND
+        stats = client.stats()
+    server.call(server.engine.drain())
+    m = scrape(server.running.metrics_port)
+    status, _, body = http_get(server.running.metrics_port, "/api/stats")
+    assert status == 200
+    api = json.loads(body)
+    assert stats.l1_entries == api["l1"]["entries"] == value(m, "vitcache_l1_entries") == 2
+    assert stats.l1_bytes == api["l1"]["bytes"] == value(m, "vitcache_l1_bytes") > 0
+    assert stats.l1_capacity_bytes == api["l1"]["capacity_bytes"] == value(m, "vitcache_l1_capacity_bytes")
+    assert stats.l1_hits == api["totals"]["l1"] == value(m, "vitcache_images_total", source="l1") == 2
+    assert stats.misses == api["totals"]["computed"] == value(m, "vitcache_images_total", source="computed") == 2
+    assert stats.batches == api["totals"]["forwards"] == value(m, "vitcache_encoder_forwards_total") >= 1
+    assert stats.images_computed == value(m, "vitcache_encoder_images_total") == 2
+    assert stats.l2_errors == api["redis"]["errors"] == value(m, "vitcache_redis_errors_total") == 0
+    assert stats.redis_connected == api["redis"]["connected"] == bool(value(m, "vitcache_redis_connected"))
+    (encoder_stats,) = stats.encoders
+    assert [g["device"] for g in api["gpus"]] == [encoder_stats.device] == ["cpu"]
+    assert encoder_stats.images == value(m, "vitcache_encoder_images_total", gpu="cpu")
+    # A snapshot is a copy: later traffic does not change what a reader already holds.
+    before = server.engine.snapshot()
+    with VitCacheClient(server.target) as client:
+        client.encode([png_bytes(56, 112, 23)])
+    after = server.engine.snapshot()
+    assert (before.images.misses, before.batcher.images, before.encoders[0].stats.images, before.l1.entries) == (2,) * 4
+    assert (after.images.misses, after.batcher.images, after.encoders[0].stats.images, after.l1.entries) == (3,) * 4

@@ -22,13 +22,14 @@ from vitcache.cache.l1 import L1Cache, l1_key, l1_put_key
 from vitcache.cache.tiers import RedisTier
 from vitcache.config import LimitsConfig
 from vitcache.digest import DIGEST_SIZE, digest_file, digest_pixels, digest_rgb
-from vitcache.encode.pipeline import EncodePipeline, Pipeline, PipelineConfig
+from vitcache.encode.batch import BatcherStats
+from vitcache.encode.pipeline import EncodePipeline, EncoderStatus, Pipeline, PipelineConfig
 from vitcache.errors import ErrorCode, ImageError
 from vitcache.inputs import DigestOnly, EncodedFile, ImageInput, PixelRows, RawRGB, Scope
 from vitcache.models.loading import EncoderSpec, VisionEncoder
 from vitcache.observer import EngineObserver
 from vitcache.outcomes import ImageOutcome, Source
-from vitcache.wire.tensor_codec import dtype_from_name
+from vitcache.wire.tensor_codec import dtype_from_name, dtype_name
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +98,48 @@ class TenantStats:
             self.deadline_expired += outcome.error.code is ErrorCode.DEADLINE_EXCEEDED
 
 
+@dataclass(frozen=True)
+class ModelSnapshot:
+    """The served model, as stats and metrics name it."""
+
+    model: str
+    family: str
+    dtype: str
+    device: str
+    namespace: str
+
+
+@dataclass(frozen=True)
+class L1Snapshot:
+    entries: int
+    bytes_used: int
+    capacity_bytes: int
+    evictions: int
+
+
+@dataclass(frozen=True)
+class L2Snapshot:
+    enabled: bool  # an L2 (Redis) is configured
+    connected: bool  # the last Redis call succeeded
+    errors: int  # Redis calls that failed or timed out
+    corrupt: int  # values rejected by the header or checksum check
+    fleet_lock_waits: int  # misses that waited on another replica's computation
+
+
+@dataclass(frozen=True)
+class EngineSnapshot:
+    """Every number of the engine at one moment, copied: what GetStats, /api/stats and /metrics read."""
+
+    uptime_s: float
+    model: ModelSnapshot
+    images: EngineStats  # images by source and outcome, engine-wide
+    l1: L1Snapshot
+    l2: L2Snapshot
+    batcher: BatcherStats  # every encoder's forwards together
+    encoders: list[EncoderStatus]  # per device
+    tenants: dict[str, TenantStats]  # per tenant, when counted (count_by_tenant)
+
+
 class EmbeddingEngine:
     """Serves per-image embeddings from L1, L2 or one shared computation.
 
@@ -148,6 +191,26 @@ class EmbeddingEngine:
     def spec(self) -> EncoderSpec:
         """What the encoder computes (known once the pipeline has started)."""
         return self.pipeline.spec
+
+    def snapshot(self) -> EngineSnapshot:
+        """The engine's numbers now, copied, so readers never reach into its parts."""
+        spec, l1, l2 = self.spec, self.l1, self.l2
+        return EngineSnapshot(
+            uptime_s=self.uptime_s,
+            model=ModelSnapshot(spec.model_name, spec.family, dtype_name(spec.dtype), spec.device, spec.namespace),
+            images=replace(self.stats),
+            l1=L1Snapshot(len(l1), l1.bytes_used, l1.capacity_bytes, l1.evictions),
+            l2=L2Snapshot(
+                enabled=l2 is not None,
+                connected=l2 is not None and l2.connected,
+                errors=l2.stats.errors if l2 else 0,
+                corrupt=l2.stats.corrupt if l2 else 0,
+                fleet_lock_waits=self.fleet_lock.waits if self.fleet_lock else 0,
+            ),
+            batcher=replace(self.pipeline.stats),
+            encoders=[replace(status, stats=replace(status.stats)) for status in self.pipeline.encoders()],
+            tenants={tenant: replace(counts) for tenant, counts in (self.tenant_stats or {}).items()},
+        )
 
     def count_by_tenant(self) -> None:
         """Keeps :attr:`tenant_stats` from now on (under authentication, where tokens bound the tenants)."""
