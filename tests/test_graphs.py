@@ -38,7 +38,7 @@ def test_filler_image_and_padded_boundaries_leave_real_tokens_unchanged(family: 
     SDPA cannot take the empty sequences that pad the boundary tensors (varlen attention on the
     GPU skips them: the GPU test below), so here they are checked to be pure repeats and dropped.
     """
-    encoder = load_encoder(str(make_tiny_checkpoint(family, tmp_path / family)), "cpu", "float32")
+    encoder = load_encoder(ModelConfig(str(make_tiny_checkpoint(family, tmp_path / family)), "cpu", "float32"))
     tower, merge = encoder.tower, encoder.merge_size
     for seed, grids in enumerate(BATCHES):
         pixels = _pixels(grids, encoder.preprocess_config.patch_dim, seed)
@@ -102,7 +102,7 @@ def test_warmup_image_sizes_capture_every_batch_size_at_load(tmp_path: Path) -> 
     }
     assert plain.graphs.captured == 0
     warm = load_encoder(
-        ModelConfig(checkpoint, "cuda", "bfloat16", acceleration="graphs", warmup_image_sizes=[(112, 84)]),
+        ModelConfig(checkpoint, "cuda", "bfloat16", acceleration="graphs", warmup_image_sizes=((112, 84),)),
         graph_max_patches=512,
     )
     assert warm.graphs.captured == len(buckets) > 1
