@@ -121,16 +121,17 @@ async def start_server(config: VitcacheConfig, encoder: VisionEncoder | None = N
                 "every --auth-token-file token is bound to a tenant, so none may read /metrics and /api/stats: "
                 "give Prometheus and operators tokens with --metrics-token-file"
             )
+    served = engine.snapshot()
     log.info(
         "serving %s (%s, %s on %s, namespace %s) on %s:%d; L2 %s",
-        engine.spec.model_name,
-        engine.spec.family,
-        engine.spec.dtype,
-        engine.spec.device,
-        engine.spec.namespace,
+        served.model.model,
+        served.model.family,
+        served.model.dtype,
+        served.model.device,
+        served.model.namespace,
         transport.host,
         port,
-        "redis" if engine.l2 else "off",
+        "redis" if served.l2.enabled else "off",
     )
     shm = None
     if transport.shm_socket:
