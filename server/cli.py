@@ -49,10 +49,11 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     for group_name, group in groups_of():
         flags = p.add_argument_group(group_name, group.__doc__)
         for name, meta, library_default in settings_of(group):
+            unit = f" {meta.unit}" if meta.unit else ""
             kwargs: dict[str, Any] = {
                 "dest": name,
                 "default": argparse.SUPPRESS,  # absent: the variable, then the default (serve_config)
-                "help": f"{meta.help} [{meta.env_var}; default {meta.default_text(library_default)}]".replace(
+                "help": f"{meta.help} [{meta.env_var}; default {meta.default_text(library_default)}{unit}]".replace(
                     "%", "%%"
                 ),
             }

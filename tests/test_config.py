@@ -103,10 +103,10 @@ def test_help_lists_every_flag_with_its_variable_and_default(capsys) -> None:
     for flag_and_default in (
         "--max-batch-patches MAX_BATCH_PATCHES patches in one vision forward [VITCACHE_MAX_BATCH_PATCHES; "
         "default 16384]",
-        "[VITCACHE_MAX_BATCH_WAIT_MS; default 2]",
+        "[VITCACHE_MAX_BATCH_WAIT_MS; default 2 ms]",
         "[VITCACHE_L1_BYTES; default 2GiB]",
         "[VITCACHE_METRICS_PORT; default 9400]",
-        "[VITCACHE_FLEET_LOCK_TTL_MS; default 10000]",
+        "[VITCACHE_FLEET_LOCK_TTL_MS; default 10000 ms]",
         "[VITCACHE_ENCODER_RING_BYTES; default 512MiB]",
     ):
         assert flag_and_default in text

@@ -64,11 +64,12 @@ _LIBRARY_DEFAULT: Any = object()
 class Setting:
     """What a config field says about itself to the command line and to the bounds check.
 
-    The flag's value is in ``unit``; ``per`` flag units make one of the field's (1000 for a flag in ms
-    of a field in seconds); bounds are in the flag's unit. ``parse`` reads the flag's text (int,
-    float, byte_size, ...; None: a boolean switch); ``choices`` maps the flag's words to field values;
-    ``zero_is_none``: the flag's 0 is the field's None (off). ``flag_default`` is the command's default
-    where it differs from the library's (metrics are on for ``vitcache serve``, off when embedded).
+    The flag's value is in ``unit`` (shown by --help; a byte size's default names its own); ``per``
+    flag units make one of the field's (1000 for a flag in ms of a field in seconds); bounds are in
+    the flag's unit. ``parse`` reads the flag's text (int, float, byte_size, ...; None: a boolean
+    switch); ``choices`` maps the flag's words to field values; ``zero_is_none``: the flag's 0 is the
+    field's None (off). ``flag_default`` is the command's default where it differs from the library's
+    (metrics are on for ``vitcache serve``, off when embedded).
     """
 
     help: str
@@ -136,7 +137,7 @@ def setting(default: Any, help: str, **meta: Any) -> Any:
 
 def byte_setting(default: str, help: str, minimum: int) -> Any:
     """A size in bytes; its default written as the flag takes it ("512MiB")."""
-    return setting(byte_size(default), help, parse=byte_size, unit="bytes", minimum=minimum, shown_default=default)
+    return setting(byte_size(default), help, parse=byte_size, minimum=minimum, shown_default=default)
 
 
 class _Group:
@@ -224,12 +225,13 @@ class LimitsConfig(_Group):
     """What one request, image or Put may cost, and how much work may be queued."""
 
     max_image_bytes: int = byte_setting("32MiB", "largest encoded image accepted", minimum=1)
-    max_image_pixels: int = setting(64 << 20, "largest width*height accepted", parse=int, minimum=1)
+    max_image_pixels: int = setting(64 << 20, "largest width*height accepted", parse=int, unit="pixels", minimum=1)
     max_decoded_pixels_in_flight: int = setting(
         128 << 20,
         "width*height of all images being decoded and preprocessed at once (about 16 bytes each); "
         "more wait, a larger image fails with RESOURCE_EXHAUSTED",
         parse=int,
+        unit="pixels",
         minimum=1,
     )
     max_images_per_request: int = setting(
