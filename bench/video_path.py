@@ -31,10 +31,10 @@ import torch
 from run_info import REPO, commit, utc_stamp
 from transformers.video_utils import VideoMetadata
 from vitcache.client import Video, VitCacheClient
-from vitcache.server.app import ServerConfig
 from vitcache.server.background import BackgroundServer
 
-from vitcache.cache.tiers import L1Cache
+from vitcache.cache.l1 import L1Cache
+from vitcache.config import VitcacheConfig
 from vitcache.models.loading import TINY_RANDOM, _tiny_random_checkpoint
 from vitcache.models.registry import FAMILIES
 from vitcache.models.video import load_video_processor
@@ -109,7 +109,7 @@ def main() -> None:
 
     clip = make_clip(args.seconds, args.height, args.width, args.source_fps)
     baseline = timed(transformers_path(model_dir, clip, args.fps, args.device, dtype), args.repeats)
-    server = BackgroundServer(ServerConfig(model=model_dir, device=args.device, port=0, metrics_port=0))
+    server = BackgroundServer(VitcacheConfig.of(model=model_dir, device=args.device, port=0, metrics_port=0))
     try:
         with VitCacheClient(server.target) as client:
             video = Video(clip, fps=args.fps)

@@ -23,7 +23,7 @@ from vitcache.server.status import wire_code
 
 from vitcache.cache.arena import ArenaEntry, FirstFitLeases
 from vitcache.cache.entry import CachedEmbedding
-from vitcache.cache.tiers import l1_key
+from vitcache.cache.l1 import l1_key
 from vitcache.engine import EmbeddingEngine, Scope
 from vitcache.errors import ErrorCode
 from vitcache.outcomes import ImageOutcome
