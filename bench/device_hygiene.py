@@ -67,10 +67,15 @@ def compute_app_gpus() -> dict[int, set[int]]:
     return apps
 
 
-def encoder_processes(server_pid: int) -> list[int]:
-    """The serving process's encoder processes (multiprocessing spawn children)."""
-    children = Path(f"/proc/{server_pid}/task/{server_pid}/children").read_text().split()
-    return [int(pid) for pid in children if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+def encoder_processes(server_pid: int, clients: set[int]) -> list[int]:
+    """The serving process's encoder processes: its multiprocessing spawn children other than ``clients``
+    (children of any of its threads: the server runs in a thread of its own)."""
+    children = {
+        int(pid)
+        for task in Path(f"/proc/{server_pid}/task").iterdir()
+        for pid in (task / "children").read_text().split()
+    }
+    return sorted(pid for pid in children - clients if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes())
 
 
 def gpu_memory_used_mib() -> int:
@@ -191,7 +196,7 @@ def main() -> int:
             app_gpus = compute_app_gpus()
             encoders = [
                 {"pid": pid, "gpus": sorted(app_gpus.get(pid, set())), "opened_driver": opened_driver(pid)}
-                for pid in encoder_processes(os.getpid())
+                for pid in encoder_processes(os.getpid(), {report["pid"] for report in clients})
             ]
             server_serving_mib = used_mib - baseline_mib
             finish(processes, release)
