@@ -637,7 +637,7 @@ def tables(result: dict) -> str:
             if run.get("gpu_busy_fraction") is not None:
                 lines.append(f"  GPU running forwards {run['gpu_busy_fraction']:.0%} of the time")
     for row in result.get("scaling", []):
-        one = next(r for r in result["scaling"] if r["side"] == row["side"] and r["gpus"] == 1)
+        one = next((r for r in result["scaling"] if r["side"] == row["side"] and r["gpus"] == 1), None)
         killed = (
             f", one encoder killed {row['encoder_killed_after_load_s']:.1f} s into the load, "
             f"{row['images_computed_before_kill']} images in"
@@ -648,7 +648,8 @@ def tables(result: dict) -> str:
         lines.append(
             f"scaling {row['side']}x{row['side']} on {row['gpus']} GPU(s) ({row['devices']}{killed}): "
             f"{row['img_s']:.1f} img/s "
-            f"({row['img_s'] / one['img_s']:.2f}x one GPU), failed {row['failed']}; serving process "
+            f"({row['img_s'] / one['img_s'] if one else float('nan'):.2f}x one GPU), failed {row['failed']}; "
+            f"serving process "
             f"{row['cpu_cores']['server']:.2f} cores, encoders {row['cpu_cores']['server_children']:.2f}; busy: {busy}"
         )
     return "\n".join(lines)

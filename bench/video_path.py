@@ -90,7 +90,9 @@ def transformers_path(model_dir: str, clip: bytes, fps: float, device: str, dtyp
             return_tensors="pt",
         )
         with torch.inference_mode():
-            features = model.get_video_features(inputs["pixel_values_videos"].to(device), inputs["video_grid_thw"])
+            features = model.get_video_features(
+                inputs["pixel_values_videos"].to(device), inputs["video_grid_thw"].to(device)
+            )
             features.pooler_output[0].cpu()
 
     return run

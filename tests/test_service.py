@@ -508,7 +508,7 @@ def test_cuda_service_agrees_with_cpu_and_rejects_bad_files(start_server_thread,
         )
     ref = start_server_thread(config(), cpu)
     with VitCacheClient(srv.target) as client, VitCacheClient(ref.target) as reference:
-        got, want = client.encode(images), reference.forward(images)
+        got, want = client.encode(images), reference.encode(images)
     for g, w in zip(got[:3], want[:3], strict=True):
         assert g.ok and w.ok and g.grid_thw == w.grid_thw and g.embeddings[0].dtype == torch.bfloat16
         # bf16 weights and activations, nvJPEG vs Pillow decoding: close in direction, token by token.
