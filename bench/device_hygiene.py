@@ -157,8 +157,9 @@ def finish(processes: list[mp.Process], release: mp.Event) -> None:  # type: ign
 
 
 def main() -> int:
-    from vitcache.server.app import ServerConfig
     from vitcache.server.background import BackgroundServer
+
+    from vitcache.config import VitcacheConfig
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=str(REPO / "bench" / "results"))
@@ -169,7 +170,7 @@ def main() -> int:
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="vitcache-hygiene-") as workdir:
         shm_socket = os.path.join(workdir, "shm", "vitcache.sock")
-        server = BackgroundServer(ServerConfig(device=args.device, port=0, shm_socket=shm_socket))
+        server = BackgroundServer(VitcacheConfig.of(device=args.device, port=0, shm_socket=shm_socket))
         try:
             baseline_mib = gpu_memory_used_mib()
             clients, processes, release = gather(vitcache_client, lambda i: (i, server.target, shm_socket), CLIENTS)

@@ -68,8 +68,6 @@ class Replica:
 
         self.loop = asyncio.new_event_loop()
         threading.Thread(target=self.loop.run_forever, daemon=True).start()
-        config.port = 0
-        config.metrics_port = None
         self.running = self.call(start_server(config, encoder))
         self.target = f"127.0.0.1:{self.running.port}"
 
@@ -119,10 +117,11 @@ def bench_digests(rounds: int) -> list[dict]:
 
 def bench_lock(encoder, redis_url: str, count: int) -> dict:  # type: ignore[no-untyped-def]
     from vitcache.client import VitCacheClient
-    from vitcache.server.app import ServerConfig
 
-    with_lock = Replica(ServerConfig(redis_url=redis_url, fleet_lock_ttl_s=10.0), encoder)
-    without = Replica(ServerConfig(redis_url=redis_url, fleet_lock_ttl_s=None), encoder)
+    from vitcache.config import VitcacheConfig
+
+    with_lock = Replica(VitcacheConfig.of(port=0, redis_url=redis_url, fleet_lock_ttl_s=10.0), encoder)
+    without = Replica(VitcacheConfig.of(port=0, redis_url=redis_url, fleet_lock_ttl_s=None), encoder)
     clients = {"lock": VitCacheClient(with_lock.target), "no_lock": VitCacheClient(without.target)}
     samples: dict[str, list[float]] = {"lock": [], "no_lock": []}
     for client in clients.values():  # warm up both
@@ -148,7 +147,8 @@ def bench_lock(encoder, redis_url: str, count: int) -> dict:  # type: ignore[no-
 def bench_routing(encoder, redis_url: str, images: int, repeats: int) -> dict:  # type: ignore[no-untyped-def]
     import redis
     from vitcache.client import FleetClient, VitCacheClient
-    from vitcache.server.app import ServerConfig
+
+    from vitcache.config import VitcacheConfig
 
     pool = [png(50_000 + i) for i in range(images)]
     stream = [i for i in range(images) for _ in range(repeats)]
@@ -156,7 +156,7 @@ def bench_routing(encoder, redis_url: str, images: int, repeats: int) -> dict:  
     rows = {}
     for mode in ("round_robin", "rendezvous"):
         redis.Redis.from_url(redis_url).flushall()
-        replicas = [Replica(ServerConfig(redis_url=redis_url), encoder) for _ in range(3)]
+        replicas = [Replica(VitcacheConfig.of(port=0, redis_url=redis_url), encoder) for _ in range(3)]
         sources: dict[str, int] = {}
         start = time.perf_counter()
         if mode == "rendezvous":
@@ -191,9 +191,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer rounds (a smoke run)")
     args = parser.parse_args()
+    from vitcache.config import ModelConfig
     from vitcache.models.loading import load_encoder
 
-    encoder = load_encoder("tiny-random", "cpu")
+    encoder = load_encoder(ModelConfig("tiny-random", "cpu"))
     redis_server = RedisServer()
     try:
         digests = bench_digests(5 if args.quick else 30)

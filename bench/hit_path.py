@@ -61,10 +61,11 @@ def make_entry(i: int):  # type: ignore[no-untyped-def]
 def serve(shm_socket: str, ready: mp.Queue) -> None:  # type: ignore[type-arg]
     """The server process: vitcache (two serializers, shm) and the raw gRPC baseline on one event loop."""
     import grpc
-    from vitcache.server.app import ServerConfig, start_server
+    from vitcache.server.app import start_server
     from vitcache.server.service import VitCacheServicer, image_result
     from vitcache.v1 import vitcache_pb2_grpc as pb_grpc
 
+    from vitcache.config import VitcacheConfig
     from vitcache.digest import digest_file
 
     class ProtobufSerializerServicer(VitCacheServicer):
@@ -75,7 +76,7 @@ def serve(shm_socket: str, ready: mp.Queue) -> None:  # type: ignore[type-arg]
                 yield image_result(outcome)
 
     async def main() -> None:
-        running = await start_server(ServerConfig(port=0, shm_socket=shm_socket, l1_bytes=1 << 30))
+        running = await start_server(VitcacheConfig.of(port=0, shm_socket=shm_socket, l1_bytes=1 << 30))
         for i in range(ENTRIES):
             running.engine.l1.put(digest_file(entry_key(i)), make_entry(i))
         payload = b"".join(bytes(make_entry(i).outputs[0].data) for i in range(ENTRIES))

@@ -25,11 +25,12 @@ from pathlib import Path
 
 import torch
 from vitcache.client import VitCacheClient
-from vitcache.server.app import ServerConfig, start_server
+from vitcache.server.app import start_server
 from vitcache.server.metrics import ServerMetrics
 
 from vitcache.cache.entry import CachedEmbedding
-from vitcache.cache.tiers import L1Cache
+from vitcache.cache.l1 import L1Cache
+from vitcache.config import ModelConfig, VitcacheConfig
 from vitcache.digest import digest_file
 from vitcache.engine import EmbeddingEngine
 from vitcache.models.loading import load_encoder
@@ -48,7 +49,7 @@ def entries(count: int) -> dict[bytes, CachedEmbedding]:
 
 async def engine_hits(rounds: int) -> dict[str, list[float]]:
     """Seconds per image of digest-only L1 hits, per round, for each observer."""
-    encoder = load_encoder("tiny-random")
+    encoder = load_encoder(ModelConfig("tiny-random"))
     cached = entries(IMAGES_PER_REQUEST)
     engines = {}
     for name, observer in (("no-op observer", EngineObserver()), ("prometheus", ServerMetrics())):
@@ -72,7 +73,7 @@ async def engine_hits(rounds: int) -> dict[str, list[float]]:
 
 async def served(requests: int) -> dict[str, float]:
     """Seconds for one served hit (gRPC, metrics on), one /metrics scrape and one /api/stats."""
-    running = await start_server(ServerConfig(port=0, metrics_port=0))
+    running = await start_server(VitcacheConfig.of(port=0, metrics_port=0))
     try:
         for digest, entry in entries(IMAGES_PER_REQUEST).items():
             running.engine.l1.put(digest, entry)

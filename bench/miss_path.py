@@ -124,12 +124,13 @@ def bench_forward(
     ckpt: Path, device: str, quick: bool, accelerations: tuple[str, ...] = ("varlen", "compile", "graphs")
 ) -> tuple[list[dict], dict]:
     """transformers' forward (the reference) against each of ``accelerations``: speed and error."""
+    from vitcache.config import ModelConfig
     from vitcache.models.loading import load_encoder
     from vitcache.models.preprocess import preprocess
 
-    reference = load_encoder(str(ckpt), device, acceleration="none")
+    reference = load_encoder(ModelConfig(str(ckpt), device, acceleration="none"))
     encoders = [("transformers", reference)]
-    encoders += [(name, load_encoder(str(ckpt), device, acceleration=name)) for name in accelerations]
+    encoders += [(name, load_encoder(ModelConfig(str(ckpt), device, acceleration=name))) for name in accelerations]
     n_params = sum(p.numel() for p in reference.module.parameters())
     rows, checks = [], {}
     for label, count, side in (("448x448", 32, 448), ("1344x1344", 4, 1344)):
@@ -483,19 +484,15 @@ def bench_device_overheads(
     batcher's), then the decoding and preprocessing of the next batch's JPEGs on a side stream
     (the preprocessing threads'). Tells apart why a service whose GPU is busy all the time still
     runs below its encoder alone."""
+    from vitcache.config import ModelConfig
     from vitcache.encode.decode import DecodeLimits, decode_images_on
     from vitcache.encode.split import copy_to_host
     from vitcache.models import accel
     from vitcache.models.loading import load_encoder
     from vitcache.models.preprocess import preprocess
 
-    encoder = load_encoder(
-        str(ckpt),
-        device,
-        acceleration=acceleration,
-        graph_max_patches=32768,
-        warmup_image_sizes=[(side, side)] if acceleration == "graphs" else (),
-    )
+    warmup = ((side, side),) if acceleration == "graphs" else ()
+    encoder = load_encoder(ModelConfig(str(ckpt), device, acceleration=acceleration, warmup_image_sizes=warmup), 32768)
     files, limits = [jpeg(side, side, seed) for seed in range(batch_images)], DecodeLimits()
 
     def prepare() -> list[tuple[torch.Tensor, tuple[int, int, int]]]:
@@ -532,13 +529,14 @@ def bench_engine(
     from vitcache.server.metrics import ServerMetrics
     from vitcache.server.stats_view import StatsView
 
-    from vitcache.cache.tiers import L1Cache
+    from vitcache.cache.l1 import L1Cache
+    from vitcache.config import BatchingConfig, ModelConfig
+    from vitcache.encode.pipeline import PipelineConfig
     from vitcache.engine import EmbeddingEngine, EncodedFile, EngineConfig
     from vitcache.models.loading import load_encoder
 
-    encoder = load_encoder(
-        str(ckpt), device, acceleration=acceleration, graph_max_patches=batch_patches, warmup_image_sizes=[(side, side)]
-    )
+    model = ModelConfig(str(ckpt), device, acceleration=acceleration, warmup_image_sizes=((side, side),))
+    encoder = load_encoder(model, graph_max_patches=batch_patches)
     bare = {n: bench_encoder_batches(encoder, side, n) for n in sorted(set(bare_batch_images))}
     base = jpeg(side, side, 0)
     rng = np.random.default_rng(0)
@@ -550,7 +548,9 @@ def bench_engine(
         engine = EmbeddingEngine(
             encoder,
             L1Cache(512 << 20),
-            config=EngineConfig(max_batch_patches=batch_patches, preprocess_workers=workers),
+            config=EngineConfig(
+                PipelineConfig(BatchingConfig(max_batch_patches=batch_patches, preprocess_workers=workers))
+            ),
             observer=metrics,
         )
         await engine.start()

@@ -1,6 +1,7 @@
 """A video miss end to end through the service against transformers' own video path, and a hit.
 
     python bench/video_path.py --model /models/Qwen2.5-VL-7B-Instruct --device cuda   # writes bench/results/
+    python bench/video_path.py --model 7b-vision-random   # the 7B vision config with random weights (as miss_path.py)
 
 A synthetic clip (default 30 s of 1280x720 at 30 fps, H.264, made here with PyAV) is sampled at
 Qwen2.5-VL's default rate (--fps 2):
@@ -22,8 +23,10 @@ import argparse
 import io
 import json
 import statistics
+import tempfile
 import time
 from fractions import Fraction
+from pathlib import Path
 
 import av
 import numpy as np
@@ -31,10 +34,10 @@ import torch
 from run_info import REPO, commit, utc_stamp
 from transformers.video_utils import VideoMetadata
 from vitcache.client import Video, VitCacheClient
-from vitcache.server.app import ServerConfig
 from vitcache.server.background import BackgroundServer
 
-from vitcache.cache.tiers import L1Cache
+from vitcache.cache.l1 import L1Cache
+from vitcache.config import VitcacheConfig
 from vitcache.models.loading import TINY_RANDOM, _tiny_random_checkpoint
 from vitcache.models.registry import FAMILIES
 from vitcache.models.video import load_video_processor
@@ -95,7 +98,9 @@ def transformers_path(model_dir: str, clip: bytes, fps: float, device: str, dtyp
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", required=True, help="a Qwen2.5-VL checkpoint directory, or tiny-random")
+    parser.add_argument(
+        "--model", required=True, help="a Qwen2.5-VL checkpoint directory, tiny-random, or 7b-vision-random"
+    )
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--height", type=int, default=720)
@@ -104,12 +109,17 @@ def main() -> None:
     parser.add_argument("--fps", type=float, default=2.0, help="frames sampled per second")
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
-    model_dir = str(_tiny_random_checkpoint()) if args.model == TINY_RANDOM else args.model
+    if args.model == "7b-vision-random":
+        from miss_path import build_checkpoint  # bench/ is this script's directory
+
+        model_dir = str(build_checkpoint(Path(tempfile.mkdtemp(prefix="vitcache-video-bench-")) / "ckpt"))
+    else:
+        model_dir = str(_tiny_random_checkpoint()) if args.model == TINY_RANDOM else args.model
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
 
     clip = make_clip(args.seconds, args.height, args.width, args.source_fps)
     baseline = timed(transformers_path(model_dir, clip, args.fps, args.device, dtype), args.repeats)
-    server = BackgroundServer(ServerConfig(model=model_dir, device=args.device, port=0, metrics_port=0))
+    server = BackgroundServer(VitcacheConfig.of(model=model_dir, device=args.device, port=0, metrics_port=0))
     try:
         with VitCacheClient(server.target) as client:
             video = Video(clip, fps=args.fps)

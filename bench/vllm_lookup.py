@@ -16,8 +16,9 @@ import time
 import torch
 from run_info import commit
 from vitcache.client import VitCacheClient
-from vitcache.server.app import ServerConfig
 from vitcache.server.background import BackgroundServer
+
+from vitcache.config import VitcacheConfig
 
 ROUNDS = 300
 
@@ -33,7 +34,7 @@ def per_call_us(client: VitCacheClient, keys: list[str]) -> float:
 
 
 def main() -> None:
-    server = BackgroundServer(ServerConfig(port=0, metrics_port=None))
+    server = BackgroundServer(VitcacheConfig.of(port=0))
     try:
         with VitCacheClient(server.target) as client:
             present = [f"{'b3' * 31}{i:02x}" for i in range(16)]

@@ -38,7 +38,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from vitcache.cache.tiers import L1Cache
+from vitcache.cache.l1 import L1Cache
 
 from .client import AsyncVitCacheClient, EncodedImage, Video
 
@@ -151,7 +151,7 @@ class RequestRecord:
 def simulate_lru(accesses: Iterable[tuple[bytes, int]], capacity_bytes: int) -> float | None:
     """Hit ratio of an L1 of ``capacity_bytes``, starting empty, over (digest, embedding bytes) accesses.
 
-    Runs :class:`vitcache.cache.tiers.L1Cache` itself, so eviction and "too large to store" follow the server.
+    Runs :class:`vitcache.cache.l1.L1Cache` itself, so eviction and "too large to store" follow the server.
     """
     cache, hits, total = L1Cache(capacity_bytes), 0, 0
     for digest, nbytes in accesses:

@@ -184,8 +184,9 @@ class ShmChannel:
         if "error" in result:
             code, message = result["error"]
             return ShmResult(index, [], (), 0, (int(code), str(message)))
+        video = VideoTiming.from_json(result["video"]) if "video" in result else None
         if copies is not None:
-            return ShmResult(index, copies, tuple(result["grid_thw"]), int(result["source"]), None)
+            return ShmResult(index, copies, tuple(result["grid_thw"]), int(result["source"]), None, video)
         lease = int(result["lease"])
         outputs = result["outputs"]
         end = max((start + nbytes for _, _, start, nbytes in outputs), default=lease)
@@ -194,7 +195,6 @@ class ShmChannel:
         region = self._arena[lease:end]
         weakref.finalize(region, self._released.append, lease).atexit = False
         tensors = [_tensor_at(region, start - lease, dtype, shape, nbytes) for dtype, shape, start, nbytes in outputs]
-        video = VideoTiming.from_json(result["video"]) if "video" in result else None
         return ShmResult(index, tensors, tuple(result["grid_thw"]), int(result["source"]), None, video)
 
     def _read_json(self, received: bytes) -> dict[str, Any]:

@@ -90,11 +90,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="vitcache-tp-") as workdir:
         server = None
         if args.target is None:
-            from vitcache.server.app import ServerConfig
             from vitcache.server.background import BackgroundServer
 
+            from vitcache.config import VitcacheConfig
+
             args.shm_socket = os.path.join(workdir, "shm", "vitcache.sock")
-            server = BackgroundServer(ServerConfig(port=0, shm_socket=args.shm_socket))
+            server = BackgroundServer(VitcacheConfig.of(port=0, shm_socket=args.shm_socket))
             args.target = server.target
         try:
             store = os.path.join(workdir, "gloo-store")

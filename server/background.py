@@ -7,9 +7,10 @@ import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
+from vitcache.config import VitcacheConfig
 from vitcache.engine import EmbeddingEngine
 
-from .app import RunningServer, ServerConfig, start_server
+from .app import RunningServer, start_server
 
 T = TypeVar("T")
 
@@ -17,12 +18,12 @@ T = TypeVar("T")
 class BackgroundServer:
     """Starts ``start_server(config, encoder)`` on a loop of its own; ``target`` is its gRPC address."""
 
-    def __init__(self, config: ServerConfig, encoder: Any = None, timeout_s: float = 120.0) -> None:
+    def __init__(self, config: VitcacheConfig, encoder: Any = None, timeout_s: float = 120.0) -> None:
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="vitcache-server", daemon=True)
         self._thread.start()
         self.running: RunningServer | None = self.call(start_server(config, encoder), timeout_s)
-        self.target = f"{config.host}:{self.running.port}"
+        self.target = f"{config.transport.host}:{self.running.port}"
 
     @property
     def engine(self) -> EmbeddingEngine:

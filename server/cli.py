@@ -9,148 +9,99 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import re
+import os
 import sys
 import time
 import urllib.error
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import grpc
 
+from vitcache.config import Setting, VitcacheConfig, byte_size, groups_of, image_size, settings_of, switch
 from vitcache.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-_UNITS = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12, "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
 
+def _flag_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """``parse`` as an argparse type: its ValueError's message is argparse's error message."""
 
-def byte_size(text: str) -> int:
-    """'2GiB', '512MiB', '1.5G', '1000' -> bytes."""
-    match = re.fullmatch(r"\s*([0-9.]+)\s*([kmgt]i?)?b?\s*", text.lower())
-    if not match:
-        raise argparse.ArgumentTypeError(f"not a byte size: {text!r} (try 512MiB or 2GiB)")
-    return int(float(match.group(1)) * _UNITS[match.group(2) or ""])
+    def flag_type(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
 
-
-def image_size(text: str) -> tuple[int, int]:
-    """WIDTHxHEIGHT -> (width, height)."""
-    width, _, height = text.lower().partition("x")
-    try:
-        size = (int(width), int(height))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not WIDTHxHEIGHT: {text!r}") from None
-    if min(size) < 1:
-        raise argparse.ArgumentTypeError(f"image size must be positive: {text!r}")
-    return size
+    flag_type.__name__ = parse.__name__
+    return flag_type
 
 
 def _serve_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("serve", help="run the gRPC server")
-    p.add_argument("--model", default="tiny-random", help="HF checkpoint directory, or the built-in tiny-random")
-    p.add_argument(
-        "--device",
-        default="cpu",
-        help="cpu, cuda:N, a list such as cuda:0,cuda:1, or cuda / all: one encoder process per GPU, all visible GPUs",
+    """``serve``'s flags, one per setting of the config tree, in groups along the flow."""
+    p = sub.add_parser(
+        "serve",
+        help="run the gRPC server",
+        description="Run the gRPC server. Every flag can be set by its environment variable instead; "
+        "a flag beats its variable, which beats the default.",
     )
-    p.add_argument("--dtype", default=None, help="bfloat16, float16, float32 (default: bf16 on cuda, fp32 on cpu)")
-    p.add_argument(
-        "--acceleration",
-        default="auto",
-        choices=["auto", "none", "varlen", "compile", "graphs"],
-        help="vision forward: transformers' (none), packed varlen attention, varlen + torch.compile, "
-        "or compile + CUDA graphs per batch size (Qwen families)",
-    )
-    p.add_argument(
-        "--encoder-process",
-        default="auto",
-        choices=["auto", "on", "off"],
-        help="decode, preprocess and forward in a child process that owns the device (auto: on for cuda)",
-    )
-    p.add_argument(
-        "--encoder-ring-bytes",
-        type=byte_size,
-        default="512MiB",
-        help="shared memory the encoder process returns embeddings through (more travel by pipe when full)",
-    )
-    p.add_argument(
-        "--encoder-restart-backoff-ms",
-        type=float,
-        default=1000,
-        help="wait before a dead encoder process is started again (doubles while starts fail, up to 60 s)",
-    )
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=50051, help="0 picks a free port")
-    p.add_argument("--metrics-host", default="127.0.0.1", help="address of /metrics, /api/stats and the dashboard")
-    p.add_argument("--metrics-port", type=int, default=9400, help="port of /metrics and the dashboard; 0 picks one")
-    p.add_argument("--redis-url", default=None, help="redis://host:port/db for the shared L2; none = L1 only")
-    p.add_argument("--redis-ttl", type=int, default=0, help="seconds an L2 entry lives (0 = no expiry)")
-    p.add_argument("--redis-timeout-ms", type=float, default=500, help="bound on each Redis call")
-    p.add_argument("--redis-cluster", action="store_true", help="--redis-url names one seed node of a Redis Cluster")
-    p.add_argument(
-        "--fleet-lock-ttl-ms",
-        type=float,
-        default=10_000,
-        help="how long replicas sharing L2 wait for the one computing an image before computing it too (0 = no lock)",
-    )
-    p.add_argument("--l1-bytes", type=byte_size, default="2GiB", help="in-process cache size")
-    p.add_argument("--max-batch-patches", type=int, default=16384, help="patches in one vision forward")
-    p.add_argument("--max-batch-wait-ms", type=float, default=2.0, help="how long a batch waits to fill")
-    p.add_argument("--max-image-bytes", type=byte_size, default="32MiB", help="largest encoded image accepted")
-    p.add_argument("--max-image-pixels", type=int, default=64 << 20, help="largest width*height accepted")
-    p.add_argument(
-        "--max-decoded-pixels-in-flight",
-        type=int,
-        default=128 << 20,
-        help="width*height of all images being decoded and preprocessed at once (about 16 bytes each); "
-        "more wait, a larger image fails with RESOURCE_EXHAUSTED",
-    )
-    p.add_argument("--max-images-per-request", type=int, default=256)
-    p.add_argument("--max-request-bytes", type=byte_size, default="256MiB", help="largest gRPC message accepted")
-    p.add_argument("--max-put-bytes", type=byte_size, default="256MiB", help="tensor bytes of one Put entry")
-    p.add_argument("--max-video-bytes", type=byte_size, default="128MiB", help="largest encoded video accepted")
-    p.add_argument("--max-video-seconds", type=float, default=3600.0, help="longest video accepted (its header)")
-    p.add_argument("--max-video-frames", type=int, default=768, help="frames sampled from one video")
-    p.add_argument("--max-video-frame-pixels", type=int, default=3840 * 2160, help="width*height of a video frame")
-    p.add_argument(
-        "--max-cached-video-bytes",
-        type=byte_size,
-        default="256MiB",
-        help="a video entry larger than this is computed and returned, not cached",
-    )
-    p.add_argument("--preprocess-workers", type=int, default=4, help="threads that decode and preprocess")
-    p.add_argument(
-        "--shm-socket",
-        default=None,
-        help="Unix socket for same-host clients that take results in shared memory (its directory: 0700)",
-    )
-    p.add_argument(
-        "--shm-arena-bytes", type=byte_size, default="256MiB", help="shared memory one shm client connection may hold"
-    )
-    p.add_argument(
-        "--max-queued-images",
-        type=int,
-        default=1024,
-        help="misses waiting for preprocessing or the forward; beyond it images fail with RESOURCE_EXHAUSTED",
-    )
-    p.add_argument(
-        "--warmup-image-sizes",
-        type=lambda text: tuple(image_size(size) for size in text.split(",")),
-        default=(),
-        help="WIDTHxHEIGHT,...: at start-up, run batches of 1 to --max-batch-patches of images of these sizes, "
-        "so their CUDA graphs (--acceleration graphs) are captured before serving instead of under load",
-    )
-    p.add_argument("--tls-cert", default=None, help="PEM certificate chain: serve TLS")
-    p.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
-    p.add_argument("--tls-client-ca", default=None, help="PEM CA: require client certificates it signed (mutual TLS)")
-    p.add_argument("--auth-token-file", default=None, help="lines 'TOKEN [TENANT]': require 'authorization: Bearer'")
-    p.add_argument(
-        "--metrics-token-file",
-        default=None,
-        help="one token a line: require 'Authorization: Bearer' for /metrics and /api/stats "
-        "(unbound --auth-token-file tokens may read them too)",
-    )
-    p.add_argument("--digest-key-file", default=None, help="secret shared with trusted clients: keyed digests")
+    for group_name, group in groups_of():
+        flags = p.add_argument_group(group_name, group.__doc__)
+        for name, meta, library_default in settings_of(group):
+            unit = f" {meta.unit}" if meta.unit else ""
+            kwargs: dict[str, Any] = {
+                "dest": name,
+                "default": argparse.SUPPRESS,  # absent: the variable, then the default (serve_config)
+                "help": f"{meta.help} [{meta.env_var}; default {meta.default_text(library_default)}{unit}]".replace(
+                    "%", "%%"
+                ),
+            }
+            if meta.parse is None:
+                kwargs["action"] = "store_true"
+            elif meta.choices is not None:
+                kwargs["choices"] = list(meta.choices)
+            else:
+                kwargs["type"] = meta.parse if meta.parse in (int, float) else _flag_type(meta.parse)
+            if meta.parse is not None and meta.choices is None:
+                kwargs["metavar"] = meta.flag.removeprefix("--").replace("-", "_").upper()
+            flags.add_argument(meta.flag, **kwargs)
+
+
+def serve_config(args: argparse.Namespace, environ: Mapping[str, str]) -> VitcacheConfig:
+    """The config tree of ``serve``'s flags, their environment variables and the defaults, in that order."""
+    groups = {}
+    for group_name, group in groups_of():
+        values = {}
+        for name, meta, library_default in settings_of(group):
+            if name in vars(args):
+                values[name] = meta.from_flag(getattr(args, name))
+            elif meta.env_var in environ:
+                values[name] = _env_value(meta, environ[meta.env_var])
+            else:
+                values[name] = meta.command_default(library_default)
+        groups[group_name] = group(**values)
+    return VitcacheConfig(**groups)
+
+
+def _env_value(meta: Setting, text: str) -> Any:
+    """The field's value of an environment variable's ``text``; ConfigError naming the variable if it
+    is none (not a value of the flag's kind, or out of its bounds)."""
+    try:
+        if meta.parse is None:
+            value = switch(text)
+        elif meta.choices is not None:
+            if text not in meta.choices:
+                raise ValueError(f"not one of {', '.join(meta.choices)}")
+            value = meta.from_flag(text)
+        else:
+            value = meta.from_flag(meta.parse(text))
+    except ValueError as exc:
+        reason = {int: "not an integer", float: "not a number"}.get(meta.parse, str(exc))  # type: ignore[call-overload]
+        raise ConfigError(f"{meta.env_var}={text!r}: {reason} (as {meta.flag} would take it)") from None
+    if problem := meta.problem(value):
+        raise ConfigError(f"{meta.env_var}={text!r}: {problem}")
+    return value
 
 
 def _client_parsers(sub: argparse._SubParsersAction) -> None:
@@ -184,7 +135,7 @@ def _client_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--zipf-exponent", type=float, default=1.0, help="popularity skew s: P(rank k) ~ 1/k^s")
     p.add_argument(
         "--image-size",
-        type=image_size,
+        type=_flag_type(image_size),
         action="append",
         help="WIDTHxHEIGHT of synthetic images; repeat for a mix (default 448x448)",
     )
@@ -195,63 +146,17 @@ def _client_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-in-flight", type=int, default=1024, help="open loop: outstanding requests before dropping")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds one request may take")
-    p.add_argument("--lru-bytes", type=byte_size, action="append", default=[], help="also simulate an LRU this big")
+    p.add_argument(
+        "--lru-bytes", type=_flag_type(byte_size), action="append", default=[], help="also simulate an LRU this big"
+    )
     p.add_argument("--output-dir", default=None, help="write report.json, latency_cdf.png and hit_ratio.png here")
     p.add_argument("--no-progress", action="store_true")
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from vitcache.server.app import ServerConfig, serve_forever
+    from vitcache.server.app import serve_forever
 
-    from vitcache.digest import load_digest_key
-    from vitcache.encode.decode import DecodeLimits
-    from vitcache.encode.video_decode import VideoLimits
-    from vitcache.engine import EngineConfig
-
-    config = ServerConfig(
-        model=args.model,
-        device=args.device,
-        dtype=args.dtype,
-        acceleration=args.acceleration,
-        host=args.host,
-        port=args.port,
-        metrics_host=args.metrics_host,
-        metrics_port=args.metrics_port,
-        redis_url=args.redis_url,
-        redis_ttl_s=args.redis_ttl or None,
-        redis_timeout_s=args.redis_timeout_ms / 1000,
-        redis_cluster=args.redis_cluster,
-        fleet_lock_ttl_s=args.fleet_lock_ttl_ms / 1000 or None,
-        tls_cert=args.tls_cert,
-        tls_key=args.tls_key,
-        tls_client_ca=args.tls_client_ca,
-        auth_token_file=args.auth_token_file,
-        metrics_token_file=args.metrics_token_file,
-        l1_bytes=args.l1_bytes,
-        max_images_per_request=args.max_images_per_request,
-        max_request_bytes=args.max_request_bytes,
-        shm_socket=args.shm_socket,
-        shm_arena_bytes=args.shm_arena_bytes,
-        engine=EngineConfig(
-            max_batch_patches=args.max_batch_patches,
-            max_batch_wait_s=args.max_batch_wait_ms / 1000,
-            preprocess_workers=args.preprocess_workers,
-            limits=DecodeLimits(args.max_image_bytes, args.max_image_pixels),
-            max_decoded_pixels_in_flight=args.max_decoded_pixels_in_flight,
-            max_queued_images=args.max_queued_images,
-            max_put_bytes=args.max_put_bytes,
-            video_limits=VideoLimits(
-                args.max_video_bytes, args.max_video_seconds, args.max_video_frames, args.max_video_frame_pixels
-            ),
-            max_cached_video_bytes=args.max_cached_video_bytes,
-            digest_key=load_digest_key(args.digest_key_file) if args.digest_key_file else None,
-        ),
-        encoder_process={"auto": None, "on": True, "off": False}[args.encoder_process],
-        encoder_ring_bytes=args.encoder_ring_bytes,
-        encoder_restart_backoff_s=args.encoder_restart_backoff_ms / 1000,
-        warmup_image_sizes=args.warmup_image_sizes,
-    )
-    asyncio.run(serve_forever(config))
+    asyncio.run(serve_forever(serve_config(args, os.environ)))
     return 0
 
 
@@ -336,13 +241,17 @@ def _operator_message(exc: Exception, args: argparse.Namespace) -> str | None:
     return None
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vitcache", description=__doc__)
     parser.add_argument("--log-level", default="INFO", help="debug also shows the traceback of a failed command")
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
     _client_parsers(sub)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return _COMMANDS[args.command](args)

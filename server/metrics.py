@@ -6,8 +6,8 @@ Three sources, one registry:
   latencies, batch sizes.
 - :class:`RequestMetricsInterceptor` counts the VitCache RPCs by method and status code, times
   them and tracks those in flight.
-- :class:`EngineStateCollector` reads the engine's own state at scrape time (L1 fill, Redis
-  state and errors, GPU memory), so the library keeps no second copy of it.
+- :class:`EngineStateCollector` reads the engine's :meth:`~vitcache.engine.EmbeddingEngine.snapshot`
+  at scrape time (L1 fill, Redis state and errors, GPU memory), as GetStats does.
 
 Names follow Prometheus conventions: ``vitcache_`` prefix, base units in the name (seconds,
 bytes), counters end in ``_total``. Each server has its own registry, so servers sharing a
@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import asdict
 from typing import Any, get_args
 
 import grpc
@@ -31,7 +32,6 @@ from vitcache.engine import EmbeddingEngine
 from vitcache.errors import ErrorCode
 from vitcache.observer import EngineObserver, Stage, Tier
 from vitcache.outcomes import ImageOutcome
-from vitcache.wire.tensor_codec import dtype_name
 
 #: 5 µs (an L1 hit) to 30 s (a large forward on a busy device).
 LATENCY_BUCKETS = (
@@ -217,51 +217,33 @@ class EngineStateCollector(Collector):
         self._engine = engine
 
     def collect(self) -> Iterator[Metric]:
-        engine, l1, l2 = self._engine, self._engine.l1, self._engine.l2
-        encoder = engine.spec
-        yield InfoMetricFamily(
-            "vitcache_model",
-            "The served model",
-            value={
-                "model": encoder.model_name,
-                "family": encoder.family,
-                "dtype": dtype_name(encoder.dtype),
-                "device": encoder.device,
-                "namespace": encoder.namespace,
-            },
-        )
+        snapshot = self._engine.snapshot()
+        l1, l2 = snapshot.l1, snapshot.l2
+        yield InfoMetricFamily("vitcache_model", "The served model", value=asdict(snapshot.model))
         yield GaugeMetricFamily("vitcache_l1_bytes", "Payload bytes held in L1", value=l1.bytes_used)
         yield GaugeMetricFamily(
             "vitcache_l1_capacity_bytes", "L1 payload capacity (--l1-bytes)", value=l1.capacity_bytes
         )
-        yield GaugeMetricFamily("vitcache_l1_entries", "Images held in L1", value=len(l1))
+        yield GaugeMetricFamily("vitcache_l1_entries", "Images held in L1", value=l1.entries)
         yield CounterMetricFamily("vitcache_l1_evictions", "Entries evicted from L1 to make room", value=l1.evictions)
-        yield GaugeMetricFamily(
-            "vitcache_redis_enabled", "1 if an L2 (--redis-url) is configured", value=l2 is not None
-        )
-        yield GaugeMetricFamily(
-            "vitcache_redis_connected", "1 if the last Redis call succeeded", value=l2 is not None and l2.connected
-        )
+        yield GaugeMetricFamily("vitcache_redis_enabled", "1 if an L2 (--redis-url) is configured", value=l2.enabled)
+        yield GaugeMetricFamily("vitcache_redis_connected", "1 if the last Redis call succeeded", value=l2.connected)
+        yield CounterMetricFamily("vitcache_redis_errors", "Redis calls that failed or timed out", value=l2.errors)
         yield CounterMetricFamily(
-            "vitcache_redis_errors", "Redis calls that failed or timed out", value=l2.stats.errors if l2 else 0
-        )
-        yield CounterMetricFamily(
-            "vitcache_redis_corrupt_entries",
-            "Redis values rejected by the header or checksum check",
-            value=l2.stats.corrupt if l2 else 0,
+            "vitcache_redis_corrupt_entries", "Redis values rejected by the header or checksum check", value=l2.corrupt
         )
         yield CounterMetricFamily(
             "vitcache_single_flight_joins",
             "Images that waited on a computation of the same image already running",
-            value=engine.stats.single_flight_joins,
+            value=snapshot.images.single_flight_joins,
         )
         yield CounterMetricFamily(
             "vitcache_oom_splits",
             "Forwards split after running out of device memory",
-            value=engine.pipeline.stats.oom_splits,
+            value=snapshot.batcher.oom_splits,
         )
-        yield GaugeMetricFamily("vitcache_uptime_seconds", "Seconds since the engine started", value=engine.uptime_s)
-        yield from _encoder_metrics(engine.pipeline.encoders())
+        yield GaugeMetricFamily("vitcache_uptime_seconds", "Seconds since the engine started", value=snapshot.uptime_s)
+        yield from _encoder_metrics(snapshot.encoders)
 
 
 def _encoder_metrics(encoders: list[EncoderStatus]) -> Iterator[Metric]:

@@ -304,31 +304,30 @@ class VitCacheServicer(pb_grpc.VitCacheServicer):
             tenant, unbound = await self._caller(context)
             if tenant or not unbound:
                 return self._tenant_stats(tenant)
-        engine = self.engine
-        stats, batcher = engine.stats, engine.pipeline.stats
-        l2 = engine.l2
+        snapshot = self.engine.snapshot()
+        images, batcher, l1, l2 = snapshot.images, snapshot.batcher, snapshot.l1, snapshot.l2
         return pb.Stats(
-            l1_hits=stats.l1_hits,
-            l2_hits=stats.l2_hits,
-            misses=stats.misses,
+            l1_hits=images.l1_hits,
+            l2_hits=images.l2_hits,
+            misses=images.misses,
             images_computed=batcher.images,
-            l1_entries=len(engine.l1),
-            l1_bytes=engine.l1.bytes_used,
-            redis_connected=l2 is not None and l2.connected,
-            l1_capacity_bytes=engine.l1.capacity_bytes,
-            l1_evictions=engine.l1.evictions,
-            errors=stats.errors,
+            l1_entries=l1.entries,
+            l1_bytes=l1.bytes_used,
+            redis_connected=l2.connected,
+            l1_capacity_bytes=l1.capacity_bytes,
+            l1_evictions=l1.evictions,
+            errors=images.errors,
             batches=batcher.batches,
-            single_flight_joins=stats.single_flight_joins,
-            l2_errors=l2.stats.errors if l2 else 0,
-            l2_corrupt=l2.stats.corrupt if l2 else 0,
-            uptime_seconds=engine.uptime_s,
+            single_flight_joins=images.single_flight_joins,
+            l2_errors=l2.errors,
+            l2_corrupt=l2.corrupt,
+            uptime_seconds=snapshot.uptime_s,
             oom_splits=batcher.oom_splits,
-            not_found=stats.not_found,
-            overloaded=stats.overloaded,
-            deadline_expired=stats.deadline_expired,
-            fleet_lock_waits=engine.fleet_lock.waits if engine.fleet_lock else 0,
-            puts=stats.puts,
+            not_found=images.not_found,
+            overloaded=images.overloaded,
+            deadline_expired=images.deadline_expired,
+            fleet_lock_waits=l2.fleet_lock_waits,
+            puts=images.puts,
             encoders=[
                 pb.EncoderStats(
                     device=e.device,
@@ -342,19 +341,17 @@ class VitCacheServicer(pb_grpc.VitCacheServicer):
                     memory_allocated=e.memory.get("allocated", 0),
                     memory_reserved=e.memory.get("reserved", 0),
                 )
-                for e in engine.pipeline.encoders()
+                for e in snapshot.encoders
             ],
         )
 
     def _tenant_stats(self, tenant: str) -> pb.Stats:
         """One tenant's counts; the server-wide ones (L1 fill, batches, Redis errors...) stay 0."""
-        assert self.engine.tenant_stats is not None  # count_by_tenant() since __init__
-        counts = self.engine.tenant_stats.get(tenant, TenantStats())
-        l2 = self.engine.l2
+        snapshot = self.engine.snapshot()
         return pb.Stats(
-            **asdict(counts),
-            uptime_seconds=self.engine.uptime_s,
-            redis_connected=l2 is not None and l2.connected,
+            **asdict(snapshot.tenants.get(tenant, TenantStats())),
+            uptime_seconds=snapshot.uptime_s,
+            redis_connected=snapshot.l2.connected,
             tenant_only=True,
             tenant=tenant,
         )

@@ -23,7 +23,7 @@ from vitcache.server.status import wire_code
 
 from vitcache.cache.arena import ArenaEntry, FirstFitLeases
 from vitcache.cache.entry import CachedEmbedding
-from vitcache.cache.tiers import l1_key
+from vitcache.cache.l1 import l1_key
 from vitcache.engine import EmbeddingEngine, Scope
 from vitcache.errors import ErrorCode
 from vitcache.outcomes import ImageOutcome
@@ -85,8 +85,7 @@ class Arena:
             start = lease + offset
             self.map[start : start + out.nbytes] = out.data
             outputs.append([out.dtype, list(out.shape), start, out.nbytes])
-        placed = {"lease": lease, "grid_thw": list(entry.grid_thw), "outputs": outputs}
-        return placed if entry.video is None else placed | {"video": entry.video.to_json()}
+        return {"lease": lease, "grid_thw": list(entry.grid_thw), "outputs": outputs} | _timing(entry)
 
     def close_fd(self) -> None:
         """Once the client holds the fd, the mapping alone keeps the memory alive here."""
@@ -325,7 +324,13 @@ def _located(entry: CachedEmbedding | None) -> dict[str, Any] | None:
         return None
     offsets = entry.output_offsets()
     outputs = [[out.dtype, list(out.shape), at, out.nbytes] for out, at in zip(entry.outputs, offsets, strict=True)]
-    return {"at": entry.at, "generation": entry.generation, "grid_thw": list(entry.grid_thw), "outputs": outputs}
+    located = {"at": entry.at, "generation": entry.generation, "grid_thw": list(entry.grid_thw), "outputs": outputs}
+    return located | _timing(entry)
+
+
+def _timing(entry: CachedEmbedding) -> dict[str, Any]:
+    """A video's timing for its result (nothing for an image)."""
+    return {} if entry.video is None else {"video": entry.video.to_json()}
 
 
 def _no_room(arena: Arena | None) -> str:

@@ -12,15 +12,16 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import redis
 from PIL import Image
-from vitcache.server.app import ServerConfig
 from vitcache.server.background import BackgroundServer
 
+from vitcache.config import ModelConfig, VitcacheConfig
 from vitcache.models.loading import VisionEncoder, load_encoder
 from vitcache.models.tiny import make_tiny_checkpoint
 
@@ -136,20 +137,19 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def encoder(tiny_checkpoint: Path) -> VisionEncoder:
-    return load_encoder(str(tiny_checkpoint), "cpu")
+    return load_encoder(ModelConfig(str(tiny_checkpoint), "cpu"))
 
 
-def server_thread(config: ServerConfig, encoder: VisionEncoder | None = None) -> BackgroundServer:
+def server_thread(config: VitcacheConfig, encoder: VisionEncoder | None = None) -> BackgroundServer:
     """A real gRPC server on loopback (a free port), on its own event loop in a thread."""
-    config.port = 0
-    return BackgroundServer(config, encoder)
+    return BackgroundServer(replace(config, transport=replace(config.transport, port=0)), encoder)
 
 
 @pytest.fixture
 def start_server_thread() -> Iterator:
     started: list[BackgroundServer] = []
 
-    def start(config: ServerConfig, encoder: VisionEncoder | None = None) -> BackgroundServer:
+    def start(config: VitcacheConfig, encoder: VisionEncoder | None = None) -> BackgroundServer:
         server = server_thread(config, encoder)
         started.append(server)
         return server

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from vitcache.config import ModelConfig
 from vitcache.models import accel
 from vitcache.models.loading import load_encoder
 from vitcache.models.registry import FAMILIES
@@ -20,7 +21,7 @@ GRIDS = [(1, 4, 6), (1, 8, 8), (1, 6, 4)]
 
 
 def _tower_and_inputs(family: str, tmp_path: Path):  # type: ignore[no-untyped-def]
-    encoder = load_encoder(str(make_tiny_checkpoint(family, tmp_path / family)), "cpu", "float32")
+    encoder = load_encoder(ModelConfig(str(make_tiny_checkpoint(family, tmp_path / family)), "cpu", "float32"))
     tower = encoder.tower
     config = encoder.preprocess_config
     pixels = torch.randn(
@@ -59,7 +60,7 @@ def test_mlp_is_padded_to_the_multiple_and_metadata_is_really_used(tmp_path: Pat
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 def test_batch_metadata_joined_from_cached_images_equals_the_helpers(family: str, tmp_path: Path) -> None:
-    encoder = load_encoder(str(make_tiny_checkpoint(family, tmp_path / family)), "cpu", "float32")
+    encoder = load_encoder(ModelConfig(str(make_tiny_checkpoint(family, tmp_path / family)), "cpu", "float32"))
     rng = torch.Generator().manual_seed(0)
     batches = [GRIDS, [(1, 4, 4)], [(2, 8, 12), (1, 4, 6), (3, 6, 4)]]
     batches += [[(int(t), 2 * int(h), 2 * int(w)) for t, h, w in torch.randint(1, 9, (5, 3), generator=rng)]]

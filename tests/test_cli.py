@@ -128,7 +128,7 @@ def test_serve_mistakes_end_in_a_line_that_says_what_to_do(capfd, tmp_path: Path
     )
     message = run_main(capfd, *serve("--model", str(broken_checkpoints["no_vision"])))
     assert "has no vision weights (no tensor under visual., model.visual.)" in message
-    assert "Qwen2-VL/2.5-VL/3-VL or Kimi-K2.5" in message
+    assert "is it a complete qwen2_5_vl checkpoint, as its config.json says?" in message
     message = run_main(capfd, *serve("--model", str(broken_checkpoints["no_safetensors"])))
     assert "has no safetensors weights" in message and "safe_serialization=True" in message
     # Checked before the model loads: the model named here does not exist.

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import redis
 from vitcache.client import VitCacheClient
-from vitcache.server.app import ServerConfig
 
+from vitcache.config import VitcacheConfig
 from vitcache.digest import digest_file
 
 from .conftest import RedisProcess, png_bytes, redis_server_binary
@@ -120,7 +120,7 @@ def redis_cluster(tmp_path: Path) -> Iterator[RedisCluster]:
 def test_cluster_l2_spreads_entries_survives_a_dead_master_and_reconnects(
     start_server_thread, encoder, redis_cluster
 ) -> None:  # type: ignore[no-untyped-def]
-    cfg = ServerConfig(redis_url=redis_cluster.url, redis_cluster=True, redis_timeout_s=0.3)
+    cfg = VitcacheConfig.of(redis_url=redis_cluster.url, redis_cluster=True, redis_timeout_s=0.3)
     images = [png_bytes(56, 56, 300 + i) for i in range(12)]
     writer = start_server_thread(cfg, encoder)
     with VitCacheClient(writer.target) as client:

@@ -8,7 +8,8 @@ from collections.abc import Callable, Iterator
 import pytest
 from selenium.webdriver.common.by import By
 from vitcache.client import VitCacheClient
-from vitcache.server.app import ServerConfig
+
+from vitcache.config import VitcacheConfig
 
 from .browser import find_chromium, start_chromium
 from .conftest import png_bytes
@@ -61,7 +62,7 @@ def pixels_near(driver, chart_id: str, rgb: tuple[int, int, int], tolerance: int
 
 @pytest.fixture
 def dashboard_server(start_server_thread, encoder, redis_server) -> Iterator:  # type: ignore[no-untyped-def]
-    yield start_server_thread(ServerConfig(redis_url=redis_server.url, metrics_port=0), encoder)
+    yield start_server_thread(VitcacheConfig.of(redis_url=redis_server.url, metrics_port=0), encoder)
 
 
 def test_dashboard_loads_draws_and_follows_traffic(browser, dashboard_server, tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -106,7 +107,7 @@ def test_dashboard_token_from_fragment_or_form(browser, start_server_thread, enc
     (tmp_path / "tokens").write_text("alice-token alice\n")
     (tmp_path / "metrics-tokens").write_text("scrape-token\n")
     server = start_server_thread(
-        ServerConfig(
+        VitcacheConfig.of(
             auth_token_file=str(tmp_path / "tokens"),
             metrics_token_file=str(tmp_path / "metrics-tokens"),
             metrics_port=0,

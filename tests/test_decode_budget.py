@@ -10,10 +10,9 @@ import time
 import grpc
 import pytest
 from vitcache.client import VitCacheClient
-from vitcache.server.app import ServerConfig
 
+from vitcache.config import VitcacheConfig
 from vitcache.encode.budget import PixelBudget
-from vitcache.engine import EngineConfig
 from vitcache.errors import ErrorCode, ImageError
 
 from .conftest import png_bytes, solid_png
@@ -59,9 +58,7 @@ def test_large_pngs_wait_for_the_budget_and_a_small_request_is_served(start_serv
     # 2000x2000 PNGs of a few KB each: 4M pixels (about 64 MB while decoded and preprocessed); the
     # budget holds one of them, not two, while four preprocessing threads could take all four.
     budget = 6_000_000
-    srv = start_server_thread(
-        ServerConfig(engine=EngineConfig(max_decoded_pixels_in_flight=budget, preprocess_workers=4)), encoder
-    )
+    srv = start_server_thread(VitcacheConfig.of(max_decoded_pixels_in_flight=budget, preprocess_workers=4), encoder)
     large = [solid_png(2000, 2000, shade) for shade in range(4)]
     over_budget = solid_png(3000, 3000, 9)  # 9M pixels: under --max-image-pixels, over the whole budget
     assert all(len(data) < 40_000 for data in [*large, over_budget])

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import yaml
 from vitcache.client import VitCacheClient
-from vitcache.server.app import ServerConfig
 from vitcache.server.metrics import GPU_METRICS
+
+from vitcache.config import VitcacheConfig
 
 from .conftest import png_bytes
 from .test_metrics import scrape
@@ -114,7 +115,7 @@ def test_grafana_dashboard_is_well_formed() -> None:
 
 
 def test_every_queried_metric_is_exported_by_a_live_server(start_server_thread, encoder, redis_server) -> None:  # type: ignore[no-untyped-def]
-    server = start_server_thread(ServerConfig(redis_url=redis_server.url, metrics_port=0), encoder)
+    server = start_server_thread(VitcacheConfig.of(redis_url=redis_server.url, metrics_port=0), encoder)
     with VitCacheClient(server.target) as client:
         client.encode([png_bytes(56, 56, 300), png_bytes(84, 56, 301)])
         client.encode([png_bytes(56, 56, 300)])

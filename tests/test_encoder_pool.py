@@ -13,9 +13,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import generate_latest
 from vitcache.client import VitCacheClient
-from vitcache.server.app import ServerConfig
 
 from tests.conftest import png_bytes
+from vitcache.config import ModelConfig, VitcacheConfig
 from vitcache.encode.encoder_pool import EncoderPool, parse_devices
 from vitcache.errors import ConfigError
 
@@ -53,7 +53,9 @@ def _wait(predicate, seconds: float = 60.0) -> bool:  # type: ignore[no-untyped-
 
 def test_pool_spreads_work_survives_a_dead_encoder_and_restarts_it(tiny_checkpoint: Path, start_server_thread) -> None:
     server = start_server_thread(
-        ServerConfig(model=str(tiny_checkpoint), device="cpu,cpu", encoder_process=True, encoder_restart_backoff_s=0.2)
+        VitcacheConfig.of(
+            model=str(tiny_checkpoint), device="cpu,cpu", encoder_process=True, encoder_restart_backoff_s=0.2
+        )
     )
     pool = server.engine.pipeline
     assert isinstance(pool, EncoderPool) and pool.live == 2 and len(set(pool.pids)) == 2
@@ -108,11 +110,11 @@ def test_an_encoder_process_sees_only_its_own_gpu(monkeypatch: pytest.MonkeyPatc
     from vitcache.models.loading import EncoderLoader
 
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    loader, visible = _sees_only_its_gpu(EncoderLoader("m", "cuda:1"))
+    loader, visible = _sees_only_its_gpu(EncoderLoader(ModelConfig("m", "cuda:1")))
     assert (loader.device, visible) == ("cuda:0", "1")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4, 6")  # the server itself was given GPUs 4 and 6
-    assert _sees_only_its_gpu(EncoderLoader("m", "cuda:1"))[1] == "6"
-    assert _sees_only_its_gpu(EncoderLoader("m", "cpu")) == (EncoderLoader("m", "cpu"), None)
+    assert _sees_only_its_gpu(EncoderLoader(ModelConfig("m", "cuda:1")))[1] == "6"
+    assert _sees_only_its_gpu(EncoderLoader(ModelConfig("m", "cpu"))) == (EncoderLoader(ModelConfig("m", "cpu")), None)
 
 
 def test_an_image_under_which_two_encoders_die_fails_internal_and_is_not_tried_again(tiny_checkpoint: Path) -> None:
@@ -120,7 +122,8 @@ def test_an_image_under_which_two_encoders_die_fails_internal_and_is_not_tried_a
     INTERNAL, not UNAVAILABLE, so a fleet client does not carry it on to the next replica."""
     import asyncio
 
-    from vitcache.cache.tiers import L1Cache
+    from vitcache.cache.l1 import L1Cache
+    from vitcache.config import BatchingConfig
     from vitcache.encode.pipeline import PipelineConfig
     from vitcache.engine import EmbeddingEngine, EncodedFile
     from vitcache.errors import ErrorCode
@@ -129,8 +132,8 @@ def test_an_image_under_which_two_encoders_die_fails_internal_and_is_not_tried_a
     async def run() -> tuple[ErrorCode | None, int]:
         # Batches wait 4 s to fill: the image sits in each child while the test kills it.
         pool = EncoderPool(
-            [EncoderLoader(str(tiny_checkpoint))] * 3,
-            PipelineConfig(max_batch_wait_s=4.0),
+            [EncoderLoader(ModelConfig(str(tiny_checkpoint)))] * 3,
+            PipelineConfig(BatchingConfig(max_batch_wait_s=4.0)),
             restart_backoff_s=3600.0,
         )
         engine = EmbeddingEngine(pool, L1Cache(1 << 20))

@@ -15,15 +15,15 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from vitcache.client import FleetClient, VitCacheClient
 from vitcache.client.fleet import rendezvous_order
-from vitcache.server.app import ServerConfig
 from vitcache.server.metrics import ServerMetrics
 
 from tests.conftest import jpeg_bytes, png_bytes, solid_png
-from vitcache.cache.tiers import L1Cache
+from vitcache.cache.l1 import L1Cache
+from vitcache.config import BatchingConfig, ModelConfig, VitcacheConfig
 from vitcache.encode.encoder_pool import EncoderPool
 from vitcache.encode.encoder_process import EncoderProcess
 from vitcache.encode.pipeline import PipelineConfig
-from vitcache.engine import EmbeddingEngine, EncodedFile, EngineConfig
+from vitcache.engine import EmbeddingEngine, EncodedFile
 from vitcache.errors import ErrorCode
 from vitcache.models.loading import EncoderLoader, VisionEncoder
 from vitcache.models.preprocess import preprocess
@@ -68,7 +68,9 @@ def in_process(encoder: VisionEncoder) -> dict[int, ImageOutcome]:
 def test_child_computes_what_the_encoder_computes_in_process(tiny_checkpoint: Path, in_process, encoder) -> None:
     metrics = ServerMetrics()
     process = EncoderProcess(
-        EncoderLoader(str(tiny_checkpoint)), pipeline=PipelineConfig(max_batch_patches=64), observer=metrics
+        EncoderLoader(ModelConfig(str(tiny_checkpoint))),
+        pipeline=PipelineConfig(BatchingConfig(max_batch_patches=64)),
+        observer=metrics,
     )
     got = run_engine(process, IMAGES, observer=metrics)
     assert_same_embeddings(got, in_process)
@@ -86,20 +88,22 @@ def test_ring_wraps_and_oversized_entries_travel_through_the_pipe(tiny_checkpoin
     # Embeddings of 512 to 1024 bytes through a ring with room for two: what finds it full travels
     # through the pipe, and five or more through the ring (2.5 KiB or more) means it wrapped.
     small_ring = EncoderProcess(
-        EncoderLoader(str(tiny_checkpoint)), pipeline=PipelineConfig(max_batch_patches=32), ring_bytes=2100
+        EncoderLoader(ModelConfig(str(tiny_checkpoint))),
+        pipeline=PipelineConfig(BatchingConfig(max_batch_patches=32)),
+        ring_bytes=2100,
     )
     assert_same_embeddings(run_engine(small_ring, IMAGES), in_process)
     assert small_ring.through_ring >= 5
     assert small_ring.through_ring + small_ring.through_pipe == len(IMAGES)
     # Smaller than any embedding: every one travels through the pipe.
-    no_ring = EncoderProcess(EncoderLoader(str(tiny_checkpoint)), ring_bytes=256)
+    no_ring = EncoderProcess(EncoderLoader(ModelConfig(str(tiny_checkpoint))), ring_bytes=256)
     assert_same_embeddings(run_engine(no_ring, IMAGES[:6]), {i: in_process[i] for i in range(6)})
     assert (no_ring.through_ring, no_ring.through_pipe) == (0, 6)
 
 
 def test_bad_image_fails_alone_and_a_dead_child_fails_misses_not_hits(tiny_checkpoint: Path, in_process) -> None:
     async def run() -> None:
-        process = EncoderProcess(EncoderLoader(str(tiny_checkpoint)))
+        process = EncoderProcess(EncoderLoader(ModelConfig(str(tiny_checkpoint))))
         engine = EmbeddingEngine(process, L1Cache(64 << 20))
         await engine.start()
         try:
@@ -125,12 +129,12 @@ def test_bad_image_fails_alone_and_a_dead_child_fails_misses_not_hits(tiny_check
 def test_server_with_encoder_process(tiny_checkpoint: Path, start_server_thread, in_process, encoder) -> None:
     budget = 3_000_000  # decoded pixels in flight
     server = start_server_thread(
-        ServerConfig(
+        VitcacheConfig.of(
             model=str(tiny_checkpoint),
             encoder_process=True,
             encoder_ring_bytes=1 << 20,
             encoder_restart_backoff_s=3600.0,  # no restart within the test: a server whose only encoder is gone
-            engine=EngineConfig(max_decoded_pixels_in_flight=budget),
+            max_decoded_pixels_in_flight=budget,
         )
     )
     pool = server.engine.pipeline
@@ -171,7 +175,7 @@ def test_server_with_encoder_process(tiny_checkpoint: Path, start_server_thread,
         assert results[1].error is not None and results[1].error.code == grpc.StatusCode.UNAVAILABLE
 
     # A fleet sends the images this replica cannot compute to the next replica.
-    other = start_server_thread(ServerConfig(), encoder)
+    other = start_server_thread(VitcacheConfig.of(), encoder)
     with FleetClient([server.target, other.target]) as fleet:
         results = fleet.encode(IMAGES[8:16])
     assert all(r.ok for r in results), [r.error for r in results if not r.ok]

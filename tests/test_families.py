@@ -16,6 +16,7 @@ import torch
 from transformers import Qwen2_5_VLConfig
 
 import vitcache.models
+from vitcache.config import ModelConfig
 from vitcache.models.family import ModelFamily
 from vitcache.models.loading import load_encoder
 from vitcache.models.preprocess import preprocess
@@ -73,8 +74,8 @@ class FifthVL(Qwen2_5VL):
 
 def test_a_fifth_family_is_one_class_and_one_registry_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setitem(FAMILIES, "vitcache_fifth_vl", FifthVL())
-    fifth = load_encoder(str(make_tiny_checkpoint("vitcache_fifth_vl", tmp_path / "fifth", seed=4)))
-    same_tower = load_encoder(str(make_tiny_checkpoint("qwen2_5_vl", tmp_path / "qwen2_5_vl", seed=4)))
+    fifth = load_encoder(ModelConfig(str(make_tiny_checkpoint("vitcache_fifth_vl", tmp_path / "fifth", seed=4))))
+    same_tower = load_encoder(ModelConfig(str(make_tiny_checkpoint("qwen2_5_vl", tmp_path / "qwen2_5_vl", seed=4))))
 
     assert fifth.family == "vitcache_fifth_vl"
     assert fifth.namespace != same_tower.namespace  # the family is part of what the cache keys on

@@ -12,10 +12,9 @@ import pytest
 import torch
 from vitcache.client import FleetClient, VitCacheClient
 from vitcache.client.fleet import rendezvous_order
-from vitcache.server.app import ServerConfig
 
+from vitcache.config import VitcacheConfig
 from vitcache.digest import digest_file
-from vitcache.engine import EngineConfig
 
 from .conftest import ServeProcess, png_bytes
 
@@ -35,9 +34,9 @@ def test_rendezvous_order_is_stable_and_moves_only_the_removed_replicas_images()
             assert new_owner == targets[rendezvous_order(digest, targets)[1]]
 
 
-def _lock_config(redis_url: str, **kwargs) -> ServerConfig:  # type: ignore[no-untyped-def]
+def _lock_config(redis_url: str, **kwargs) -> VitcacheConfig:  # type: ignore[no-untyped-def]
     # The batch waits 0.5 s to fill, so the holder keeps the lock long enough for the other to arrive.
-    return ServerConfig(redis_url=redis_url, engine=EngineConfig(max_batch_wait_s=0.5), **kwargs)
+    return VitcacheConfig.of(redis_url=redis_url, max_batch_wait_s=0.5, **kwargs)
 
 
 def test_the_same_image_sent_to_two_replicas_at_once_is_computed_once(
@@ -68,7 +67,7 @@ def test_the_same_image_sent_to_two_replicas_at_once_is_computed_once(
 
 
 def test_a_dead_holders_lock_delays_but_never_blocks(start_server_thread, encoder, redis_server) -> None:  # type: ignore[no-untyped-def]
-    srv = start_server_thread(ServerConfig(redis_url=redis_server.url, fleet_lock_ttl_s=5.0), encoder)
+    srv = start_server_thread(VitcacheConfig.of(redis_url=redis_server.url, fleet_lock_ttl_s=5.0), encoder)
     image = png_bytes(56, 56, 610)
     lock_key = f"vitcache:v1:{encoder.namespace}:{digest_file(image).hex()}:lock"
     redis_server.client().set(lock_key, "token-of-a-replica-that-died", px=700)  # as a dead holder leaves it
@@ -103,7 +102,7 @@ def test_a_holder_whose_l2_write_fails_still_releases_its_lock(start_server_thre
 
 
 def test_redis_killed_and_restarted_under_load_fails_no_request(start_server_thread, encoder, own_redis) -> None:  # type: ignore[no-untyped-def]
-    srv = start_server_thread(ServerConfig(redis_url=own_redis.url, redis_timeout_s=0.2), encoder)
+    srv = start_server_thread(VitcacheConfig.of(redis_url=own_redis.url, redis_timeout_s=0.2), encoder)
     images = [png_bytes(56, 56, 700 + i) for i in range(16)]
     done, failures = [0, 0, 0], []  # requests finished per worker
 

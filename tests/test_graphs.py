@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from vitcache.config import ModelConfig
 from vitcache.models.graphs import pad_batch
 from vitcache.models.loading import load_encoder
 from vitcache.models.preprocess import image_grid
@@ -37,7 +38,7 @@ def test_filler_image_and_padded_boundaries_leave_real_tokens_unchanged(family: 
     SDPA cannot take the empty sequences that pad the boundary tensors (varlen attention on the
     GPU skips them: the GPU test below), so here they are checked to be pure repeats and dropped.
     """
-    encoder = load_encoder(str(make_tiny_checkpoint(family, tmp_path / family)), "cpu", "float32")
+    encoder = load_encoder(ModelConfig(str(make_tiny_checkpoint(family, tmp_path / family)), "cpu", "float32"))
     tower, merge = encoder.tower, encoder.merge_size
     for seed, grids in enumerate(BATCHES):
         pixels = _pixels(grids, encoder.preprocess_config.patch_dim, seed)
@@ -68,8 +69,8 @@ def test_filler_image_and_padded_boundaries_leave_real_tokens_unchanged(family: 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
 def test_cuda_graph_replays_match_the_compiled_forward(family: str, tmp_path: Path) -> None:
     checkpoint = str(make_tiny_checkpoint(family, tmp_path / family))
-    reference = load_encoder(checkpoint, "cuda", "bfloat16", acceleration="varlen")
-    graphed = load_encoder(checkpoint, "cuda", "bfloat16", acceleration="graphs", graph_max_patches=512)
+    reference = load_encoder(ModelConfig(checkpoint, "cuda", "bfloat16", acceleration="varlen"))
+    graphed = load_encoder(ModelConfig(checkpoint, "cuda", "bfloat16", acceleration="graphs"), graph_max_patches=512)
     assert graphed.graphs is not None
     # Each batch twice with new pixels: a replay must not return the previous batch's results, nor
     # use the metadata of another batch of its bucket.
@@ -92,7 +93,7 @@ def test_cuda_graph_replays_match_the_compiled_forward(family: str, tmp_path: Pa
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_warmup_image_sizes_capture_every_batch_size_at_load(tmp_path: Path) -> None:
     checkpoint = str(make_tiny_checkpoint("qwen2_5_vl", tmp_path / "qwen2_5_vl"))
-    plain = load_encoder(checkpoint, "cuda", "bfloat16", acceleration="graphs", graph_max_patches=512)
+    plain = load_encoder(ModelConfig(checkpoint, "cuda", "bfloat16", acceleration="graphs"), graph_max_patches=512)
     grid = image_grid(84, 112, plain.preprocess_config)
     patches = grid[0] * grid[1] * grid[2]
     buckets = {
@@ -101,7 +102,8 @@ def test_warmup_image_sizes_capture_every_batch_size_at_load(tmp_path: Path) -> 
     }
     assert plain.graphs.captured == 0
     warm = load_encoder(
-        checkpoint, "cuda", "bfloat16", acceleration="graphs", graph_max_patches=512, warmup_image_sizes=[(112, 84)]
+        ModelConfig(checkpoint, "cuda", "bfloat16", acceleration="graphs", warmup_image_sizes=((112, 84),)),
+        graph_max_patches=512,
     )
     assert warm.graphs.captured == len(buckets) > 1
     for count in (1, 512 // patches):  # served from the graphs captured at load

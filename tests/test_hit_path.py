@@ -7,11 +7,11 @@ import torch
 from google.protobuf.message import DecodeError
 from vitcache.client import VitCacheClient
 from vitcache.client.wire import decode_result
-from vitcache.server.app import ServerConfig
 from vitcache.server.service import image_result, image_result_bytes
 from vitcache.v1 import vitcache_pb2 as pb
 
 from vitcache.cache.entry import CachedEmbedding
+from vitcache.config import VitcacheConfig
 from vitcache.errors import ErrorCode, ImageError
 from vitcache.outcomes import ImageOutcome, Source
 
@@ -58,7 +58,7 @@ def test_client_decoder_rejects_truncated_messages() -> None:
 
 
 def test_grpc_hits_serve_the_cached_bytes_through_both_codecs(start_server_thread, encoder) -> None:  # type: ignore[no-untyped-def]
-    server = start_server_thread(ServerConfig(), encoder)
+    server = start_server_thread(VitcacheConfig.of(), encoder)
     images = [png_bytes(64, 48, 11), png_bytes(48, 64, 12)]
     with VitCacheClient(server.target) as client:
         computed = [r.raise_for_error() for r in client.encode(images)]

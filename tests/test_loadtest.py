@@ -6,6 +6,8 @@ import asyncio
 import io
 import json
 import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -13,7 +15,8 @@ from PIL import Image
 from vitcache.client import Video
 from vitcache.client.loadtest import ImagePool, LoadConfig, run_loadtest, simulate_lru
 from vitcache.server import cli
-from vitcache.server.app import ServerConfig
+
+from vitcache.config import VitcacheConfig
 
 from .conftest import png_bytes
 
@@ -22,7 +25,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 @pytest.fixture
 def server(start_server_thread, encoder):  # type: ignore[no-untyped-def]
-    return start_server_thread(ServerConfig(), encoder)
+    return start_server_thread(VitcacheConfig.of(), encoder)
 
 
 def test_simulated_lru_matches_a_hand_computed_sequence() -> None:
@@ -37,6 +40,16 @@ def test_simulated_lru_matches_a_hand_computed_sequence() -> None:
     # A large entry evicts as many small ones as it needs: a b (8), c of 8 evicts both, a misses.
     assert simulate_lru([(a, 4), (b, 4), (c, 8), (a, 4), (c, 8)], 12) == pytest.approx(1 / 5)
     assert simulate_lru([], 100) is None
+
+
+def test_the_load_test_imports_neither_redis_nor_the_server() -> None:
+    """It simulates L1 with the server's own LRU (``vitcache.cache.l1``), not through the Redis tier."""
+    probe = (
+        "import sys, vitcache.client.loadtest; "
+        "print(sorted(m for m in ('redis', 'vitcache.cache.tiers', 'vitcache.server') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True)
+    assert done.stdout.strip() == "[]", done.stdout + done.stderr
 
 
 def test_zipf_pool_popularity_and_synthetic_images() -> None:

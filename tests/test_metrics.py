@@ -19,12 +19,12 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from vitcache.client import VitCacheClient
 from vitcache.server import cli
-from vitcache.server.app import ServerConfig
 from vitcache.server.metrics import ServerMetrics
 from vitcache.server.stats_view import StatsView, _compute, _Snapshot, histogram_quantile
 from vitcache.v1 import vitcache_pb2 as pb
 from vitcache.v1 import vitcache_pb2_grpc as pb_grpc
 
+from vitcache.config import VitcacheConfig
 from vitcache.models.preprocess import preprocess
 
 from .conftest import http_get, png_bytes
@@ -53,7 +53,7 @@ def value(samples: Samples, name: str, **labels: str) -> float:
 @pytest.fixture
 def metered(start_server_thread, encoder, redis_server):  # type: ignore[no-untyped-def]
     def start(**kwargs):  # type: ignore[no-untyped-def]
-        return start_server_thread(ServerConfig(redis_url=redis_server.url, metrics_port=0, **kwargs), encoder)
+        return start_server_thread(VitcacheConfig.of(redis_url=redis_server.url, metrics_port=0, **kwargs), encoder)
 
     return start
 
@@ -130,7 +130,8 @@ def test_l1_evictions_and_redis_errors_are_exported(start_server_thread, encoder
     _, grid = preprocess(rgb, encoder.preprocess_config)
     entry_bytes = encoder.tokens_for(grid) * sum(encoder.output_hidden_sizes) * torch.finfo(encoder.dtype).bits // 8
     server = start_server_thread(
-        ServerConfig(redis_url=own_redis.url, redis_timeout_s=0.2, l1_bytes=2 * entry_bytes, metrics_port=0), encoder
+        VitcacheConfig.of(redis_url=own_redis.url, redis_timeout_s=0.2, l1_bytes=2 * entry_bytes, metrics_port=0),
+        encoder,
     )
     own_redis.kill()
     with VitCacheClient(server.target) as client:
@@ -258,5 +259,41 @@ def test_gpu_busy_fraction_is_device_seconds_per_second_of_the_window() -> None:
 
 
 def test_metrics_port_off_by_default(start_server_thread, encoder) -> None:  # type: ignore[no-untyped-def]
-    server = start_server_thread(ServerConfig(), encoder)
+    server = start_server_thread(VitcacheConfig.of(), encoder)
     assert server.running.metrics_port is None and server.running.metrics is not None
+
+
+def test_get_stats_api_stats_and_metrics_agree(metered) -> None:  # type: ignore[no-untyped-def]
+    """All three read the engine's one snapshot (and the observer's counters), so after the same traffic
+    they tell the same numbers."""
+    server = metered()
+    images = [png_bytes(56, 56, 21), png_bytes(84, 56, 22)]
+    with VitCacheClient(server.target) as client:
+        client.encode(images)
+        client.encode(images)  # L1 hits
+        client.fetch([bytes(16)])  # NOT_FOUND
+        stats = client.stats()
+    server.call(server.engine.drain())
+    m = scrape(server.running.metrics_port)
+    status, _, body = http_get(server.running.metrics_port, "/api/stats")
+    assert status == 200
+    api = json.loads(body)
+    assert stats.l1_entries == api["l1"]["entries"] == value(m, "vitcache_l1_entries") == 2
+    assert stats.l1_bytes == api["l1"]["bytes"] == value(m, "vitcache_l1_bytes") > 0
+    assert stats.l1_capacity_bytes == api["l1"]["capacity_bytes"] == value(m, "vitcache_l1_capacity_bytes")
+    assert stats.l1_hits == api["totals"]["l1"] == value(m, "vitcache_images_total", source="l1") == 2
+    assert stats.misses == api["totals"]["computed"] == value(m, "vitcache_images_total", source="computed") == 2
+    assert stats.batches == api["totals"]["forwards"] == value(m, "vitcache_encoder_forwards_total") >= 1
+    assert stats.images_computed == value(m, "vitcache_encoder_images_total") == 2
+    assert stats.l2_errors == api["redis"]["errors"] == value(m, "vitcache_redis_errors_total") == 0
+    assert stats.redis_connected == api["redis"]["connected"] == bool(value(m, "vitcache_redis_connected"))
+    (encoder_stats,) = stats.encoders
+    assert [g["device"] for g in api["gpus"]] == [encoder_stats.device] == ["cpu"]
+    assert encoder_stats.images == value(m, "vitcache_encoder_images_total", gpu="cpu")
+    # A snapshot is a copy: later traffic does not change what a reader already holds.
+    before = server.engine.snapshot()
+    with VitCacheClient(server.target) as client:
+        client.encode([png_bytes(56, 112, 23)])
+    after = server.engine.snapshot()
+    assert (before.images.misses, before.batcher.images, before.encoders[0].stats.images, before.l1.entries) == (2,) * 4
+    assert (after.images.misses, after.batcher.images, after.encoders[0].stats.images, after.l1.entries) == (3,) * 4

@@ -10,6 +10,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForImageTextToText
 
+from vitcache.config import ModelConfig
 from vitcache.encode.decode import DecodeLimits, decode_image
 from vitcache.models.loading import ModelLoadError, VisionEncoder, load_encoder
 from vitcache.models.preprocess import preprocess
@@ -36,7 +37,7 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def encoders(checkpoints) -> dict[str, VisionEncoder]:
-    return {family: load_encoder(str(path)) for family, path in checkpoints.items()}
+    return {family: load_encoder(ModelConfig(str(path))) for family, path in checkpoints.items()}
 
 
 def batch(encoder: VisionEncoder, grids=GRIDS, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -138,7 +139,7 @@ def test_missing_vision_weight_is_an_error(family, checkpoints, tmp_path):
     key = vision_keys(path)[0]
     rewrite_weights(path, lambda tensors: tensors.pop(key))
     with pytest.raises(ModelLoadError, match=r"1 tensor\(s\) missing \("):
-        load_encoder(str(path))
+        load_encoder(ModelConfig(str(path)))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -148,14 +149,14 @@ def test_renamed_vision_weight_is_an_error(family, checkpoints, tmp_path):
     renamed = key.removesuffix(".weight") + "_renamed.weight"
     rewrite_weights(path, lambda tensors: tensors.update({renamed: tensors.pop(key)}))
     with pytest.raises(ModelLoadError, match=r"1 tensor\(s\) unexpected"):
-        load_encoder(str(path))
+        load_encoder(ModelConfig(str(path)))
 
 
 def test_shape_mismatch_is_an_error(checkpoints, tmp_path):
     path = copy_checkpoint(checkpoints["qwen2_vl"], tmp_path / "ckpt")
     rewrite_weights(path, lambda t: t.update({"visual.merger.ln_q.weight": torch.ones(7)}))
     with pytest.raises(ModelLoadError, match=r"1 tensor\(s\) of another shape \(visual\.merger\.ln_q\.weight\)"):
-        load_encoder(str(path))
+        load_encoder(ModelConfig(str(path)))
 
 
 def test_many_missing_weights_are_counted_not_listed(checkpoints, tmp_path):
@@ -164,7 +165,7 @@ def test_many_missing_weights_are_counted_not_listed(checkpoints, tmp_path):
     keys = vision_keys(path)
     rewrite_weights(path, lambda tensors: [tensors.pop(key) for key in keys[1:]])
     with pytest.raises(ModelLoadError) as failed:
-        load_encoder(str(path))
+        load_encoder(ModelConfig(str(path)))
     message = str(failed.value)
     assert f"{len(keys) - 1} tensor(s) missing (" in message and message.endswith(", ...)")
     assert "\n" not in message and message.count("visual.") == 3
@@ -175,16 +176,16 @@ def test_checkpoint_without_vision_weights_says_so(checkpoints, tmp_path):
     keys = vision_keys(path)
     rewrite_weights(path, lambda tensors: [tensors.pop(key) for key in keys])
     with pytest.raises(ModelLoadError, match=r"has no vision weights \(no tensor under visual\., model\.visual\.\)"):
-        load_encoder(str(path))
+        load_encoder(ModelConfig(str(path)))
 
 
 @pytest.mark.skipif(torch.cuda.device_count() > 0, reason="checks the error of a machine without a CUDA GPU")
 def test_a_device_that_is_not_there_fails_before_loading(checkpoints):
     for device in ("cuda", "cuda:1"):
         with pytest.raises(ModelLoadError, match="no CUDA GPU is visible"):
-            load_encoder(str(checkpoints["qwen2_vl"]), device=device)
+            load_encoder(ModelConfig(str(checkpoints["qwen2_vl"]), device=device))
     with pytest.raises(ModelLoadError, match="'gpu' is not a device"):
-        load_encoder(str(checkpoints["qwen2_vl"]), device="gpu")
+        load_encoder(ModelConfig(str(checkpoints["qwen2_vl"]), device="gpu"))
 
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "kimi_k25"])
@@ -202,7 +203,7 @@ def test_only_vision_shards_are_read(family, checkpoints, encoders, tmp_path):
     (path / "model.safetensors").unlink()
     (path / "llm.safetensors").write_bytes(b"\x00garbage, not safetensors")
 
-    encoder = load_encoder(str(path))
+    encoder = load_encoder(ModelConfig(str(path)))
     assert encoder.namespace == encoders[family].namespace
     pixel_values, grid_thw = batch(encoder)
     sharded, single = encoder.forward(pixel_values, grid_thw), encoders[family].forward(pixel_values, grid_thw)
@@ -220,7 +221,7 @@ def test_checkpoint_layouts_load_the_same_encoder(family, checkpoints, encoders,
     native_keys = vision_keys(tmp_path / "native")
     assert native_keys and all(k.startswith("model.") for k in native_keys)
     assert native_keys != vision_keys(checkpoints[family]) or family == "qwen3_vl"  # Qwen3-VL saves natively
-    assert load_encoder(str(tmp_path / "native")).namespace == encoders[family].namespace
+    assert load_encoder(ModelConfig(str(tmp_path / "native"))).namespace == encoders[family].namespace
 
 
 def test_kimi_hub_layout(checkpoints, encoders, tmp_path):
@@ -241,34 +242,34 @@ def test_kimi_hub_layout(checkpoints, encoders, tmp_path):
     rewrite_weights(path, to_hub)
     keys = vision_keys(path)
     assert "vision_tower.patch_embed.proj.weight" in keys and "mm_projector.pre_norm.weight" in keys
-    assert load_encoder(str(path)).namespace == encoders["kimi_k25"].namespace
+    assert load_encoder(ModelConfig(str(path))).namespace == encoders["kimi_k25"].namespace
 
 
 def test_namespace_is_stable_and_tracks_every_input(checkpoints, encoders, tmp_path):
     source = checkpoints["qwen2_5_vl"]
     baseline = encoders["qwen2_5_vl"].namespace
     assert len(baseline) == 32 and int(baseline, 16) >= 0
-    assert load_encoder(str(source)).namespace == baseline
-    assert load_encoder(str(source), dtype="bfloat16").namespace != baseline
+    assert load_encoder(ModelConfig(str(source))).namespace == baseline
+    assert load_encoder(ModelConfig(str(source), dtype="bfloat16")).namespace != baseline
     assert len({e.namespace for e in encoders.values()}) == len(FAMILIES)
 
     one_value = copy_checkpoint(source, tmp_path / "one_value")
     key = "visual.blocks.0.attn.qkv.bias"
     rewrite_weights(one_value, lambda tensors: tensors[key].view(-1)[0].add_(1e-3))
-    assert load_encoder(str(one_value)).namespace != baseline
+    assert load_encoder(ModelConfig(str(one_value))).namespace != baseline
 
     pixels = copy_checkpoint(source, tmp_path / "pixels")
     processor = json.loads((pixels / "preprocessor_config.json").read_text())
     processor["max_pixels"] = processor["size"]["longest_edge"] = 64 * 28 * 28
     (pixels / "preprocessor_config.json").write_text(json.dumps(processor))
-    changed = load_encoder(str(pixels))
+    changed = load_encoder(ModelConfig(str(pixels)))
     assert changed.preprocess_config.max_pixels == 64 * 28 * 28
     assert changed.namespace != baseline
 
 
 def test_dtype_selection(checkpoints, encoders):
     assert encoders["qwen3_vl"].dtype == torch.float32
-    encoder = load_encoder(str(checkpoints["qwen3_vl"]), dtype=torch.bfloat16)
+    encoder = load_encoder(ModelConfig(str(checkpoints["qwen3_vl"]), dtype="bfloat16"))
     assert encoder.dtype == torch.bfloat16
     assert all(p.dtype == torch.bfloat16 for p in encoder.module.parameters())
     pixel_values, grid_thw = batch(encoder)
@@ -277,7 +278,7 @@ def test_dtype_selection(checkpoints, encoders):
     assert low[0][0].dtype == torch.bfloat16
     torch.testing.assert_close(low[0][0].float(), high[0][0], rtol=0.1, atol=0.1 * high[0][0].abs().max().item())
     with pytest.raises(ModelLoadError, match="dtype"):
-        load_encoder(str(checkpoints["qwen3_vl"]), dtype="int8")
+        load_encoder(ModelConfig(str(checkpoints["qwen3_vl"]), dtype="int8"))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
@@ -286,8 +287,8 @@ def test_cuda_encoder(checkpoints, encoders):
         reference = encoders[family]
         pixel_values, grid_thw = batch(reference)
         expected = reference.forward(pixel_values, grid_thw)
-        fast = load_encoder(str(checkpoints[family]), "cuda")  # "auto": bfloat16
-        exact = load_encoder(str(checkpoints[family]), "cuda", torch.float32)
+        fast = load_encoder(ModelConfig(str(checkpoints[family]), "cuda"))  # "auto": bfloat16
+        exact = load_encoder(ModelConfig(str(checkpoints[family]), "cuda", "float32"))
         assert fast.dtype == torch.bfloat16 and fast.namespace != exact.namespace == reference.namespace
         # float32 is not bit-exact on GPU: cuDNN runs the patch-embedding convolution in TF32 by default.
         for encoder, tolerance in ((exact, 2e-3), (fast, 5e-2)):
@@ -301,10 +302,10 @@ def test_cuda_encoder(checkpoints, encoders):
 
 def test_tiny_random_builds_once(monkeypatch, tmp_path):
     monkeypatch.setenv("VITCACHE_HOME", str(tmp_path))
-    encoder = load_encoder("tiny-random")
+    encoder = load_encoder(ModelConfig("tiny-random"))
     assert (encoder.family, encoder.model_name) == ("qwen2_5_vl", "tiny-random")
     (built,) = tmp_path.iterdir()
-    assert load_encoder("tiny-random").namespace == encoder.namespace
+    assert load_encoder(ModelConfig("tiny-random")).namespace == encoder.namespace
     assert list(tmp_path.iterdir()) == [built]
     pixel_values, grid_thw = batch(encoder)
     assert len(encoder.forward(pixel_values, grid_thw)) == len(GRIDS)
@@ -342,17 +343,17 @@ def test_encode_checks_pixel_values_against_grids(encoders):
 
 def test_load_errors(checkpoints, tmp_path):
     with pytest.raises(ModelLoadError, match="no such directory"):
-        load_encoder(str(tmp_path / "nowhere"))
+        load_encoder(ModelConfig(str(tmp_path / "nowhere")))
     with pytest.raises(ModelLoadError, match=r"it has no config\.json"):
-        load_encoder(str(tmp_path))
+        load_encoder(ModelConfig(str(tmp_path)))
     other = copy_checkpoint(checkpoints["qwen2_vl"], tmp_path / "other")
     (other / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(ModelLoadError, match="model_type"):
-        load_encoder(str(other))
+        load_encoder(ModelConfig(str(other)))
     (other / "config.json").write_text(json.dumps({"model_type": "no-such-model"}))
     with pytest.raises(ModelLoadError, match="config"):
-        load_encoder(str(other))
+        load_encoder(ModelConfig(str(other)))
     no_weights = copy_checkpoint(checkpoints["qwen2_vl"], tmp_path / "no_weights")
     (no_weights / "model.safetensors").unlink()
     with pytest.raises(ModelLoadError, match="safetensors"):
-        load_encoder(str(no_weights))
+        load_encoder(ModelConfig(str(no_weights)))

@@ -11,16 +11,15 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from vitcache.client import VitCacheClient
-from vitcache.server.app import ServerConfig
 from vitcache.v1 import vitcache_pb2 as pb
 
-from vitcache.engine import EngineConfig
+from vitcache.config import VitcacheConfig
 
 from .conftest import png_bytes
 
 
 def test_misses_beyond_the_queue_bound_fail_fast_and_alone(start_server_thread, encoder) -> None:  # type: ignore[no-untyped-def]
-    srv = start_server_thread(ServerConfig(engine=EngineConfig(max_queued_images=2)), encoder)
+    srv = start_server_thread(VitcacheConfig.of(max_queued_images=2), encoder)
     images = [png_bytes(56, 56, 100 + i) for i in range(6)]
     with VitCacheClient(srv.target) as client:
         results = client.encode(images)
@@ -39,7 +38,7 @@ def test_misses_beyond_the_queue_bound_fail_fast_and_alone(start_server_thread, 
 
 def test_an_image_whose_deadline_passes_while_queued_never_reaches_the_device(start_server_thread, encoder) -> None:  # type: ignore[no-untyped-def]
     # The batcher holds a lone image for up to 1.5 s waiting for company; the call allows 0.3 s.
-    cfg = ServerConfig(engine=EngineConfig(max_batch_wait_s=1.5))
+    cfg = VitcacheConfig.of(max_batch_wait_s=1.5)
     srv = start_server_thread(cfg, encoder)
     with VitCacheClient(srv.target) as client:
         with pytest.raises(grpc.RpcError) as err:
@@ -100,7 +99,7 @@ def test_counts_are_checked_from_the_wire_before_any_per_item_work(start_server_
     """Small requests holding millions of items are refused without parsing them: it took 16 s (and
     health checks waited as long) for 2,000,000 empty images, 1.6 s for 3,000,000 grid values (#14 item 2).
     They take 0.01-0.08 s now on a loaded 2-core machine; the bounds are 1 s."""
-    srv = start_server_thread(ServerConfig(max_images_per_request=8), encoder)
+    srv = start_server_thread(VitcacheConfig.of(max_images_per_request=8), encoder)
     grid_values = pb.PixelBatch(
         pixel_values=pb.Tensor(dtype="float32", shape=[1, 1176], data=bytes(4 * 1176)), image_grid_thw=[1] * 3_000_000
     )
@@ -120,7 +119,7 @@ def test_counts_are_checked_from_the_wire_before_any_per_item_work(start_server_
 def test_a_put_item_of_a_million_tensors_fails_alone_off_the_event_loop(start_server_thread, encoder) -> None:  # type: ignore[no-untyped-def]
     """An item's tensors are only counted by the engine once the item is built: that is done with the
     parse, in a worker thread, so the item fails alone and health checks are answered meanwhile."""
-    srv = start_server_thread(ServerConfig(), encoder)
+    srv = start_server_thread(VitcacheConfig.of(), encoder)
     items = [
         pb.PutItem(key="many", embeddings=[pb.Tensor()] * 5_000_000),  # 10 MB: about 0.7 GB and 8 s to build
         pb.PutItem(key="empty"),

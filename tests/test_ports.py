@@ -11,11 +11,13 @@ import sys
 import grpc
 import pytest
 from vitcache.client import VitCacheClient
-from vitcache.server.app import ServerConfig, start_server
+from vitcache.server.app import start_server
 from vitcache.server.metrics import ServerMetrics
 from vitcache.server.ports import GRPC_OPTIONS, PortInUse, add_grpc_port
 from vitcache.server.security import Access, MetricsAccess
 from vitcache.server.web import MetricsHttpServer
+
+from vitcache.config import VitcacheConfig
 
 
 def serve(*flags: str) -> subprocess.CompletedProcess[str]:
@@ -26,7 +28,7 @@ def serve(*flags: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_a_second_server_on_a_served_port_exits_with_one_line(start_server_thread, encoder) -> None:  # type: ignore[no-untyped-def]
-    first = start_server_thread(ServerConfig(metrics_port=0), encoder)
+    first = start_server_thread(VitcacheConfig.of(metrics_port=0), encoder)
     port, metrics_port = first.running.port, first.running.metrics_port
     second = serve("--port", str(port), "--metrics-port", "0")
     assert second.returncode == 2
@@ -35,7 +37,7 @@ def test_a_second_server_on_a_served_port_exits_with_one_line(start_server_threa
     ]
     # The metrics port likewise, told before the model loads (the CLI prints what start_server raises).
     with pytest.raises(PortInUse, match=f"^port {metrics_port} on 127.0.0.1 is in use: .* pick --metrics-port$"):
-        asyncio.run(start_server(ServerConfig(port=0, metrics_port=metrics_port)))
+        asyncio.run(start_server(VitcacheConfig.of(port=0, metrics_port=metrics_port)))
     for _ in range(16):  # new connections, each of them to the first server
         with VitCacheClient(first.target) as client:
             assert client.model_info().namespace == first.engine.spec.namespace
@@ -43,7 +45,7 @@ def test_a_second_server_on_a_served_port_exits_with_one_line(start_server_threa
 
 def test_binding_a_port_taken_after_the_probe_is_told_the_same_way(start_server_thread, encoder) -> None:  # type: ignore[no-untyped-def]
     """Two servers started at once both pass the early probe; the later bind says what the probe would have."""
-    first = start_server_thread(ServerConfig(metrics_port=0), encoder)
+    first = start_server_thread(VitcacheConfig.of(metrics_port=0), encoder)
 
     async def bind_grpc() -> None:
         add_grpc_port(grpc.aio.server(options=GRPC_OPTIONS), "127.0.0.1", first.running.port)

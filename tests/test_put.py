@@ -6,9 +6,8 @@ import grpc
 import pytest
 import torch
 from vitcache.client import ConnectOptions, VitCacheClient
-from vitcache.server.app import ServerConfig
 
-from vitcache.engine import EngineConfig
+from vitcache.config import VitcacheConfig
 
 from .conftest import png_bytes
 
@@ -25,7 +24,7 @@ def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
 def test_put_then_fetch_by_key_returns_the_tensors_as_put_from_l1_and_from_l2(
     start_server_thread, encoder, redis_server
 ) -> None:  # type: ignore[no-untyped-def]
-    first = start_server_thread(ServerConfig(redis_url=redis_server.url), encoder)
+    first = start_server_thread(VitcacheConfig.of(redis_url=redis_server.url), encoder)
     stored = {"mm-hash-a": _tensors(1), "ünïcode/key:with spaces": _tensors(2)}
     with VitCacheClient(first.target) as client:
         assert client.put(stored, grid_thws=[(1, 4, 6), (1, 2, 2)]) == [None, None]
@@ -39,14 +38,14 @@ def test_put_then_fetch_by_key_returns_the_tensors_as_put_from_l1_and_from_l2(
         assert client.stats().puts == 2
 
     # A replica sharing the Redis finds the entry in L2: the Put was written there before it returned.
-    second = start_server_thread(ServerConfig(redis_url=redis_server.url), encoder)
+    second = start_server_thread(VitcacheConfig.of(redis_url=redis_server.url), encoder)
     with VitCacheClient(second.target) as client:
         (again,) = client.fetch(keys=["mm-hash-a"])
         assert again.source == "L2" and _same(again.embeddings, stored["mm-hash-a"])
 
 
 def test_put_keys_never_reach_entries_computed_from_image_bytes(start_server_thread, encoder, redis_server) -> None:  # type: ignore[no-untyped-def]
-    server = start_server_thread(ServerConfig(redis_url=redis_server.url), encoder)
+    server = start_server_thread(VitcacheConfig.of(redis_url=redis_server.url), encoder)
     with VitCacheClient(server.target) as client:
         (computed,) = client.encode([png_bytes(40, 40, 7)])
         computed.raise_for_error()
@@ -67,7 +66,7 @@ def test_put_keys_never_reach_entries_computed_from_image_bytes(start_server_thr
 
 
 def test_metadata_only_fetch_answers_existence_without_embeddings(start_server_thread, encoder) -> None:  # type: ignore[no-untyped-def]
-    server = start_server_thread(ServerConfig(), encoder)
+    server = start_server_thread(VitcacheConfig.of(), encoder)
     with VitCacheClient(server.target) as client:
         (computed,) = client.encode([png_bytes(32, 32, 3)])
         assert client.put({"k": _tensors(3)}, grid_thws=[(1, 2, 3)]) == [None]
@@ -78,7 +77,7 @@ def test_metadata_only_fetch_answers_existence_without_embeddings(start_server_t
 
 
 def test_bad_put_items_fail_alone(start_server_thread, encoder) -> None:  # type: ignore[no-untyped-def]
-    server = start_server_thread(ServerConfig(engine=EngineConfig(max_put_bytes=4096)), encoder)
+    server = start_server_thread(VitcacheConfig.of(max_put_bytes=4096), encoder)
     good = _tensors(4)
     with VitCacheClient(server.target) as client:
         errors = client.put(
@@ -126,7 +125,7 @@ def tokens(tmp_path):  # type: ignore[no-untyped-def]
 
 
 def test_put_entries_are_scoped_to_the_tenant(start_server_thread, encoder, redis_server, tmp_path, tokens) -> None:  # type: ignore[no-untyped-def]
-    server = start_server_thread(ServerConfig(redis_url=redis_server.url, auth_token_file=str(tokens)), encoder)
+    server = start_server_thread(VitcacheConfig.of(redis_url=redis_server.url, auth_token_file=str(tokens)), encoder)
     (tmp_path / "a").write_text("token-a")
     (tmp_path / "b").write_text("token-b")
     a = ConnectOptions.from_files(None, None, None, str(tmp_path / "a"))
@@ -148,7 +147,7 @@ def test_async_client_puts_and_fetches_by_key(start_server_thread, encoder) -> N
 
     from vitcache.client import AsyncVitCacheClient
 
-    server = start_server_thread(ServerConfig(), encoder)
+    server = start_server_thread(VitcacheConfig.of(), encoder)
 
     async def roundtrip() -> list:
         async with AsyncVitCacheClient(server.target) as client:
@@ -162,7 +161,7 @@ def test_async_client_puts_and_fetches_by_key(start_server_thread, encoder) -> N
 def test_fetch_and_put_of_more_than_a_request_holds_go_in_several(start_server_thread, encoder) -> None:  # type: ignore[no-untyped-def]
     """The server takes 256 items a request (--max-images-per-request); the client sends more in several,
     keeping every result at its index across the requests."""
-    server = start_server_thread(ServerConfig(), encoder)
+    server = start_server_thread(VitcacheConfig.of(), encoder)
     stored = {f"k{i}": [torch.full((1, 2), float(i))] for i in range(300)}
     with VitCacheClient(server.target) as client:
         assert client.put(stored) == [None] * 300
@@ -179,12 +178,12 @@ def test_fetch_and_put_of_more_than_a_request_holds_go_in_several(start_server_t
 def test_a_put_stored_nowhere_says_so(start_server_thread, encoder, redis_server) -> None:  # type: ignore[no-untyped-def]
     """An entry larger than L1 is stored only if Redis takes it; with no Redis the Put fails, not "stored"."""
     big = {"big": [torch.zeros(64, 64)]}  # 16 KiB, over a 4 KiB L1
-    alone = start_server_thread(ServerConfig(l1_bytes=4096), encoder)
+    alone = start_server_thread(VitcacheConfig.of(l1_bytes=4096), encoder)
     with VitCacheClient(alone.target) as client:
         (error,) = client.put(big)
         assert error is not None and error.code is grpc.StatusCode.RESOURCE_EXHAUSTED and "--l1-bytes" in error.message
         assert client.stats().puts == 0
-    shared = start_server_thread(ServerConfig(l1_bytes=4096, redis_url=redis_server.url), encoder)
+    shared = start_server_thread(VitcacheConfig.of(l1_bytes=4096, redis_url=redis_server.url), encoder)
     with VitCacheClient(shared.target) as client:
         assert client.put(big) == [None]
         assert client.fetch(keys=["big"])[0].source == "L2"

@@ -14,11 +14,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from vitcache.client import AsyncVitCacheClient, ConnectOptions, VitCacheClient
 from vitcache.server import cli
-from vitcache.server.app import ServerConfig
 from vitcache.server.security import Access, MetricsAccess
 
+from vitcache.config import VitcacheConfig
 from vitcache.digest import digest_file, load_digest_key
-from vitcache.engine import EngineConfig
 
 from .conftest import RedisProcess, free_port, http_get, png_bytes
 from .pki import CertificateAuthority
@@ -47,9 +46,10 @@ def _rpc_code(client: VitCacheClient) -> grpc.StatusCode | None:
 
 def test_tls_and_mutual_tls(start_server_thread, encoder, pki) -> None:  # type: ignore[no-untyped-def]
     server, client_cert, stranger = pki["server"], pki["client"], pki["stranger"]
-    tls = start_server_thread(ServerConfig(tls_cert=str(server.cert), tls_key=str(server.key)), encoder)
+    tls = start_server_thread(VitcacheConfig.of(tls_cert=str(server.cert), tls_key=str(server.key)), encoder)
     mtls = start_server_thread(
-        ServerConfig(tls_cert=str(server.cert), tls_key=str(server.key), tls_client_ca=str(pki["ca"].cert)), encoder
+        VitcacheConfig.of(tls_cert=str(server.cert), tls_key=str(server.key), tls_client_ca=str(pki["ca"].cert)),
+        encoder,
     )
     ca = pki["ca"].cert.read_bytes()
     with_cert = ConnectOptions(tls_ca=ca, tls_cert=client_cert.cert.read_bytes(), tls_key=client_cert.key.read_bytes())
@@ -78,7 +78,7 @@ def _token_file(folder: Path) -> Path:
 
 
 def test_bearer_tokens_guard_everything_but_health(start_server_thread, encoder, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    srv = start_server_thread(ServerConfig(auth_token_file=str(_token_file(tmp_path))), encoder)
+    srv = start_server_thread(VitcacheConfig.of(auth_token_file=str(_token_file(tmp_path))), encoder)
     for options, want in [
         (ConnectOptions(), grpc.StatusCode.UNAUTHENTICATED),
         (ConnectOptions(auth_token="guess"), grpc.StatusCode.UNAUTHENTICATED),
@@ -121,7 +121,7 @@ def test_metrics_port_needs_a_metrics_token_or_an_unbound_one(start_server_threa
     metrics_tokens.write_text("# prometheus\nscrape-token\n")
     tokens = _token_file(tmp_path)
     srv = start_server_thread(
-        ServerConfig(auth_token_file=str(tokens), metrics_token_file=str(metrics_tokens), metrics_port=0), encoder
+        VitcacheConfig.of(auth_token_file=str(tokens), metrics_token_file=str(metrics_tokens), metrics_port=0), encoder
     )
     port = srv.running.metrics_port
     for path in ("/metrics", "/api/stats"):
@@ -151,11 +151,11 @@ def test_metrics_port_needs_a_metrics_token_or_an_unbound_one(start_server_threa
     assert "hit ratio" in capsys.readouterr().out
 
     # --auth-token-file alone guards the metrics port too (its unbound tokens read it).
-    guarded = start_server_thread(ServerConfig(auth_token_file=str(tokens), metrics_port=0), encoder)
+    guarded = start_server_thread(VitcacheConfig.of(auth_token_file=str(tokens), metrics_port=0), encoder)
     assert http_get(guarded.running.metrics_port, "/api/stats")[0] == 401
     assert http_get(guarded.running.metrics_port, "/api/stats", {"Authorization": "Bearer gateway-token"})[0] == 200
     # A metrics token file alone guards the metrics port of a server whose gRPC side is open.
-    scraped = start_server_thread(ServerConfig(metrics_token_file=str(metrics_tokens), metrics_port=0), encoder)
+    scraped = start_server_thread(VitcacheConfig.of(metrics_token_file=str(metrics_tokens), metrics_port=0), encoder)
     assert http_get(scraped.running.metrics_port, "/metrics")[0] == 401
     assert http_get(scraped.running.metrics_port, "/metrics", {"Authorization": "Bearer scrape-token"})[0] == 200
 
@@ -168,7 +168,7 @@ def test_metrics_token_file_takes_no_tenants(tmp_path) -> None:  # type: ignore[
 
 
 def test_get_stats_counts_only_the_callers_tenant_under_auth(start_server_thread, encoder, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    srv = start_server_thread(ServerConfig(auth_token_file=str(_token_file(tmp_path))), encoder)
+    srv = start_server_thread(VitcacheConfig.of(auth_token_file=str(_token_file(tmp_path))), encoder)
     images = [png_bytes(56, 56, 40), png_bytes(56, 56, 41)]
     with VitCacheClient(srv.target, options=ConnectOptions(auth_token="alice-token")) as alice:
         assert [r.source for r in alice.encode(images)] == ["COMPUTED"] * 2  # after 2 hash-first NOT_FOUND
@@ -197,7 +197,7 @@ def test_get_stats_counts_only_the_callers_tenant_under_auth(start_server_thread
 
 
 def test_tenants_never_receive_each_others_entries(start_server_thread, encoder, redis_server, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    cfg = ServerConfig(redis_url=redis_server.url, auth_token_file=str(_token_file(tmp_path)))
+    cfg = VitcacheConfig.of(redis_url=redis_server.url, auth_token_file=str(_token_file(tmp_path)))
     srv = start_server_thread(cfg, encoder)
     image = png_bytes(56, 84, 7)
     digest = digest_file(image)
@@ -229,9 +229,9 @@ def test_redis_auth_through_the_url(start_server_thread, encoder, tmp_path) -> N
     redis_proc.start()
     try:
         wrong = start_server_thread(
-            ServerConfig(redis_url=redis_proc.url.replace("s3cret-pass", "wrong"), redis_timeout_s=0.2), encoder
+            VitcacheConfig.of(redis_url=redis_proc.url.replace("s3cret-pass", "wrong"), redis_timeout_s=0.2), encoder
         )
-        right = start_server_thread(ServerConfig(redis_url=redis_proc.url), encoder)
+        right = start_server_thread(VitcacheConfig.of(redis_url=redis_proc.url), encoder)
         with VitCacheClient(wrong.target) as client:
             assert client.encode([png_bytes(56, 56, 3)])[0].ok  # serves without its L2
             stats = client.stats()
@@ -289,12 +289,14 @@ def tls_redis(tmp_path: Path):  # type: ignore[no-untyped-def]
 def test_redis_tls_through_the_url(start_server_thread, encoder, tls_redis) -> None:  # type: ignore[no-untyped-def]
     port, ca_cert, tls_client = tls_redis
     trusted = start_server_thread(
-        ServerConfig(redis_url=f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={ca_cert}", redis_timeout_s=0.5), encoder
+        VitcacheConfig.of(redis_url=f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={ca_cert}", redis_timeout_s=0.5), encoder
     )
     untrusted = start_server_thread(  # rediss:// with the system CAs: the throwaway CA is not among them
-        ServerConfig(redis_url=f"rediss://127.0.0.1:{port}/0", redis_timeout_s=0.5), encoder
+        VitcacheConfig.of(redis_url=f"rediss://127.0.0.1:{port}/0", redis_timeout_s=0.5), encoder
     )
-    plaintext = start_server_thread(ServerConfig(redis_url=f"redis://127.0.0.1:{port}/0", redis_timeout_s=0.5), encoder)
+    plaintext = start_server_thread(
+        VitcacheConfig.of(redis_url=f"redis://127.0.0.1:{port}/0", redis_timeout_s=0.5), encoder
+    )
     with VitCacheClient(trusted.target) as client:
         assert client.encode([png_bytes(56, 56, 21)])[0].ok
         assert client.stats().redis_connected
@@ -312,7 +314,7 @@ def test_keyed_digests_need_the_key(start_server_thread, encoder, tmp_path) -> N
     secret = tmp_path / "digest.key"
     secret.write_text("a deployment secret of some length\n")
     key = load_digest_key(secret)
-    srv = start_server_thread(ServerConfig(engine=EngineConfig(digest_key=key)), encoder)
+    srv = start_server_thread(VitcacheConfig.of(digest_key_file=str(secret)), encoder)
     image = png_bytes(84, 56, 9)
     with VitCacheClient(srv.target, options=ConnectOptions.from_files(digest_key_file=str(secret))) as trusted:
         first = trusted.encode([image])[0].raise_for_error()
@@ -344,7 +346,7 @@ def test_cli_encode_over_mutual_tls_with_a_token_to_a_fleet(
         "tls_client_ca": str(pki["ca"].cert),
         "auth_token_file": str(_token_file(tmp_path)),
     }
-    replicas = [start_server_thread(ServerConfig(**cfg), encoder) for _ in range(2)]
+    replicas = [start_server_thread(VitcacheConfig.of(**cfg), encoder) for _ in range(2)]
     (tmp_path / "token").write_text("alice-token\n")
     files = []
     for i in range(4):

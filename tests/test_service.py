@@ -19,23 +19,21 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from PIL import Image
 from vitcache.client import AsyncVitCacheClient, VitCacheClient
-from vitcache.server.app import ServerConfig
 from vitcache.v1 import vitcache_pb2 as pb
 from vitcache.v1 import vitcache_pb2_grpc as pb_grpc
 
 from vitcache.cache.tiers import RedisTier
+from vitcache.config import ModelConfig, VitcacheConfig
 from vitcache.digest import digest_file
-from vitcache.encode.decode import DecodeLimits
 from vitcache.encode.encoder_pool import EncoderPool
-from vitcache.engine import EngineConfig
 from vitcache.models.loading import load_encoder
 from vitcache.models.preprocess import preprocess
 
 from .conftest import RedisProcess, jpeg_bytes, png_bytes
 
 
-def config(**kwargs) -> ServerConfig:  # type: ignore[no-untyped-def]
-    return ServerConfig(**kwargs)
+def config(**kwargs) -> VitcacheConfig:  # type: ignore[no-untyped-def]
+    return VitcacheConfig.of(**kwargs)
 
 
 @pytest.fixture
@@ -85,7 +83,7 @@ def test_encode_equals_transformers_and_hits_return_exact_bytes(server, tiny_che
 def test_pixel_batch_split_equals_single_images_and_transformers(server, tiny_checkpoint) -> None:  # type: ignore[no-untyped-def]
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    encoder_config = load_encoder(str(tiny_checkpoint)).preprocess_config
+    encoder_config = load_encoder(ModelConfig(str(tiny_checkpoint))).preprocess_config
     rng = np.random.default_rng(7)
     pixels = [
         preprocess(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), encoder_config)
@@ -182,8 +180,8 @@ def test_restart_keeps_l2_hits_and_fetch_finds_them(start_server_thread, encoder
 
 def test_namespace_change_never_returns_old_embeddings(start_server_thread, tiny_checkpoint, redis_server) -> None:  # type: ignore[no-untyped-def]
     image = png_bytes(64, 64, 21)
-    fp32 = load_encoder(str(tiny_checkpoint), "cpu", "float32")
-    bf16 = load_encoder(str(tiny_checkpoint), "cpu", "bfloat16")
+    fp32 = load_encoder(ModelConfig(str(tiny_checkpoint), "cpu", "float32"))
+    bf16 = load_encoder(ModelConfig(str(tiny_checkpoint), "cpu", "bfloat16"))
     assert fp32.namespace != bf16.namespace
     a = start_server_thread(config(redis_url=redis_server.url), fp32)
     with VitCacheClient(a.target) as client:
@@ -306,8 +304,7 @@ def test_keys_of_the_wrong_type_are_corrupt_entries_not_a_redis_outage(
 
 
 def test_bad_and_oversized_images_fail_alone(start_server_thread, encoder) -> None:  # type: ignore[no-untyped-def]
-    limits = DecodeLimits(max_image_bytes=200_000, max_image_pixels=512 * 512)
-    srv = start_server_thread(config(engine=EngineConfig(limits=limits)), encoder)
+    srv = start_server_thread(config(max_image_bytes=200_000, max_image_pixels=512 * 512), encoder)
     good = png_bytes(56, 56, 51)
     truncated = png_bytes(64, 64, 52)[:200]
     buf = io.BytesIO()
@@ -407,7 +404,7 @@ def test_single_flight_computes_a_popular_image_once(server) -> None:  # type: i
 def test_out_of_memory_splits_the_batch_and_fails_only_the_image_that_cannot_fit(
     start_server_thread, tiny_checkpoint
 ) -> None:  # type: ignore[no-untyped-def]
-    encoder = load_encoder(str(tiny_checkpoint))
+    encoder = load_encoder(ModelConfig(str(tiny_checkpoint)))
     real_forward = encoder.forward_packed
     seen_batches: list[int] = []
 
@@ -418,7 +415,7 @@ def test_out_of_memory_splits_the_batch_and_fails_only_the_image_that_cannot_fit
         return real_forward(pixel_values, grid_thw)
 
     encoder.forward_packed = forward_with_small_memory  # type: ignore[method-assign]
-    srv = start_server_thread(config(engine=EngineConfig(max_batch_patches=4096, max_batch_wait_s=0.2)), encoder)
+    srv = start_server_thread(config(max_batch_patches=4096, max_batch_wait_s=0.2), encoder)
     images = [png_bytes(224, 224, 80 + i) for i in range(4)]  # 256 patches each
     huge = png_bytes(420, 420, 90)  # more than 400 patches alone
     with VitCacheClient(srv.target) as client:
@@ -499,7 +496,7 @@ def test_too_many_images_in_one_request_is_rejected(start_server_thread, encoder
 def test_cuda_service_agrees_with_cpu_and_rejects_bad_files(start_server_thread, tiny_checkpoint, acceleration) -> None:  # type: ignore[no-untyped-def]
     """The GPU path (batched nvJPEG, side streams, varlen attention, pinned copies) end to end:
     in this process with varlen attention, and in an encoder process with CUDA graphs."""
-    cpu = load_encoder(str(tiny_checkpoint), "cpu", "float32")
+    cpu = load_encoder(ModelConfig(str(tiny_checkpoint), "cpu", "float32"))
     images = [jpeg_bytes(336, 224, 1), jpeg_bytes(448, 448, 2), png_bytes(120, 90, 3), b"\xff\xd8\xff\xe0garbage"]
     if acceleration == "graphs":
         settings = {"device": "cuda", "dtype": "bfloat16", "acceleration": "graphs", "encoder_process": True}
@@ -507,7 +504,7 @@ def test_cuda_service_agrees_with_cpu_and_rejects_bad_files(start_server_thread,
         assert isinstance(srv.engine.pipeline, EncoderPool)
     else:
         srv = start_server_thread(
-            config(), load_encoder(str(tiny_checkpoint), "cuda", "bfloat16", acceleration="varlen")
+            config(), load_encoder(ModelConfig(str(tiny_checkpoint), "cuda", "bfloat16", acceleration="varlen"))
         )
     ref = start_server_thread(config(), cpu)
     with VitCacheClient(srv.target) as client, VitCacheClient(ref.target) as reference:

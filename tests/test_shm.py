@@ -23,9 +23,9 @@ import pytest
 import torch
 from vitcache.client import ConnectOptions, VitCacheClient
 from vitcache.client.shm import ShmChannel, ShmRequestFailed
-from vitcache.server.app import ServerConfig
 from vitcache.server.shm import ShmServer
 
+from vitcache.config import VitcacheConfig
 from vitcache.wire.shm_protocol import LENGTH, MEMFD_NAME, REQUEST, aligned, json_frame, request_frame
 
 from .conftest import ServeProcess, png_bytes
@@ -38,7 +38,7 @@ UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED.value[0]
 
 
 def shm_server(start_server_thread, encoder, path: Path, **config):  # type: ignore[no-untyped-def]
-    return start_server_thread(ServerConfig(shm_socket=str(path), **config), encoder)
+    return start_server_thread(VitcacheConfig.of(shm_socket=str(path), **config), encoder)
 
 
 def arena_mappings() -> list[tuple[int, int]]:
@@ -121,7 +121,7 @@ def test_shm_results_equal_grpc_and_view_shared_memory(start_server_thread, enco
 
 def test_misses_and_a_full_arena_fail_per_image_and_leases_come_back(start_server_thread, encoder, socket_path) -> None:  # type: ignore[no-untyped-def]
     images = [png_bytes(64, 64, seed) for seed in (4, 5, 6)]
-    probe = start_server_thread(ServerConfig(), encoder)
+    probe = start_server_thread(VitcacheConfig.of(), encoder)
     with VitCacheClient(probe.target) as client:
         size = aligned(client.encode(images[:1])[0].raise_for_error().embeddings[0].nbytes)
     server = shm_server(start_server_thread, encoder, socket_path, shm_arena_bytes=2 * size)

@@ -20,11 +20,11 @@ import pytest
 import torch
 from vitcache.client import ConnectOptions, VitCacheClient
 from vitcache.client.shm import ShmChannel, copied_out
-from vitcache.server.app import ServerConfig
 
 from vitcache.cache.arena import ArenaEntry, SharedArena
 from vitcache.cache.entry import CachedEmbedding
-from vitcache.cache.tiers import L1Cache
+from vitcache.cache.l1 import L1Cache
+from vitcache.config import VitcacheConfig
 from vitcache.digest import digest_file
 from vitcache.outcomes import Source
 from vitcache.wire.shm_protocol import GENERATION, json_frame, request_frame
@@ -57,7 +57,7 @@ def shared_connection(path: Path) -> tuple[socket.socket, dict[str, Any], int]:
 
 
 def test_shared_l1_hits_equal_grpc_and_the_server_copies_nothing(start_server_thread, encoder, socket_path) -> None:  # type: ignore[no-untyped-def]
-    server = start_server_thread(ServerConfig(shm_socket=str(socket_path)), encoder)
+    server = start_server_thread(VitcacheConfig.of(shm_socket=str(socket_path)), encoder)
     images = [png_bytes(64, 48, 1), png_bytes(48, 64, 2)]
     with VitCacheClient(server.target) as plain:
         digests = [r.raise_for_error().digest for r in plain.encode(images)]
@@ -80,7 +80,7 @@ def test_shared_l1_hits_equal_grpc_and_the_server_copies_nothing(start_server_th
 
 
 def test_an_entry_replaced_while_a_client_reads_it_is_detected_never_torn(start_server_thread, socket_path) -> None:  # type: ignore[no-untyped-def]
-    server = start_server_thread(ServerConfig(shm_socket=str(socket_path), l1_bytes=4 << 20))
+    server = start_server_thread(VitcacheConfig.of(shm_socket=str(socket_path), l1_bytes=4 << 20))
     l1 = server.engine.l1
     digest, old, new = digest_file(b"replaced"), entry(1), entry(2)
     l1.put(digest, old)
@@ -128,7 +128,7 @@ def test_an_entry_replaced_while_a_client_reads_it_is_detected_never_torn(start_
 
 
 def test_a_client_cannot_write_the_shared_l1(start_server_thread, socket_path) -> None:  # type: ignore[no-untyped-def]
-    server = start_server_thread(ServerConfig(shm_socket=str(socket_path)))
+    server = start_server_thread(VitcacheConfig.of(shm_socket=str(socket_path)))
     digest, cached = digest_file(b"kept"), entry(4)
     server.engine.l1.put(digest, cached)
     sock, welcome, fd = shared_connection(socket_path)
@@ -178,7 +178,7 @@ def test_the_shared_l1_is_offered_only_where_tenants_are_no_boundary(  # type: i
     it could not fetch."""
     tokens = tmp_path / "tokens"
     tokens.write_text("token-a tenant-a\ntoken-b tenant-b\n" if bound else "token-a\ntoken-b\n")
-    server = start_server_thread(ServerConfig(shm_socket=str(socket_path), auth_token_file=str(tokens)), encoder)
+    server = start_server_thread(VitcacheConfig.of(shm_socket=str(socket_path), auth_token_file=str(tokens)), encoder)
     as_a = ConnectOptions(auth_token="token-a", tenant="" if bound else "tenant-a")
     as_b = ConnectOptions(auth_token="token-b", tenant="" if bound else "tenant-b")
     with VitCacheClient(server.target, options=as_a, shm_socket=socket_path) as client:
@@ -210,7 +210,7 @@ def test_l1_entries_live_in_the_arena_and_blocks_come_back_once_unviewed() -> No
 
 
 def test_an_l2_hit_is_read_from_its_copy_in_the_shared_l1(start_server_thread, socket_path, redis_server) -> None:  # type: ignore[no-untyped-def]
-    server = start_server_thread(ServerConfig(shm_socket=str(socket_path), redis_url=redis_server.url))
+    server = start_server_thread(VitcacheConfig.of(shm_socket=str(socket_path), redis_url=redis_server.url))
     digest, stored = digest_file(b"in redis"), entry(6)
     assert server.call(server.engine.l2.put(digest, stored))
     channel = ShmChannel(socket_path)

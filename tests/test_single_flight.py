@@ -12,12 +12,12 @@ from typing import TypeVar
 
 import pytest
 from vitcache.client import AsyncVitCacheClient
-from vitcache.server.app import ServerConfig
 
 from vitcache.cache.entry import CachedEmbedding
-from vitcache.cache.tiers import L1Cache
-from vitcache.encode.pipeline import EncodePipeline
-from vitcache.engine import EmbeddingEngine, EngineConfig
+from vitcache.cache.l1 import L1Cache
+from vitcache.config import VitcacheConfig
+from vitcache.encode.pipeline import EncodePipeline, PipelineConfig
+from vitcache.engine import EmbeddingEngine
 from vitcache.inputs import Computable, EncodedFile, Scope
 from vitcache.models.loading import VisionEncoder
 from vitcache.outcomes import Source
@@ -75,7 +75,7 @@ def test_rounds_of_concurrent_identical_misses_compute_once_and_all_finish(
     with_redis, start_server_thread, encoder, request, cpu_contention
 ) -> None:  # type: ignore[no-untyped-def]
     redis_url = request.getfixturevalue("redis_server").url if with_redis else None
-    srv = start_server_thread(ServerConfig(redis_url=redis_url), encoder)
+    srv = start_server_thread(VitcacheConfig.of(redis_url=redis_url), encoder)
     started = time.monotonic()
     rounds = asyncio.run(asyncio.wait_for(_soak(srv.target), timeout=120))  # a hang fails, it does not stall
     elapsed = time.monotonic() - started
@@ -90,7 +90,7 @@ class _ArrivalAtTheEnd(EncodePipeline):
     arrive: it looks in L1 before the entry is there and goes on after the computation is done."""
 
     def __init__(self, encoder: VisionEncoder, image: bytes) -> None:
-        super().__init__(encoder, EngineConfig())
+        super().__init__(encoder, PipelineConfig())
         self.engine: EmbeddingEngine | None = None
         self.image = image
         self.late: asyncio.Task[list[Source | None]] | None = None
@@ -128,7 +128,7 @@ def test_a_request_arriving_as_the_computation_ends_uses_its_result(encoder) -> 
 
 def test_a_joiner_without_a_deadline_outlives_the_first_requests_deadline(start_server_thread, encoder) -> None:  # type: ignore[no-untyped-def]
     # A batch waits 3 s to fill: the first request's 1 s deadline passes while its image is queued.
-    srv = start_server_thread(ServerConfig(engine=EngineConfig(max_batch_wait_s=3.0)), encoder)
+    srv = start_server_thread(VitcacheConfig.of(max_batch_wait_s=3.0), encoder)
     image = png_bytes(56, 56, 8100)
 
     async def run() -> tuple[BaseException | None, str, str]:

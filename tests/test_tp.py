@@ -15,8 +15,9 @@ import pytest
 import torch
 import xxhash
 from vitcache.client.tp import rank_device
-from vitcache.server.app import ServerConfig
 from vitcache.server.background import BackgroundServer
+
+from vitcache.config import VitcacheConfig
 
 from .conftest import server_thread
 
@@ -29,7 +30,7 @@ def fanout(encoder) -> Iterator[tuple[list[dict], BackgroundServer]]:  # type: i
     """Every rank's report of one run of the example, and the server it ran against."""
     workdir = Path(tempfile.mkdtemp(prefix="vctp-"))
     shm_socket = workdir / "shm" / "vitcache.sock"
-    server = server_thread(ServerConfig(shm_socket=str(shm_socket)), encoder)
+    server = server_thread(VitcacheConfig.of(shm_socket=str(shm_socket)), encoder)
     try:
         report = workdir / "report.json"
         command = [sys.executable, "examples/tp_fanout.py", "--target", server.target, "--shm-socket", str(shm_socket)]

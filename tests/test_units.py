@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from vitcache.cache.entry import CachedEmbedding, CorruptEntry
-from vitcache.cache.tiers import L1Cache
+from vitcache.cache.l1 import L1Cache
 from vitcache.digest import DIGEST_SIZE, digest_file, digest_pixels, digest_rgb
 from vitcache.wire.tensor_codec import TensorBytes, tensor_from_buffer
 

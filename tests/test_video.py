@@ -18,11 +18,12 @@ import torch
 from transformers import Qwen3VLProcessor
 from transformers.video_utils import VideoMetadata
 from vitcache.client import Video, VitCacheClient
-from vitcache.server.app import ServerConfig
 
 from vitcache.cache.entry import CachedEmbedding, CorruptEntry
-from vitcache.cache.tiers import L1Cache
+from vitcache.cache.l1 import L1Cache
+from vitcache.config import BatchingConfig, ModelConfig, VitcacheConfig
 from vitcache.encode.encoder_process import EncoderProcess
+from vitcache.encode.pipeline import PipelineConfig
 from vitcache.encode.video_decode import VideoLimits, decode_frames, probe_video
 from vitcache.engine import EmbeddingEngine, EngineConfig
 from vitcache.errors import ErrorCode, ImageError
@@ -77,7 +78,7 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def encoders(checkpoints: dict[str, Path]) -> dict[str, VisionEncoder]:
-    return {family: load_encoder(str(path), "cpu") for family, path in checkpoints.items()}
+    return {family: load_encoder(ModelConfig(str(path), "cpu")) for family, path in checkpoints.items()}
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +90,11 @@ def run(encoder: VisionEncoder, items: list, config: EngineConfig | None = None)
     """The outcomes of one engine call, in input order, from a fresh engine (its own L1)."""
 
     async def go() -> list[ImageOutcome]:
-        engine = EmbeddingEngine(encoder, L1Cache(1 << 30), config=config or EngineConfig(preprocess_workers=1))
+        engine = EmbeddingEngine(
+            encoder,
+            L1Cache(1 << 30),
+            config=config or EngineConfig(PipelineConfig(BatchingConfig(preprocess_workers=1))),
+        )
         await engine.start()
         try:
             first = [o async for o in engine.encode(items)]
@@ -153,8 +158,8 @@ def test_encoded_video_equals_transformers_video_path(family, checkpoints, encod
 # --- through a real gRPC server and Redis -------------------------------------------------------------
 
 
-def server_config(**engine) -> ServerConfig:  # type: ignore[no-untyped-def]
-    return ServerConfig(redis_url=engine.pop("redis_url", None), engine=EngineConfig(**engine))
+def server_config(**settings) -> VitcacheConfig:  # type: ignore[no-untyped-def]
+    return VitcacheConfig.of(**settings)
 
 
 def same_tensors(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
@@ -255,8 +260,8 @@ def faststart_clip(frames: np.ndarray, path: Path) -> bytes:
 
 
 def test_bad_and_oversized_videos_fail_alone(start_server_thread, encoders, clip, tmp_path):
-    limits = VideoLimits(max_video_seconds=2.0, max_video_frames=8, max_video_frame_pixels=100 * 100)
-    server = start_server_thread(server_config(video_limits=limits), encoders["qwen2_vl"])
+    limits = {"max_video_seconds": 2.0, "max_video_frames": 8, "max_video_frame_pixels": 100 * 100}
+    server = start_server_thread(server_config(**limits), encoders["qwen2_vl"])
     rng = np.random.default_rng(5)
     truncated = faststart_clip(clip_frames(12, 60, 80, seed=3), tmp_path / "faststart.mp4")
     frames = clip_frames(4, 60, 80)
@@ -296,7 +301,7 @@ def test_video_over_the_decoded_pixel_budget_waits_or_fails(start_server_thread,
 def test_small_frames_count_as_what_they_are_scaled_up_to(start_server_thread, encoders):
     """2 frames of 16x16 scaled up to min_pixels=40000 take 80000 pixels of the budget, not 512."""
     tiny = encode_clip(clip_frames(2, 16, 16))
-    config = server_config(max_decoded_pixels_in_flight=60_000, video_limits=VideoLimits(max_video_frame_pixels=50_000))
+    config = server_config(max_decoded_pixels_in_flight=60_000, max_video_frame_pixels=50_000)
     server = start_server_thread(config, encoders["qwen2_vl"])
     with VitCacheClient(server.target) as client:
         upscaled, over_bound, default = client.encode(
@@ -310,7 +315,7 @@ def test_small_frames_count_as_what_they_are_scaled_up_to(start_server_thread, e
 
 def test_video_hit_over_shared_memory_keeps_its_timing(start_server_thread, encoders, clip, tmp_path):
     socket_path = tmp_path / "shm" / "shm.sock"
-    server = start_server_thread(ServerConfig(shm_socket=str(socket_path)), encoders["qwen2_5_vl"])
+    server = start_server_thread(VitcacheConfig.of(shm_socket=str(socket_path)), encoders["qwen2_5_vl"])
     with VitCacheClient(server.target, shm_socket=socket_path) as client:
         computed = client.encode([Video(clip, fps=4)])[0].raise_for_error()
         hit = client.encode([Video(clip, fps=4)])[0].raise_for_error()
@@ -334,7 +339,7 @@ def test_webm_and_mkv_files_equal_transformers(container, codec, checkpoints, en
 def test_video_timing_crosses_the_encoder_process(checkpoints, encoders, clip):
     """The child writes the tokens into the shared ring; the timing travels with the reply."""
     video = [EncodedVideo(clip, VideoSampling(fps=4))]
-    child = run(EncoderProcess(EncoderLoader(str(checkpoints["qwen3_vl"]))), video)[0]
+    child = run(EncoderProcess(EncoderLoader(ModelConfig(str(checkpoints["qwen3_vl"])))), video)[0]
     here = run(encoders["qwen3_vl"], video)[0]
     assert child.error is None, child.error
     assert child.entry.video == here.entry.video and child.entry.video is not None
@@ -355,7 +360,7 @@ def test_stored_video_timing_is_checksummed():
 def test_kimi_video_items_fail_alone(tmp_path, clip):
     """transformers 5.23's Kimi-K2.5 video path does not run (get_video_features splits the tower's pooled
     output by t*h*w/4 tokens per chunk, not h*w/4), so there is nothing to match: videos are refused."""
-    kimi = load_encoder(str(make_tiny_checkpoint("kimi_k25", tmp_path / "kimi")), "cpu")
+    kimi = load_encoder(ModelConfig(str(make_tiny_checkpoint("kimi_k25", tmp_path / "kimi")), "cpu"))
     video, image = run(kimi, [EncodedVideo(clip), EncodedFile(png_bytes(56, 56, 6))])[:2]
     assert video.error is not None and video.error.code is ErrorCode.INVALID_ARGUMENT
     assert "has no video path" in video.error.message

@@ -12,9 +12,9 @@ from typing import ClassVar
 import pytest
 from vitcache.client import VitCacheClient
 from vitcache.integrations.vllm_proxy import make_proxy, rewrite_chat_request
-from vitcache.server.app import ServerConfig
 
 from tests.conftest import png_bytes
+from vitcache.config import VitcacheConfig
 
 
 class RecordingOpenAI(BaseHTTPRequestHandler):
@@ -59,7 +59,7 @@ def chat(image: bytes) -> dict:
 
 
 def test_proxy_sends_vllm_the_digest_and_grid_of_each_image(start_server_thread, encoder, vllm_stand_in) -> None:
-    server = start_server_thread(ServerConfig(), encoder)
+    server = start_server_thread(VitcacheConfig.of(), encoder)
     image = png_bytes(64, 40, seed=5)
     with VitCacheClient(server.target) as client:
         proxy = make_proxy(vllm_stand_in, client)
@@ -86,7 +86,7 @@ def test_proxy_sends_vllm_the_digest_and_grid_of_each_image(start_server_thread,
 
 
 def test_a_request_without_data_urls_is_unchanged(start_server_thread, encoder) -> None:
-    server = start_server_thread(ServerConfig(), encoder)
+    server = start_server_thread(VitcacheConfig.of(), encoder)
     body = {"messages": [{"role": "user", "content": "hi"}]}
     with VitCacheClient(server.target) as client:
         assert rewrite_chat_request(client, body) is body
@@ -96,7 +96,7 @@ def test_with_vitcache_down_or_a_malformed_message_vllm_gets_the_request_as_sent
     start_server_thread, encoder, vllm_stand_in
 ) -> None:  # type: ignore[no-untyped-def]
     """The proxy never drops a request: what it cannot rewrite, vLLM answers (and encodes) itself."""
-    server = start_server_thread(ServerConfig(), encoder)
+    server = start_server_thread(VitcacheConfig.of(), encoder)
     bodies = [{"messages": ["not a message object"]}, chat(png_bytes(32, 32, seed=6))]
     with VitCacheClient(server.target) as client:
         proxy = make_proxy(vllm_stand_in, client)

@@ -12,21 +12,24 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Coroutine, Hashable, Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from vitcache.cache.entry import CachedEmbedding
 from vitcache.cache.fleet_lock import FleetLock
-from vitcache.cache.tiers import L1Cache, RedisTier, l1_key, l1_put_key
+from vitcache.cache.l1 import L1Cache, l1_key, l1_put_key
+from vitcache.cache.tiers import RedisTier
+from vitcache.config import LimitsConfig
 from vitcache.digest import DIGEST_SIZE, digest_file, digest_pixels, digest_rgb, digest_video_file, digest_video_frames
-from vitcache.encode.pipeline import EncodePipeline, Pipeline, PipelineConfig
+from vitcache.encode.batch import BatcherStats
+from vitcache.encode.pipeline import EncodePipeline, EncoderStatus, Pipeline, PipelineConfig
 from vitcache.errors import ErrorCode, ImageError
 from vitcache.inputs import DigestOnly, EncodedFile, EncodedVideo, ImageInput, PixelRows, RawRGB, RawVideo, Scope
 from vitcache.models.loading import EncoderSpec, VisionEncoder
 from vitcache.observer import EngineObserver
 from vitcache.outcomes import ImageOutcome, Source
-from vitcache.wire.tensor_codec import dtype_from_name
+from vitcache.wire.tensor_codec import dtype_from_name, dtype_name
 
 log = logging.getLogger(__name__)
 
@@ -41,18 +44,15 @@ _IMAGES_PER_LOOP_TURN = 256
 
 
 @dataclass(frozen=True)
-class EngineConfig(PipelineConfig):
-    """The device side's fields (:class:`PipelineConfig`) and the engine's own."""
+class EngineConfig:
+    """The device side's settings (what an encoder process is sent) and the digest key (which is not)."""
 
-    max_queued_images: int = 1024  # misses being resolved at once; more are RESOURCE_EXHAUSTED
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     digest_key: bytes | None = None  # keyed digests (vitcache.digest); None = plain xxh3-128
-    max_put_bytes: int = 256 << 20  # tensor bytes of one Put entry
-    max_cached_video_bytes: int = 256 << 20  # a video entry larger than this is returned, not cached
 
     @property
-    def pipeline(self) -> PipelineConfig:
-        """The device side's fields alone: what an encoder process is sent (not the digest key)."""
-        return PipelineConfig(**{f.name: getattr(self, f.name) for f in fields(PipelineConfig)})
+    def limits(self) -> LimitsConfig:
+        return self.pipeline.limits
 
 
 @dataclass
@@ -98,6 +98,48 @@ class TenantStats:
             self.deadline_expired += outcome.error.code is ErrorCode.DEADLINE_EXCEEDED
 
 
+@dataclass(frozen=True)
+class ModelSnapshot:
+    """The served model, as stats and metrics name it."""
+
+    model: str
+    family: str
+    dtype: str
+    device: str
+    namespace: str
+
+
+@dataclass(frozen=True)
+class L1Snapshot:
+    entries: int
+    bytes_used: int
+    capacity_bytes: int
+    evictions: int
+
+
+@dataclass(frozen=True)
+class L2Snapshot:
+    enabled: bool  # an L2 (Redis) is configured
+    connected: bool  # the last Redis call succeeded
+    errors: int  # Redis calls that failed or timed out
+    corrupt: int  # values rejected by the header or checksum check
+    fleet_lock_waits: int  # misses that waited on another replica's computation
+
+
+@dataclass(frozen=True)
+class EngineSnapshot:
+    """Every number of the engine at one moment, copied: what GetStats, /api/stats and /metrics read."""
+
+    uptime_s: float
+    model: ModelSnapshot
+    images: EngineStats  # images by source and outcome, engine-wide
+    l1: L1Snapshot
+    l2: L2Snapshot
+    batcher: BatcherStats  # every encoder's forwards together
+    encoders: list[EncoderStatus]  # per device
+    tenants: dict[str, TenantStats]  # per tenant, when counted (count_by_tenant)
+
+
 class EmbeddingEngine:
     """Serves per-image embeddings from L1, L2 or one shared computation.
 
@@ -131,7 +173,9 @@ class EmbeddingEngine:
         self.config = config or EngineConfig()
         self.observer = observer or EngineObserver()
         self.pipeline: Pipeline = (
-            EncodePipeline(encoder, self.config, self.observer) if isinstance(encoder, VisionEncoder) else encoder
+            EncodePipeline(encoder, self.config.pipeline, self.observer)
+            if isinstance(encoder, VisionEncoder)
+            else encoder
         )
         self.l1 = l1
         self.l2 = l2
@@ -147,6 +191,26 @@ class EmbeddingEngine:
     def spec(self) -> EncoderSpec:
         """What the encoder computes (known once the pipeline has started)."""
         return self.pipeline.spec
+
+    def snapshot(self) -> EngineSnapshot:
+        """The engine's numbers now, copied, so readers never reach into its parts."""
+        spec, l1, l2 = self.spec, self.l1, self.l2
+        return EngineSnapshot(
+            uptime_s=self.uptime_s,
+            model=ModelSnapshot(spec.model_name, spec.family, dtype_name(spec.dtype), spec.device, spec.namespace),
+            images=replace(self.stats),
+            l1=L1Snapshot(len(l1), l1.bytes_used, l1.capacity_bytes, l1.evictions),
+            l2=L2Snapshot(
+                enabled=l2 is not None,
+                connected=l2 is not None and l2.connected,
+                errors=l2.stats.errors if l2 else 0,
+                corrupt=l2.stats.corrupt if l2 else 0,
+                fleet_lock_waits=self.fleet_lock.waits if self.fleet_lock else 0,
+            ),
+            batcher=replace(self.pipeline.stats),
+            encoders=[replace(status, stats=replace(status.stats)) for status in self.pipeline.encoders()],
+            tenants={tenant: replace(counts) for tenant, counts in (self.tenant_stats or {}).items()},
+        )
 
     def count_by_tenant(self) -> None:
         """Keeps :attr:`tenant_stats` from now on (under authentication, where tokens bound the tenants)."""
@@ -218,7 +282,7 @@ class EmbeddingEngine:
     async def put(self, key: str, entry: CachedEmbedding, scope: Scope = Scope()) -> None:
         """Stores a caller-computed entry under ``key``, in L1 and then L2 before returning.
 
-        Put keys are a key space of their own (:func:`~vitcache.cache.tiers.l1_put_key`,
+        Put keys are a key space of their own (:func:`~vitcache.cache.l1.l1_put_key`,
         :meth:`~vitcache.cache.tiers.RedisTier.put_key`): a caller can never replace or shadow an entry
         computed from image bytes. Raises :class:`ImageError` for an entry it does not take.
         """
@@ -282,10 +346,10 @@ class EmbeddingEngine:
         self._check_put_key(key)
         if not 0 < len(entry.outputs) <= MAX_PUT_TENSORS:
             raise ImageError(ErrorCode.INVALID_ARGUMENT, f"a Put entry holds 1 to {MAX_PUT_TENSORS} tensors")
-        if entry.nbytes > self.config.max_put_bytes:
+        if entry.nbytes > self.config.limits.max_put_bytes:
             raise ImageError(
                 ErrorCode.RESOURCE_EXHAUSTED,
-                f"a Put entry of {entry.nbytes} bytes is over --max-put-bytes={self.config.max_put_bytes}",
+                f"a Put entry of {entry.nbytes} bytes is over --max-put-bytes={self.config.limits.max_put_bytes}",
             )
         if any(v < 0 for v in entry.grid_thw):
             raise ImageError(ErrorCode.INVALID_ARGUMENT, "grid_thw values must not be negative")
@@ -379,7 +443,7 @@ class EmbeddingEngine:
             return digest_video_frames(
                 video.rgb, video.frames, video.height, video.width, video.timestamps, sampling, key
             )
-        limit = self.config.video_limits.max_video_bytes
+        limit = self.config.limits.max_video_bytes
         if len(video.data) > limit:
             raise ImageError(ErrorCode.INVALID_ARGUMENT, f"video of {len(video.data)} bytes is over the limit {limit}")
         return digest_video_file(video.data, sampling, key)
@@ -387,7 +451,7 @@ class EmbeddingEngine:
     def _too_large_to_cache(self, entry: CachedEmbedding) -> bool:
         """A video entry over ``max_cached_video_bytes``: computed and returned, never stored (a long
         clip would evict thousands of images from L1 and make a Redis value of gigabytes)."""
-        return entry.video is not None and entry.nbytes > self.config.max_cached_video_bytes
+        return entry.video is not None and entry.nbytes > self.config.limits.max_cached_video_bytes
 
     async def _from_l2(self, digest: bytes, tenant: str) -> CachedEmbedding | None:
         if self.l2 is None:
@@ -416,7 +480,7 @@ class EmbeddingEngine:
                     self.stats.l1_hits += 1
                     return entry, Source.L1
                 self._check_not_failed(key)
-                if len(self._inflight) >= self.config.max_queued_images:
+                if len(self._inflight) >= self.config.limits.max_queued_images:
                     self.stats.overloaded += 1
                     raise ImageError(
                         ErrorCode.RESOURCE_EXHAUSTED,

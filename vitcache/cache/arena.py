@@ -89,7 +89,7 @@ class FirstFitLeases:
         return True
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, kw_only=True)  # keywords: CachedEmbedding may grow fields
 class ArenaEntry(CachedEmbedding):
     """An entry whose outputs view its block of a :class:`SharedArena` (``at``: the block's offset)."""
 
@@ -163,7 +163,9 @@ class SharedArena:
             self._view[offset : offset + out.nbytes] = out.data
             outputs.append(TensorBytes(out.dtype, out.shape, self._view[offset : offset + out.nbytes].toreadonly()))
         GENERATION.pack_into(self._view, at, generation)  # last: the block is whole from here on
-        stored = ArenaEntry(entry.grid_thw, tuple(outputs), at, generation)
+        stored = ArenaEntry(
+            grid_thw=entry.grid_thw, outputs=tuple(outputs), video=entry.video, at=at, generation=generation
+        )
         weakref.finalize(stored, self._unviewed.append, at).atexit = False
         return stored
 

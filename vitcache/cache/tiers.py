@@ -1,4 +1,4 @@
-"""The two cache tiers: an in-process LRU (L1) and a shared Redis (L2).
+"""The shared tier (L2): Redis; the in-process LRU (L1) is ``vitcache.cache.l1``.
 
 Both are keyed by the image digest, or by a caller's key for entries stored with Put (a key
 space of its own in both tiers); the model namespace is fixed per process, so L1 holds
@@ -12,10 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import threading
 import time
-from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Hashable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
@@ -25,7 +23,6 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import parse_url
 from redis.exceptions import RedisClusterException, RedisError, ResponseError
 
-from vitcache.cache.arena import ArenaEntry, SharedArena
 from vitcache.cache.entry import CachedEmbedding, CorruptEntry
 from vitcache.errors import ConfigError
 
@@ -35,83 +32,6 @@ T = TypeVar("T")
 
 #: What a failed or slow Redis (or Redis Cluster) call raises.
 REDIS_FAILURES = (RedisError, RedisClusterException, OSError, asyncio.TimeoutError)
-
-
-def l1_key(digest: bytes, tenant: str = "") -> bytes:
-    """The L1 key of ``digest`` for ``tenant``; the plain digest when there is no tenant."""
-    return digest if not tenant else tenant.encode() + b"\0" + digest
-
-
-def l1_put_key(key: str, tenant: str = "") -> tuple[str, str, str]:
-    """The L1 key of a Put entry: a tuple, so it can never equal a digest's (bytes) key."""
-    return ("put", tenant, key)
-
-
-class L1Cache:
-    """Least-recently-used map key -> entry, bounded by the entries' payload bytes.
-
-    Invariants:
-    - ``bytes_used`` is the sum of ``nbytes`` of the held entries and never exceeds ``capacity_bytes``.
-    - An entry larger than the whole capacity is not stored (it would evict everything).
-    - ``get`` refreshes recency; ``put`` of a held digest replaces it.
-    - With an ``arena``, a stored entry's bytes are copied into it (the held entry views them there) and
-      a dropped entry is marked dropped in it; an entry the arena has no room for even once everything
-      else is evicted (blocks still viewed elsewhere) is held in private memory.
-    Thread-safe: the batcher's worker thread and the event loop may both touch it.
-    """
-
-    def __init__(self, capacity_bytes: int, arena: SharedArena | None = None) -> None:
-        if capacity_bytes < 0:
-            raise ValueError("capacity_bytes must be >= 0")
-        self.capacity_bytes = capacity_bytes
-        self.arena = arena
-        self.bytes_used = 0
-        self.evictions = 0
-        self._entries: OrderedDict[Hashable, CachedEmbedding] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def get(self, key: Hashable) -> CachedEmbedding | None:
-        with self._lock:
-            entry = self._entries.get(key)
-            if entry is not None:
-                self._entries.move_to_end(key)
-            return entry
-
-    def put(self, key: Hashable, entry: CachedEmbedding) -> bool:
-        """Stores ``entry``; returns False if it is larger than the whole cache."""
-        size = entry.nbytes
-        if size > self.capacity_bytes:
-            return False
-        with self._lock:
-            old = self._entries.pop(key, None)
-            if old is not None:
-                self._forget(old)
-            while self.bytes_used + size > self.capacity_bytes:
-                self._evict_oldest()
-            if self.arena is not None:
-                entry = self._in_arena(entry, self.arena)
-            self._entries[key] = entry
-            self.bytes_used += size
-            return True
-
-    def _in_arena(self, entry: CachedEmbedding, arena: SharedArena) -> CachedEmbedding:
-        """``entry`` copied into ``arena``, evicting older entries while it has no room."""
-        while (stored := arena.store(entry)) is None and self._entries:
-            self._evict_oldest()
-        return entry if stored is None else stored
-
-    def _evict_oldest(self) -> None:
-        _, evicted = self._entries.popitem(last=False)
-        self._forget(evicted)
-        self.evictions += 1
-
-    def _forget(self, entry: CachedEmbedding) -> None:
-        self.bytes_used -= entry.nbytes
-        if isinstance(entry, ArenaEntry) and self.arena is not None:
-            self.arena.drop(entry)
 
 
 def check_redis_url(url: str) -> None:

@@ -14,6 +14,7 @@ from typing import TypeVar
 import torch
 
 from vitcache.cache.entry import CachedEmbedding
+from vitcache.config import BatchingConfig
 from vitcache.encode.split import copy_to_host
 from vitcache.errors import ErrorCode, ImageError
 from vitcache.models.loading import VisionEncoder
@@ -140,7 +141,7 @@ class Batcher:
         self,
         encoder: VisionEncoder,
         max_batch_patches: int,
-        max_wait_s: float = 0.002,
+        max_wait_s: float = BatchingConfig.max_batch_wait_s,
         observer: EngineObserver | None = None,
         materialize: Materialize = CachedEmbedding.from_tensors,
     ) -> None:

@@ -17,6 +17,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from transformers.image_transforms import convert_to_rgb
 
+from vitcache.config import LimitsConfig
 from vitcache.encode.batch import deliver, gather_batch
 from vitcache.errors import ImageRejected
 from vitcache.models import accel
@@ -30,8 +31,10 @@ DECODE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")  # JPEG includes 
 
 @dataclass(frozen=True)
 class DecodeLimits:
-    max_image_bytes: int = 32 * 2**20
-    max_image_pixels: int = 64 * 2**20
+    """The decoder's share of :class:`~vitcache.config.LimitsConfig`."""
+
+    max_image_bytes: int = LimitsConfig.max_image_bytes
+    max_image_pixels: int = LimitsConfig.max_image_pixels
 
 
 def _check_size(height: int, width: int, limits: DecodeLimits) -> None:

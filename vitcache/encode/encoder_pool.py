@@ -11,9 +11,9 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import replace
 
 from vitcache.cache.entry import CachedEmbedding
+from vitcache.config import EncoderConfig
 from vitcache.encode.batch import BatcherStats
 from vitcache.encode.encoder_process import EncoderProcess
 from vitcache.encode.pipeline import EncoderStatus, PipelineConfig
@@ -88,8 +88,8 @@ class EncoderPool:
         loaders: Sequence[EncoderLoader],
         pipeline: PipelineConfig | None = None,
         observer: EngineObserver | None = None,
-        ring_bytes: int = 512 << 20,
-        restart_backoff_s: float = 1.0,
+        ring_bytes: int = EncoderConfig.encoder_ring_bytes,
+        restart_backoff_s: float = EncoderConfig.encoder_restart_backoff_s,
         max_restart_backoff_s: float = 60.0,
     ) -> None:
         if not loaders:
@@ -257,4 +257,4 @@ class EncoderPool:
 
 def pool_loaders(loader: EncoderLoader, devices: Sequence[str]) -> list[EncoderLoader]:
     """``loader`` once per device."""
-    return [replace(loader, device=device) for device in devices]
+    return [loader.on(device) for device in devices]

@@ -45,6 +45,7 @@ import numpy as np
 import torch
 
 from vitcache.cache.entry import CachedEmbedding
+from vitcache.config import EncoderConfig
 from vitcache.encode.batch import BatcherStats
 from vitcache.encode.pipeline import EncodePipeline, EncoderStatus, PipelineConfig
 from vitcache.errors import ConfigError, ErrorCode, ImageError
@@ -140,7 +141,7 @@ class _InRing:
         )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)  # keywords: CachedEmbedding may grow fields
 class _RingEntry(CachedEmbedding):
     """Child side: an entry written into the ring at [start, end) (its outputs view the ring)."""
 
@@ -166,7 +167,7 @@ class EncoderProcess:
         loader: EncoderLoader,
         pipeline: PipelineConfig | None = None,
         observer: EngineObserver | None = None,
-        ring_bytes: int = 512 << 20,
+        ring_bytes: int = EncoderConfig.encoder_ring_bytes,
         start_timeout_s: float = 3600.0,
     ) -> None:
         self.loader = loader
@@ -345,7 +346,7 @@ def _sees_only_its_gpu(loader: EncoderLoader) -> tuple[EncoderLoader, str | None
     index = int(loader.device.partition(":")[2])
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     physical = visible.split(",")[index].strip() if visible else str(index)
-    return replace(loader, device="cuda:0"), physical
+    return loader.on("cuda:0"), physical
 
 
 @contextlib.contextmanager

@@ -15,6 +15,7 @@ from typing import Protocol
 import torch
 
 from vitcache.cache.entry import CachedEmbedding
+from vitcache.config import BatchingConfig, LimitsConfig
 from vitcache.encode.batch import Batcher, BatcherStats, Materialize
 from vitcache.encode.budget import PixelBudget
 from vitcache.encode.decode import DecodeBatcher, DecodeLimits, decode_image_on, image_pixels, raw_image
@@ -45,14 +46,8 @@ class EncoderStatus:
 class PipelineConfig:
     """How misses are prepared and packed into forwards; picklable, for an encoder process."""
 
-    max_batch_patches: int = 16384
-    max_batch_wait_s: float = 0.002
-    preprocess_workers: int = 4
-    limits: DecodeLimits = field(default_factory=DecodeLimits)
-    # width x height of the images being decoded and preprocessed at once, all requests together:
-    # about 16 bytes each at the peak (uint8 RGB and its float copy), so the default is about 2 GiB.
-    max_decoded_pixels_in_flight: int = 128 << 20
-    video_limits: VideoLimits = field(default_factory=VideoLimits)
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
 
 
 class EncodePipeline:
@@ -73,15 +68,19 @@ class EncodePipeline:
     ) -> None:
         self.encoder = encoder
         self.spec: EncoderSpec = encoder.spec
-        self.limits = config.limits
-        self.budget = PixelBudget(config.max_decoded_pixels_in_flight)
+        batching, limits = config.batching, config.limits
+        self.limits = DecodeLimits(limits.max_image_bytes, limits.max_image_pixels)
+        self.budget = PixelBudget(limits.max_decoded_pixels_in_flight)
         self.observer = observer or EngineObserver()
-        self.batcher = Batcher(encoder, config.max_batch_patches, config.max_batch_wait_s, self.observer, materialize)
-        self._pool = ThreadPoolExecutor(config.preprocess_workers, "vitcache-preprocess")
-        self.decoder = DecodeBatcher(self.limits, encoder.device, self._pool) if encoder.device.type == "cuda" else None
-        self.videos = VideoPipeline(
-            encoder, config.video_limits, self.budget, self._give_back, self._pool, self.batcher
+        self.batcher = Batcher(
+            encoder, batching.max_batch_patches, batching.max_batch_wait_s, self.observer, materialize
         )
+        self._pool = ThreadPoolExecutor(batching.preprocess_workers, "vitcache-preprocess")
+        self.decoder = DecodeBatcher(self.limits, encoder.device, self._pool) if encoder.device.type == "cuda" else None
+        video_limits = VideoLimits(
+            limits.max_video_bytes, limits.max_video_seconds, limits.max_video_frames, limits.max_video_frame_pixels
+        )
+        self.videos = VideoPipeline(encoder, video_limits, self.budget, self._give_back, self._pool, self.batcher)
 
     @property
     def stats(self) -> BatcherStats:

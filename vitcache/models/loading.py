@@ -7,9 +7,9 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ from transformers.conversion_mapping import get_model_conversion_mapping
 from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
 from transformers.video_processing_utils import BaseVideoProcessor
 
+from vitcache.config import BatchingConfig, ModelConfig
 from vitcache.models import accel
 from vitcache.models.family import ModelFamily, ModelLoadError, OutputLayout
 from vitcache.models.graphs import GraphedTower
@@ -175,29 +176,24 @@ class VisionEncoder:
         return self.model_family.run_tower(self.module, pixels, grid_thw, meta, self.preprocess_config)
 
 
-def load_encoder(
-    model: str,
-    device: str | torch.device = "cpu",
-    dtype: str | torch.dtype | None = None,
-    acceleration: str = "auto",
-    graph_max_patches: int = 32768,
-    warmup_image_sizes: Sequence[tuple[int, int]] = (),
-) -> VisionEncoder:
-    """Load the vision encoder of a local HF checkpoint directory (or the built-in "tiny-random").
+def load_encoder(settings: ModelConfig, graph_max_patches: int = BatchingConfig.max_batch_patches) -> VisionEncoder:
+    """Load the vision encoder of ``settings.model``: a local HF checkpoint directory (or the built-in
+    "tiny-random"), on ``settings.device`` (one device), in ``settings.dtype``.
 
-    ``acceleration`` picks the forward (see vitcache.models.accel): "none" is transformers' own with SDPA,
+    ``settings.acceleration`` picks the forward (see vitcache.models.accel): "none" is transformers' own with SDPA,
     "varlen" one packed attention call per layer, "compile" varlen plus compiled blocks; "auto" is
     varlen where it is available (CUDA) and none elsewhere; "graphs" is compile plus CUDA graphs
     (vitcache.models.graphs) for batches of up to ``graph_max_patches`` patches, on the Qwen families. It
     is not part of the namespace: the outputs agree within the dtype's rounding.
 
-    ``warmup_image_sizes`` ((width, height) pairs) are run before returning, in batches of 1 to
+    ``settings.warmup_image_sizes`` ((width, height) pairs) are run before returning, in batches of 1 to
     as many as ``graph_max_patches`` holds, so the CUDA graph of each such batch is captured at
     load instead of stalling forwards under load (a capture takes a warm-up forward and more).
     """
-    device = _resolve_device(device)
-    dtype = _resolve_dtype(dtype, device)
-    acceleration = _resolve_acceleration(acceleration, device, dtype)
+    model = settings.model
+    device = _resolve_device(settings.device)
+    dtype = _resolve_dtype(settings.dtype, device)
+    acceleration = _resolve_acceleration(settings.acceleration, device, dtype)
     path = _tiny_random_checkpoint() if model == TINY_RANDOM else Path(model)
     if not path.is_dir():
         raise ModelLoadError(
@@ -259,7 +255,7 @@ def load_encoder(
             dtype,
             max_patches=graph_max_patches,
         )
-    for width, height in warmup_image_sizes:
+    for width, height in settings.warmup_image_sizes:
         t, h, w = grid = image_grid(height, width, preprocess_config)
         for count in range(1, max(1, graph_max_patches // (t * h * w)) + 1):
             _run_blank(encoder, [grid] * count)
@@ -271,17 +267,19 @@ class EncoderLoader:
     """:func:`load_encoder`'s arguments, picklable: one description of the model to load, whether
     the server loads it or hands it to an encoder process."""
 
-    model: str
-    device: str = "cpu"
-    dtype: str | None = None
-    acceleration: str = "auto"
-    graph_max_patches: int = 32768
-    warmup_image_sizes: tuple[tuple[int, int], ...] = ()
+    settings: ModelConfig
+    graph_max_patches: int = BatchingConfig.max_batch_patches
+
+    @property
+    def device(self) -> str:
+        return self.settings.device
+
+    def on(self, device: str) -> EncoderLoader:
+        """The same model on ``device``."""
+        return replace(self, settings=replace(self.settings, device=device))
 
     def load(self) -> VisionEncoder:
-        return load_encoder(
-            self.model, self.device, self.dtype, self.acceleration, self.graph_max_patches, self.warmup_image_sizes
-        )
+        return load_encoder(self.settings, self.graph_max_patches)
 
 
 def _run_blank(encoder: VisionEncoder, grids: list[tuple[int, int, int]]) -> None:
