@@ -84,16 +84,20 @@ def test_qwen_precomputed_matches_sglang_processing_the_images(family, checkpoin
     item = precomputed_embedding(results, family)
     from_vitcache = process(processor, expand_image_tokens(PROMPT, results, family), [item])
 
-    # The same tokens and M-RoPE positions as when SGLang preprocesses the images itself.
-    assert from_vitcache.input_ids == from_images.input_ids
-    assert torch.equal(from_vitcache.mrope_positions, from_images.mrope_positions)
-    assert torch.equal(*(torch.as_tensor(out.mrope_position_delta) for out in (from_vitcache, from_images)))
-    # The same image spans and grids, the embeddings in place of the pixels (one bundled precomputed item).
+    assert_as_sglang_processed(from_vitcache, from_images, item, results, "image_grid_thw")
+
+
+def assert_as_sglang_processed(from_vitcache, from_media, item: dict, results: list, grid_key: str) -> None:  # type: ignore[no-untyped-def]
+    """The same tokens and M-RoPE positions as when SGLang preprocesses the media itself; the same spans and grids,
+    the embeddings in place of the pixels (one bundled precomputed item)."""
+    assert from_vitcache.input_ids == from_media.input_ids
+    assert torch.equal(from_vitcache.mrope_positions, from_media.mrope_positions)
+    assert torch.equal(*(torch.as_tensor(out.mrope_position_delta) for out in (from_vitcache, from_media)))
     (precomputed,) = from_vitcache.mm_items
     assert precomputed.format == MultimodalInputFormat.PRECOMPUTED_EMBEDDING
-    assert precomputed.offsets == [span for image in from_images.mm_items for span in image.offsets]
-    grids = torch.cat([torch.as_tensor(image.image_grid_thw).reshape(-1, 3) for image in from_images.mm_items])
-    assert torch.equal(torch.as_tensor(precomputed.model_specific_data["image_grid_thw"]), grids)
+    assert precomputed.offsets == [span for media in from_media.mm_items for span in media.offsets]
+    grids = torch.cat([torch.as_tensor(getattr(media, grid_key)).reshape(-1, 3) for media in from_media.mm_items])
+    assert torch.equal(torch.as_tensor(precomputed.model_specific_data[grid_key]), grids)
     assert precomputed.hash == item["hash"]
     assert torch.equal(precomputed.feature, torch.cat([image_embedding(r) for r in results]))
     assert sum(end - start + 1 for start, end in precomputed.offsets) == precomputed.feature.shape[0]
@@ -127,18 +131,8 @@ def test_qwen_precomputed_videos_match_sglang_processing_the_frames(family, chec
     item = precomputed_embedding(results, family)
     from_vitcache = process(processor, expand_video_tokens(VIDEO_PROMPT, results, family), [], [item])
 
-    # The same tokens (Qwen3-VL's timestamps text too) and M-RoPE positions (Qwen2.5-VL's time steps from
-    # second_per_grid_ts) as when SGLang preprocesses the frames itself.
-    assert from_vitcache.input_ids == from_frames.input_ids
-    assert torch.equal(from_vitcache.mrope_positions, from_frames.mrope_positions)
-    assert torch.equal(*(torch.as_tensor(out.mrope_position_delta) for out in (from_vitcache, from_frames)))
-    (precomputed,) = from_vitcache.mm_items
-    assert precomputed.format == MultimodalInputFormat.PRECOMPUTED_EMBEDDING
-    assert precomputed.offsets == [span for video in from_frames.mm_items for span in video.offsets]
-    grids = torch.cat([torch.as_tensor(video.video_grid_thw).reshape(-1, 3) for video in from_frames.mm_items])
-    assert torch.equal(torch.as_tensor(precomputed.model_specific_data["video_grid_thw"]), grids)
-    assert torch.equal(precomputed.feature, torch.cat([image_embedding(r) for r in results]))
-    assert sum(end - start + 1 for start, end in precomputed.offsets) == precomputed.feature.shape[0]
+    # Qwen3-VL's timestamps text and Qwen2.5-VL's M-RoPE time steps (second_per_grid_ts) included.
+    assert_as_sglang_processed(from_vitcache, from_frames, item, results, "video_grid_thw")
 
 
 def test_qwen3_vl_deepstack_columns_split_as_sglang_splits_them(checkpoints, vitcache_targets):
