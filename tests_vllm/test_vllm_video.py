@@ -12,7 +12,9 @@ from __future__ import annotations
 import base64
 import subprocess
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -21,7 +23,7 @@ import torch
 from conftest import ROOT, RunningServer, start_server
 from test_vllm_connector import connector, load
 from vitcache.client import EncodedImage, Video, VitCacheClient
-from vitcache.integrations.vllm_proxy import rewrite_chat_request
+from vitcache.integrations.vllm_proxy import rewrite_chat_request, video_embeds
 from vllm.distributed.ec_transfer.ec_connector.base import ECConnectorRole
 from vllm.multimodal.inputs import MultiModalFeatureSpec
 from vllm.sampling_params import SamplingParams
@@ -32,7 +34,7 @@ pytest.importorskip("torchvision", reason="vLLM's Qwen processors need torchvisi
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 MAIN_PYTHON = ROOT / ".venv" / "bin" / "python"
 PROMPT = "describe <|vision_start|><|video_pad|><|vision_end|> ."
-FPS = 2.0
+FPS = 10.0  # Qwen2.5-VL's time step 2/10 s, not the 1.0 vLLM assumes when second_per_grid_ts is missing
 # 5 frames: three temporal groups, the last padded with a copy of the last frame.
 FRAMES = np.random.default_rng(7).integers(0, 256, (5, 60, 90, 3), dtype=np.uint8)
 
@@ -79,9 +81,32 @@ def process(processor: Any, video: Any, uuid: str | None = None) -> Any:
     return processor(PROMPT, processor.info.parse_mm_data({"video": video}), uuids, hf_processor_mm_kwargs={})
 
 
-def as_tensors(fields: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """A video_embeds part's fields as vLLM's chat parsing makes them, one item (a batch of one)."""
-    return {key: torch.as_tensor(value)[None] for key, value in fields.items()}
+def parse_chat(parts: list[dict[str, Any]], processor: Any) -> dict[str, Any]:
+    """The multimodal data vLLM's chat parsing makes of a user message with ``parts``."""
+    from vllm.renderers.chat_utils.chat_message import parse_chat_messages
+
+    messages = [{"role": "user", "content": parts}]
+    _, mm_data, _ = parse_chat_messages(messages, processor.info.ctx.model_config, "openai")
+    return mm_data
+
+
+def mrope_positions(family: str, processor: Any, prompt: list[int], feature: MultiModalFeatureSpec) -> Any:
+    """vLLM's M-RoPE positions of the prompt, by its model class's own code (which reads only the HF config)."""
+    from vllm.model_executor.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
+    from vllm.model_executor.models.qwen2_vl import Qwen2VLForConditionalGeneration
+    from vllm.model_executor.models.qwen3_vl import Qwen3VLForConditionalGeneration
+
+    model_cls = {
+        "qwen2_vl": Qwen2VLForConditionalGeneration,
+        "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,
+        "qwen3_vl": Qwen3VLForConditionalGeneration,
+    }[family]
+    config = processor.info.get_hf_config()
+    if family == "qwen3_vl":  # a static method of the config
+        return model_cls._get_mrope_input_positions(prompt, [feature], config)
+    model = SimpleNamespace(config=config)
+    model.iter_mm_grid_thw = partial(model_cls.iter_mm_grid_thw, model)
+    return model_cls.get_mrope_input_positions(model, prompt, [feature])
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -101,24 +126,24 @@ def test_a_video_entry_loads_with_the_placeholder_vllm_gives_the_video(family, c
         "do_sample_frames": False,
     }
     from_frames = process(processor, [(FRAMES, metadata)])
-    # ... and a request that carries only what the proxy sends for the entry (no pixels, no embeddings)
-    fields = {"video_grid_thw": list(result.grid_thw)}
-    if family == "qwen3_vl":
-        fields["timestamps"] = list(result.video.timestamps)
-    from_entry = process(processor, as_tensors(fields), result.digest.hex())
+    # ... and a request that carries only what the proxy sends for the entry (no pixels, no embeddings), through
+    # vLLM's chat parsing
+    part = {"type": "video_embeds", "video_embeds": video_embeds(result, family), "uuid": result.digest.hex()}
+    from_entry = process(processor, parse_chat([part], processor)["video"], result.digest.hex())
 
-    assert from_entry["prompt_token_ids"] == from_frames["prompt_token_ids"]
+    prompt = from_entry["prompt_token_ids"]
+    assert prompt == from_frames["prompt_token_ids"]
     (placeholder,) = from_entry["mm_placeholders"]["video"]
     assert placeholder == from_frames["mm_placeholders"]["video"][0]
-    feature = MultiModalFeatureSpec(
-        data=from_entry["mm_kwargs"]["video"][0],
-        modality="video",
-        identifier=result.digest.hex(),
-        mm_position=placeholder,
+    feature, reference = (
+        MultiModalFeatureSpec(out["mm_kwargs"]["video"][0], "video", result.digest.hex(), placeholder)
+        for out in (from_entry, from_frames)
     )
-    request = Request(
-        "video", from_entry["prompt_token_ids"], SamplingParams(max_tokens=1), None, mm_features=[feature]
-    )
+    # the same M-RoPE positions (Qwen2.5-VL: time steps from second_per_grid_ts) as for the frames
+    positions, delta = mrope_positions(family, processor, prompt, feature)
+    expected_positions, expected_delta = mrope_positions(family, processor, prompt, reference)
+    assert torch.equal(torch.as_tensor(positions), torch.as_tensor(expected_positions)) and delta == expected_delta
+    request = Request("video", prompt, SamplingParams(max_tokens=1), None, mm_features=[feature])
     assert request.get_num_encoder_embeds(0) == result.embeddings[0].shape[0]  # t*h*w/merge² (Qwen3-VL: of 30)
 
     scheduler = connector("ec_consumer", ECConnectorRole.SCHEDULER, target)
