@@ -20,8 +20,10 @@ it is ever scheduled: the model never runs on values vitcache did not deliver.
 
 Identifiers: vLLM keys every multimodal item by ``MultiModalFeatureSpec.identifier`` (its mm_hash, or the
 request's ``uuid`` verbatim). An identifier that is a vitcache digest (32 hex characters, as the EPD proxy helper
-below sends) names the entry vitcache computed from the image's bytes; any other (vLLM's mm_hash is 64) names an
-entry in the key space that producers fill with ``Put`` (a key can never shadow a computed entry).
+below sends) names the entry vitcache computed from the image's or video's bytes; any other (vLLM's mm_hash is 64)
+names an entry in the key space that producers fill with ``Put`` (a key can never shadow a computed entry). A video's
+entry loads as vLLM's Qwen models return a video's encoder output, one row per embedding position of its
+placeholder (Qwen3-VL's "<t seconds>" text between the temporal groups is not one).
 
 Only vitcache's client side is imported here (no transformers, no server), so this loads inside vLLM's environment.
 """

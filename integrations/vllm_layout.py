@@ -1,5 +1,5 @@
-"""vLLM's per-image encoder output layout, built from vitcache's outputs (no vLLM import, so the main test suite
-checks it against transformers' own models: tests/test_vllm_layout.py)."""
+"""vLLM's per-image (and per-video) encoder output layout, built from vitcache's outputs (no vLLM import, so the
+main test suite checks it against transformers' own models: tests/test_vllm_layout.py)."""
 
 from __future__ import annotations
 
@@ -9,11 +9,12 @@ import torch
 
 
 def vllm_layout(family: str, embeddings: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """The column blocks of what vLLM's ``embed_multimodal`` returns for one image, in order.
+    """The column blocks of what vLLM's ``embed_multimodal`` returns for one image or video, in order.
 
     Qwen2-VL, Qwen2.5-VL and Kimi-K2.5 return the merged tokens as they are; Qwen3-VL returns
     ``torch.cat([merged, *deepstack], dim=1)`` (vllm/model_executor/models/qwen3_vl.py, the vision
-    tower's forward). Concatenating the returned blocks along dim 1 gives vLLM's tensor.
+    tower's forward, which ``_process_video_input`` runs for videos too). Concatenating the returned blocks along
+    dim 1 gives vLLM's tensor.
     """
     if family == "qwen3_vl":
         return list(embeddings)

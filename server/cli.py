@@ -114,7 +114,7 @@ def _client_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--auth-token-file", default=None, help="a file holding the bearer token")
     p.add_argument("--tenant", default=None, help="x-vitcache-tenant")
     p.add_argument("--digest-key-file", default=None, help="the server's --digest-key-file")
-    p = sub.add_parser("proxy", help="in front of vLLM: encode chat requests' images here, send vLLM their digests")
+    p = sub.add_parser("proxy", help="in front of vLLM: encode chat requests' images and videos, send vLLM digests")
     p.add_argument("--vllm", required=True, help="the vLLM server's URL, e.g. http://127.0.0.1:8000")
     p.add_argument("--target", default="localhost:50051", help="the vitcache server's host:port")
     p.add_argument("--host", default="127.0.0.1")

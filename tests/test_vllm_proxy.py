@@ -2,6 +2,7 @@
 (grid + uuid = digest), as vLLM's own disagg_epd_proxy.py sends them; a local HTTP server stands for vLLM."""
 
 import base64
+import io
 import json
 import threading
 import urllib.request
@@ -9,11 +10,13 @@ from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import ClassVar
 
+import numpy as np
 import pytest
-from vitcache.client import VitCacheClient
+from vitcache.client import Video, VitCacheClient
 from vitcache.integrations.vllm_proxy import make_proxy, rewrite_chat_request
 
 from tests.conftest import png_bytes
+from tests.test_video import clip_frames, encode_clip
 from vitcache.config import VitcacheConfig
 
 
@@ -113,3 +116,22 @@ def test_with_vitcache_down_or_a_malformed_message_vllm_gets_the_request_as_sent
         finally:
             proxy.shutdown()
     assert RecordingOpenAI.received == bodies
+
+
+def test_a_video_part_becomes_video_embeds_with_qwen2_5_vl_s_time_step(start_server_thread, encoder) -> None:
+    """vLLM takes second_per_grid_ts (not placeholder metadata) only as a tensor: a base64 .npy, not a JSON array.
+    tests_vllm/test_vllm_video.py parses these parts with vLLM's own chat code, per family."""
+    server = start_server_thread(VitcacheConfig.of(), encoder)
+    video = encode_clip(clip_frames(6, 56, 84))  # 10 fps, every frame kept: a time step of 2/10 s, not vLLM's 1.0
+    url = "data:video/mp4;base64," + base64.b64encode(video).decode()
+    body = {"messages": [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": url}}]}]}
+    with VitCacheClient(server.target) as client:
+        (part,) = rewrite_chat_request(client, body)["messages"][0]["content"]
+        (expected,) = client.encode([Video(video)])
+    assert expected.raise_for_error().video is not None
+    assert part["type"] == "video_embeds" and part["uuid"] == expected.digest.hex()
+    fields = part["video_embeds"]
+    assert fields["video_grid_thw"] == list(expected.grid_thw)
+    step = np.load(io.BytesIO(base64.b64decode(fields.pop("second_per_grid_ts"))), allow_pickle=False)
+    assert step.tolist() == pytest.approx([expected.video.second_per_grid_ts]) and step[0] == pytest.approx(0.2)
+    assert set(fields) == {"video_grid_thw"}  # Qwen3-VL's timestamps only for Qwen3-VL

@@ -26,7 +26,8 @@ FAMILIES = (*QWEN_FAMILIES, "kimi_k25")
 # The tiny checkpoints' special tokens (vitcache/models/tiny.py) and a few words, for a word-level tokenizer.
 SPECIAL_TOKENS = {"<|image_pad|>": 500, "<|video_pad|>": 501, "<|vision_start|>": 502, "<|vision_end|>": 503}
 KIMI_SPECIAL_TOKENS = {"<|media_pad|>": 500}  # Kimi-K2.5's image placeholder, at the tiny config's image_token_id
-WORDS = ("<unk>", "<pad>", "describe", "and", "then", ".")
+# Qwen3-VL's video prompt text ("<0.1 seconds>" per temporal group) has words too, so a wrong timestamp is a wrong id.
+WORDS = ("<unk>", "<pad>", "describe", "and", "then", ".", "seconds>", "<0.0", "<0.1", "<0.2")
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -23,13 +24,30 @@ from sglang.srt.multimodal.processors.qwen_vl import QwenVLImageProcessor
 from sglang.srt.runtime_context import publish
 from sglang.srt.server_args import ServerArgs
 from transformers import AutoConfig, AutoImageProcessor
-from vitcache.client import VitCacheClient
-from vitcache.integrations.sglang import expand_image_tokens, image_embedding, precomputed_embedding
+from transformers.video_utils import VideoMetadata
+from vitcache.client import Video, VitCacheClient
+from vitcache.integrations.sglang import (
+    expand_image_tokens,
+    expand_video_tokens,
+    image_embedding,
+    precomputed_embedding,
+)
 
 from .conftest import KIMI_SPECIAL_TOKENS, QWEN_FAMILIES, png, tiny_tokenizer
 
 PROMPT = "describe <|vision_start|><|image_pad|><|vision_end|> and <|vision_start|><|image_pad|><|vision_end|> ."
 IMAGES = (png(90, 60, seed=1), png(50, 120, seed=2))  # two sizes: two grids, two spans of tokens
+VIDEO_PROMPT = "describe <|vision_start|><|video_pad|><|vision_end|> and <|vision_start|><|video_pad|><|vision_end|> ."
+# SGLang hands frames (not a file) to transformers' processor without their rate, which takes them as 24 fps.
+FPS = 24.0
+
+
+def clip(frames: int, height: int, width: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (frames, height, width, 3), dtype=np.uint8)
+
+
+# Two clips, of 4 and 5 frames (two and three temporal groups, the last padded), of two sizes.
+CLIPS = (clip(4, 60, 90, seed=3), clip(5, 84, 56, seed=4))
 
 
 def sglang_qwen_processor(family: str, checkpoint: Path) -> QwenVLImageProcessor:
@@ -44,15 +62,15 @@ def sglang_qwen_processor(family: str, checkpoint: Path) -> QwenVLImageProcessor
     hf_processor = getattr(transformers, processor_cls)(
         image_processor=AutoImageProcessor.from_pretrained(checkpoint),
         tokenizer=tiny_tokenizer(),
-        video_processor=getattr(transformers, video_cls)(),
+        video_processor=getattr(transformers, video_cls).from_pretrained(checkpoint),
     )
     server_args = ServerArgs(model_path=str(checkpoint), device="cpu")
     publish(server_args, role="test")
     return QwenVLImageProcessor(AutoConfig.from_pretrained(checkpoint), server_args, hf_processor, "default")
 
 
-def process(processor: QwenVLImageProcessor, prompt: str, image_data: list):  # type: ignore[no-untyped-def]
-    request = GenerateReqInput(text=prompt, image_data=image_data)
+def process(processor: QwenVLImageProcessor, prompt: str, image_data: list, video_data: list | None = None):  # type: ignore[no-untyped-def]
+    request = GenerateReqInput(text=prompt, image_data=image_data, video_data=video_data)
     return asyncio.run(processor.process_mm_data_async(image_data, prompt, request))
 
 
@@ -66,19 +84,55 @@ def test_qwen_precomputed_matches_sglang_processing_the_images(family, checkpoin
     item = precomputed_embedding(results, family)
     from_vitcache = process(processor, expand_image_tokens(PROMPT, results, family), [item])
 
-    # The same tokens and M-RoPE positions as when SGLang preprocesses the images itself.
-    assert from_vitcache.input_ids == from_images.input_ids
-    assert torch.equal(from_vitcache.mrope_positions, from_images.mrope_positions)
-    assert torch.equal(*(torch.as_tensor(out.mrope_position_delta) for out in (from_vitcache, from_images)))
-    # The same image spans and grids, the embeddings in place of the pixels (one bundled precomputed item).
+    assert_as_sglang_processed(from_vitcache, from_images, item, results, "image_grid_thw")
+
+
+def assert_as_sglang_processed(from_vitcache, from_media, item: dict, results: list, grid_key: str) -> None:  # type: ignore[no-untyped-def]
+    """The same tokens and M-RoPE positions as when SGLang preprocesses the media itself; the same spans and grids,
+    the embeddings in place of the pixels (one bundled precomputed item)."""
+    assert from_vitcache.input_ids == from_media.input_ids
+    assert torch.equal(from_vitcache.mrope_positions, from_media.mrope_positions)
+    assert torch.equal(*(torch.as_tensor(out.mrope_position_delta) for out in (from_vitcache, from_media)))
     (precomputed,) = from_vitcache.mm_items
     assert precomputed.format == MultimodalInputFormat.PRECOMPUTED_EMBEDDING
-    assert precomputed.offsets == [span for image in from_images.mm_items for span in image.offsets]
-    grids = torch.cat([torch.as_tensor(image.image_grid_thw).reshape(-1, 3) for image in from_images.mm_items])
-    assert torch.equal(torch.as_tensor(precomputed.model_specific_data["image_grid_thw"]), grids)
+    assert precomputed.offsets == [span for media in from_media.mm_items for span in media.offsets]
+    grids = torch.cat([torch.as_tensor(getattr(media, grid_key)).reshape(-1, 3) for media in from_media.mm_items])
+    assert torch.equal(torch.as_tensor(precomputed.model_specific_data[grid_key]), grids)
     assert precomputed.hash == item["hash"]
     assert torch.equal(precomputed.feature, torch.cat([image_embedding(r) for r in results]))
     assert sum(end - start + 1 for start, end in precomputed.offsets) == precomputed.feature.shape[0]
+
+
+def sglang_video_input(processor: QwenVLImageProcessor, family: str) -> list:
+    """CLIPS as SGLang takes videos it processes itself: frames, handed to transformers' processor. Qwen3-VL needs
+    the frames' timing, which SGLang 0.5.23 gives only for a file it decodes (torchcodec or decord, not installed
+    here; for frames it passes ``video_metadata=[None, ...]``, which transformers refuses): for it, transformers'
+    processor output with the frames' timing, which SGLang takes as a ``processor_output`` video item."""
+    frames = [torch.from_numpy(clip) for clip in CLIPS]
+    if family != "qwen3_vl":
+        return frames
+    metadata = [
+        VideoMetadata(total_num_frames=len(clip), fps=FPS, frames_indices=list(range(len(clip)))) for clip in CLIPS
+    ]
+    output = processor._processor(
+        text=[VIDEO_PROMPT], videos=frames, video_metadata=metadata, do_sample_frames=False, return_tensors="pt"
+    )
+    return [{"format": "processor_output", **output}]
+
+
+@pytest.mark.parametrize("family", QWEN_FAMILIES)
+def test_qwen_precomputed_videos_match_sglang_processing_the_frames(family, checkpoints, vitcache_targets):
+    processor = sglang_qwen_processor(family, checkpoints[family])
+    with VitCacheClient(vitcache_targets[family]) as client:
+        videos = [Video(frames, timestamps=[n / FPS for n in range(len(frames))]) for frames in CLIPS]
+        results = [result.raise_for_error() for result in client.encode(videos)]
+
+    from_frames = process(processor, VIDEO_PROMPT, [], sglang_video_input(processor, family))
+    item = precomputed_embedding(results, family)
+    from_vitcache = process(processor, expand_video_tokens(VIDEO_PROMPT, results, family), [], [item])
+
+    # Qwen3-VL's timestamps text and Qwen2.5-VL's M-RoPE time steps (second_per_grid_ts) included.
+    assert_as_sglang_processed(from_vitcache, from_frames, item, results, "video_grid_thw")
 
 
 def test_qwen3_vl_deepstack_columns_split_as_sglang_splits_them(checkpoints, vitcache_targets):
@@ -187,6 +241,17 @@ def test_expand_image_tokens_counts_placeholders(vitcache_targets):
         expand_image_tokens(PROMPT, results[:1], "qwen2_vl")
     with pytest.raises(ValueError, match="unsupported model_type"):
         precomputed_embedding(results, "llava")
+
+
+def test_images_and_videos_are_separate_items(vitcache_targets):
+    with VitCacheClient(vitcache_targets["qwen2_vl"]) as client:
+        results = client.encode([IMAGES[0], Video(CLIPS[0], timestamps=[n / FPS for n in range(len(CLIPS[0]))])])
+    with pytest.raises(ValueError, match="1 of 2 results are videos"):
+        precomputed_embedding(results, "qwen2_vl")
+    with pytest.raises(ValueError, match="takes videos"):
+        expand_video_tokens(VIDEO_PROMPT, results[:1], "qwen2_vl")
+    with pytest.raises(ValueError, match=re.escape("2 <|video_pad|> placeholders for 1 videos")):
+        expand_video_tokens(VIDEO_PROMPT, results[1:], "qwen2_vl")
 
 
 def test_module_imports_only_the_client_side():
