@@ -71,7 +71,7 @@ class EngineStats:
 
 @dataclass
 class OutcomeCounts:
-    """Outcomes by kind: what a tenant's ``GetStats`` shows, and the videos among all outcomes."""
+    """Outcomes by source or error: what a tenant's ``GetStats`` shows, and the clips among all outcomes."""
 
     l1_hits: int = 0
     l2_hits: int = 0
