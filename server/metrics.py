@@ -42,6 +42,8 @@ BATCH_IMAGES_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 BATCH_PATCHES_BUCKETS = (256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
 #: ImageResult.source of a success, lower case; "none" for an error.
 SOURCES = ("l1", "l2", "computed")
+#: The ``kind`` label of vitcache_images_total, by ImageOutcome.is_video.
+KINDS = {False: "image", True: "video"}
 #: Exported per CUDA device (label ``gpu``): name -> (help, key of EncoderStatus.memory).
 GPU_METRICS = {
     "vitcache_gpu_memory_allocated_bytes": ("Device memory held by tensors", "allocated"),
@@ -56,11 +58,12 @@ class ServerMetrics(EngineObserver):
         self.registry = CollectorRegistry()
         ProcessCollector(registry=self.registry)
         r = self.registry
+        # Clips are a kind of these, not a counter of their own: sums over kinds stay every item answered.
         self.images = Counter(
             "vitcache_images",
-            "Images answered, by where the embedding came from (none on error) and status code; "
-            "a digest-only lookup that found nothing is vitcache_lookups_not_found_total",
-            ["source", "code"],
+            "Images and clips answered, by where the embedding came from (none on error), status code and kind "
+            "(image, video); a digest-only lookup that found nothing is vitcache_lookups_not_found_total",
+            ["source", "code", "kind"],
             registry=r,
         )
         # A digest-only lookup that finds nothing (hash-first round, Fetch) is a normal step of a miss,
@@ -107,7 +110,11 @@ class ServerMetrics(EngineObserver):
             for tier in get_args(Tier)
             for hit in (True, False)
         }
-        self._served = {source: self.images.labels(source, "OK") for source in SOURCES}
+        self._served = {
+            (source, is_video): self.images.labels(source, "OK", KINDS[is_video])
+            for source in SOURCES
+            for is_video in (False, True)
+        }
 
     def watch(self, engine: EmbeddingEngine) -> None:
         """Adds the engine's state (read at each scrape) to the registry."""
@@ -133,9 +140,9 @@ class ServerMetrics(EngineObserver):
         if outcome.error is not None and outcome.error.code is ErrorCode.NOT_FOUND:
             self.lookups_not_found.inc()
         elif outcome.error is not None:
-            self.images.labels("none", outcome.error.code.name).inc()
+            self.images.labels("none", outcome.error.code.name, KINDS[outcome.is_video]).inc()
         elif outcome.source is not None:
-            self._served[outcome.source.name.lower()].inc()
+            self._served[outcome.source.name.lower(), outcome.is_video].inc()
 
 
 class RequestMetricsInterceptor(grpc.aio.ServerInterceptor):
@@ -236,6 +243,11 @@ class EngineStateCollector(Collector):
             "vitcache_single_flight_joins",
             "Images that waited on a computation of the same image already running",
             value=snapshot.images.single_flight_joins,
+        )
+        yield CounterMetricFamily(
+            "vitcache_video_tokens",
+            "Embedding rows (merged tokens) of the clips answered",
+            value=snapshot.videos.tokens,
         )
         yield CounterMetricFamily(
             "vitcache_oom_splits",

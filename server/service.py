@@ -305,7 +305,7 @@ class VitCacheServicer(pb_grpc.VitCacheServicer):
             if tenant or not unbound:
                 return self._tenant_stats(tenant)
         snapshot = self.engine.snapshot()
-        images, batcher, l1, l2 = snapshot.images, snapshot.batcher, snapshot.l1, snapshot.l2
+        images, videos, batcher, l1, l2 = snapshot.images, snapshot.videos, snapshot.batcher, snapshot.l1, snapshot.l2
         return pb.Stats(
             l1_hits=images.l1_hits,
             l2_hits=images.l2_hits,
@@ -328,6 +328,14 @@ class VitCacheServicer(pb_grpc.VitCacheServicer):
             deadline_expired=images.deadline_expired,
             fleet_lock_waits=l2.fleet_lock_waits,
             puts=images.puts,
+            videos=pb.VideoStats(
+                l1_hits=videos.l1_hits,
+                l2_hits=videos.l2_hits,
+                misses=videos.misses,
+                errors=videos.errors,
+                not_found=videos.not_found,
+                tokens=videos.tokens,
+            ),
             encoders=[
                 pb.EncoderStats(
                     device=e.device,

@@ -57,6 +57,7 @@ def format_stats(stats: dict[str, Any]) -> str:
             f"{totals['images']:.0f}   L1 {totals['l1']:.0f}   L2 {totals['l2']:.0f}   "
             f"computed {totals['computed']:.0f}   hit ratio {_pct(totals['hit_ratio'])}",
         ),
+        *_video_rows(stats.get("videos")),
         (
             "  requests",
             f"{totals['requests']:.0f}   in flight {stats['requests_in_flight']:.0f}   "
@@ -124,3 +125,16 @@ def _duration(seconds: float) -> str:
     minutes, secs = divmod(int(seconds), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
+
+
+def _video_rows(videos: dict[str, Any] | None) -> list[tuple[str, str]]:
+    """The clips among the images, once there were any (a server without videos keeps its table)."""
+    if not videos or not videos["total"]:
+        return []
+    return [
+        (
+            "  of them videos",
+            f"{videos['total']:.0f}   hit ratio {_pct(videos['hit_ratio_total'])}   "
+            f"{videos['tokens']:.0f} tokens   {videos['per_s']:.1f}/s now",
+        )
+    ]

@@ -12,6 +12,7 @@ Hit ratios count images answered with an embedding: ``l1`` and ``l2`` are the sh
 from each tier, ``overall`` their sum; the rest were computed. A digest-only lookup that found
 nothing (hash-first NOT_FOUND, a Fetch miss) is neither an image nor an error: it is counted apart
 (``lookups_not_found``); the image comes back with its bytes and is counted then.
+Video clips are counted with the images and again apart (``videos``: rate, hit ratio, total, tokens).
 """
 
 from __future__ import annotations
@@ -199,12 +200,13 @@ def _compute(now: _Snapshot, base: _Snapshot) -> dict[str, Any]:
 
     served = {source: delta("vitcache_images_total", source=source) for source in SOURCES}
     served_total = {source: now.total("vitcache_images_total", source=source) for source in SOURCES}
+    clips = {source: delta("vitcache_images_total", source=source, kind="video") for source in SOURCES}
+    clips_total = {source: now.total("vitcache_images_total", source=source, kind="video") for source in SOURCES}
     forwards = delta("vitcache_batch_size_images_count")
-    errors = {
-        labels_dict["code"]: value
-        for (name, labels), value in sorted(now.samples.items())
-        if name == "vitcache_images_total" and (labels_dict := dict(labels))["source"] == "none" and value > 0
-    }
+    errors: dict[str, float] = {}  # by code, images and clips together
+    for (name, labels), value in sorted(now.samples.items()):
+        if name == "vitcache_images_total" and (labels_dict := dict(labels))["source"] == "none" and value > 0:
+            errors[labels_dict["code"]] = errors.get(labels_dict["code"], 0.0) + value
     capacity = now.total("vitcache_l1_capacity_bytes")
     model = now.labels("vitcache_model_info")
     devices = [dict(labels)["gpu"] for (name, labels) in now.samples if name == "vitcache_encoder_alive"]
@@ -255,6 +257,13 @@ def _compute(now: _Snapshot, base: _Snapshot) -> dict[str, Any]:
             "forwards": now.total("vitcache_batch_size_images_count"),
             "lookups_not_found": now.total("vitcache_lookups_not_found_total"),
             "hit_ratio": _hit_ratios(served_total)["overall"],
+        },
+        "videos": {  # the clips among the images counted above
+            "per_s": delta("vitcache_images_total", kind="video") / seconds,
+            "hit_ratio": _hit_ratios(clips)["overall"],
+            "total": now.total("vitcache_images_total", kind="video"),
+            "hit_ratio_total": _hit_ratios(clips_total)["overall"],
+            "tokens": now.total("vitcache_video_tokens_total"),
         },
         "errors_by_code": errors,
         "requests_in_flight": now.total("vitcache_requests_in_flight", method=IMAGE_METHODS),

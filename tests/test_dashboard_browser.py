@@ -7,15 +7,17 @@ from collections.abc import Callable, Iterator
 
 import pytest
 from selenium.webdriver.common.by import By
-from vitcache.client import VitCacheClient
+from vitcache.client import Video, VitCacheClient
 
 from vitcache.config import VitcacheConfig
 
 from .browser import find_chromium, start_chromium
 from .conftest import png_bytes
+from .test_video import clip_frames, encode_clip
 
 CHARTS = ("chart-hit-ratio", "chart-throughput", "chart-latency", "chart-stages", "chart-l1", "chart-batch")
 L1_HIT_RATIO_RGB = (0x0E, 0x9F, 0x6E)  # the "L1" series colour in dashboard.js (drawn over "overall")
+VIDEOS_RGB = (0x7C, 0x3A, 0xED)  # the video series' colour in dashboard.js
 
 
 @pytest.fixture
@@ -139,3 +141,33 @@ def test_dashboard_token_from_fragment_or_form(browser, start_server_thread, enc
     wait_for(lambda: polls() >= 1, "a poll with the typed token")
     wait_for(lambda: not browser.find_element(By.ID, "token-form").is_displayed(), "the form to hide")
     assert encoder.family in browser.find_element(By.ID, "model").text
+
+
+def test_dashboard_shows_videos_once_there_are_some(browser, dashboard_server) -> None:  # type: ignore[no-untyped-def]
+    """An image-only server's page has no video series or line; after a clip (computed, then from L1) the
+    tile counts it and the video rate and hit ratio are drawn."""
+    port = dashboard_server.running.metrics_port
+    browser.get(f"http://127.0.0.1:{port}/?interval=250&window=30")
+
+    def text(element_id: str) -> str:
+        return browser.find_element(By.ID, element_id).text
+
+    def shown(chart: str) -> list[bool]:
+        return browser.execute_script("return plots[arguments[0]].series.slice(1).map((s) => s.show)", chart)
+
+    with VitCacheClient(dashboard_server.target) as client:
+        client.encode([png_bytes(56, 56, 200), png_bytes(56, 84, 201)])
+    wait_for(lambda: text("tile-images-total").startswith("2 total"), "two images counted")
+    assert text("tile-videos") == "" and shown("chart-throughput") == [True, True, False, True, True]
+    assert shown("chart-hit-ratio") == [True, True, True, False]
+
+    clip = Video(encode_clip(clip_frames(6, 56, 56)))
+    with VitCacheClient(dashboard_server.target) as client:
+        client.encode([clip])[0].raise_for_error()
+        client.encode([clip])[0].raise_for_error()
+    wait_for(lambda: text("tile-videos").startswith("of them 2 videos · hit ratio 50.0 %"), "the video tile")
+    assert text("tile-images-total").startswith("4 total") and all(shown("chart-throughput"))
+    wait_for(lambda: pixels_near(browser, "chart-throughput", VIDEOS_RGB) > 20, "the videos/s line")
+    wait_for(lambda: pixels_near(browser, "chart-hit-ratio", VIDEOS_RGB) > 20, "the video hit ratio line")
+    severe = [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
+    assert not severe, severe

@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
-from vitcache.client import VitCacheClient
+from vitcache.client import Video, VitCacheClient
 from vitcache.server import cli
 from vitcache.server.metrics import ServerMetrics
 from vitcache.server.stats_view import StatsView, _compute, _Snapshot, histogram_quantile
@@ -28,6 +28,7 @@ from vitcache.config import VitcacheConfig
 from vitcache.models.preprocess import preprocess
 
 from .conftest import http_get, png_bytes
+from .test_video import clip_frames, encode_clip
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -185,7 +186,7 @@ def test_api_stats_dashboard_files_and_stats_command(metered, capsys) -> None:  
     assert "60.0 %   L1 60.0 %   L2 0.0 %" in out  # hit ratio: overall, per tier
     assert re.search(r"images +10   L1 6   L2 0   computed 4", out)  # image results by source
     assert re.search(r"digest lookups +4 not found", out) and re.search(r"by error code +none", out)
-    assert "NOT_FOUND" not in out and "Redis" in out and "connected" in out
+    assert "NOT_FOUND" not in out and "Redis" in out and "connected" in out and "videos" not in out
     assert all(stage in out for stage in ("request", "queue", "preprocess", "forward", "l1_get"))
 
 
@@ -195,7 +196,7 @@ def test_stats_window_covers_the_seconds_asked_for_however_long_since_the_last_p
     clock = [0.0]
     metrics = ServerMetrics()
     view = StatsView(metrics.registry, sample_interval_s=1.0, max_window_s=20.0, clock=lambda: clock[0])
-    served = metrics.images.labels("l1", "OK")
+    served = metrics.images.labels("l1", "OK", "image")
     for second in range(1, 41):  # one image a second, sampled each second; one poll, at 10 s
         clock[0] = float(second)
         served.inc()
@@ -215,7 +216,7 @@ def test_stats_window_covers_the_seconds_asked_for_however_long_since_the_last_p
 def test_stats_sampler_thread_samples_until_stopped() -> None:
     metrics = ServerMetrics()
     view = StatsView(metrics.registry, sample_interval_s=0.01)
-    metrics.images.labels("computed", "OK").inc()
+    metrics.images.labels("computed", "OK", "image").inc()
     view.start()
     deadline = time.monotonic() + 30
     # Only the first sample predates the image: the shortest window leaves it out once the thread took more.
@@ -297,3 +298,40 @@ def test_get_stats_api_stats_and_metrics_agree(metered) -> None:  # type: ignore
     after = server.engine.snapshot()
     assert (before.images.misses, before.batcher.images, before.encoders[0].stats.images, before.l1.entries) == (2,) * 4
     assert (after.images.misses, after.batcher.images, after.encoders[0].stats.images, after.l1.entries) == (3,) * 4
+
+
+def test_videos_are_counted_apart_alike_in_get_stats_api_stats_and_metrics(metered, capsys) -> None:  # type: ignore[no-untyped-def]
+    """Images and a clip, twice, then a broken image and a broken clip: each reader tells the clips apart
+    (computed, from L1, failed, their tokens), and sums over kinds still count every item."""
+    server = metered()
+    images, clip = [png_bytes(56, 56, 31), png_bytes(84, 56, 32)], Video(encode_clip(clip_frames(6, 56, 56)))
+    with VitCacheClient(server.target) as client:
+        computed = [r.raise_for_error() for r in client.encode([*images, clip])]
+        again = [r.raise_for_error() for r in client.encode([*images, clip])]
+        broken = client.encode([b"not an image", Video(b"not a video" * 64)])
+        stats = client.stats()
+    server.call(server.engine.drain())
+    assert [r.source for r in computed] == ["COMPUTED"] * 3 and [r.source for r in again] == ["L1"] * 3
+    assert [r.error.code for r in broken] == [grpc.StatusCode.INVALID_ARGUMENT] * 2  # type: ignore[union-attr]
+    tokens = 2 * computed[2].embeddings[0].shape[0]  # the clip's rows, answered twice
+    assert computed[2].video is not None and tokens > 0
+
+    videos = stats.videos
+    assert (videos.misses, videos.l1_hits, videos.l2_hits, videos.errors, videos.tokens) == (1, 1, 0, 1, tokens)
+    assert (stats.misses, stats.l1_hits, stats.errors) == (3, 3, 2)  # clips are counted with the images too
+    m = scrape(server.running.metrics_port)
+    assert value(m, "vitcache_images_total", kind="video", source="computed") == videos.misses
+    assert value(m, "vitcache_images_total", kind="video", source="l1") == videos.l1_hits
+    assert value(m, "vitcache_images_total", kind="video", source="none", code="INVALID_ARGUMENT") == 1
+    assert value(m, "vitcache_images_total", kind="image", source="computed") == 2
+    assert value(m, "vitcache_images_total", source="computed") == stats.misses  # a sum over kinds: every item
+    assert value(m, "vitcache_video_tokens_total") == tokens
+    status, _, body = http_get(server.running.metrics_port, "/api/stats?window=300")
+    assert status == 200
+    api = json.loads(body)
+    assert api["videos"]["total"] == 3 and api["totals"]["images"] == 8
+    assert api["videos"]["hit_ratio_total"] == 0.5 and api["totals"]["hit_ratio"] == 0.5
+    assert api["videos"]["hit_ratio"] == 0.5 and api["videos"]["tokens"] == tokens and api["videos"]["per_s"] > 0
+    assert api["errors_by_code"] == {"INVALID_ARGUMENT": 2}  # the image's and the clip's, summed over kinds
+    assert cli.main(["stats", "--metrics-url", f"http://127.0.0.1:{server.running.metrics_port}"]) == 0
+    assert re.search(rf"of them videos +3   hit ratio 50.0 %   {tokens} tokens", capsys.readouterr().out)

@@ -70,17 +70,16 @@ class EngineStats:
 
 
 @dataclass
-class TenantStats:
-    """One tenant's images by outcome: what its own ``GetStats`` may show under authentication."""
+class OutcomeCounts:
+    """Outcomes by source or error: what a tenant's ``GetStats`` shows, and the clips among all outcomes."""
 
     l1_hits: int = 0
     l2_hits: int = 0
-    misses: int = 0  # computed for it (alone or in a single flight it joined)
+    misses: int = 0  # computed (alone or in a single flight joined)
     not_found: int = 0  # digest-only lookups that found nothing
     errors: int = 0  # answered with an error other than NOT_FOUND
     overloaded: int = 0  # of the errors, RESOURCE_EXHAUSTED
     deadline_expired: int = 0  # of the errors, DEADLINE_EXCEEDED
-    puts: int = 0  # entries it stored by Put
 
     def count(self, outcome: ImageOutcome) -> None:
         if outcome.error is None:
@@ -96,6 +95,25 @@ class TenantStats:
             self.errors += 1
             self.overloaded += outcome.error.code is ErrorCode.RESOURCE_EXHAUSTED
             self.deadline_expired += outcome.error.code is ErrorCode.DEADLINE_EXCEEDED
+
+
+@dataclass
+class TenantStats(OutcomeCounts):
+    """One tenant's outcomes: what its own ``GetStats`` may show under authentication."""
+
+    puts: int = 0  # entries it stored by Put
+
+
+@dataclass
+class VideoStats(OutcomeCounts):
+    """The clips among all outcomes (``EngineStats`` counts them with the images)."""
+
+    tokens: int = 0  # embedding rows (merged tokens) of the clips answered
+
+    def count(self, outcome: ImageOutcome) -> None:
+        super().count(outcome)
+        if outcome.entry is not None:
+            self.tokens += outcome.entry.outputs[0].shape[0]
 
 
 @dataclass(frozen=True)
@@ -132,7 +150,8 @@ class EngineSnapshot:
 
     uptime_s: float
     model: ModelSnapshot
-    images: EngineStats  # images by source and outcome, engine-wide
+    images: EngineStats  # images and clips by source and outcome, engine-wide
+    videos: VideoStats  # the clips among them
     l1: L1Snapshot
     l2: L2Snapshot
     batcher: BatcherStats  # every encoder's forwards together
@@ -181,6 +200,7 @@ class EmbeddingEngine:
         self.l2 = l2
         self.fleet_lock = fleet_lock
         self.stats = EngineStats()
+        self.video_stats = VideoStats()
         # Per-tenant counts, once count_by_tenant() asked for them (tenant names are the clients' to choose).
         self.tenant_stats: dict[str, TenantStats] | None = None
         self._inflight: dict[bytes, asyncio.Task[tuple[CachedEmbedding, Source]]] = {}
@@ -199,6 +219,7 @@ class EmbeddingEngine:
             uptime_s=self.uptime_s,
             model=ModelSnapshot(spec.model_name, spec.family, dtype_name(spec.dtype), spec.device, spec.namespace),
             images=replace(self.stats),
+            videos=replace(self.video_stats),
             l1=L1Snapshot(len(l1), l1.bytes_used, l1.capacity_bytes, l1.evictions),
             l2=L2Snapshot(
                 enabled=l2 is not None,
@@ -272,6 +293,8 @@ class EmbeddingEngine:
 
     def _report(self, outcome: ImageOutcome, scope: Scope) -> None:
         self.observer.image_done(outcome)
+        if outcome.is_video:
+            self.video_stats.count(outcome)
         if self.tenant_stats is not None:
             self.tenant_stats.setdefault(scope.tenant, TenantStats()).count(outcome)
 
@@ -394,7 +417,7 @@ class EmbeddingEngine:
             self.stats.l1_hits += 1
             return ImageOutcome(index, digest, entry, Source.L1)
         except ImageError as exc:
-            return self._failed(index, digest, exc)
+            return self._failed(index, digest, exc, video=isinstance(image, EncodedVideo | RawVideo))
 
     async def _serve_miss(self, index: int, image: ImageInput, digest: bytes, scope: Scope) -> ImageOutcome:
         try:
@@ -408,12 +431,12 @@ class EmbeddingEngine:
             entry, source = await self._resolve_once(digest, image, scope)
             return ImageOutcome(index, digest, entry, source, cached=not self._too_large_to_cache(entry))
         except ImageError as exc:
-            return self._failed(index, digest, exc)
+            return self._failed(index, digest, exc, video=isinstance(image, EncodedVideo | RawVideo))
 
-    def _failed(self, index: int, digest: bytes, exc: ImageError) -> ImageOutcome:
+    def _failed(self, index: int, digest: bytes, exc: ImageError, video: bool = False) -> ImageOutcome:
         if exc.code is not ErrorCode.NOT_FOUND:
             self.stats.errors += 1
-        return ImageOutcome(index, digest, error=exc)
+        return ImageOutcome(index, digest, error=exc, video_input=video)
 
     def _digest(self, image: ImageInput) -> bytes:
         if isinstance(image, DigestOnly):

@@ -29,3 +29,9 @@ class ImageOutcome:
     error: ImageError | None = None
     key: str = ""  # the Put key, for outcomes of fetch_keys (digest is then empty)
     cached: bool = True  # False: a video entry over max_cached_video_bytes, computed for this answer alone
+    video_input: bool = False  # an error's input was a clip (a success tells by its entry)
+
+    @property
+    def is_video(self) -> bool:
+        """A clip's outcome, counted apart from images in stats and metrics."""
+        return self.entry.video is not None if self.entry is not None else self.video_input

@@ -16,7 +16,8 @@ const TOKEN_KEY = "vitcache-metrics-token";
 const COLORS = { blue: "#2563eb", green: "#0e9f6e", orange: "#f59e0b", red: "#e02424", purple: "#7c3aed", grey: "#52606d" };
 const STAGES = ["queue", "preprocess", "forward", "launch", "device", "l2_get"];
 
-// Each chart: its series (label, colour, how to read the value from a stats snapshot).
+// Each chart: its series (label, colour, how to read the value from a stats snapshot, and "videos" for a
+// series hidden until the server has answered a video clip: an image-only server keeps its charts).
 const CHARTS = {
   "chart-hit-ratio": {
     yRange: [0, 100],
@@ -24,12 +25,14 @@ const CHARTS = {
       ["overall", COLORS.blue, (s) => pct(s.hit_ratio.overall)],
       ["L1", COLORS.green, (s) => pct(s.hit_ratio.l1)],
       ["L2", COLORS.orange, (s) => pct(s.hit_ratio.l2)],
+      ["videos", COLORS.purple, (s) => pct(s.videos.hit_ratio), "videos"],
     ],
   },
   "chart-throughput": {
     series: [
       ["requests/s", COLORS.blue, (s) => s.rates.requests_per_s],
       ["images/s", COLORS.green, (s) => s.rates.images_per_s],
+      ["of them videos/s", COLORS.purple, (s) => s.videos.per_s, "videos"],
       ["errors/s", COLORS.red, (s) => s.rates.errors_per_s],
       ["digests not found/s", COLORS.grey, (s) => s.rates.lookups_not_found_per_s],
     ],
@@ -91,7 +94,7 @@ function makePlots() {
       width: chartWidth(el),
       height: 220,
       scales: { x: { time: true }, y: spec.yRange ? { range: spec.yRange } : { range: (u, lo, hi) => [0, Math.max(hi || 0, 1e-3) * 1.1] } },
-      series: [{}, ...spec.series.map(([label, stroke]) => ({ label, stroke, width: 2, spanGaps: false }))],
+      series: [{}, ...spec.series.map(([label, stroke, , only]) => ({ label, stroke, width: 2, spanGaps: false, show: !only }))],
       axes: [{}, { size: 60 }],
       legend: { live: true },
     };
@@ -115,6 +118,11 @@ function record(stats) {
   }
   for (const [id, plot] of Object.entries(plots)) {
     plot.setData([history.time, ...history.values[id]]);
+    if (stats.videos.total > 0) {
+      CHARTS[id].series.forEach(([, , , only], i) => {
+        if (only && !plot.series[i + 1].show) plot.setSeries(i + 1, { show: true });
+      });
+    }
   }
 }
 
@@ -137,6 +145,9 @@ function render(stats) {
     "tile-images-total",
     `${stats.totals.images} total · hit ratio ${fmt(pct(stats.totals.hit_ratio), 1, " %")} · ${stats.totals.lookups_not_found} digests not found`,
   );
+  const videos = stats.videos;
+  const videoText = `of them ${videos.total} videos · hit ratio ${fmt(pct(videos.hit_ratio_total), 1, " %")} · ${videos.tokens} tokens`;
+  setText("tile-videos", videos.total > 0 ? videoText : "");
   setText("tile-p99", fmt(stats.latency_ms.request.p99, 2, " ms"));
   setText("tile-p50", `p50 ${fmt(stats.latency_ms.request.p50, 2, " ms")}`);
   const l1 = stats.l1;

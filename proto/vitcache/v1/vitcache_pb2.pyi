@@ -185,7 +185,7 @@ class GetStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Stats(_message.Message):
-    __slots__ = ("l1_hits", "l2_hits", "misses", "images_computed", "l1_entries", "l1_bytes", "redis_connected", "l1_capacity_bytes", "l1_evictions", "errors", "batches", "single_flight_joins", "l2_errors", "l2_corrupt", "uptime_seconds", "oom_splits", "not_found", "overloaded", "deadline_expired", "fleet_lock_waits", "puts", "encoders", "tenant_only", "tenant")
+    __slots__ = ("l1_hits", "l2_hits", "misses", "images_computed", "l1_entries", "l1_bytes", "redis_connected", "l1_capacity_bytes", "l1_evictions", "errors", "batches", "single_flight_joins", "l2_errors", "l2_corrupt", "uptime_seconds", "oom_splits", "not_found", "overloaded", "deadline_expired", "fleet_lock_waits", "puts", "encoders", "tenant_only", "tenant", "videos")
     L1_HITS_FIELD_NUMBER: _ClassVar[int]
     L2_HITS_FIELD_NUMBER: _ClassVar[int]
     MISSES_FIELD_NUMBER: _ClassVar[int]
@@ -210,6 +210,7 @@ class Stats(_message.Message):
     ENCODERS_FIELD_NUMBER: _ClassVar[int]
     TENANT_ONLY_FIELD_NUMBER: _ClassVar[int]
     TENANT_FIELD_NUMBER: _ClassVar[int]
+    VIDEOS_FIELD_NUMBER: _ClassVar[int]
     l1_hits: int
     l2_hits: int
     misses: int
@@ -234,7 +235,24 @@ class Stats(_message.Message):
     encoders: _containers.RepeatedCompositeFieldContainer[EncoderStats]
     tenant_only: bool
     tenant: str
-    def __init__(self, l1_hits: _Optional[int] = ..., l2_hits: _Optional[int] = ..., misses: _Optional[int] = ..., images_computed: _Optional[int] = ..., l1_entries: _Optional[int] = ..., l1_bytes: _Optional[int] = ..., redis_connected: _Optional[bool] = ..., l1_capacity_bytes: _Optional[int] = ..., l1_evictions: _Optional[int] = ..., errors: _Optional[int] = ..., batches: _Optional[int] = ..., single_flight_joins: _Optional[int] = ..., l2_errors: _Optional[int] = ..., l2_corrupt: _Optional[int] = ..., uptime_seconds: _Optional[float] = ..., oom_splits: _Optional[int] = ..., not_found: _Optional[int] = ..., overloaded: _Optional[int] = ..., deadline_expired: _Optional[int] = ..., fleet_lock_waits: _Optional[int] = ..., puts: _Optional[int] = ..., encoders: _Optional[_Iterable[_Union[EncoderStats, _Mapping]]] = ..., tenant_only: _Optional[bool] = ..., tenant: _Optional[str] = ...) -> None: ...
+    videos: VideoStats
+    def __init__(self, l1_hits: _Optional[int] = ..., l2_hits: _Optional[int] = ..., misses: _Optional[int] = ..., images_computed: _Optional[int] = ..., l1_entries: _Optional[int] = ..., l1_bytes: _Optional[int] = ..., redis_connected: _Optional[bool] = ..., l1_capacity_bytes: _Optional[int] = ..., l1_evictions: _Optional[int] = ..., errors: _Optional[int] = ..., batches: _Optional[int] = ..., single_flight_joins: _Optional[int] = ..., l2_errors: _Optional[int] = ..., l2_corrupt: _Optional[int] = ..., uptime_seconds: _Optional[float] = ..., oom_splits: _Optional[int] = ..., not_found: _Optional[int] = ..., overloaded: _Optional[int] = ..., deadline_expired: _Optional[int] = ..., fleet_lock_waits: _Optional[int] = ..., puts: _Optional[int] = ..., encoders: _Optional[_Iterable[_Union[EncoderStats, _Mapping]]] = ..., tenant_only: _Optional[bool] = ..., tenant: _Optional[str] = ..., videos: _Optional[_Union[VideoStats, _Mapping]] = ...) -> None: ...
+
+class VideoStats(_message.Message):
+    __slots__ = ("l1_hits", "l2_hits", "misses", "errors", "not_found", "tokens")
+    L1_HITS_FIELD_NUMBER: _ClassVar[int]
+    L2_HITS_FIELD_NUMBER: _ClassVar[int]
+    MISSES_FIELD_NUMBER: _ClassVar[int]
+    ERRORS_FIELD_NUMBER: _ClassVar[int]
+    NOT_FOUND_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    l1_hits: int
+    l2_hits: int
+    misses: int
+    errors: int
+    not_found: int
+    tokens: int
+    def __init__(self, l1_hits: _Optional[int] = ..., l2_hits: _Optional[int] = ..., misses: _Optional[int] = ..., errors: _Optional[int] = ..., not_found: _Optional[int] = ..., tokens: _Optional[int] = ...) -> None: ...
 
 class EncoderStats(_message.Message):
     __slots__ = ("device", "alive", "in_flight", "restarts", "batches", "images", "patches", "device_seconds", "memory_allocated", "memory_reserved")
