@@ -2,9 +2,10 @@
 
 A tree of frozen dataclasses along the flow of an image (model, encoder, batching, limits, cache
 tiers, transport, security, metrics) under :class:`VitcacheConfig`. ``vitcache serve``'s flags,
-their ``VITCACHE_<FLAG>`` environment variables and the README's flags table are made from it
-(``vitcache.server.cli``); :func:`vitcache.build.build_engine` and the server read it. Bounds are
-checked here, when a group is made, so a library user's mistake reads like an operator's.
+their ``VITCACHE_<FLAG>`` environment variables and ``--help`` are made from it
+(``vitcache.server.cli``); tests/test_config.py holds the README's flags table to it;
+:func:`vitcache.build.build_engine` and the server read it. Bounds are checked here, when a group
+is made, so a library user's mistake reads like an operator's.
 
 No torch or transformers here: ``vitcache --help`` builds its parser from this module.
 """
