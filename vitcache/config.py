@@ -229,7 +229,7 @@ class LimitsConfig(_Group):
     max_image_pixels: int = setting(64 << 20, "largest width*height accepted", parse=int, unit="pixels", minimum=1)
     max_decoded_pixels_in_flight: int = setting(
         128 << 20,
-        "width*height of all images being decoded and preprocessed at once (about 16 bytes each); "
+        "width*height of all images and video frames being decoded and preprocessed at once (about 16 bytes each); "
         "more wait, a larger image fails with RESOURCE_EXHAUSTED",
         parse=int,
         unit="pixels",
