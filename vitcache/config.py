@@ -242,7 +242,8 @@ class LimitsConfig(_Group):
     max_put_bytes: int = byte_setting("256MiB", "tensor bytes of one Put entry", minimum=1)
     max_queued_images: int = setting(
         1024,
-        "misses waiting for preprocessing or the forward; beyond it images fail with RESOURCE_EXHAUSTED",
+        "misses being resolved at once (L2 lookup, fleet lock wait, preprocessing, forward); "
+        "beyond it images fail with RESOURCE_EXHAUSTED",
         parse=int,
         minimum=1,
     )
