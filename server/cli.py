@@ -1,7 +1,7 @@
-"""The ``vitcache`` command: serve, encode, stats, loadtest.
+"""The ``vitcache`` command: serve, encode, stats, loadtest, proxy.
 
-torch and transformers are imported by the subcommands that use them only (``serve``; ``encode`` and
-``loadtest`` through the client's tensors), so ``--help`` and ``stats`` answer at once.
+torch and transformers are imported by the subcommands that use them only (``serve``; ``encode``,
+``loadtest`` and ``proxy`` through the client's tensors), so ``--help`` and ``stats`` answer at once.
 """
 
 from __future__ import annotations

@@ -2,9 +2,10 @@
 
 A tree of frozen dataclasses along the flow of an image (model, encoder, batching, limits, cache
 tiers, transport, security, metrics) under :class:`VitcacheConfig`. ``vitcache serve``'s flags,
-their ``VITCACHE_<FLAG>`` environment variables and the README's flags table are made from it
-(``vitcache.server.cli``); :func:`vitcache.build.build_engine` and the server read it. Bounds are
-checked here, when a group is made, so a library user's mistake reads like an operator's.
+their ``VITCACHE_<FLAG>`` environment variables and ``--help`` are made from it
+(``vitcache.server.cli``); tests/test_config.py holds the README's flags table to it;
+:func:`vitcache.build.build_engine` and the server read it. Bounds are checked here, when a group
+is made, so a library user's mistake reads like an operator's.
 
 No torch or transformers here: ``vitcache --help`` builds its parser from this module.
 """
@@ -228,7 +229,7 @@ class LimitsConfig(_Group):
     max_image_pixels: int = setting(64 << 20, "largest width*height accepted", parse=int, unit="pixels", minimum=1)
     max_decoded_pixels_in_flight: int = setting(
         128 << 20,
-        "width*height of all images being decoded and preprocessed at once (about 16 bytes each); "
+        "width*height of all images and video frames being decoded and preprocessed at once (about 16 bytes each); "
         "more wait, a larger image fails with RESOURCE_EXHAUSTED",
         parse=int,
         unit="pixels",
@@ -241,7 +242,8 @@ class LimitsConfig(_Group):
     max_put_bytes: int = byte_setting("256MiB", "tensor bytes of one Put entry", minimum=1)
     max_queued_images: int = setting(
         1024,
-        "misses waiting for preprocessing or the forward; beyond it images fail with RESOURCE_EXHAUSTED",
+        "misses being resolved at once (L2 lookup, fleet lock wait, preprocessing, forward); "
+        "beyond it images fail with RESOURCE_EXHAUSTED",
         parse=int,
         minimum=1,
     )

@@ -21,8 +21,8 @@ comma-separated). A video's ``pixel_values_videos`` rows are ``pix`` like an ima
 computes the same from the same rows and grid.
 
 Geometry is part of the hashed bytes, so two images with the same pixel bytes but other
-shapes (a 30x100 and a 100x30) never share a digest (cf. vLLM CVE-2025-46722), and the three
-kinds never collide with each other. The digest names the *input*; the server's cache key
+shapes (a 30x100 and a 100x30) never share a digest (cf. vLLM CVE-2025-46722), and the kinds
+never collide with each other. The digest names the *input*; the server's cache key
 adds the model namespace (weights, config, dtype, preprocessing) on top.
 
 Keyed mode (``key``, the server's ``--digest-key-file``): the same canonical bytes go

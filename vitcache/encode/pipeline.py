@@ -187,7 +187,7 @@ class EncodePipeline:
 
 
 class Pipeline(Protocol):
-    """What the engine needs of a device side: :class:`EncodePipeline` or an ``EncoderProcess``."""
+    """What the engine needs of a device side: :class:`EncodePipeline`, an ``EncoderProcess`` or an ``EncoderPool``."""
 
     spec: EncoderSpec
 
