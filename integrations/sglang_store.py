@@ -1,8 +1,10 @@
 """``VitcacheEmbeddingStore``: SGLang encoder servers' global embedding cache kept in vitcache.
 
 SGLang's factory builds the backend without arguments, so it is configured by environment variables:
-``VITCACHE_TARGET`` (host:port, required), and as for the client ``VITCACHE_TLS_CA``, ``VITCACHE_TLS_CERT``,
-``VITCACHE_TLS_KEY``, ``VITCACHE_AUTH_TOKEN_FILE``, ``VITCACHE_TENANT`` and ``VITCACHE_TIMEOUT_S`` (default 5).
+``VITCACHE_CLIENT_TARGET`` (host:port, required), and as for the client ``VITCACHE_CLIENT_TLS_CA``,
+``VITCACHE_CLIENT_TLS_CERT``, ``VITCACHE_CLIENT_TLS_KEY``, ``VITCACHE_CLIENT_AUTH_TOKEN_FILE``,
+``VITCACHE_CLIENT_TENANT`` and ``VITCACHE_CLIENT_TIMEOUT_S`` (default 5). The ``CLIENT_`` prefix keeps them apart
+from ``vitcache serve``'s own ``VITCACHE_<FLAG>`` variables, so one host can run both.
 Entries are stored with Put under ``sglang:<mm_hash>``, in vitcache's key space for caller-computed
 embeddings, as the raw bytes of SGLang's pool pages viewed in the pool's dtype; Fetch by key brings them back
 byte for byte. A vitcache that cannot be reached reads as misses and failed puts (logged), never as an error in
@@ -26,11 +28,11 @@ logger = logging.getLogger(__name__)
 def _options_from_env() -> ConnectOptions:
     env = os.environ.get
     return ConnectOptions.from_files(
-        tls_ca=env("VITCACHE_TLS_CA"),
-        tls_cert=env("VITCACHE_TLS_CERT"),
-        tls_key=env("VITCACHE_TLS_KEY"),
-        auth_token_file=env("VITCACHE_AUTH_TOKEN_FILE"),
-        tenant=env("VITCACHE_TENANT") or None,
+        tls_ca=env("VITCACHE_CLIENT_TLS_CA"),
+        tls_cert=env("VITCACHE_CLIENT_TLS_CERT"),
+        tls_key=env("VITCACHE_CLIENT_TLS_KEY"),
+        auth_token_file=env("VITCACHE_CLIENT_AUTH_TOKEN_FILE"),
+        tenant=env("VITCACHE_CLIENT_TENANT") or None,
     )
 
 
@@ -41,11 +43,13 @@ def _host_bytes(ptr: int, size: int) -> torch.Tensor:
 
 class VitcacheEmbeddingStore(EmbeddingStore):
     def __init__(self, target: str | None = None, options: ConnectOptions | None = None) -> None:
-        target = target or os.environ.get("VITCACHE_TARGET")
+        target = target or os.environ.get("VITCACHE_CLIENT_TARGET")
         if not target:
-            raise ValueError("--mm-global-cache-backend vitcache needs VITCACHE_TARGET=host:port of a vitcache server")
+            raise ValueError(
+                "--mm-global-cache-backend vitcache needs VITCACHE_CLIENT_TARGET=host:port of a vitcache server"
+            )
         self._target = target
-        self._timeout = float(os.environ.get("VITCACHE_TIMEOUT_S", "5"))
+        self._timeout = float(os.environ.get("VITCACHE_CLIENT_TIMEOUT_S", "5"))
         self._client = VitCacheClient(target, options=options or _options_from_env())
         # What SGLang's EmbeddingCacheController pools default to; register_buffer tells the real one.
         self._dtype = torch.float32

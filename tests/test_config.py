@@ -128,3 +128,13 @@ def test_the_readme_flags_table_matches_the_tree() -> None:
     words = {"false": "off"}
     for flag, default in tree.items():
         assert readme[flag].startswith(words.get(default, default)), (flag, readme[flag], default)
+
+
+def test_client_side_variables_never_configure_the_server() -> None:
+    """The SGLang plugin reads its client settings from the environment; none may be a ``vitcache serve`` variable,
+    or a host running both would hand the server the client's certificate or token file."""
+    plugin = (Path(__file__).resolve().parent.parent / "integrations" / "sglang_store.py").read_text()
+    client_variables = set(re.findall(r"VITCACHE_[A-Z_]+", plugin))
+    server_variables = {meta.env_var for _, group in groups_of() for _, meta, _ in settings_of(group)}
+    assert {"VITCACHE_CLIENT_TARGET", "VITCACHE_CLIENT_TLS_CERT"} <= client_variables
+    assert not client_variables & server_variables

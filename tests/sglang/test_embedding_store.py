@@ -21,7 +21,7 @@ def pages(pool: torch.Tensor, *rows: int) -> tuple[list[int], list[int]]:
 @pytest.fixture
 def store(vitcache_targets, monkeypatch):  # type: ignore[no-untyped-def]
     load_plugins()  # SGLang's plugin loading runs vitcache's entry point, which registers the backend
-    monkeypatch.setenv("VITCACHE_TARGET", vitcache_targets["qwen2_vl"])
+    monkeypatch.setenv("VITCACHE_CLIENT_TARGET", vitcache_targets["qwen2_vl"])
     return EmbeddingStoreFactory.create_backend("vitcache")
 
 
@@ -68,8 +68,8 @@ def test_unreachable_vitcache_reads_as_misses(monkeypatch):
         s.bind(("127.0.0.1", 0))
         closed = f"127.0.0.1:{s.getsockname()[1]}"
     load_plugins()
-    monkeypatch.setenv("VITCACHE_TARGET", closed)
-    monkeypatch.setenv("VITCACHE_TIMEOUT_S", "2")
+    monkeypatch.setenv("VITCACHE_CLIENT_TARGET", closed)
+    monkeypatch.setenv("VITCACHE_CLIENT_TIMEOUT_S", "2")
     store = EmbeddingStoreFactory.create_backend("vitcache")
     pool = torch.ones(2, 8)
     ptrs, sizes = pages(pool, 0)
@@ -80,6 +80,6 @@ def test_unreachable_vitcache_reads_as_misses(monkeypatch):
 
 def test_missing_target_says_what_to_set(monkeypatch):
     load_plugins()
-    monkeypatch.delenv("VITCACHE_TARGET", raising=False)
-    with pytest.raises(ValueError, match="VITCACHE_TARGET=host:port"):
+    monkeypatch.delenv("VITCACHE_CLIENT_TARGET", raising=False)
+    with pytest.raises(ValueError, match="VITCACHE_CLIENT_TARGET=host:port"):
         EmbeddingStoreFactory.create_backend("vitcache")
