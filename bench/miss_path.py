@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from run_info import REPO, commit, cpu_seconds, free_port, jpeg, proc_stat
+from run_info import REPO, commit, cpu_seconds, free_port, jpeg, proc_stat, wait_until_serving
 
 QWEN25_7B_VISION = {
     "depth": 32,
@@ -349,15 +349,7 @@ def bench_service(
     try:
         from vitcache.client import VitCacheClient
 
-        with VitCacheClient(target) as client:
-            while True:
-                try:
-                    client.model_info(timeout=1)
-                    break
-                except Exception:
-                    if server.poll() is not None:
-                        raise RuntimeError(f"server exited with {server.returncode}; see {log}") from None
-                    time.sleep(0.5)
+        wait_until_serving(target, server, f"see {log}")
         # Warm up under the same load (compilation, CUDA graphs of each batch size) before timing.
         metrics = f"http://127.0.0.1:{metrics_port}"
         _run_clients(target, side, clients, warmup_seconds, hash_first, 0, server.pid, metrics)

@@ -7,6 +7,7 @@ import io
 import os
 import socket
 import subprocess
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -61,3 +62,18 @@ def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of process ``pid`` so far, all threads (0 once it is gone)."""
     fields = proc_stat(pid)
     return 0.0 if fields is None else (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_until_serving(target: str, server: subprocess.Popen, where_to_look: str) -> None:
+    """Returns once the server at ``target`` answers ModelInfo; raises if its process exits first."""
+    from vitcache.client import VitCacheClient
+
+    with VitCacheClient(target) as client:
+        while True:
+            try:
+                client.model_info(timeout=1)
+                return
+            except Exception:
+                if server.poll() is not None:
+                    raise RuntimeError(f"server exited with {server.returncode}; {where_to_look}") from None
+                time.sleep(0.5)

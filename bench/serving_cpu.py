@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from run_info import REPO, commit, cpu_seconds, free_port, jpeg, proc_stat, utc_stamp
+from run_info import REPO, commit, cpu_seconds, free_port, jpeg, proc_stat, utc_stamp, wait_until_serving
 
 
 def _client(target: str, seed: int, side: int, hits: bool, start, deadline, queue: mp.Queue) -> None:  # type: ignore[no-untyped-def]
@@ -151,17 +151,7 @@ def bench(args: argparse.Namespace, profile_to: str | None) -> dict:
     server = subprocess.Popen(command, cwd=tempfile.gettempdir())
     target = f"127.0.0.1:{port}"
     try:
-        from vitcache.client import VitCacheClient
-
-        with VitCacheClient(target) as client:
-            while True:
-                try:
-                    client.model_info(timeout=1)
-                    break
-                except Exception:
-                    if server.poll() is not None:
-                        raise RuntimeError(f"server exited with {server.returncode}") from None
-                    time.sleep(0.5)
+        wait_until_serving(target, server, "its output is above")
         run_load(target, server.pid, args.side, args.clients, args.warmup_seconds, False, 0)
         runs = []
         for repeat in range(args.repeat):
