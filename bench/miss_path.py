@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import json
 import multiprocessing as mp
 import os
@@ -27,8 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
-from run_info import REPO, commit, free_port
+from run_info import REPO, commit, cpu_seconds, free_port, jpeg, proc_stat, wait_until_serving
 
 QWEN25_7B_VISION = {
     "depth": 32,
@@ -68,16 +66,6 @@ def build_checkpoint(path: Path) -> Path:
     model.save_pretrained(path)
     Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=1344 * 1344).save_pretrained(path)
     return path
-
-
-def jpeg(height: int, width: int, seed: int) -> bytes:
-    rng = np.random.default_rng(seed)
-    # Smooth content compresses like a photo; noise would make the files unrealistically large.
-    base = rng.integers(0, 256, (height // 16 + 1, width // 16 + 1, 3), dtype=np.uint8)
-    image = Image.fromarray(base).resize((width, height), Image.BICUBIC)
-    buf = io.BytesIO()
-    image.save(buf, format="JPEG", quality=90)
-    return buf.getvalue()
 
 
 def flops_per_image(n_params: int, grid: tuple[int, int, int], config: dict) -> float:
@@ -249,20 +237,6 @@ class _Start:
         self.event.wait()
 
 
-def _proc_stat(pid: int | str) -> list[str] | None:
-    """The fields of /proc/PID/stat after the command name (state, ppid, ...); None once it is gone."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-
-
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of process ``pid`` so far, all threads (0 once it is gone)."""
-    fields = _proc_stat(pid)
-    return 0.0 if fields is None else (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def _cmdline(pid: int) -> bytes:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes()
@@ -274,7 +248,7 @@ def _children(pid: int) -> list[int]:
     """The processes ``pid`` started, theirs too (an encoder process, its compile workers)."""
     parents = {}
     for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and (fields := _proc_stat(entry.name)) is not None:
+        if entry.name.isdigit() and (fields := proc_stat(entry.name)) is not None:
             parents[int(entry.name)] = int(fields[1])
     found, frontier = [], [pid]
     while frontier:
@@ -309,7 +283,7 @@ def _run_clients(
     for _ in procs:
         assert queue.get(timeout=300) == "ready"
     children = _children(server_pid)
-    cpu_before = [_cpu_seconds(pid) for pid in (server_pid, *children)]
+    cpu_before = [cpu_seconds(pid) for pid in (server_pid, *children)]
     machine_before = _machine_busy()
     fetch_stats(metrics, 1)  # the snapshot the view of the run starts from
     began = time.time()
@@ -318,7 +292,7 @@ def _run_clients(
     totals = [queue.get(timeout=seconds + 300) for _ in procs]
     elapsed = time.time() - began
     view = fetch_stats(metrics, elapsed)
-    cpu_after = [_cpu_seconds(pid) for pid in (server_pid, *children)]
+    cpu_after = [cpu_seconds(pid) for pid in (server_pid, *children)]
     machine_after = _machine_busy()
     for p in procs:
         p.join()
@@ -375,15 +349,7 @@ def bench_service(
     try:
         from vitcache.client import VitCacheClient
 
-        with VitCacheClient(target) as client:
-            while True:
-                try:
-                    client.model_info(timeout=1)
-                    break
-                except Exception:
-                    if server.poll() is not None:
-                        raise RuntimeError(f"server exited with {server.returncode}; see {log}") from None
-                    time.sleep(0.5)
+        wait_until_serving(target, server, f"see {log}")
         # Warm up under the same load (compilation, CUDA graphs of each batch size) before timing.
         metrics = f"http://127.0.0.1:{metrics_port}"
         _run_clients(target, side, clients, warmup_seconds, hash_first, 0, server.pid, metrics)

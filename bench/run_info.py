@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import datetime
+import io
 import os
 import socket
 import subprocess
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -32,3 +34,46 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def jpeg(height: int, width: int, seed: int) -> bytes:
+    """A photo-like JPEG of random smooth content (numpy and PIL imported here, for the benches that make images)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    # Smooth content compresses like a photo; noise would make the files unrealistically large.
+    base = rng.integers(0, 256, (height // 16 + 1, width // 16 + 1, 3), dtype=np.uint8)
+    image = Image.fromarray(base).resize((width, height), Image.BICUBIC)
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def proc_stat(pid: int | str) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (state, ppid, ...); None once it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far, all threads (0 once it is gone)."""
+    fields = proc_stat(pid)
+    return 0.0 if fields is None else (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_until_serving(target: str, server: subprocess.Popen, where_to_look: str) -> None:
+    """Returns once the server at ``target`` answers ModelInfo; raises if its process exits first."""
+    from vitcache.client import VitCacheClient
+
+    with VitCacheClient(target) as client:
+        while True:
+            try:
+                client.model_info(timeout=1)
+                return
+            except Exception:
+                if server.poll() is not None:
+                    raise RuntimeError(f"server exited with {server.returncode}; {where_to_look}") from None
+                time.sleep(0.5)

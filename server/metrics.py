@@ -146,11 +146,13 @@ class ServerMetrics(EngineObserver):
 
 
 class RequestMetricsInterceptor(grpc.aio.ServerInterceptor):
-    """Counts, times and tracks in flight every RPC of the VitCache service (not health or reflection)."""
+    """Counts, times and tracks in flight every RPC of the VitCache service (not health or reflection).
+    Each method's observing handler and metric children are made on its first call, not on every call."""
 
     def __init__(self, metrics: ServerMetrics, service_name: str) -> None:
         self._metrics = metrics
         self._prefix = f"/{service_name}/"
+        self._observing: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     async def intercept_service(
         self,
@@ -158,9 +160,16 @@ class RequestMetricsInterceptor(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
-        if handler is None or not handler_call_details.method.startswith(self._prefix):
+        full_name = handler_call_details.method
+        if handler is None or not full_name.startswith(self._prefix):
             return handler
-        method = handler_call_details.method.removeprefix(self._prefix)
+        known = self._observing.get(full_name)
+        if known is None or known[0] is not handler:  # a refusal is a handler of its own call
+            method = _MethodMetrics(self._metrics, full_name.removeprefix(self._prefix))
+            known = self._observing[full_name] = (handler, self._observe(method, handler))
+        return known[1]
+
+    def _observe(self, method: _MethodMetrics, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         if handler.unary_stream is not None:
             behavior = self._stream(method, handler.unary_stream)
             return grpc.unary_stream_rpc_method_handler(
@@ -173,44 +182,62 @@ class RequestMetricsInterceptor(grpc.aio.ServerInterceptor):
             )
         return handler
 
-    def _stream(self, method: str, behavior: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
+    def _stream(
+        self, method: _MethodMetrics, behavior: Callable[..., AsyncIterator[Any]]
+    ) -> Callable[..., AsyncIterator[Any]]:
         async def observed(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            with _RequestTimer(self._metrics, method, context):
+            with _RequestTimer(method, context):
                 async for response in behavior(request, context):
                     yield response
 
         return observed
 
-    def _unary(self, method: str, behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    def _unary(self, method: _MethodMetrics, behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
         async def observed(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            with _RequestTimer(self._metrics, method, context):
+            with _RequestTimer(method, context):
                 return await behavior(request, context)
 
         return observed
 
 
+class _MethodMetrics:
+    """One method's metric children, looked up once: ``labels()`` takes a lock and builds a key each call."""
+
+    def __init__(self, metrics: ServerMetrics, method: str) -> None:
+        self.in_flight = metrics.requests_in_flight.labels(method)
+        self.duration = metrics.request_duration.labels(method)
+        self._requests, self._method = metrics.requests, method
+        self._by_code: dict[grpc.StatusCode, Counter] = {}
+
+    def finished(self, code: grpc.StatusCode) -> None:
+        counter = self._by_code.get(code)
+        if counter is None:
+            counter = self._by_code[code] = self._requests.labels(self._method, code.name)
+        counter.inc()
+
+
 class _RequestTimer:
     """In flight while open; on close, the RPC's duration and final code (from ``context`` on abort)."""
 
-    def __init__(self, metrics: ServerMetrics, method: str, context: grpc.aio.ServicerContext) -> None:
-        self._metrics, self._method, self._context = metrics, method, context
+    def __init__(self, method: _MethodMetrics, context: grpc.aio.ServicerContext) -> None:
+        self._method, self._context = method, context
         self._start = 0.0
 
     def __enter__(self) -> None:
         self._start = time.perf_counter()
-        self._metrics.requests_in_flight.labels(self._method).inc()
+        self._method.in_flight.inc()
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
-        metrics = self._metrics
-        metrics.requests_in_flight.labels(self._method).dec()
-        metrics.request_duration.labels(self._method).observe(time.perf_counter() - self._start)
+        method = self._method
+        method.in_flight.dec()
+        method.duration.observe(time.perf_counter() - self._start)
         if exc_type is None:
             code = grpc.StatusCode.OK
         elif issubclass(exc_type, (asyncio.CancelledError, GeneratorExit)):
             code = grpc.StatusCode.CANCELLED
         else:
             code = self._context.code() or grpc.StatusCode.UNKNOWN
-        metrics.requests.labels(self._method, code.name).inc()
+        method.finished(code)
 
 
 class EngineStateCollector(Collector):

@@ -55,10 +55,12 @@ _SHAPE = pb.Tensor.DESCRIPTOR.fields_by_name["shape"].number
 _MAX_DIMS = 8  # of a tensor in a request
 #: Fields a request may hold besides its images or digests (its pixels, fields of newer clients).
 _EXTRA_FIELDS = 16
-#: Requests up to this size are read on the event loop (a hash-first request of 256 digests is 5 KiB;
-#: 8 KiB holds at most 4,096 fields); a bigger one in a worker thread, whose per-image steps leave
-#: the loop free to answer health checks and other tenants in between.
-_INLINE_REQUEST_BYTES = 8 << 10
+#: Requests up to this size are read on the event loop; a bigger one in a worker thread, whose per-image
+#: steps leave the loop free to answer health checks and other tenants in between. Fields are counted
+#: against the image limit before any is parsed, so a small request can hold no more images than a big
+#: one; what 1 MiB adds is a copy of its bytes (tens of us), less than the hand-off to a thread costs
+#: the loop (a request of a few new images would otherwise pay it for the parse and again for the digests).
+_INLINE_REQUEST_BYTES = 1 << 20
 
 
 def _invalid(message: str) -> ImageError:

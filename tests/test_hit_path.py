@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
 import pytest
 import torch
 from google.protobuf.message import DecodeError
@@ -15,7 +20,7 @@ from vitcache.config import VitcacheConfig
 from vitcache.errors import ErrorCode, ImageError
 from vitcache.outcomes import ImageOutcome, Source
 
-from .conftest import png_bytes
+from .conftest import jpeg_bytes, png_bytes
 
 
 def outcomes() -> list[ImageOutcome]:
@@ -69,3 +74,36 @@ def test_grpc_hits_serve_the_cached_bytes_through_both_codecs(start_server_threa
         cached = server.engine.l1.get(want.digest)
         assert got.embeddings[0].numpy().tobytes() == bytes(cached.outputs[0].data)
     assert fetched[2].error is not None and fetched[2].error.code.name == "NOT_FOUND"
+
+
+class _CountingExecutor(ThreadPoolExecutor):
+    """The server loop's default executor (``asyncio.to_thread``'s), counting the work handed to it."""
+
+    def __init__(self) -> None:
+        super().__init__(max_workers=2)
+        self.submitted = 0
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
+        self.submitted += 1
+        return super().submit(fn, *args, **kwargs)
+
+
+def test_a_request_of_a_few_images_is_parsed_and_hashed_on_the_loop(start_server_thread, encoder) -> None:  # type: ignore[no-untyped-def]
+    """A hand-off to a worker thread costs the serving process more CPU than parsing and hashing a few
+    images; only a big request is worth it (its steps would hold the loop)."""
+    server = start_server_thread(VitcacheConfig.of(), encoder)
+    small = [jpeg_bytes(448, 448, seed) for seed in (1, 2)]  # tens of KB each
+    big = [png_bytes(640, 640, 3)]  # noise: over 1 MiB
+    assert sum(map(len, small)) < 256 << 10 and len(big[0]) > 1 << 20
+    with VitCacheClient(server.target) as client:
+        assert all(r.ok for r in client.encode(small + big, hash_first=False))
+        executor = _CountingExecutor()
+
+        async def use_counting_executor() -> None:
+            asyncio.get_running_loop().set_default_executor(executor)
+
+        server.call(use_counting_executor())
+        assert [r.source for r in client.encode(small, hash_first=False)] == ["L1", "L1"]
+        assert executor.submitted == 0
+        assert [r.source for r in client.encode(big, hash_first=False)] == ["L1"]
+        assert executor.submitted == 2  # the parse, then the digest

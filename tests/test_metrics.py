@@ -5,6 +5,8 @@ Real gRPC servers on loopback with their metrics port, a real redis-server, the 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import io
 import json
 import re
@@ -335,3 +337,42 @@ def test_videos_are_counted_apart_alike_in_get_stats_api_stats_and_metrics(meter
     assert api["errors_by_code"] == {"INVALID_ARGUMENT": 2}  # the image's and the clip's, summed over kinds
     assert cli.main(["stats", "--metrics-url", f"http://127.0.0.1:{server.running.metrics_port}"]) == 0
     assert re.search(rf"of them videos +3   hit ratio 50.0 %   {tokens} tokens", capsys.readouterr().out)
+
+
+def test_interceptor_builds_each_methods_observing_handler_once_and_counts_each_call() -> None:
+    """Wrapping a handler and looking up its metric children cost the serving process per RPC; they
+    are made on a method's first call. A refusal (a handler of its own call) is still counted apart."""
+    metrics = ServerMetrics()
+    interceptor = metrics.interceptor("vitcache.v1.VitCache")
+
+    async def answer(request: bytes, context: object) -> bytes:
+        return b"ok"
+
+    async def refuse(request: bytes, context: object) -> bytes:
+        raise PermissionError("refused")
+
+    registered = grpc.unary_unary_rpc_method_handler(answer)
+    refusal = grpc.unary_unary_rpc_method_handler(refuse)
+    details = type("Details", (), {"method": "/vitcache.v1.VitCache/GetStats", "invocation_metadata": ()})()
+
+    async def calls() -> list[grpc.RpcMethodHandler]:
+        handlers = []
+        for handler in (registered, registered, refusal, registered):
+
+            async def continuation(_: object, handler: grpc.RpcMethodHandler = handler) -> grpc.RpcMethodHandler:
+                return handler
+
+            observing = await interceptor.intercept_service(continuation, details)
+            handlers.append(observing)
+            context = type("Context", (), {"code": lambda self: grpc.StatusCode.PERMISSION_DENIED})()
+            with contextlib.suppress(PermissionError):
+                await observing.unary_unary(b"", context)
+        return handlers
+
+    first, second, refused, after = asyncio.run(calls())
+    assert first is second and refused is not first and after.unary_unary is not None
+    counted = metrics.registry.get_sample_value
+    assert counted("vitcache_requests_total", {"method": "GetStats", "code": "OK"}) == 3
+    assert counted("vitcache_requests_total", {"method": "GetStats", "code": "PERMISSION_DENIED"}) == 1
+    assert counted("vitcache_request_duration_seconds_count", {"method": "GetStats"}) == 4
+    assert counted("vitcache_requests_in_flight", {"method": "GetStats"}) == 0
