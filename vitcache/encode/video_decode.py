@@ -18,6 +18,7 @@ from fractions import Fraction
 import av
 import numpy as np
 
+from vitcache.config import LimitsConfig
 from vitcache.errors import ImageRejected
 
 VIDEO_FORMATS = "MP4, WebM or MKV (H.264, H.265, VP8, VP9, AV1, ...)"
@@ -28,10 +29,12 @@ _DEMUXERS = frozenset({"mov,mp4,m4a,3gp,3g2,mj2", "matroska,webm"})
 
 @dataclass(frozen=True)
 class VideoLimits:
-    max_video_bytes: int = 128 * 2**20  # an encoded file
-    max_video_seconds: float = 3600.0  # the stream's duration, from its header
-    max_video_frames: int = 768  # frames sampled (and decoded into memory) from one video
-    max_video_frame_pixels: int = 3840 * 2160  # width x height of one frame
+    """The video decoder's share of :class:`~vitcache.config.LimitsConfig` (help and units there)."""
+
+    max_video_bytes: int = LimitsConfig.max_video_bytes
+    max_video_seconds: float = LimitsConfig.max_video_seconds
+    max_video_frames: int = LimitsConfig.max_video_frames
+    max_video_frame_pixels: int = LimitsConfig.max_video_frame_pixels
     # Frames read (decoded, sampled or not) from one file: bounds the decoding work of a long, dense stream.
     max_video_source_frames: int = 216_000
 
