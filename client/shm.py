@@ -2,17 +2,23 @@
 
 Where the server shares its L1 (``shared_l1``), results are copied out of a read-only mapping of it
 (the one copy a hit costs) and checked against their generation afterwards; otherwise they arrive as
-CPU tensors viewing this connection's own arena, copied there by the server. Nothing here touches CUDA.
+CPU tensors viewing this connection's own arena, copied there by the server. With the L1's index
+(``vitcache.wire.shm_index``) a hit is found without asking the server at all: only the misses make
+a round trip, and the hits read that way are reported to the server in batches (``report_frame``): with
+the next request, or by a background thread at most ``REPORT_INTERVAL_S`` after the hit, or at ``close``.
+The server counts them in its stats and refreshes their recency in its LRU then. Nothing here touches CUDA.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import math
 import mmap
 import os
 import socket
+import struct
 import threading
 import weakref
 from collections.abc import Sequence
@@ -21,13 +27,17 @@ from typing import Any
 
 import torch
 
-from vitcache.wire.shm_protocol import GENERATION, LENGTH, json_frame, request_frame
+from vitcache.wire.shm_index import HEADER_SPAN, MAX_HEADER_BYTES, find_slot, index_bytes, slot_seq
+from vitcache.wire.shm_protocol import GENERATION, LENGTH, json_frame, report_frame, request_frame
 from vitcache.wire.tensor_codec import dtype_from_name
 from vitcache.wire.timing import VideoTiming
 
 #: Lookups of an entry that was replaced while it was being copied, before its image fails with ABORTED.
 MAX_READS = 3
 _ABORTED = 10  # grpc.StatusCode.ABORTED
+_L1 = 1  # the wire enum's Source.L1
+#: Longest a hit read from the shared index waits, on an idle connection, before the server counts it.
+REPORT_INTERVAL_S = 0.05
 
 
 class ShmRequestFailed(RuntimeError):
@@ -78,7 +88,8 @@ class ShmChannel:
     """One connection to a server's ``--shm-socket``; blocking. Thread-safe: requests take turns.
 
     Invariants: from the shared L1, a result's tensors are copies whose entry kept its generation
-    through the copy; from its own arena, an image's lease is released (with the next request) only
+    through the copy (read through the index: and whose index slot did not change); from its own arena,
+    an image's lease is released (with the next request) only
     once every tensor viewing it is gone: their storages all hold the one memoryview of the lease
     that carries its finalizer.
     """
@@ -89,21 +100,27 @@ class ShmChannel:
         metadata: Sequence[tuple[str, str]] = (),
         timeout_s: float = 30.0,
         shared_l1: bool = True,
+        shared_index: bool = True,
     ):
         """``shared_l1``: ask for the server's L1 mapped read-only (results are copies); False, or a server
-        that isolates tenants, gives this connection its own arena (results are views of it)."""
+        that isolates tenants, gives this connection its own arena (results are views of it).
+        ``shared_index``: with the shared L1, also ask for its index, to find hits without a round trip
+        (a server gives it to connections without a tenant only)."""
         self.timeout_s = timeout_s
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        index: mmap.mmap | None = None
         try:
             self._sock.settimeout(timeout_s)
             self._sock.connect(os.fspath(path))
-            self._sock.sendall(json_frame({"metadata": [list(pair) for pair in metadata], "shared_l1": shared_l1}))
-            welcome, fds, _, _ = socket.recv_fds(self._sock, 4096, 1)
+            pairs = [list(pair) for pair in metadata]
+            self._sock.sendall(json_frame({"metadata": pairs, "shared_l1": shared_l1, "shared_index": shared_index}))
+            welcome, fds, _, _ = socket.recv_fds(self._sock, 4096, 2)
             try:
                 reply = self._read_json(welcome)
                 if "error" in reply:
                     raise ShmRequestFailed(*reply["error"])
-                if len(fds) != 1:
+                self.index_slots = int(reply.get("index_slots", 0))
+                if len(fds) != 1 + bool(self.index_slots):
                     raise ConnectionError("the server sent no shared memory")
                 self.arena_bytes = int(reply["arena_bytes"])
                 self.max_images = int(reply["max_images"])
@@ -113,6 +130,11 @@ class ShmChannel:
                     self.arena_bytes,
                     prot=mmap.PROT_READ if self.shared_l1 else mmap.PROT_WRITE | mmap.PROT_READ,
                 )
+                if self.index_slots:
+                    size = index_bytes(self.index_slots)
+                    if os.fstat(fds[1]).st_size < size:  # reading past its end would be a SIGBUS
+                        raise ConnectionError(f"the server sent an index smaller than {self.index_slots} slots")
+                    index = mmap.mmap(fds[1], size, prot=mmap.PROT_READ)
             finally:
                 for fd in fds:
                     os.close(fd)
@@ -121,30 +143,105 @@ class ShmChannel:
             raise
         # Not closed explicitly: tensors may outlive the channel; the mapping goes with the last view.
         self._arena = memoryview(arena)
+        self._index = None if index is None else memoryview(index)
+        self._index_hits: list[bytes] = []  # read from the index, not yet reported
         self._released: collections.deque[int] = collections.deque()
         self._turn = threading.Lock()
+        self._closed = threading.Event()
+        if self._index is not None:
+            reporter = threading.Thread(
+                target=_report_while_open, args=(weakref.ref(self), self._closed), name="vitcache-shm-report"
+            )
+            reporter.daemon = True
+            reporter.start()
 
     def close(self) -> None:
-        """Ends the connection; tensors already received stay valid."""
+        """Reports the hits read from the index not yet reported, and ends the connection; tensors already
+        received stay valid."""
+        with self._turn, contextlib.suppress(OSError):
+            self._send_report()
+        self._disconnect()
+
+    def _disconnect(self) -> None:
+        self._closed.set()
         self._sock.close()
+
+    def _send_report(self) -> None:
+        """Sends the hits read from the index since the last report (no reply comes); call with the turn held."""
+        if self._index_hits:
+            self._sock.sendall(self._report())
+
+    def _report(self) -> bytes:
+        """The frames that report the hits not yet reported (none are left to report after)."""
+        hits, self._index_hits = self._index_hits, []
+        return b"".join(report_frame(hits[i : i + self.max_images]) for i in range(0, len(hits), self.max_images))
 
     def fetch(self, digests: Sequence[bytes], timeout: float | None = None) -> list[ShmResult]:
         """Cached embeddings by digest, in input order; misses carry NOT_FOUND."""
         timeout_s = timeout if timeout is not None else self.timeout_s
-        results: list[ShmResult] = []
         with self._turn:
             if self._sock.gettimeout() != timeout_s:  # a system call otherwise spent on every lookup
                 self._sock.settimeout(timeout_s)
-            for start in range(0, len(digests), self.max_images):
-                chunk = digests[start : start + self.max_images]
-                results += self._read_shared(chunk, start) if self.shared_l1 else self._fetch_chunk(chunk, start)
-        return results
+            if not self.shared_l1:
+                results: list[ShmResult] = []
+                for start in range(0, len(digests), self.max_images):
+                    results += self._fetch_chunk(digests[start : start + self.max_images], start)
+                return results
+            found: dict[int, ShmResult] = {}
+            if self._index is not None:
+                found = {i: hit for i, digest in enumerate(digests) if (hit := self._from_index(digest, i)) is not None}
+            asked = [i for i in range(len(digests)) if i not in found]
+            for start in range(0, len(asked), self.max_images):
+                found |= self._read_shared(digests, asked[start : start + self.max_images])
+        return [found[i] for i in range(len(digests))]
 
-    def _read_shared(self, digests: Sequence[bytes], first_index: int) -> list[ShmResult]:
-        """Results copied out of the shared L1; an image whose entry changed during its copy is looked up
-        again, up to ``MAX_READS`` times in all, then fails with ABORTED (never torn bytes)."""
+    def _from_index(self, digest: bytes, index: int) -> ShmResult | None:
+        """``digest``'s entry read through the shared index with no round trip; None if it is not there, or its
+        slot or block changed before the copy was checked (then the server is asked)."""
+        located = self._locate(digest)
+        if located is None:
+            return None
+        try:
+            tensors = copied_out(self._arena, located)
+        except (ValueError, KeyError, TypeError):  # a header torn by a concurrent rewrite: its generation changed
+            return None
+        if tensors is None or slot_seq(self._index, located["slot"]) != located["seq"]:
+            return None
+        self._index_hits.append(digest)
+        return self._result(located | {"index": index}, 0, tensors)
+
+    def _locate(self, digest: bytes) -> dict[str, Any] | None:
+        """Where the index says ``digest``'s entry lies, with its block's header, as a shared-L1 result (plus
+        the slot and its seq, checked again after the copy); None if it is not there or no longer."""
+        assert self._index is not None
+        found = find_slot(self._index, self.index_slots, digest)
+        if found is None:
+            return None
+        slot, seq, at, generation = found
+        try:
+            if GENERATION.unpack_from(self._arena, at)[0] != generation:
+                return None
+            header_at, header_len = HEADER_SPAN.unpack_from(self._arena, at + GENERATION.size)
+            if header_len > MAX_HEADER_BYTES:
+                return None
+            header = json.loads(bytes(self._arena[at + header_at : at + header_at + header_len]))
+            if header["digest"] != digest.hex():
+                return None
+            outputs = [[dtype, shape, at + int(off), int(nbytes)] for dtype, shape, off, nbytes in header["outputs"]]
+            grid_thw = [int(n) for n in header["grid_thw"]]
+        except (ValueError, KeyError, TypeError, struct.error):  # torn by a concurrent rewrite: not a hit this way
+            return None
+        located = {"at": at, "generation": generation, "grid_thw": grid_thw, "outputs": outputs, "source": _L1}
+        if "video" in header:  # whole if the copy is: the header is read before the generation is checked again
+            located["video"] = header["video"]
+        return located | {"slot": slot, "seq": seq}
+
+    def _read_shared(self, digests: Sequence[bytes], indices: Sequence[int]) -> dict[int, ShmResult]:
+        """Results of ``digests[i]`` for each of ``indices``, copied out of the shared L1; an image whose entry
+        changed during its copy is looked up again, up to ``MAX_READS`` times in all, then fails with ABORTED
+        (never torn bytes)."""
         results: dict[int, ShmResult] = {}
-        pending = list(range(len(digests)))
+        pending = list(indices)
         for _ in range(MAX_READS):
             replies = self._request([digests[i] for i in pending], [])
             retry = []
@@ -154,13 +251,13 @@ class ShmChannel:
                 if tensors is None and "error" not in reply:
                     retry.append(index)
                     continue
-                results[index] = self._result(reply | {"index": index}, first_index, tensors)
+                results[index] = self._result(reply | {"index": index}, 0, tensors)
             if not (pending := retry):
                 break
         for index in pending:
             error = (_ABORTED, f"the entry was replaced {MAX_READS} times while it was read; try again")
-            results[index] = ShmResult(first_index + index, [], (), 0, error)
-        return [results[i] for i in range(len(digests))]
+            results[index] = ShmResult(index, [], (), 0, error)
+        return results
 
     def _fetch_chunk(self, digests: Sequence[bytes], first_index: int) -> list[ShmResult]:
         releases = [self._released.popleft() for _ in range(len(self._released))]
@@ -169,10 +266,10 @@ class ShmChannel:
 
     def _request(self, digests: Sequence[bytes], releases: Sequence[int]) -> list[dict[str, Any]]:
         try:
-            self._sock.sendall(request_frame(digests, releases))
+            self._sock.sendall(self._report() + request_frame(digests, releases))  # the pending report rides along
             reply = self._read_json(b"")
         except BaseException:
-            self.close()  # the server frees this connection's leases, the unsent releases among them
+            self._disconnect()  # the server frees this connection's leases, the unsent releases among them
             raise
         if "error" in reply:
             raise ShmRequestFailed(*reply["error"])
@@ -212,3 +309,20 @@ class ShmChannel:
         if not chunk:
             raise ConnectionError("the vitcache server closed the shared memory connection")
         return chunk
+
+
+def _report_while_open(channel_ref: weakref.ref[ShmChannel], closed: threading.Event) -> None:
+    """Every ``REPORT_INTERVAL_S``, reports the index hits of a channel no request has reported (the fetch path
+    makes no system call for them); ends with the channel, or when its connection fails."""
+    while not closed.wait(REPORT_INTERVAL_S):
+        channel = channel_ref()
+        if channel is None:
+            return
+        if channel._index_hits and channel._turn.acquire(blocking=False):  # busy: its request carries them
+            try:
+                channel._send_report()
+            except OSError:
+                return
+            finally:
+                channel._turn.release()
+        del channel

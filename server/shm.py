@@ -32,6 +32,7 @@ from vitcache.wire.shm_protocol import (
     LENGTH,
     MAX_HELLO_BYTES,
     MEMFD_NAME,
+    REPORT,
     REQUEST,
     aligned,
     json_frame,
@@ -137,7 +138,8 @@ class ShmServer:
     Two ways to deliver a hit (``vitcache.wire.shm_protocol``):
     - shared L1: the client maps the L1's arena (``SharedArena``) read-only and gets where each entry
       lies; the server copies nothing. Offered only where tenants are no boundary (no token is bound to
-      a tenant, so any caller may act as any tenant): the mapping holds every tenant's entries;
+      a tenant, so any caller may act as any tenant): the mapping holds every tenant's entries. A client
+      without a tenant may also map the arena's index and find hits without asking (it reports them after);
     - own arena: each entry is copied into the connection's arena (every other case, and clients that
       do not ask for the shared L1).
 
@@ -224,29 +226,35 @@ class ShmServer:
         counted = False
         reader, writer = await asyncio.open_unix_connection(sock=conn)
         try:
-            scope, wants_shared_l1 = await self._hello(reader, writer)
-            welcome = {"max_images": self.max_images_per_request}
+            scope, wants_shared_l1, wants_index = await self._hello(reader, writer)
+            welcome: dict[str, Any] = {"max_images": self.max_images_per_request}
+            indexed = False
             if wants_shared_l1 and self.shared_l1 is not None:
                 welcome |= {"arena_bytes": self.shared_l1.capacity, "shared_l1": True}
-                fd = self.shared_l1.read_only_fd()
+                fds = [self.shared_l1.read_only_fd()]
+                indexed = wants_index and not scope.tenant  # the index holds tenant-less entries only
+                if indexed:
+                    welcome |= {"index_slots": self.shared_l1.index.slots}
+                    fds.append(self.shared_l1.index.read_only_fd())
             else:
                 arena = Arena(self.arena_bytes)
                 self._arenas.add(arena)
                 welcome |= {"arena_bytes": self.arena_bytes}
                 assert arena.fd is not None
-                fd = arena.fd
+                fds = [arena.fd]
             try:
                 # Past the stream, which holds nothing yet: the first bytes on an empty send buffer never block.
-                socket.send_fds(conn, [json_frame(welcome)], [fd])
+                socket.send_fds(conn, [json_frame(welcome)], fds)
             finally:
                 if arena is None:
-                    os.close(fd)
+                    for fd in fds:
+                        os.close(fd)
                 else:
                     arena.close_fd()
             self.connections += 1
             counted = True
             while True:
-                await self._answer(reader, writer, arena, scope)
+                await self._answer(reader, writer, arena, scope, indexed)
         except _Disconnect as why:
             log.debug("shm client gone: %s", why)
         except OSError as exc:
@@ -260,8 +268,8 @@ class ShmServer:
                 self._arenas.discard(arena)
                 arena.close()
 
-    async def _hello(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> tuple[Scope, bool]:
-        """The caller's scope, and whether it asks for the shared L1."""
+    async def _hello(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> tuple[Scope, bool, bool]:
+        """The caller's scope, and whether it asks for the shared L1 and for its index."""
         (size,) = LENGTH.unpack(await _read(reader, LENGTH.size))
         if size > MAX_HELLO_BYTES:
             raise _Disconnect(f"hello of {size} bytes")
@@ -269,6 +277,7 @@ class ShmServer:
             hello = json.loads(await _read(reader, size))
             metadata = [(str(key), str(value)) for key, value in hello["metadata"]]
             wants_shared_l1 = hello.get("shared_l1") is True
+            wants_index = hello.get("shared_index") is True
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise _Disconnect(f"malformed hello: {exc}") from exc
         try:
@@ -277,14 +286,23 @@ class ShmServer:
             writer.write(json_frame(_error(denied.code, denied.message)))
             await writer.drain()
             raise _Disconnect(denied.message) from denied
-        return Scope(tenant), wants_shared_l1
+        return Scope(tenant), wants_shared_l1, wants_index
 
     async def _answer(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, arena: Arena | None, scope: Scope
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        arena: Arena | None,
+        scope: Scope,
+        indexed: bool,
     ) -> None:
-        """One request: results located in the shared L1 (``arena`` None) or placed in ``arena``."""
+        """One request: results located in the shared L1 (``arena`` None) or placed in ``arena``; or one report
+        of hits the client read from the shared index (``indexed``), counted and not answered."""
         leases = 0 if arena is None else len(arena.leases)
         digest_count, release_count = REQUEST.unpack(await _read(reader, REQUEST.size))
+        report = indexed and bool(digest_count & REPORT)  # elsewhere the bit makes the count too large
+        if report:
+            digest_count ^= REPORT
         if digest_count > self.max_images_per_request or release_count > leases:
             message = (
                 f"{digest_count} digests and {release_count} releases: at most "
@@ -295,6 +313,9 @@ class ShmServer:
             raise _Disconnect(message)
         body = await _read(reader, request_body_size(digest_count, release_count))
         digests, releases = parse_request_body(body, digest_count, release_count)
+        if report:  # no releases: a shared L1 holds no leases
+            self.engine.count_shared_index_hits(digests, scope)
+            return
         unknown = [lease for lease in releases if arena is None or not arena.leases.release(lease)]
         if unknown:
             reply = _error(ErrorCode.INVALID_ARGUMENT, f"leases {unknown} are not held by this connection")

@@ -56,6 +56,38 @@ def shared_connection(path: Path) -> tuple[socket.socket, dict[str, Any], int]:
     return sock, read_reply(sock, data), fd
 
 
+#: How the kernel refuses each of ``write_refusals``' attempts on a sealed memfd handed over read-only.
+WRITES_REFUSED = {
+    "map writable": errno.EACCES,
+    "write": errno.EBADF,
+    "shrink": errno.EINVAL,
+    "map writable, reopened": errno.EPERM,
+    "write, reopened": errno.EPERM,
+    "shrink, reopened": errno.EPERM,
+    "grow, reopened": errno.EPERM,
+}
+
+
+def write_refusals(fd: int, size: int) -> dict[str, int | None]:
+    """The errno of each way a client might try to change the memfd of read-only ``fd`` (``size`` bytes)."""
+    attempts = {
+        "map writable": lambda: mmap.mmap(fd, size),
+        "write": lambda: os.write(fd, b"x"),
+        "shrink": lambda: os.ftruncate(fd, 0),
+    }
+    reopened = os.open(f"/proc/self/fd/{fd}", os.O_RDWR)  # the memfd's inode again, asked writable
+    attempts |= {
+        "map writable, reopened": lambda: mmap.mmap(reopened, size),
+        "write, reopened": lambda: os.write(reopened, b"x"),
+        "shrink, reopened": lambda: os.ftruncate(reopened, 0),
+        "grow, reopened": lambda: os.ftruncate(reopened, 2 * size),
+    }
+    try:
+        return refusals(attempts)
+    finally:
+        os.close(reopened)
+
+
 def test_shared_l1_hits_equal_grpc_and_the_server_copies_nothing(start_server_thread, encoder, socket_path) -> None:  # type: ignore[no-untyped-def]
     server = start_server_thread(VitcacheConfig.of(shm_socket=str(socket_path)), encoder)
     images = [png_bytes(64, 48, 1), png_bytes(48, 64, 2)]
@@ -112,7 +144,7 @@ def test_an_entry_replaced_while_a_client_reads_it_is_detected_never_torn(start_
                 gc.collect()
             return replies
 
-    channel = ReplacedAfterEachAnswer(socket_path)
+    channel = ReplacedAfterEachAnswer(socket_path, shared_index=False)  # the round trip: the index would answer
     try:
         channel.replacements = 1  # read again: the second answer names the replacement, which holds
         (result,) = channel.fetch([digest])
@@ -133,31 +165,9 @@ def test_a_client_cannot_write_the_shared_l1(start_server_thread, socket_path) -
     server.engine.l1.put(digest, cached)
     sock, welcome, fd = shared_connection(socket_path)
     with sock:
-        size = welcome["arena_bytes"]
-        attempts = {
-            "map writable": lambda: mmap.mmap(fd, size),
-            "write": lambda: os.write(fd, b"x"),
-            "shrink": lambda: os.ftruncate(fd, 0),
-        }
-        reopened = os.open(f"/proc/self/fd/{fd}", os.O_RDWR)  # the memfd's inode again, asked writable
-        attempts |= {
-            "map writable, reopened": lambda: mmap.mmap(reopened, size),
-            "write, reopened": lambda: os.write(reopened, b"x"),
-            "shrink, reopened": lambda: os.ftruncate(reopened, 0),
-            "grow, reopened": lambda: os.ftruncate(reopened, 2 * size),
-        }
-        refused = refusals(attempts)
-        os.close(reopened)
+        refused = write_refusals(fd, welcome["arena_bytes"])
         os.close(fd)
-        assert refused == {
-            "map writable": errno.EACCES,
-            "write": errno.EBADF,
-            "shrink": errno.EINVAL,
-            "map writable, reopened": errno.EPERM,
-            "write, reopened": errno.EPERM,
-            "shrink, reopened": errno.EPERM,
-            "grow, reopened": errno.EPERM,
-        }
+        assert refused == WRITES_REFUSED
         sock.sendall(request_frame([digest], []))
         assert read_reply(sock)["results"][0]["generation"] > 0
         sock.sendall(request_frame([digest], [64]))  # a lease to release: there are none on the shared L1

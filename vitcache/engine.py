@@ -307,6 +307,17 @@ class EmbeddingEngine:
         async for outcome in self.encode([DigestOnly(d) for d in digests], scope):
             yield outcome
 
+    def count_shared_index_hits(self, digests: Sequence[bytes], scope: Scope) -> None:
+        """Hits a same-host client read from the shared L1's index itself and reports afterwards: counted as the
+        L1 hits served here are, and each refreshes its entry's recency. A digest L1 no longer holds is not
+        counted: the server cannot tell it from one never read."""
+        for digest in digests:
+            entry = self.l1.get(l1_key(digest, scope.tenant))
+            if entry is not None:
+                self.observer.cache_lookup("l1", hit=True)
+                self.stats.l1_hits += 1
+                self._report(ImageOutcome(0, digest, entry, Source.L1), scope)
+
     async def put(self, key: str, entry: CachedEmbedding, scope: Scope = Scope()) -> None:
         """Stores a caller-computed entry under ``key``, in L1 and then L2 before returning.
 

@@ -5,7 +5,11 @@ Why: a shared-memory hit then costs the server no copy at all. It names where th
 
 Each entry occupies one block::
 
-    generation (u64 LE), padded to ALIGNMENT | output 0 | output 1 | ...   (each output ALIGNMENT-aligned)
+    generation (u64 LE), header offset and length (u32 LE each), padded to ALIGNMENT
+    | output 0 | output 1 | ... (each output ALIGNMENT-aligned) | header (JSON: ``vitcache.wire.shm_index``)
+
+The header tells a client that found the block through the shared index (``vitcache.cache.shared_index``)
+how to decode it without asking the server; plain digest keys only are indexed.
 
 Seqlock-style reading: a block's generation is set, after its outputs are written, to a number no
 block ever carried before; when the L1 drops the entry (eviction, replacement) the generation is
@@ -19,24 +23,18 @@ from __future__ import annotations
 
 import bisect
 import collections
-import fcntl
 import itertools
-import mmap
-import os
+import json
 import threading
 import weakref
 from dataclasses import dataclass
 
 from vitcache.cache.entry import CachedEmbedding
+from vitcache.cache.shared_index import SharedIndex, read_only_fd, sealed_memfd
+from vitcache.wire.shm_index import HEADER_SPAN, slot_count
 from vitcache.wire.shm_protocol import ALIGNMENT, GENERATION, aligned
 from vitcache.wire.tensor_codec import TensorBytes
 
-#: Linux >= 5.1: no new writable mapping and no write(2) (ours, made before it, stays writable);
-#: not in Python 3.11's fcntl module.
-F_SEAL_FUTURE_WRITE = getattr(fcntl, "F_SEAL_FUTURE_WRITE", 0x0010)
-#: Sealed before any client gets the memfd: no one can resize it (a shrunk file makes the server's next
-#: write a SIGBUS), write to it or map it writable, or change these seals.
-SHARED_ARENA_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | F_SEAL_FUTURE_WRITE | fcntl.F_SEAL_SEAL
 SHARED_ARENA_NAME = "vitcache-l1"
 
 
@@ -91,10 +89,12 @@ class FirstFitLeases:
 
 @dataclass(frozen=True, eq=False, kw_only=True)  # keywords: CachedEmbedding may grow fields
 class ArenaEntry(CachedEmbedding):
-    """An entry whose outputs view its block of a :class:`SharedArena` (``at``: the block's offset)."""
+    """An entry whose outputs view its block of a :class:`SharedArena` (``at``: the block's offset; ``digest``:
+    its key in the shared index, empty if it is not indexed)."""
 
     at: int = 0
     generation: int = 0
+    digest: bytes = b""
 
     def output_offsets(self) -> list[int]:
         return output_offsets(self.at, self)
@@ -109,8 +109,18 @@ def output_offsets(at: int, entry: CachedEmbedding) -> list[int]:
     return offsets
 
 
-def block_size(entry: CachedEmbedding) -> int:
-    return ALIGNMENT + sum(aligned(out.nbytes) for out in entry.outputs)
+def block_header(entry: CachedEmbedding, digest: bytes) -> bytes:
+    """What a client needs to decode the block without asking (offsets from the block's start)."""
+    offsets = output_offsets(0, entry)
+    outputs = [[out.dtype, list(out.shape), at, out.nbytes] for out, at in zip(entry.outputs, offsets, strict=True)]
+    header = {"digest": digest.hex(), "grid_thw": list(entry.grid_thw), "outputs": outputs}
+    if entry.video is not None:
+        header["video"] = entry.video.to_json()
+    return json.dumps(header, separators=(",", ":")).encode()
+
+
+def outputs_size(entry: CachedEmbedding) -> int:
+    return sum(aligned(out.nbytes) for out in entry.outputs)
 
 
 class SharedArena:
@@ -120,23 +130,16 @@ class SharedArena:
     - a block is written only between its lease and its first generation store, so a reader holding
       a generation never sees its bytes change without the generation changing first;
     - a dropped entry's block is leased again only once no object in this process views its bytes
-      (its :class:`ArenaEntry` is gone), so gRPC replies being built from it stay whole.
+      (its :class:`ArenaEntry` is gone), so gRPC replies being built from it stay whole;
+    - ``index`` names a block only from its generation store until it is marked dropped.
     Thread-safe: L1 stores from the batcher's thread, and blocks come back from whichever thread
     drops an entry's last reference (even one inside ``store``, by garbage collection: so a dead entry's
     block only joins ``_unviewed``, taken back under the lock by the next call).
     """
 
     def __init__(self, capacity: int) -> None:
-        fd = os.memfd_create(SHARED_ARENA_NAME, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-        try:
-            os.fchmod(fd, 0o600)
-            os.ftruncate(fd, capacity)
-            self._map = mmap.mmap(fd, capacity)
-            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SHARED_ARENA_SEALS)
-        except BaseException:
-            os.close(fd)
-            raise
-        self.fd = fd
+        self.fd, self._map = sealed_memfd(SHARED_ARENA_NAME, capacity)
+        self.index = SharedIndex(slot_count(capacity))
         self.capacity = capacity
         self._view = memoryview(self._map)
         self._leases = FirstFitLeases(capacity)
@@ -150,11 +153,14 @@ class SharedArena:
             self._take_back_unviewed()
             return self._leases.leased_bytes
 
-    def store(self, entry: CachedEmbedding) -> ArenaEntry | None:
-        """A copy of ``entry`` in a new block; None when no free range is large enough."""
+    def store(self, entry: CachedEmbedding, digest: bytes = b"") -> ArenaEntry | None:
+        """A copy of ``entry`` in a new block, found through the shared index by ``digest`` (if any and a slot
+        is free); None when no free range is large enough."""
+        header = block_header(entry, digest)
+        header_at = ALIGNMENT + outputs_size(entry)
         with self._lock:
             self._take_back_unviewed()
-            at = self._leases.lease(block_size(entry))
+            at = self._leases.lease(header_at + len(header))
             generation = next(self._generations)
         if at is None:
             return None
@@ -162,16 +168,28 @@ class SharedArena:
         for out, offset in zip(entry.outputs, output_offsets(at, entry), strict=True):
             self._view[offset : offset + out.nbytes] = out.data
             outputs.append(TensorBytes(out.dtype, out.shape, self._view[offset : offset + out.nbytes].toreadonly()))
+        self._view[at + header_at : at + header_at + len(header)] = header
+        HEADER_SPAN.pack_into(self._view, at + GENERATION.size, header_at, len(header))
         GENERATION.pack_into(self._view, at, generation)  # last: the block is whole from here on
+        with self._lock:
+            indexed = bool(digest) and self.index.publish(digest, at, generation)
         stored = ArenaEntry(
-            grid_thw=entry.grid_thw, outputs=tuple(outputs), video=entry.video, at=at, generation=generation
+            grid_thw=entry.grid_thw,
+            outputs=tuple(outputs),
+            video=entry.video,
+            at=at,
+            generation=generation,
+            digest=digest if indexed else b"",
         )
         weakref.finalize(stored, self._unviewed.append, at).atexit = False
         return stored
 
     def drop(self, entry: ArenaEntry) -> None:
-        """Marks ``entry``'s block as no longer holding it; readers with its generation retry."""
+        """Marks ``entry``'s block as no longer holding it (after taking it out of the index): readers with its
+        generation retry."""
         with self._lock:
+            if entry.digest:
+                self.index.withdraw(entry.digest, entry.generation)
             GENERATION.pack_into(self._view, entry.at, next(self._generations) + 1)  # odd: dropped
 
     def _take_back_unviewed(self) -> None:
@@ -179,9 +197,7 @@ class SharedArena:
             self._leases.release(self._unviewed.popleft())
 
     def read_only_fd(self) -> int:
-        """A new descriptor of the memfd opened read-only (the caller closes it); with the seals,
-        whoever holds it can map the arena for reading only."""
-        return os.open(f"/proc/self/fd/{self.fd}", os.O_RDONLY | os.O_CLOEXEC)
+        return read_only_fd(self.fd)
 
 
 def shared_arena_bytes(l1_bytes: int) -> int:

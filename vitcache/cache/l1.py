@@ -12,6 +12,7 @@ from collections.abc import Hashable
 
 from vitcache.cache.arena import ArenaEntry, SharedArena
 from vitcache.cache.entry import CachedEmbedding
+from vitcache.digest import DIGEST_SIZE
 
 
 def l1_key(digest: bytes, tenant: str = "") -> bytes:
@@ -33,7 +34,8 @@ class L1Cache:
     - ``get`` refreshes recency; ``put`` of a held digest replaces it.
     - With an ``arena``, a stored entry's bytes are copied into it (the held entry views them there) and
       a dropped entry is marked dropped in it; an entry the arena has no room for even once everything
-      else is evicted (blocks still viewed elsewhere) is held in private memory.
+      else is evicted (blocks still viewed elsewhere) is held in private memory;
+    - an entry under a plain digest key (no tenant, not a Put key) is in the arena's shared index.
     Thread-safe: the batcher's worker thread and the event loop may both touch it.
     """
 
@@ -69,14 +71,16 @@ class L1Cache:
             while self.bytes_used + size > self.capacity_bytes:
                 self._evict_oldest()
             if self.arena is not None:
-                entry = self._in_arena(entry, self.arena)
+                indexed = isinstance(key, bytes) and len(key) == DIGEST_SIZE  # a tenant's key is longer
+                entry = self._in_arena(entry, self.arena, key if indexed else b"")
             self._entries[key] = entry
             self.bytes_used += size
             return True
 
-    def _in_arena(self, entry: CachedEmbedding, arena: SharedArena) -> CachedEmbedding:
-        """``entry`` copied into ``arena``, evicting older entries while it has no room."""
-        while (stored := arena.store(entry)) is None and self._entries:
+    def _in_arena(self, entry: CachedEmbedding, arena: SharedArena, digest: bytes) -> CachedEmbedding:
+        """``entry`` copied into ``arena`` (and indexed by ``digest``, if any), evicting older entries while it has
+        no room."""
+        while (stored := arena.store(entry, digest)) is None and self._entries:
             self._evict_oldest()
         return entry if stored is None else stored
 
