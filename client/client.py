@@ -257,7 +257,7 @@ class VitCacheClient:
     """Blocking client. ``target`` is a gRPC target such as ``"localhost:50051"``; ``options``
     carry TLS, token, tenant and digest key (:class:`ConnectOptions`). With ``shm_socket``
     (the server's ``--shm-socket``, same host only) lookups are answered in shared memory
-    and only image bytes travel over gRPC; ``shm_shared_l1`` as in :class:`ShmChannel`."""
+    and only image bytes travel over gRPC; ``shm_shared_l1`` and ``shm_shared_index`` as in :class:`ShmChannel`."""
 
     def __init__(
         self,
@@ -266,13 +266,15 @@ class VitCacheClient:
         options: ConnectOptions | None = None,
         shm_socket: str | os.PathLike | None = None,
         shm_shared_l1: bool = True,
+        shm_shared_index: bool = True,
     ) -> None:
         self.options = options or ConnectOptions()
         self._channel = open_channel(target, self.options, max_message_bytes)
         self._stub = result_stub(self._channel)
         self._shm = None
         if shm_socket is not None:
-            self._shm = ShmChannel(shm_socket, self.options.metadata(), shared_l1=shm_shared_l1)
+            metadata = self.options.metadata()
+            self._shm = ShmChannel(shm_socket, metadata, shared_l1=shm_shared_l1, shared_index=shm_shared_index)
 
     def close(self) -> None:
         self._channel.close()

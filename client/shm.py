@@ -179,6 +179,8 @@ class ShmChannel:
     def fetch(self, digests: Sequence[bytes], timeout: float | None = None) -> list[ShmResult]:
         """Cached embeddings by digest, in input order; misses carry NOT_FOUND."""
         timeout_s = timeout if timeout is not None else self.timeout_s
+        if self._closed.is_set():  # the index would still answer: its hits could no longer be reported
+            raise ConnectionError("the shared memory connection is closed")
         with self._turn:
             if self._sock.gettimeout() != timeout_s:  # a system call otherwise spent on every lookup
                 self._sock.settimeout(timeout_s)

@@ -71,6 +71,9 @@ def test_index_hits_equal_grpc_fetch_and_make_no_round_trip(start_server_thread,
         assert results[1].index == 1 and payload(results[1].embeddings) == payload(over_grpc[0].embeddings)
     finally:
         channel.close()
+    with VitCacheClient(server.target, shm_socket=socket_path, shm_shared_index=False) as asking:
+        assert asking._shm is not None and asking._shm.shared_l1 and asking._shm.index_slots == 0
+        assert payload(asking.fetch(digests[:1])[0].raise_for_error().embeddings) == payload(entry(1).tensors())
 
 
 @pytest.mark.parametrize("change", ["replaced", "evicted"])
@@ -133,6 +136,8 @@ def test_index_hits_are_counted_by_the_server_and_refresh_recency(start_server_t
         channel.close()  # reports the last hit
     assert wait_until(lambda: stats.l1_hits == before + 4)
     assert channel.requests == 1
+    with pytest.raises(ConnectionError):  # the index could still answer, but its hits would go uncounted
+        channel.fetch([digests[2]])
 
 
 def test_a_client_cannot_write_the_index(start_server_thread, socket_path) -> None:  # type: ignore[no-untyped-def]
