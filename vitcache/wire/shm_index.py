@@ -4,7 +4,7 @@ Why: with it an L1 hit needs no round trip over the Unix socket; the client find
 bytes out of its read-only mapping of the arena and checks that nothing changed meanwhile.
 
 The index is a sealed memfd (read-only to clients, written by the serving process alone) of
-``slots + PROBES - 1`` slots of ``SLOT_SIZE`` bytes; ``slots`` is a power of two. A digest's home is
+``slots + PROBES - 1`` slots of ``SLOT_SIZE`` bytes. A digest's home is
 ``home_slot``; it lies in one of the ``PROBES`` slots from its home on (no wrap-around: the table has
 ``PROBES - 1`` slots past the last home). A digest the writer finds no free slot for there is not indexed
 (its hits take the round trip). Each slot::
@@ -41,14 +41,14 @@ PROBES = 8
 HEADER_SPAN = struct.Struct("<II")
 #: Largest header a reader accepts: one entry's outputs and timing.
 MAX_HEADER_BYTES = 64 << 10
-#: Arena bytes per slot: the table is sized from the arena's capacity (16 MiB of index for ~1 GiB).
+#: Arena bytes per slot: the table is sized from the arena's capacity (1/64 of it: 18 MiB for --l1-bytes 1 GiB).
 ARENA_BYTES_PER_SLOT = 4096
 MIN_SLOTS = 64
 
 
 def slot_count(arena_bytes: int) -> int:
-    """Homes for an arena of ``arena_bytes``: a power of two, one per ``ARENA_BYTES_PER_SLOT``."""
-    return max(MIN_SLOTS, 1 << (arena_bytes // ARENA_BYTES_PER_SLOT - 1).bit_length())
+    """Homes for an arena of ``arena_bytes``: one per ``ARENA_BYTES_PER_SLOT``."""
+    return max(MIN_SLOTS, arena_bytes // ARENA_BYTES_PER_SLOT)
 
 
 def index_bytes(slots: int) -> int:
@@ -57,7 +57,7 @@ def index_bytes(slots: int) -> int:
 
 def home_slot(digest: bytes, slots: int) -> int:
     """Digests are uniform hashes: their low bytes spread them over the table."""
-    return int.from_bytes(digest[:8], "little") & (slots - 1)
+    return int.from_bytes(digest[:8], "little") % slots
 
 
 def find_slot(index: memoryview, slots: int, digest: bytes) -> tuple[int, int, int, int] | None:
