@@ -5,9 +5,11 @@
 One 448x448 image of Qwen2.5-VL-7B is 256 tokens x 3584 bf16 = 1.8 MB. A server process holds
 16 such entries in L1 (put there directly: a hit never runs the tower) and serves them four
 ways: the vitcache gRPC API as served (hit-path codecs on both sides), the same API with
-protobuf's own serializer and parser (the path before them), and the shared-memory socket, both
-from the shared L1 (the client copies out of its read-only mapping; the server copies nothing) and
-into the connection's own arena (the server copies, the client's tensors view the arena).
+protobuf's own serializer and parser (the path before them), and the shared-memory socket: from the
+shared L1 found through its index (the client finds and copies the entry itself, no round trip), from
+the shared L1 found by asking the server (a round trip; the client copies out of its read-only mapping,
+the server copies nothing), and into the connection's own arena (the server copies, the client's tensors
+view the arena).
 Beside it, in the same process, a raw gRPC service answers a tiny request with the same number of
 bytes (one-way: what a hit moves, and the baseline the ratios divide by). Redis GETs the same bytes from a
 redis-server this script starts. Every method runs round-robin in one loop, so a busy machine
@@ -147,6 +149,7 @@ def main() -> None:
 
         grpc_client = VitCacheClient(f"127.0.0.1:{vitcache_port}")
         shm_client = VitCacheClient(f"127.0.0.1:{vitcache_port}", shm_socket=shm_socket)
+        asking_client = VitCacheClient(f"127.0.0.1:{vitcache_port}", shm_socket=shm_socket, shm_shared_index=False)
         own_arena_client = VitCacheClient(f"127.0.0.1:{vitcache_port}", shm_socket=shm_socket, shm_shared_l1=False)
         unlimited = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
         channel = grpc.insecure_channel(f"127.0.0.1:{baseline_port}", options=unlimited)
@@ -169,6 +172,7 @@ def main() -> None:
                 "vitcache gRPC": lambda: fetch(grpc_client, count),
                 "vitcache gRPC before (protobuf codecs)": lambda: fetch_before(count),
                 "vitcache shm": lambda: fetch(shm_client, count),
+                "vitcache shm, no index (asks the server)": lambda: fetch(asking_client, count),
                 "vitcache shm, own arena (server copies)": lambda: fetch(own_arena_client, count),
                 "vitcache shm, misses (control path only)": lambda: shm_client.fetch(absent[:count]),
                 "raw gRPC 1-byte echo (control path only)": lambda: echo(b"x"),
@@ -208,7 +212,7 @@ def main() -> None:
                         "rounds": iters,
                     }
                 )
-        for client in (grpc_client, shm_client, own_arena_client):
+        for client in (grpc_client, shm_client, asking_client, own_arena_client):
             client.close()
     finally:
         server.kill()
