@@ -20,11 +20,10 @@ import os
 import socket
 import struct
 import threading
-import warnings
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 
@@ -60,53 +59,29 @@ class ShmResult:
     video: VideoTiming | None = None
 
 
-def _output_dtype(dtype: str, shape: Sequence[int], nbytes: int) -> torch.dtype:
-    torch_dtype = dtype_from_name(dtype)
-    if nbytes != math.prod(shape) * torch_dtype.itemsize:
-        raise ValueError(f"server sent an output of {nbytes} bytes that is no {dtype} {list(shape)}")
-    return torch_dtype
-
-
 def _tensor_at(region: memoryview, start: int, dtype: str, shape: Sequence[int], nbytes: int) -> torch.Tensor:
     """A tensor viewing ``region[start:start + nbytes]``; its storage holds ``region`` itself."""
-    torch_dtype = _output_dtype(dtype, shape, nbytes)
-    if nbytes == 0:
+    torch_dtype = dtype_from_name(dtype)
+    count = math.prod(shape)
+    if nbytes != count * torch_dtype.itemsize:
+        raise ValueError(f"server sent an output of {nbytes} bytes that is no {dtype} {list(shape)}")
+    if count == 0:
         return torch.empty(tuple(shape), dtype=torch_dtype)
-    count = nbytes // torch_dtype.itemsize
     return torch.frombuffer(region, dtype=torch_dtype, count=count, offset=start).view(tuple(shape))
 
 
-class SharedMapping(NamedTuple):
-    """A read-only mapping of the shared L1, as bytes (``view``) and as a uint8 tensor (``data``): copies out of
-    it go through torch, whose copy of 1.8 MB took 56 us against 127-141 us for ``bytearray`` here (2 cores, 2
-    intra-op threads; with 1 thread 140-155 against 123-129 us)."""
-
-    view: memoryview
-    data: torch.Tensor
-
-    @classmethod
-    def of(cls, view: memoryview) -> SharedMapping:
-        with warnings.catch_warnings():  # torch warns that the memory is not writable: nothing writes through it
-            warnings.simplefilter("ignore", UserWarning)
-            return cls(view, torch.frombuffer(view, dtype=torch.uint8))
-
-
-def copied_out(mapping: SharedMapping, result: dict[str, Any]) -> list[torch.Tensor] | None:
+def copied_out(mapping: memoryview, result: dict[str, Any]) -> list[torch.Tensor] | None:
     """The tensors of a shared-L1 ``result``, copied out of ``mapping``; None if the entry was dropped or
     replaced (its generation changed) before the copy ended, so the copy may be torn."""
     generation, at = int(result["generation"]), int(result["at"])
     spans = [(at, at + GENERATION.size)] + [(start, start + nbytes) for _, _, start, nbytes in result["outputs"]]
-    if not all(0 <= start <= end <= len(mapping.view) for start, end in spans):
+    if not all(0 <= start <= end <= len(mapping) for start, end in spans):
         raise ValueError(f"server sent an entry at {at} outside the shared L1")
-    tensors = [_copied(mapping.data, start, dtype, shape, nbytes) for dtype, shape, start, nbytes in result["outputs"]]
-    return tensors if GENERATION.unpack_from(mapping.view, at)[0] == generation else None
-
-
-def _copied(data: torch.Tensor, start: int, dtype: str, shape: Sequence[int], nbytes: int) -> torch.Tensor:
-    """A new tensor holding a copy of ``data[start:start + nbytes]``."""
-    out = torch.empty(tuple(shape), dtype=_output_dtype(dtype, shape, nbytes))
-    out.view(-1).view(torch.uint8).copy_(data[start : start + nbytes])
-    return out
+    tensors = [
+        _tensor_at(memoryview(bytearray(mapping[start : start + nbytes])), 0, dtype, shape, nbytes)
+        for dtype, shape, start, nbytes in result["outputs"]
+    ]
+    return tensors if GENERATION.unpack_from(mapping, at)[0] == generation else None
 
 
 class ShmChannel:
@@ -168,7 +143,6 @@ class ShmChannel:
             raise
         # Not closed explicitly: tensors may outlive the channel; the mapping goes with the last view.
         self._arena = memoryview(arena)
-        self._shared = SharedMapping.of(self._arena) if self.shared_l1 else None
         self._index = None if index is None else memoryview(index)
         self._index_hits: list[bytes] = []  # read from the index, not yet reported
         self._released: collections.deque[int] = collections.deque()
@@ -230,7 +204,7 @@ class ShmChannel:
         if located is None:
             return None
         try:
-            tensors = copied_out(self._shared, located)
+            tensors = copied_out(self._arena, located)
         except (ValueError, KeyError, TypeError):  # a header torn by a concurrent rewrite: its generation changed
             return None
         if tensors is None or slot_seq(self._index, located["slot"]) != located["seq"]:
@@ -275,7 +249,7 @@ class ShmChannel:
             retry = []
             for reply in replies:
                 index = pending[int(reply["index"])]
-                tensors = None if "error" in reply else copied_out(self._shared, reply)
+                tensors = None if "error" in reply else copied_out(self._arena, reply)
                 if tensors is None and "error" not in reply:
                     retry.append(index)
                     continue

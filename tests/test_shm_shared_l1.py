@@ -19,7 +19,7 @@ import grpc
 import pytest
 import torch
 from vitcache.client import ConnectOptions, VitCacheClient
-from vitcache.client.shm import SharedMapping, ShmChannel, copied_out
+from vitcache.client.shm import ShmChannel, copied_out
 
 from vitcache.cache.arena import ArenaEntry, SharedArena
 from vitcache.cache.entry import CachedEmbedding
@@ -118,7 +118,7 @@ def test_an_entry_replaced_while_a_client_reads_it_is_detected_never_torn(start_
     l1.put(digest, old)
     sock, welcome, fd = shared_connection(socket_path)
     with sock:
-        mapping = SharedMapping.of(memoryview(mmap.mmap(fd, welcome["arena_bytes"], prot=mmap.PROT_READ)))
+        mapping = memoryview(mmap.mmap(fd, welcome["arena_bytes"], prot=mmap.PROT_READ))
         os.close(fd)
         sock.sendall(request_frame([digest], []))
         (located,) = read_reply(sock)["results"]
@@ -127,8 +127,8 @@ def test_an_entry_replaced_while_a_client_reads_it_is_detected_never_torn(start_
         gc.collect()
         l1.put(digest_file(b"filler"), entry(3))  # reuses the freed block
         start, nbytes = located["outputs"][0][2:]
-        assert bytes(mapping.view[start : start + nbytes]) != payload(old.tensors())[0]  # overwritten under the reader
-        assert GENERATION.unpack_from(mapping.view, located["at"])[0] != located["generation"]
+        assert bytes(mapping[start : start + nbytes]) != payload(old.tensors())[0]  # overwritten under the reader
+        assert GENERATION.unpack_from(mapping, located["at"])[0] != located["generation"]
         assert copied_out(mapping, located) is None
 
     class ReplacedAfterEachAnswer(ShmChannel):
