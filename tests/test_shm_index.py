@@ -127,6 +127,9 @@ def test_index_hits_are_counted_by_the_server_and_refresh_recency(start_server_t
         assert channel.requests == 0
         channel.fetch([digest_file(b"absent")])  # the report rides with this request, ahead of it
         assert stats.l1_hits == before + 2 and stats.not_found == 1
+        registry = server.running.metrics.registry  # what /metrics and the dashboard's hit rate read
+        assert registry.get_sample_value("vitcache_images_total", {"source": "l1", "code": "OK", "kind": "image"}) == 2
+        assert registry.get_sample_value("vitcache_cache_lookups_total", {"tier": "l1", "result": "hit"}) == 2
         l1.put(digest_file(b"newcomer"), entry(3))  # evicts the least recent: digests[1], not the one read
         assert l1.get(digests[0]) is not None and l1.get(digests[1]) is None
         channel.fetch([digests[2]])  # no request follows: the background report counts it
