@@ -5,7 +5,8 @@ Where the server shares its L1 (``shared_l1``), results are copied out of a read
 CPU tensors viewing this connection's own arena, copied there by the server. With the L1's index
 (``vitcache.wire.shm_index``) a hit is found without asking the server at all: only the misses make
 a round trip, and the hits read that way are reported to the server in batches (``report_frame``): with
-the next request, or by a background thread at most ``REPORT_INTERVAL_S`` after the hit, or at ``close``.
+the next request, or once ``max_images`` are waiting, or by a background thread at most ``REPORT_INTERVAL_S``
+after the hit, or at ``close``.
 The server counts them in its stats and refreshes their recency in its LRU then. Nothing here touches CUDA.
 """
 
@@ -89,9 +90,9 @@ class ShmChannel:
 
     Invariants: from the shared L1, a result's tensors are copies whose entry kept its generation
     through the copy (read through the index: and whose index slot did not change); from its own arena,
-    an image's lease is released (with the next request) only
-    once every tensor viewing it is gone: their storages all hold the one memoryview of the lease
-    that carries its finalizer.
+    an image's lease is released (with the next request) only once every tensor viewing it is gone:
+    their storages all hold the one memoryview of the lease that carries its finalizer. At most
+    ``max_images`` hits read from the index wait to be reported.
     """
 
     def __init__(
@@ -167,9 +168,14 @@ class ShmChannel:
         self._sock.close()
 
     def _send_report(self) -> None:
-        """Sends the hits read from the index since the last report (no reply comes); call with the turn held."""
+        """Sends the hits read from the index since the last report (no reply comes); call with the turn held.
+        A connection that fails to send is closed: a gone server's index would answer hits no one counts."""
         if self._index_hits:
-            self._sock.sendall(self._report())
+            try:
+                self._sock.sendall(self._report())
+            except BaseException:
+                self._disconnect()
+                raise
 
     def _report(self) -> bytes:
         """The frames that report the hits not yet reported (none are left to report after)."""
@@ -192,6 +198,8 @@ class ShmChannel:
             found: dict[int, ShmResult] = {}
             if self._index is not None:
                 found = {i: hit for i, digest in enumerate(digests) if (hit := self._from_index(digest, i)) is not None}
+                if len(self._index_hits) >= self.max_images:  # a busy caller may leave the reporter no turn
+                    self._send_report()
             asked = [i for i in range(len(digests)) if i not in found]
             for start in range(0, len(asked), self.max_images):
                 found |= self._read_shared(digests, asked[start : start + self.max_images])

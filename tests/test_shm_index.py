@@ -13,7 +13,7 @@ import socket
 
 import grpc
 import pytest
-from vitcache.client import ConnectOptions, VitCacheClient
+from vitcache.client import ConnectOptions, VitCacheClient, shm
 from vitcache.client.shm import ShmChannel
 
 from vitcache.cache.arena import SharedArena
@@ -141,6 +141,42 @@ def test_index_hits_are_counted_by_the_server_and_refresh_recency(start_server_t
     assert channel.requests == 1
     with pytest.raises(ConnectionError):  # the index could still answer, but its hits would go uncounted
         channel.fetch([digests[2]])
+
+
+def test_a_caller_that_leaves_the_reporter_no_turn_reports_every_max_images_hits(  # type: ignore[no-untyped-def]
+    start_server_thread, socket_path, monkeypatch
+) -> None:
+    server = start_server_thread(VitcacheConfig.of(shm_socket=str(socket_path), max_images_per_request=2))
+    digest = digest_file(b"popular")
+    server.engine.l1.put(digest, entry(8))
+    monkeypatch.setattr(shm, "REPORT_INTERVAL_S", 3600.0)  # the background reporter never gets to it
+    channel = CountingChannel(socket_path)
+    try:
+        before = server.engine.stats.l1_hits
+        channel.fetch([digest])
+        assert len(channel._index_hits) == 1  # waits for a request or the reporter
+        channel.fetch([digest])
+        assert channel._index_hits == []  # two waiting: sent at once
+        assert wait_until(lambda: server.engine.stats.l1_hits == before + 2)
+        assert channel.requests == 0
+    finally:
+        channel.close()
+
+
+def test_a_channel_whose_server_is_gone_closes_once_a_report_fails(start_server_thread, socket_path) -> None:  # type: ignore[no-untyped-def]
+    """The index stays mapped after the server is gone and would go on answering hits that no one counts."""
+    server = start_server_thread(VitcacheConfig.of(shm_socket=str(socket_path)))
+    digest = digest_file(b"orphaned")
+    server.engine.l1.put(digest, entry(9))
+    channel = ShmChannel(socket_path)
+    try:
+        server.stop()
+        assert channel.fetch([digest])[0].error is None  # from the index: the server is not asked
+        assert wait_until(channel._closed.is_set)  # the background report failed
+        with pytest.raises(ConnectionError):
+            channel.fetch([digest])
+    finally:
+        channel.close()
 
 
 def test_a_client_cannot_write_the_index(start_server_thread, socket_path) -> None:  # type: ignore[no-untyped-def]
