@@ -10,6 +10,7 @@ import gc
 import mmap
 import os
 import socket
+from pathlib import Path
 
 import grpc
 import pytest
@@ -40,6 +41,24 @@ class CountingChannel(ShmChannel):
     def _request(self, digests, releases):  # type: ignore[no-untyped-def]
         self.requests += 1
         return super()._request(digests, releases)
+
+
+def serving_one_entry(start_server_thread, socket_path: Path, name: bytes, seed: int, **config):  # type: ignore[no-untyped-def]
+    """A server with ``--shm-socket`` whose L1 holds ``entry(seed)`` under the digest of ``name``: (server, digest)."""
+    server = start_server_thread(VitcacheConfig.of(shm_socket=str(socket_path), **config))
+    digest = digest_file(name)
+    server.engine.l1.put(digest, entry(seed))
+    return server, digest
+
+
+def hand_made_connection(path: Path, hello: dict) -> tuple[socket.socket, dict, list[int]]:
+    """A connection that said ``hello``: (socket, welcome, the fds it came with)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(10)
+    sock.connect(str(path))
+    sock.sendall(json_frame({"metadata": []} | hello))
+    data, fds, _, _ = socket.recv_fds(sock, 4096, 2)
+    return sock, read_reply(sock, data), fds
 
 
 def video_entry(seed: int) -> CachedEmbedding:
@@ -146,9 +165,7 @@ def test_index_hits_are_counted_by_the_server_and_refresh_recency(start_server_t
 def test_a_caller_that_leaves_the_reporter_no_turn_reports_every_max_images_hits(  # type: ignore[no-untyped-def]
     start_server_thread, socket_path, monkeypatch
 ) -> None:
-    server = start_server_thread(VitcacheConfig.of(shm_socket=str(socket_path), max_images_per_request=2))
-    digest = digest_file(b"popular")
-    server.engine.l1.put(digest, entry(8))
+    server, digest = serving_one_entry(start_server_thread, socket_path, b"popular", 8, max_images_per_request=2)
     monkeypatch.setattr(shm, "REPORT_INTERVAL_S", 3600.0)  # the background reporter never gets to it
     channel = CountingChannel(socket_path)
     try:
@@ -165,9 +182,7 @@ def test_a_caller_that_leaves_the_reporter_no_turn_reports_every_max_images_hits
 
 def test_a_channel_whose_server_is_gone_closes_once_a_report_fails(start_server_thread, socket_path) -> None:  # type: ignore[no-untyped-def]
     """The index stays mapped after the server is gone and would go on answering hits that no one counts."""
-    server = start_server_thread(VitcacheConfig.of(shm_socket=str(socket_path)))
-    digest = digest_file(b"orphaned")
-    server.engine.l1.put(digest, entry(9))
+    server, digest = serving_one_entry(start_server_thread, socket_path, b"orphaned", 9)
     channel = ShmChannel(socket_path)
     try:
         server.stop()
@@ -180,17 +195,10 @@ def test_a_channel_whose_server_is_gone_closes_once_a_report_fails(start_server_
 
 
 def test_a_client_cannot_write_the_index(start_server_thread, socket_path) -> None:  # type: ignore[no-untyped-def]
-    server = start_server_thread(VitcacheConfig.of(shm_socket=str(socket_path)))
-    digest = digest_file(b"kept")
-    server.engine.l1.put(digest, entry(4))
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server, digest = serving_one_entry(start_server_thread, socket_path, b"kept", 4)
+    sock, welcome, (arena_fd, index_fd) = hand_made_connection(socket_path, {"shared_l1": True, "shared_index": True})
     with sock:
-        sock.settimeout(10)
-        sock.connect(str(socket_path))
-        sock.sendall(json_frame({"metadata": [], "shared_l1": True, "shared_index": True}))
-        data, fds, _, _ = socket.recv_fds(sock, 4096, 2)
-        arena_fd, index_fd = fds
-        slots = read_reply(sock, data)["index_slots"]
+        slots = welcome["index_slots"]
         size = index_bytes(slots)
         assert os.fstat(index_fd).st_size == size
         assert write_refusals(index_fd, size) == WRITES_REFUSED
@@ -233,19 +241,13 @@ def test_the_index_is_offered_only_to_connections_without_a_tenant_where_tenants
 
 
 def test_a_report_where_no_index_was_given_ends_that_connection_alone(start_server_thread, socket_path) -> None:  # type: ignore[no-untyped-def]
-    server = start_server_thread(VitcacheConfig.of(shm_socket=str(socket_path)))
-    digest = digest_file(b"reported")
-    server.engine.l1.put(digest, entry(7))
+    server, digest = serving_one_entry(start_server_thread, socket_path, b"reported", 7)
     before = server.engine.stats.l1_hits
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock, welcome, fds = hand_made_connection(socket_path, {"shared_l1": True})  # no index asked for
     with sock:
-        sock.settimeout(10)
-        sock.connect(str(socket_path))
-        sock.sendall(json_frame({"metadata": [], "shared_l1": True}))  # no index asked for
-        data, fds, _, _ = socket.recv_fds(sock, 4096, 2)
         for fd in fds:
             os.close(fd)
-        assert len(fds) == 1 and "index_slots" not in read_reply(sock, data)
+        assert len(fds) == 1 and "index_slots" not in welcome
         sock.sendall(report_frame([digest]))
         reply = read_reply(sock)
         assert reply["error"][0] == INVALID_ARGUMENT and str(REPORT + 1) in reply["error"][1]
