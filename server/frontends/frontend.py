@@ -9,6 +9,8 @@ engine's copy, which the engine keeps until the reply is built.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
 import itertools
 import logging
 import mmap
@@ -35,6 +37,9 @@ from .link import ArenaRef, LinkAddress, frame, read_frame
 
 log = logging.getLogger(__name__)
 
+#: /proc/PID/comm of front-end N: PREFIX + N.
+PROCESS_NAME_PREFIX = "vitcache-fe"
+_PR_SET_NAME = 15
 #: How often request metrics go to the engine (its /metrics counts them).
 RPC_EVENTS_FLUSH_S = 0.2
 
@@ -220,6 +225,12 @@ class RemoteEngine:
                 queue.put_nowait(("end", LinkLost(), None))
 
 
+def _name_process(name: str) -> None:
+    """``name`` in ``top``, ``ps -L`` and /proc/PID/comm (Linux; elsewhere nothing changes)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_NAME, name.encode()[:15], 0, 0, 0)
+
+
 class _ForwardedMethod:
     """A method's RPCs, counted in the engine process's /metrics."""
 
@@ -236,6 +247,7 @@ class _ForwardedMethod:
 def run_frontend(config: VitcacheConfig, address: LinkAddress, index: int, port: int, log_level: int) -> None:
     """A front-end process's main: serves gRPC on ``port`` until SIGTERM or until the engine is gone."""
     logging.basicConfig(level=log_level, format=f"%(asctime)s %(levelname)s frontend {index} %(name)s: %(message)s")
+    _name_process(f"{PROCESS_NAME_PREFIX}{index}")
     asyncio.run(_serve(config, address, index, port))
 
 
