@@ -63,6 +63,7 @@ def test_frontends_share_one_l1_and_fail_bad_images_alone(fronted: BackgroundSer
         hits += 1
         assert hits < 64
     assert len(link.peers) == 2
+    assert link.entries_sent_inline == 0, "a computed entry, like a hit, reaches the front-end as its place in L1"
     _until(lambda: link.pinned == 0, "front-ends release the entries their replies were built from")
     with VitCacheClient(fronted.target) as anonymous, pytest.raises(grpc.RpcError) as refused:
         anonymous.encode([image])

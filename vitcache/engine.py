@@ -513,7 +513,7 @@ class EmbeddingEngine:
         self.observer.cache_lookup("l2", hit=entry is not None)
         if entry is not None:
             with self.observer.timed("l1_put"):
-                self.l1.put(l1_at, entry)
+                return self.l1.put(l1_at, entry) or entry
         return entry
 
     async def _resolve_once(self, digest: bytes, image: ImageInput, scope: Scope) -> tuple[CachedEmbedding, Source]:
@@ -568,8 +568,7 @@ class EmbeddingEngine:
         if self.fleet_lock is not None:
             claim = await self.fleet_lock.claim(digest, scope.tenant)
             if isinstance(claim, CachedEmbedding):  # another replica computed it meanwhile
-                self.l1.put(l1_key(digest, scope.tenant), claim)
-                return claim, Source.L2
+                return self.l1.put(l1_key(digest, scope.tenant), claim) or claim, Source.L2
             _, token = claim
         try:
             assert not isinstance(image, DigestOnly)  # _serve_miss answers those from L2 alone
@@ -585,10 +584,10 @@ class EmbeddingEngine:
             self._release_unstored(digest, scope.tenant, token)
             return entry, Source.COMPUTED
         with self.observer.timed("l1_put"):
-            self.l1.put(l1_key(digest, scope.tenant), entry)
+            held = self.l1.put(l1_key(digest, scope.tenant), entry)
         if self.l2 is not None:
             self._background(self._store(digest, scope.tenant, entry, token))
-        return entry, Source.COMPUTED
+        return held or entry, Source.COMPUTED
 
     def _release_unstored(self, digest: bytes, tenant: str, token: str) -> None:
         """Releases the fleet lock (if held) of a computation that stores nothing."""

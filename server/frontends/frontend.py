@@ -153,6 +153,10 @@ class RemoteEngine:
         call_id = queue.call_id  # type: ignore[attr-defined]
         if self._calls.pop(call_id, None) is not None and not self.lost.is_set():
             self._writer.write(frame(("cancel", call_id)))
+        while not queue.empty():  # outcomes received and never asked for: their entries go back
+            _, _, ref = queue.get_nowait()
+            if ref is not None:
+                self._release(ref.pin)
 
     async def _result(self, method: str, *args: Any) -> Any:
         """The value a call ends with."""

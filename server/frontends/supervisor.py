@@ -75,6 +75,7 @@ class FrontendLink:
         self._directory = Path(tempfile.mkdtemp(prefix="vitcache-link-"))  # 0700
         self.address = LinkAddress(str(self._directory / "engine.sock"), secrets.token_bytes(32))
         self.peers: dict[int, _Peer] = {}
+        self.entries_sent_inline = 0  # entries not in the arena (too large for L1, Put entries): their bytes cross
         self._pins = itertools.count(1)
         self._server: asyncio.AbstractServer | None = None
         self._listener: socket.socket | None = None
@@ -206,6 +207,7 @@ class FrontendLink:
         """``outcome`` to send: an arena entry as its place there (pinned), any other entry as it is."""
         entry = outcome.entry
         if not isinstance(entry, ArenaEntry):
+            self.entries_sent_inline += entry is not None
             return outcome, None
         pin = next(self._pins)
         peer.pins[pin] = entry
