@@ -634,7 +634,8 @@ def main() -> None:
     parser.add_argument(
         "--scaling-devices",
         default="cuda:0;cuda:0,cuda:1",
-        help="--parts scaling: the server's --device values to compare, ';'-separated; clients scale with the count",
+        help="--parts scaling: the server's --device values to compare, ';'-separated, each with @N to give its "
+        "--frontends (else each --scaling-frontends value); clients scale with the count",
     )
     parser.add_argument(
         "--scaling-frontends",
@@ -747,8 +748,9 @@ def main() -> None:
         for side in [int(v) for v in args.sides.split(",")]:
             configs = [
                 (devices, None, int(frontends))
-                for devices in args.scaling_devices.split(";")
-                for frontends in args.scaling_frontends.split(";")
+                for entry in args.scaling_devices.split(";")
+                for devices, _, fixed in [entry.partition("@")]
+                for frontends in ([fixed] if fixed else args.scaling_frontends.split(";"))
             ]
             if args.kill_encoder_at is not None:
                 configs += [(devices, args.kill_encoder_at, fe) for devices, _, fe in configs if "," in devices][-1:]
