@@ -263,6 +263,12 @@ class LimitsConfig(_Group):
     max_cached_video_bytes: int = byte_setting(
         "256MiB", "a video entry larger than this is computed and returned, not cached", minimum=0
     )
+    video_decoder: str = setting(
+        "auto",
+        "where video files decode: cuda = NVDEC on the encoder's GPU (start-up fails without it), cpu = FFmpeg's "
+        "software decoders, auto = cuda where PyAV can open NVDEC on the encoder's device, else cpu",
+        choices={name: name for name in ("auto", "cpu", "cuda")},
+    )
 
 
 @dataclass(frozen=True)
