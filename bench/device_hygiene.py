@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 import torch.multiprocessing as mp
-from run_info import REPO, commit, utc_stamp
+from run_info import REPO, commit, is_frontend, utc_stamp
 
 CLIENTS = 4
 WAIT_S = 90
@@ -169,13 +169,16 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=str(REPO / "bench" / "results"))
     parser.add_argument("--device", default="cuda:0", help="the server's --device, e.g. cuda:0,cuda:1")
+    parser.add_argument("--frontends", type=int, default=0, help="the server's --frontends")
     args = parser.parse_args()
     wanted_gpus = [int(d.split(":")[1]) for d in args.device.split(",")]
     started = time.monotonic()
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="vitcache-hygiene-") as workdir:
         shm_socket = os.path.join(workdir, "shm", "vitcache.sock")
-        server = BackgroundServer(VitcacheConfig.of(device=args.device, port=0, shm_socket=shm_socket))
+        server = BackgroundServer(
+            VitcacheConfig.of(device=args.device, port=0, shm_socket=shm_socket, frontends=args.frontends)
+        )
         try:
             baseline_mib = gpu_memory_used_mib()
             clients, processes, release = gather(vitcache_client, lambda i: (i, server.target, shm_socket), CLIENTS)
@@ -194,10 +197,23 @@ def main() -> int:
                 )
             server_visible = os.getpid() in apps
             app_gpus = compute_app_gpus()
+            spawned = encoder_processes(os.getpid(), {report["pid"] for report in clients})
             encoders = [
                 {"pid": pid, "gpus": sorted(app_gpus.get(pid, set())), "opened_driver": opened_driver(pid)}
-                for pid in encoder_processes(os.getpid(), {report["pid"] for report in clients})
+                for pid in spawned
+                if not is_frontend(pid)
             ]
+            for pid in filter(is_frontend, spawned):
+                rows.append(
+                    {
+                        "case": "vitcache front-end process",
+                        "pid": pid,
+                        "in_nvidia_smi": pid in apps,
+                        "gpu_mib": apps.get(pid, 0),
+                        "opened_driver": opened_driver(pid),
+                        "cuda_initialized": None,  # not asked: its maps (opened_driver) tell
+                    }
+                )
             server_serving_mib = used_mib - baseline_mib
             finish(processes, release)
         finally:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from run_info import REPO, commit, cpu_seconds, free_port, jpeg, proc_stat, wait_until_serving
+from run_info import REPO, children, commit, cpu_seconds, free_port, is_frontend, jpeg, wait_until_serving
 
 QWEN25_7B_VISION = {
     "depth": 32,
@@ -244,19 +244,6 @@ def _cmdline(pid: int) -> bytes:
         return b""
 
 
-def _children(pid: int) -> list[int]:
-    """The processes ``pid`` started, theirs too (an encoder process, its compile workers)."""
-    parents = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and (fields := proc_stat(entry.name)) is not None:
-            parents[int(entry.name)] = int(fields[1])
-    found, frontier = [], [pid]
-    while frontier:
-        frontier = [child for child, parent in parents.items() if parent in frontier]
-        found += frontier
-    return found
-
-
 def _machine_busy() -> tuple[int, int]:
     """(busy, total) jiffies of all CPUs so far."""
     values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
@@ -282,8 +269,9 @@ def _run_clients(
         p.start()
     for _ in procs:
         assert queue.get(timeout=300) == "ready"
-    children = _children(server_pid)
-    cpu_before = [cpu_seconds(pid) for pid in (server_pid, *children)]
+    descendants = children(server_pid)
+    frontends = [pid for pid in descendants if is_frontend(pid)]
+    cpu_before = [cpu_seconds(pid) for pid in (server_pid, *descendants)]
     machine_before = _machine_busy()
     fetch_stats(metrics, 1)  # the snapshot the view of the run starts from
     began = time.time()
@@ -292,7 +280,7 @@ def _run_clients(
     totals = [queue.get(timeout=seconds + 300) for _ in procs]
     elapsed = time.time() - began
     view = fetch_stats(metrics, elapsed)
-    cpu_after = [cpu_seconds(pid) for pid in (server_pid, *children)]
+    cpu_after = [cpu_seconds(pid) for pid in (server_pid, *descendants)]
     machine_after = _machine_busy()
     for p in procs:
         p.join()
@@ -300,6 +288,7 @@ def _run_clients(
     cores = {
         "server": used[0] / elapsed,
         "server_children": sum(used[1:]) / elapsed,
+        "frontends": sum(u for pid, u in zip(descendants, used[1:], strict=True) if pid in frontends) / elapsed,
         "clients": sum(t[4] for t in totals) / elapsed,
         "machine_busy_fraction": (machine_after[0] - machine_before[0]) / (machine_after[1] - machine_before[1]),
     }
@@ -358,7 +347,7 @@ def bench_service(
         profilers = _profile_server(server.pid, side, seconds)
         killer, killed = None, {}
         if kill_encoder_at_s is not None:
-            encoders = [pid for pid in _children(server.pid) if b"spawn_main" in _cmdline(pid)]
+            encoders = [pid for pid in children(server.pid) if b"spawn_main" in _cmdline(pid) and not is_frontend(pid)]
             killer = threading.Thread(
                 target=_kill_under_load,
                 args=(target, min(encoders), before.images_computed, kill_encoder_at_s, seconds, killed),
@@ -612,11 +601,13 @@ def tables(result: dict) -> str:
         )
         busy = ", ".join(f"{e['device']} {e['busy_fraction']:.0%}" for e in row.get("encoders", []))
         lines.append(
-            f"scaling {row['side']}x{row['side']} on {row['gpus']} GPU(s) ({row['devices']}{killed}): "
+            f"scaling {row['side']}x{row['side']} on {row['gpus']} GPU(s) ({row['devices']}{killed}), "
+            f"{row.get('frontends', 0)} front-ends: "
             f"{row['img_s']:.1f} img/s "
             f"({row['img_s'] / one['img_s'] if one else float('nan'):.2f}x one GPU), failed {row['failed']}; "
-            f"serving process "
-            f"{row['cpu_cores']['server']:.2f} cores, encoders {row['cpu_cores']['server_children']:.2f}; busy: {busy}"
+            f"engine process {row['cpu_cores']['server']:.2f} cores, front-ends "
+            f"{row['cpu_cores'].get('frontends', 0):.2f}, encoders "
+            f"{row['cpu_cores']['server_children'] - row['cpu_cores'].get('frontends', 0):.2f}; busy: {busy}"
         )
     return "\n".join(lines)
 
@@ -643,7 +634,13 @@ def main() -> None:
     parser.add_argument(
         "--scaling-devices",
         default="cuda:0;cuda:0,cuda:1",
-        help="--parts scaling: the server's --device values to compare, ';'-separated; clients scale with the count",
+        help="--parts scaling: the server's --device values to compare, ';'-separated, each with @N to give its "
+        "--frontends (else each --scaling-frontends value); clients scale with the count",
+    )
+    parser.add_argument(
+        "--scaling-frontends",
+        default="0",
+        help="--parts scaling: the server's --frontends values to compare with each --scaling-devices, ';'-separated",
     )
     parser.add_argument(
         "--kill-encoder-at",
@@ -749,12 +746,17 @@ def main() -> None:
         accel = ["--acceleration", args.acceleration, "--max-batch-patches", str(args.max_batch_patches)]
         result["scaling"] = []
         for side in [int(v) for v in args.sides.split(",")]:
-            configs = [(devices, None) for devices in args.scaling_devices.split(";")]
+            configs = [
+                (devices, None, int(frontends))
+                for entry in args.scaling_devices.split(";")
+                for devices, _, fixed in [entry.partition("@")]
+                for frontends in ([fixed] if fixed else args.scaling_frontends.split(";"))
+            ]
             if args.kill_encoder_at is not None:
-                configs += [(devices, args.kill_encoder_at) for devices, _ in configs if "," in devices]
-            for devices, kill_at in configs:
+                configs += [(devices, args.kill_encoder_at, fe) for devices, _, fe in configs if "," in devices][-1:]
+            for devices, kill_at, frontends in configs:
                 count = len(devices.split(","))
-                extra = [*accel, "--warmup-image-sizes", f"{side}x{side}"]
+                extra = [*accel, "--warmup-image-sizes", f"{side}x{side}", "--frontends", str(frontends)]
                 run = bench_service(
                     ckpt,
                     devices,
@@ -767,7 +769,14 @@ def main() -> None:
                     args.warmup_seconds,
                     kill_at,
                 )
-                row = {"side": side, "devices": devices, "gpus": count, "encoder_killed_at_s": kill_at, **run}
+                row = {
+                    "side": side,
+                    "devices": devices,
+                    "gpus": count,
+                    "frontends": frontends,
+                    "encoder_killed_at_s": kill_at,
+                    **run,
+                }
                 result["scaling"].append(row)
                 print("scaling", json.dumps({k: v for k, v in row.items() if "ms" not in k}), flush=True)
                 save()

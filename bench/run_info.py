@@ -58,6 +58,27 @@ def proc_stat(pid: int | str) -> list[str] | None:
         return None
 
 
+def children(pid: int) -> list[int]:
+    """The processes ``pid`` started, theirs too (an encoder process, its compile workers)."""
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (fields := proc_stat(entry.name)) is not None:
+            parents[int(entry.name)] = int(fields[1])
+    found, frontier = [], [pid]
+    while frontier:
+        frontier = [child for child, parent in parents.items() if parent in frontier]
+        found += frontier
+    return found
+
+
+def is_frontend(pid: int) -> bool:
+    """A ``--frontends`` process (they name themselves vitcache-feN)."""
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().startswith("vitcache-fe")
+    except OSError:
+        return False
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of process ``pid`` so far, all threads (0 once it is gone)."""
     fields = proc_stat(pid)

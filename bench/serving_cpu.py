@@ -27,7 +27,18 @@ import tempfile
 import time
 from pathlib import Path
 
-from run_info import REPO, commit, cpu_seconds, free_port, jpeg, proc_stat, utc_stamp, wait_until_serving
+from run_info import (
+    REPO,
+    children,
+    commit,
+    cpu_seconds,
+    free_port,
+    is_frontend,
+    jpeg,
+    proc_stat,
+    utc_stamp,
+    wait_until_serving,
+)
 
 
 def _client(target: str, seed: int, side: int, hits: bool, start, deadline, queue: mp.Queue) -> None:  # type: ignore[no-untyped-def]
@@ -84,13 +95,16 @@ def run_load(target: str, server_pid: int, side: int, clients: int, seconds: flo
         p.start()
     for _ in procs:
         assert queue.get(timeout=300) == "ready"
+    frontends = [pid for pid in children(server_pid) if is_frontend(pid)]
     cpu_before, threads_before = cpu_seconds(server_pid), _threads(server_pid)
+    frontends_before = sum(cpu_seconds(pid) for pid in frontends)
     began = time.time()
     deadline.value = began + seconds
     start.set()
     totals = [queue.get(timeout=seconds + 300) for _ in procs]
     elapsed = time.time() - began
     cpu, threads_after = cpu_seconds(server_pid) - cpu_before, _threads(server_pid)
+    frontends_cpu = sum(cpu_seconds(pid) for pid in frontends) - frontends_before
     for p in procs:
         p.join()
     images = sum(t[0] for t in totals)
@@ -103,6 +117,9 @@ def run_load(target: str, server_pid: int, side: int, clients: int, seconds: flo
         "img_s": images / elapsed,
         "server_cores": cpu / elapsed,
         "server_cpu_ms_per_image": cpu / images * 1e3 if images else None,
+        "frontends": len(frontends),
+        "frontends_cores": frontends_cpu / elapsed,
+        "frontends_cpu_ms_per_image": frontends_cpu / images * 1e3 if images else None,
         "threads_cpu_ms_per_image": {
             name: s / images * 1e3 for name, s in sorted(threads.items(), key=lambda kv: -kv[1]) if s > 0 and images
         },
@@ -142,7 +159,7 @@ def top_functions(path: str, top: int) -> str:
 def bench(args: argparse.Namespace, profile_to: str | None) -> dict:
     port = free_port()
     serve = ["--log-level", "WARNING", "serve", "--model", "tiny-random", "--device", "cpu", "--encoder-process", "on"]
-    serve += ["--port", str(port), "--l1-bytes", "512MiB"]
+    serve += ["--port", str(port), "--l1-bytes", "512MiB", "--frontends", str(args.frontends)]
     if profile_to:
         command = [sys.executable, str(Path(__file__).resolve()), "--serve-profiled", profile_to, "--", *serve]
     else:
@@ -183,6 +200,7 @@ def main() -> None:
     parser.add_argument("--warmup-seconds", type=float, default=5)
     parser.add_argument("--repeat", type=int, default=1, help="runs of each kind, alternating")
     parser.add_argument("--kinds", default="miss,hit")
+    parser.add_argument("--frontends", type=int, default=0, help="the server's --frontends")
     parser.add_argument("--profile", action="store_true", help="cProfile the server's event loop thread, each run")
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--label", default="", help="added to the result's file name")

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Creates .venv-vllm: vLLM 0.33.0 (its CUDA wheel, --no-deps) beside CPU torch 2.13.0, vLLM's pure-Python
-# requirements pinned in integrations/requirements-vllm.lock, vitcache (editable, --no-deps), and the
+# requirements pinned in integrations/requirements-vllm.lock, torchvision 0.28.0 (its CUDA wheel: there is no CPU one
+# for torch 2.13; scripts/torchvision_without_ops.py says how it imports), vitcache (editable, --no-deps), and the
 # tests/v1/ec_connector/unit suite taken from vLLM's sdist into .venv-vllm/vllm-src. vLLM needs
 # transformers<5.21, so it cannot share .venv. Idempotent: does nothing when its inputs have not changed.
 set -euo pipefail
@@ -8,7 +9,9 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 VENV=.venv-vllm
 stamp=$VENV/.vitcache-vllm-env
-want=$(cat scripts/vllm_env.sh integrations/requirements-vllm.lock pyproject.toml tests_vllm/vllm_unit_conftest.py |
+inputs=(scripts/vllm_env.sh scripts/torchvision_without_ops.py integrations/requirements-vllm.lock pyproject.toml
+    tests_vllm/vllm_unit_conftest.py)
+want=$(cat "${inputs[@]}" |
     "$PYTHON" -c 'import hashlib,sys; print(hashlib.sha256(sys.stdin.buffer.read()).hexdigest())')
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
     exit 0
@@ -19,6 +22,10 @@ start=$SECONDS
 pip=($VENV/bin/python -m pip install -q --no-deps)
 "${pip[@]}" torch==2.13.0  # the CPU build (a local wheel on these machines)
 "${pip[@]}" vllm==0.33.0
+"${pip[@]}" torchvision==0.28.0  # vLLM's Qwen processors import it (tests_vllm/test_vllm_video.py)
+site=$($VENV/bin/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')
+cp scripts/torchvision_without_ops.py "$site/"
+echo "import torchvision_without_ops" > "$site/torchvision_without_ops.pth"
 "${pip[@]}" -r integrations/requirements-vllm.lock
 "${pip[@]}" --no-build-isolation -e .
 

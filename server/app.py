@@ -4,12 +4,12 @@ around the engine :func:`vitcache.build.build_engine` makes."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import signal
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from vitcache.v1 import vitcache_pb2 as pb
+from grpc_health.v1 import health
 
 from vitcache.build import build_engine
 from vitcache.config import VitcacheConfig
@@ -17,53 +17,53 @@ from vitcache.encode.encoder_pool import EncoderPool
 from vitcache.engine import EmbeddingEngine
 from vitcache.models.loading import VisionEncoder
 
+from .frontends.supervisor import FrontendProcesses
+from .grpc_server import SERVICE_NAME, grpc_server, set_health
 from .metrics import ServerMetrics
-from .ports import GRPC_OPTIONS, add_grpc_port, check_port_free
-from .reflection import enable_reflection
-from .security import Access, AuthInterceptor, MetricsAccess, server_credentials
-from .service import VitCacheServicer
+from .ports import check_port_free
+from .security import Access, MetricsAccess
 from .shm import ShmServer
 from .web import MetricsHttpServer
-from .wire import add_servicer
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["VitCache"].full_name
-
 
 class RunningServer:
-    """A started server; ``port`` is the bound port (useful with ``port=0``), ``metrics_port`` likewise."""
+    """A started server; ``port`` is the bound port (useful with ``port=0``), ``metrics_port`` likewise.
+    With ``--frontends``, ``frontends`` serve gRPC and ``server`` is None."""
 
     def __init__(
         self,
-        server: grpc.aio.Server,
         engine: EmbeddingEngine,
-        health: health.aio.HealthServicer,
         port: int,
+        server: grpc.aio.Server | None = None,
+        health: health.aio.HealthServicer | None = None,
+        frontends: FrontendProcesses | None = None,
         metrics: ServerMetrics | None = None,
         metrics_http: MetricsHttpServer | None = None,
         shm: ShmServer | None = None,
     ):
-        self.server = server
         self.engine = engine
-        self.health = health
         self.port = port
+        self.server = server
+        self.health = health
+        self.frontends = frontends
         self.metrics = metrics
         self.metrics_http = metrics_http
         self.metrics_port = metrics_http.port if metrics_http else None
         self.shm = shm
 
     async def stop(self, grace_s: float = 5.0) -> None:
-        await self.health.enter_graceful_shutdown()
-        await self.server.stop(grace_s)
+        if self.frontends is not None:
+            await self.frontends.stop(grace_s)
+        if self.server is not None and self.health is not None:
+            await self.health.enter_graceful_shutdown()
+            await self.server.stop(grace_s)
         if self.shm is not None:
             await self.shm.stop()
         await self.engine.stop()
         if self.metrics_http is not None:
             self.metrics_http.stop()
-
-    async def wait(self) -> None:
-        await self.server.wait_for_termination()
 
 
 async def start_server(config: VitcacheConfig, encoder: VisionEncoder | None = None) -> RunningServer:
@@ -79,37 +79,27 @@ async def start_server(config: VitcacheConfig, encoder: VisionEncoder | None = N
     metrics = ServerMetrics()
     engine = await build_engine(config, encoder, observer=metrics)
     metrics.watch(engine)
+    if access.requires_token:
+        engine.count_by_tenant()  # GetStats answers each tenant with its own counts
     await engine.start()
 
-    server = grpc.aio.server(
-        interceptors=[metrics.interceptor(SERVICE_NAME), AuthInterceptor(access)],
-        options=[
-            ("grpc.max_receive_message_length", config.limits.max_request_bytes),
-            ("grpc.max_send_message_length", -1),
-            *GRPC_OPTIONS,
-            # Identity only: a compressed request is refused (UNIMPLEMENTED) before it is inflated. gRPC
-            # bounds an inflated message by max_receive_message_length alone, so 0.2 MB of gzip could
-            # make 200 MiB; images and pixel values hardly compress, so clients lose nothing.
-            ("grpc.compression_enabled_algorithms_bitset", 1),
-        ],
-    )
-    add_servicer(VitCacheServicer(engine, config.limits.max_images_per_request, access), server)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    enable_reflection((SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name), server)
-    if security.tls_cert and security.tls_key:  # both or neither: SecurityConfig checks
-        credentials = server_credentials(security.tls_cert, security.tls_key, security.tls_client_ca)
-        port = add_grpc_port(server, transport.host, transport.port, credentials)
+    server = health_servicer = frontends = None
+    if transport.frontends:
+        frontends = FrontendProcesses(config, engine, metrics)
+        port = await frontends.start()
+        on_health = frontends.set_serving
     else:
-        port = add_grpc_port(server, transport.host, transport.port)
-    await server.start()
-    await _set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING)
+        server, health_servicer, port = await grpc_server(
+            config, engine, access, metrics.interceptor(SERVICE_NAME), transport.port
+        )
+        await set_health(health_servicer, True)
+        on_health = functools.partial(set_health, health_servicer)
     pipeline = engine.pipeline
     if isinstance(pipeline, EncoderPool):
         # Without any encoder a server still answers hits, but it can compute nothing: let the
         # orchestrator (or a FleetClient's health checks) route around it until one is back.
-        pipeline.on_unavailable = lambda: _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
-        pipeline.on_available = lambda: _set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING)
+        pipeline.on_unavailable = lambda: on_health(False)
+        pipeline.on_available = lambda: on_health(True)
     metrics_http = None
     if metrics_config.metrics_port is not None:
         metrics_http = MetricsHttpServer(
@@ -123,7 +113,7 @@ async def start_server(config: VitcacheConfig, encoder: VisionEncoder | None = N
             )
     served = engine.snapshot()
     log.info(
-        "serving %s (%s, %s on %s, namespace %s) on %s:%d; L2 %s",
+        "serving %s (%s, %s on %s, namespace %s) on %s:%d%s; L2 %s",
         served.model.model,
         served.model.family,
         served.model.dtype,
@@ -131,6 +121,7 @@ async def start_server(config: VitcacheConfig, encoder: VisionEncoder | None = N
         served.model.namespace,
         transport.host,
         port,
+        f" ({transport.frontends} front-end processes)" if transport.frontends else "",
         "redis" if served.l2.enabled else "off",
     )
     shm = None
@@ -139,13 +130,7 @@ async def start_server(config: VitcacheConfig, encoder: VisionEncoder | None = N
             engine, transport.shm_socket, transport.shm_arena_bytes, config.limits.max_images_per_request, access
         )
         await shm.start()
-    return RunningServer(server, engine, health_servicer, port, metrics, metrics_http, shm)
-
-
-async def _set_health(health_servicer: health.aio.HealthServicer, status: int) -> None:
-    """``status`` for the server as a whole and for the VitCache service alike."""
-    for name in ("", SERVICE_NAME):
-        await health_servicer.set(name, status)
+    return RunningServer(engine, port, server, health_servicer, frontends, metrics, metrics_http, shm)
 
 
 async def serve_forever(config: VitcacheConfig) -> None:

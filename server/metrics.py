@@ -20,7 +20,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import asdict
-from typing import Any, get_args
+from typing import Any, Protocol, get_args
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
@@ -110,6 +110,7 @@ class ServerMetrics(EngineObserver):
             for tier in get_args(Tier)
             for hit in (True, False)
         }
+        self._forwarded: dict[str, MethodMetrics] = {}
         self._served = {
             (source, is_video): self.images.labels(source, "OK", KINDS[is_video])
             for source in SOURCES
@@ -122,7 +123,23 @@ class ServerMetrics(EngineObserver):
 
     def interceptor(self, service_name: str) -> RequestMetricsInterceptor:
         """Observes the RPCs of ``service_name`` (e.g. ``vitcache.v1.VitCache``)."""
-        return RequestMetricsInterceptor(self, service_name)
+        return RequestMetricsInterceptor(lambda method: MethodMetrics(self, method), service_name)
+
+    def record_forwarded(self, events: list[tuple[str, str | None, float]]) -> None:
+        """RPC events of a front-end process (``--frontends``): ``(method, None, 0)`` when one starts,
+        ``(method, code name, seconds)`` when it ends."""
+        for method, code, seconds in events:
+            recorder = self._forwarded.get(method)
+            if recorder is None:
+                recorder = self._forwarded[method] = MethodMetrics(self, method)
+            if code is None:
+                recorder.started()
+            else:
+                recorder.finished(code, seconds)
+
+    def forwarded_abandoned(self, method: str, count: int) -> None:
+        """``count`` RPCs of ``method`` in flight in a front-end that is gone: no longer in flight."""
+        self.requests_in_flight.labels(method).dec(count)
 
     # EngineObserver: called from the event loop and worker threads; prometheus_client is thread-safe.
 
@@ -149,8 +166,8 @@ class RequestMetricsInterceptor(grpc.aio.ServerInterceptor):
     """Counts, times and tracks in flight every RPC of the VitCache service (not health or reflection).
     Each method's observing handler and metric children are made on its first call, not on every call."""
 
-    def __init__(self, metrics: ServerMetrics, service_name: str) -> None:
-        self._metrics = metrics
+    def __init__(self, recorder: Callable[[str], MethodRecorder], service_name: str) -> None:
+        self._recorder = recorder
         self._prefix = f"/{service_name}/"
         self._observing: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
@@ -165,11 +182,11 @@ class RequestMetricsInterceptor(grpc.aio.ServerInterceptor):
             return handler
         known = self._observing.get(full_name)
         if known is None or known[0] is not handler:  # a refusal is a handler of its own call
-            method = _MethodMetrics(self._metrics, full_name.removeprefix(self._prefix))
+            method = self._recorder(full_name.removeprefix(self._prefix))
             known = self._observing[full_name] = (handler, self._observe(method, handler))
         return known[1]
 
-    def _observe(self, method: _MethodMetrics, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    def _observe(self, method: MethodRecorder, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         if handler.unary_stream is not None:
             behavior = self._stream(method, handler.unary_stream)
             return grpc.unary_stream_rpc_method_handler(
@@ -183,7 +200,7 @@ class RequestMetricsInterceptor(grpc.aio.ServerInterceptor):
         return handler
 
     def _stream(
-        self, method: _MethodMetrics, behavior: Callable[..., AsyncIterator[Any]]
+        self, method: MethodRecorder, behavior: Callable[..., AsyncIterator[Any]]
     ) -> Callable[..., AsyncIterator[Any]]:
         async def observed(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             with _RequestTimer(method, context):
@@ -192,7 +209,7 @@ class RequestMetricsInterceptor(grpc.aio.ServerInterceptor):
 
         return observed
 
-    def _unary(self, method: _MethodMetrics, behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    def _unary(self, method: MethodRecorder, behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
         async def observed(request: Any, context: grpc.aio.ServicerContext) -> Any:
             with _RequestTimer(method, context):
                 return await behavior(request, context)
@@ -200,44 +217,54 @@ class RequestMetricsInterceptor(grpc.aio.ServerInterceptor):
         return observed
 
 
-class _MethodMetrics:
+class MethodRecorder(Protocol):
+    """Where one method's RPCs are counted: this process's registry, or a front-end's link to the engine's."""
+
+    def started(self) -> None: ...
+
+    def finished(self, code: str, seconds: float) -> None: ...
+
+
+class MethodMetrics:
     """One method's metric children, looked up once: ``labels()`` takes a lock and builds a key each call."""
 
     def __init__(self, metrics: ServerMetrics, method: str) -> None:
         self.in_flight = metrics.requests_in_flight.labels(method)
         self.duration = metrics.request_duration.labels(method)
         self._requests, self._method = metrics.requests, method
-        self._by_code: dict[grpc.StatusCode, Counter] = {}
+        self._by_code: dict[str, Counter] = {}
 
-    def finished(self, code: grpc.StatusCode) -> None:
+    def started(self) -> None:
+        self.in_flight.inc()
+
+    def finished(self, code: str, seconds: float) -> None:
+        self.in_flight.dec()
+        self.duration.observe(seconds)
         counter = self._by_code.get(code)
         if counter is None:
-            counter = self._by_code[code] = self._requests.labels(self._method, code.name)
+            counter = self._by_code[code] = self._requests.labels(self._method, code)
         counter.inc()
 
 
 class _RequestTimer:
     """In flight while open; on close, the RPC's duration and final code (from ``context`` on abort)."""
 
-    def __init__(self, method: _MethodMetrics, context: grpc.aio.ServicerContext) -> None:
+    def __init__(self, method: MethodRecorder, context: grpc.aio.ServicerContext) -> None:
         self._method, self._context = method, context
         self._start = 0.0
 
     def __enter__(self) -> None:
         self._start = time.perf_counter()
-        self._method.in_flight.inc()
+        self._method.started()
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
-        method = self._method
-        method.in_flight.dec()
-        method.duration.observe(time.perf_counter() - self._start)
         if exc_type is None:
             code = grpc.StatusCode.OK
         elif issubclass(exc_type, (asyncio.CancelledError, GeneratorExit)):
             code = grpc.StatusCode.CANCELLED
         else:
             code = self._context.code() or grpc.StatusCode.UNKNOWN
-        method.finished(code)
+        self._method.finished(code.name, time.perf_counter() - self._start)
 
 
 class EngineStateCollector(Collector):

@@ -9,8 +9,10 @@ own log line.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import socket
+from collections.abc import Iterator
 
 import grpc
 
@@ -68,3 +70,19 @@ def add_grpc_port(
         check_port_free(host, port, "--port")
         raise
     return bound
+
+
+@contextlib.contextmanager
+def reserved_port(host: str, port: int) -> Iterator[int]:
+    """``port``, or a free one for 0, held (bound with SO_REUSEPORT, not listening: it takes no
+    connections) while front-end processes bind it with SO_REUSEPORT too."""
+    if port != 0:
+        yield port
+        return
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host.strip("[]"), 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    with socket.socket(family, kind, proto) as holder:
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        holder.bind(address)
+        yield holder.getsockname()[1]

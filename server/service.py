@@ -178,8 +178,6 @@ class VitCacheServicer(pb_grpc.VitCacheServicer):
         self.engine = engine
         self.max_images_per_request = max_images_per_request
         self.access = access or Access.open()
-        if self.access.requires_token:
-            engine.count_by_tenant()  # GetStats answers each tenant with its own counts
 
     async def _caller(self, context: grpc.aio.ServicerContext) -> tuple[str, bool]:
         """``Access.caller`` of the call's metadata; a refused caller ends the call."""
@@ -305,8 +303,8 @@ class VitCacheServicer(pb_grpc.VitCacheServicer):
         if self.access.requires_token:
             tenant, unbound = await self._caller(context)
             if tenant or not unbound:
-                return self._tenant_stats(tenant)
-        snapshot = self.engine.snapshot()
+                return await self._tenant_stats(tenant)
+        snapshot = await self.engine.snapshot_async()
         images, videos, batcher, l1, l2 = snapshot.images, snapshot.videos, snapshot.batcher, snapshot.l1, snapshot.l2
         return pb.Stats(
             l1_hits=images.l1_hits,
@@ -355,9 +353,9 @@ class VitCacheServicer(pb_grpc.VitCacheServicer):
             ],
         )
 
-    def _tenant_stats(self, tenant: str) -> pb.Stats:
+    async def _tenant_stats(self, tenant: str) -> pb.Stats:
         """One tenant's counts; the server-wide ones (L1 fill, batches, Redis errors...) stay 0."""
-        snapshot = self.engine.snapshot()
+        snapshot = await self.engine.snapshot_async()
         return pb.Stats(
             **asdict(snapshot.tenants.get(tenant, TenantStats())),
             uptime_seconds=snapshot.uptime_s,

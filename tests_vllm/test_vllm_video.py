@@ -3,8 +3,8 @@ Qwen processors give the video, and the EPD proxy's ``video_embeds`` parts parse
 those processors need (grid, Qwen3-VL's timestamps, Qwen2.5-VL's second_per_grid_ts). Tiny checkpoints of the three
 Qwen families, one real vitcache server each.
 
-vLLM's Qwen processors import torchvision (transformers' Qwen2-VL image processor), which .venv-vllm lacks: these
-tests skip there.
+vLLM's Qwen processors import torchvision (transformers' Qwen2-VL image processor): .venv-vllm has torchvision's CUDA
+wheel without its compiled ops (scripts/torchvision_without_ops.py), which those processors do not use.
 """
 
 from __future__ import annotations
@@ -28,8 +28,6 @@ from vllm.distributed.ec_transfer.ec_connector.base import ECConnectorRole
 from vllm.multimodal.inputs import MultiModalFeatureSpec
 from vllm.sampling_params import SamplingParams
 from vllm.v1.request import Request
-
-pytest.importorskip("torchvision", reason="vLLM's Qwen processors need torchvision, which .venv-vllm lacks")
 
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 MAIN_PYTHON = ROOT / ".venv" / "bin" / "python"

@@ -47,8 +47,10 @@ async def build_engine(
         )
         if cache.fleet_lock_ttl_s:
             fleet_lock = FleetLock(l2, cache.fleet_lock_ttl_s)
-    # With same-host clients, L1's bytes live in shared memory they map read-only (no copy on a hit).
-    arena = SharedArena(shared_arena_bytes(cache.l1_bytes)) if config.transport.shm_socket else None
+    # With same-host clients or front-end processes, L1's bytes live in shared memory they map read-only
+    # (no copy on a hit).
+    shared = config.transport.shm_socket or config.transport.frontends
+    arena = SharedArena(shared_arena_bytes(cache.l1_bytes)) if shared else None
     return EmbeddingEngine(pipeline, L1Cache(cache.l1_bytes, arena), l2, engine_config, fleet_lock, observer)
 
 

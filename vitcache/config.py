@@ -263,6 +263,12 @@ class LimitsConfig(_Group):
     max_cached_video_bytes: int = byte_setting(
         "256MiB", "a video entry larger than this is computed and returned, not cached", minimum=0
     )
+    video_decoder: str = setting(
+        "auto",
+        "where video files decode: cuda = NVDEC on the encoder's GPU (start-up fails without it), cpu = FFmpeg's "
+        "software decoders, auto = cuda where PyAV can open NVDEC on the encoder's device, else cpu",
+        choices={name: name for name in ("auto", "cpu", "cuda")},
+    )
 
 
 @dataclass(frozen=True)
@@ -302,6 +308,14 @@ class TransportConfig(_Group):
 
     host: str = setting("127.0.0.1", "address the gRPC server listens on")
     port: int = setting(50051, "gRPC port; 0 picks a free port", parse=int, minimum=0, maximum=65535)
+    frontends: int = setting(
+        0,
+        "gRPC front-end processes sharing --port, for when one process cannot move the results (about 450 "
+        "img/s of 1.8 MB on an H200 host): try one per GPU; 0 serves gRPC in the engine's process",
+        parse=int,
+        minimum=0,
+        maximum=64,
+    )
     shm_socket: str | None = setting(
         None, "Unix socket for same-host clients that take results in shared memory (its directory: 0700)"
     )

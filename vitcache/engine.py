@@ -238,6 +238,10 @@ class EmbeddingEngine:
             tenants={tenant: replace(counts) for tenant, counts in (self.tenant_stats or {}).items()},
         )
 
+    async def snapshot_async(self) -> EngineSnapshot:
+        """:meth:`snapshot`, as a transport awaits it (a front-end's engine is in another process)."""
+        return self.snapshot()
+
     def count_by_tenant(self) -> None:
         """Keeps :attr:`tenant_stats` from now on (under authentication, where tokens bound the tenants)."""
         if self.tenant_stats is None:
@@ -520,7 +524,7 @@ class EmbeddingEngine:
         self.observer.cache_lookup("l2", hit=entry is not None)
         if entry is not None:
             with self.observer.timed("l1_put"):
-                self.l1.put(l1_at, entry)
+                return self.l1.put(l1_at, entry) or entry
         return entry
 
     async def _resolve_once(self, digest: bytes, image: ImageInput, scope: Scope) -> tuple[CachedEmbedding, Source]:
@@ -575,8 +579,7 @@ class EmbeddingEngine:
         if self.fleet_lock is not None:
             claim = await self.fleet_lock.claim(digest, scope.tenant)
             if isinstance(claim, CachedEmbedding):  # another replica computed it meanwhile
-                self.l1.put(l1_key(digest, scope.tenant), claim)
-                return claim, Source.L2
+                return self.l1.put(l1_key(digest, scope.tenant), claim) or claim, Source.L2
             _, token = claim
         try:
             assert not isinstance(image, DigestOnly)  # _serve_miss answers those from L2 alone
@@ -592,10 +595,10 @@ class EmbeddingEngine:
             self._release_unstored(digest, scope.tenant, token)
             return entry, Source.COMPUTED
         with self.observer.timed("l1_put"):
-            self.l1.put(l1_key(digest, scope.tenant), entry)
+            held = self.l1.put(l1_key(digest, scope.tenant), entry)
         if self.l2 is not None:
             self._background(self._store(digest, scope.tenant, entry, token))
-        return entry, Source.COMPUTED
+        return held or entry, Source.COMPUTED
 
     def _release_unstored(self, digest: bytes, tenant: str, token: str) -> None:
         """Releases the fleet lock (if held) of a computation that stores nothing."""
@@ -636,43 +639,49 @@ class EmbeddingEngine:
     def validate_pixel_batch(
         self, data: bytes, dtype: str, shape: Sequence[int], grid_flat: Sequence[int]
     ) -> list[PixelRows | ImageError]:
-        """Splits a client-preprocessed batch per image by its grid.
+        return validate_pixel_batch(self.spec, data, dtype, shape, grid_flat)
 
-        Raises ImageError for what makes the whole batch unusable (wrong width, dtype,
-        a grid that does not add up to the rows); returns a per-image ImageError for an
-        image whose own grid the model cannot take.
-        """
 
-        def invalid(message: str) -> ImageError:
-            return ImageError(ErrorCode.INVALID_ARGUMENT, message)
+def validate_pixel_batch(
+    spec: EncoderSpec, data: bytes, dtype: str, shape: Sequence[int], grid_flat: Sequence[int]
+) -> list[PixelRows | ImageError]:
+    """Splits a client-preprocessed batch per image by its grid.
 
-        if dtype not in ("float32", "bfloat16", "float16"):
-            raise invalid(f"pixel_values dtype must be float32, bfloat16 or float16, got {dtype!r}")
-        itemsize = torch.empty((), dtype=dtype_from_name(dtype)).element_size()
-        patch_dim = self.spec.preprocess_config.patch_dim
-        if len(shape) != 2 or shape[1] != patch_dim:
-            got = list(shape) if len(shape) <= 4 else f"{len(shape)} dimensions"
-            raise invalid(f"pixel_values must have shape (patches, {patch_dim}), got {got}")
-        if shape[0] * shape[1] * itemsize != len(data):
-            raise invalid(f"pixel_values holds {len(data)} bytes, not {list(shape)} of {dtype}")
-        if not grid_flat or len(grid_flat) % 3:
-            raise invalid(f"image_grid_thw must be N x 3 values, got {len(grid_flat)}")
-        grids = [tuple(int(v) for v in grid_flat[i : i + 3]) for i in range(0, len(grid_flat), 3)]
-        if any(v <= 0 for grid in grids for v in grid):
-            raise invalid("image_grid_thw values must be positive")
-        total = sum(t * h * w for t, h, w in grids)
-        if total != shape[0]:
-            raise invalid(f"image_grid_thw adds up to {total} patches but pixel_values has {shape[0]} rows")
-        view, row_bytes, start = memoryview(data), patch_dim * itemsize, 0
-        images: list[PixelRows | ImageError] = []
-        for grid in grids:
-            patches = grid[0] * grid[1] * grid[2]
-            end = start + patches * row_bytes
-            try:
-                self.spec.validate_grid(grid)  # type: ignore[arg-type]
-                self.spec.preprocess_config.check_frame(grid[1], grid[2])
-                images.append(PixelRows(view[start:end], dtype, grid, patch_dim))  # type: ignore[arg-type]
-            except ValueError as exc:
-                images.append(invalid(f"image_grid_thw {list(grid)}: {exc}"))
-            start = end
-        return images
+    Raises ImageError for what makes the whole batch unusable (wrong width, dtype,
+    a grid that does not add up to the rows); returns a per-image ImageError for an
+    image whose own grid the model cannot take.
+    """
+
+    def invalid(message: str) -> ImageError:
+        return ImageError(ErrorCode.INVALID_ARGUMENT, message)
+
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise invalid(f"pixel_values dtype must be float32, bfloat16 or float16, got {dtype!r}")
+    itemsize = torch.empty((), dtype=dtype_from_name(dtype)).element_size()
+    patch_dim = spec.preprocess_config.patch_dim
+    if len(shape) != 2 or shape[1] != patch_dim:
+        got = list(shape) if len(shape) <= 4 else f"{len(shape)} dimensions"
+        raise invalid(f"pixel_values must have shape (patches, {patch_dim}), got {got}")
+    if shape[0] * shape[1] * itemsize != len(data):
+        raise invalid(f"pixel_values holds {len(data)} bytes, not {list(shape)} of {dtype}")
+    if not grid_flat or len(grid_flat) % 3:
+        raise invalid(f"image_grid_thw must be N x 3 values, got {len(grid_flat)}")
+    grids = [tuple(int(v) for v in grid_flat[i : i + 3]) for i in range(0, len(grid_flat), 3)]
+    if any(v <= 0 for grid in grids for v in grid):
+        raise invalid("image_grid_thw values must be positive")
+    total = sum(t * h * w for t, h, w in grids)
+    if total != shape[0]:
+        raise invalid(f"image_grid_thw adds up to {total} patches but pixel_values has {shape[0]} rows")
+    view, row_bytes, start = memoryview(data), patch_dim * itemsize, 0
+    images: list[PixelRows | ImageError] = []
+    for grid in grids:
+        patches = grid[0] * grid[1] * grid[2]
+        end = start + patches * row_bytes
+        try:
+            spec.validate_grid(grid)  # type: ignore[arg-type]
+            spec.preprocess_config.check_frame(grid[1], grid[2])
+            images.append(PixelRows(view[start:end], dtype, grid, patch_dim))  # type: ignore[arg-type]
+        except ValueError as exc:
+            images.append(invalid(f"image_grid_thw {list(grid)}: {exc}"))
+        start = end
+    return images

@@ -59,11 +59,12 @@ class L1Cache:
                 self._entries.move_to_end(key)
             return entry
 
-    def put(self, key: Hashable, entry: CachedEmbedding) -> bool:
-        """Stores ``entry``; returns False if it is larger than the whole cache."""
+    def put(self, key: Hashable, entry: CachedEmbedding) -> CachedEmbedding | None:
+        """Stores ``entry``; returns it as held (with an arena, the copy there: answer with that one, so
+        the reply reads the shared memory same-host readers read), or None if it is larger than the cache."""
         size = entry.nbytes
         if size > self.capacity_bytes:
-            return False
+            return None
         with self._lock:
             old = self._entries.pop(key, None)
             if old is not None:
@@ -75,7 +76,7 @@ class L1Cache:
                 entry = self._in_arena(entry, self.arena, key if indexed else b"")
             self._entries[key] = entry
             self.bytes_used += size
-            return True
+            return entry
 
     def _in_arena(self, entry: CachedEmbedding, arena: SharedArena, digest: bytes) -> CachedEmbedding:
         """``entry`` copied into ``arena`` (and indexed by ``digest``, if any), evicting older entries while it has

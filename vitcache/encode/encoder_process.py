@@ -416,7 +416,11 @@ class _ChildServer:
         self.relay = _RelayObserver()
 
     async def run(self, encoder: VisionEncoder, config: PipelineConfig) -> None:
-        self.pipeline = EncodePipeline(encoder, config, self.relay, materialize=self._into_ring)
+        try:
+            self.pipeline = EncodePipeline(encoder, config, self.relay, materialize=self._into_ring)
+        except ConfigError as exc:  # --video-decoder cuda without NVDEC: the parent raises it as it is
+            self.conn.send(("failed", exc))
+            return
         await self.pipeline.start()
         loop = asyncio.get_running_loop()
         stopped = asyncio.Event()

@@ -19,7 +19,7 @@ from vitcache.config import BatchingConfig, LimitsConfig
 from vitcache.encode.batch import Batcher, BatcherStats, Materialize
 from vitcache.encode.budget import PixelBudget
 from vitcache.encode.decode import DecodeBatcher, DecodeLimits, decode_image_on, image_pixels, raw_image
-from vitcache.encode.video_decode import VideoLimits
+from vitcache.encode.video_decode import VideoLimits, video_hwaccel
 from vitcache.encode.video_pipeline import VideoPipeline
 from vitcache.errors import ErrorCode, ImageError, ImageRejected
 from vitcache.inputs import Computable, EncodedFile, EncodedVideo, PixelRows, RawRGB, RawVideo, Scope
@@ -69,6 +69,7 @@ class EncodePipeline:
         self.encoder = encoder
         self.spec: EncoderSpec = encoder.spec
         batching, limits = config.batching, config.limits
+        hwaccel = video_hwaccel(limits.video_decoder, encoder.device)  # first: it may refuse the config
         self.limits = DecodeLimits(limits.max_image_bytes, limits.max_image_pixels)
         self.budget = PixelBudget(limits.max_decoded_pixels_in_flight)
         self.observer = observer or EngineObserver()
@@ -80,7 +81,9 @@ class EncodePipeline:
         video_limits = VideoLimits(
             limits.max_video_bytes, limits.max_video_seconds, limits.max_video_frames, limits.max_video_frame_pixels
         )
-        self.videos = VideoPipeline(encoder, video_limits, self.budget, self._give_back, self._pool, self.batcher)
+        self.videos = VideoPipeline(
+            encoder, video_limits, hwaccel, self.budget, self._give_back, self._pool, self.batcher
+        )
 
     @property
     def stats(self) -> BatcherStats:

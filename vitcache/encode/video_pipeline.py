@@ -18,6 +18,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
+from av.codec.hwaccel import HWAccel
 
 from vitcache.cache.entry import CachedEmbedding
 from vitcache.encode.batch import Batcher
@@ -60,6 +61,7 @@ class VideoPipeline:
         self,
         encoder: VisionEncoder,
         limits: VideoLimits,
+        hwaccel: HWAccel | None,
         budget: PixelBudget,
         give_back: Callable[[int, asyncio.Future[object]], None],
         pool: ThreadPoolExecutor,
@@ -67,6 +69,7 @@ class VideoPipeline:
     ) -> None:
         self.encoder = encoder
         self.limits = limits
+        self.hwaccel = hwaccel  # NVDEC for files, or None: software (video_hwaccel)
         self.budget = budget
         self.give_back = give_back  # returns a video's pixels to ``budget`` once it is preprocessed
         self.pool = pool
@@ -138,7 +141,7 @@ class VideoPipeline:
         try:
             if isinstance(video, EncodedVideo):
                 assert plan.header is not None
-                frames = decode_frames(video.data, plan.header, list(plan.indices), scope.check_deadline)
+                frames = decode_frames(video.data, plan.header, list(plan.indices), scope.check_deadline, self.hwaccel)
             else:
                 shape = (video.frames, video.height, video.width, 3)
                 frames = np.frombuffer(video.rgb, np.uint8).reshape(shape)

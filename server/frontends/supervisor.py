@@ -1,0 +1,354 @@
+"""The engine process's side: the link server front-ends call, and the front-end processes themselves."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import multiprocessing
+import multiprocessing.process
+import os
+import secrets
+import socket
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from vitcache.cache.arena import ArenaEntry
+from vitcache.config import VitcacheConfig
+from vitcache.engine import EmbeddingEngine
+from vitcache.errors import ErrorCode, ImageError
+from vitcache.outcomes import ImageOutcome
+
+from ..ports import reserved_port
+from .frontend import run_frontend
+from .link import CALLS, ArenaRef, LinkAddress, frame, read_frame
+
+if TYPE_CHECKING:
+    from ..metrics import ServerMetrics
+
+log = logging.getLogger(__name__)
+_SPAWN = multiprocessing.get_context("spawn")  # not fork: this process runs threads (gRPC, the batcher)
+
+
+@dataclass
+class _Peer:
+    """One connected front-end: its calls in progress, the entries it holds and its RPCs in flight."""
+
+    index: int
+    writer: asyncio.StreamWriter
+    calls: dict[int, asyncio.Task[None]] = field(default_factory=dict)
+    pins: dict[int, ArenaEntry] = field(default_factory=dict)
+    in_flight: dict[str, int] = field(default_factory=dict)  # method -> RPCs started and not finished
+    serving: asyncio.Event = field(default_factory=asyncio.Event)
+    calls_served: int = 0
+
+    def send(self, message: object) -> None:
+        self.writer.write(frame(message))
+
+
+class FrontendLink:
+    """The unix socket the front-ends reach the engine through, and their calls on it.
+
+    Invariants:
+    - an entry sent as an :class:`ArenaRef` is held (``_Peer.pins``) until its front-end releases it or
+      disconnects, so its arena block is not reused while a reply is being built from it;
+    - a front-end that disconnects has its calls cancelled, its pins dropped and its RPCs in flight
+      counted as finished, so it leaves nothing behind.
+    """
+
+    def __init__(
+        self,
+        engine: EmbeddingEngine,
+        rpc_events: Callable[[list[tuple[str, str | None, float]]], None] | None = None,
+        rpc_abandoned: Callable[[str, int], None] | None = None,
+    ) -> None:
+        self.engine = engine
+        self.arena = engine.l1.arena
+        self.serving = True
+        self._rpc_events = rpc_events
+        self._rpc_abandoned = rpc_abandoned
+        self._directory = Path(tempfile.mkdtemp(prefix="vitcache-link-"))  # 0700
+        self.address = LinkAddress(str(self._directory / "engine.sock"), secrets.token_bytes(32))
+        self.peers: dict[int, _Peer] = {}
+        self.entries_sent_inline = 0  # entries not in the arena (too large for L1, Put entries): their bytes cross
+        self._pins = itertools.count(1)
+        self._server: asyncio.AbstractServer | None = None
+        self._listener: socket.socket | None = None
+        self._connections: set[asyncio.Task[None]] = set()
+
+    @property
+    def pinned(self) -> int:
+        """Entries the front-ends hold now."""
+        return sum(len(peer.pins) for peer in self.peers.values())
+
+    async def start(self) -> None:
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(self.address.path)
+        os.chmod(self.address.path, 0o600)
+        listener.listen(64)
+        listener.setblocking(False)
+        self._listener = listener
+        self._accepting = asyncio.ensure_future(self._accept())
+
+    async def stop(self) -> None:
+        self._accepting.cancel()
+        for task in list(self._connections):
+            task.cancel()
+        await asyncio.gather(self._accepting, *self._connections, return_exceptions=True)
+        if self._listener is not None:
+            self._listener.close()
+        with contextlib.suppress(OSError):
+            os.unlink(self.address.path)
+            os.rmdir(self._directory)
+
+    def set_serving(self, serving: bool) -> None:
+        """Tells every front-end's health service whether the engine can compute."""
+        self.serving = serving
+        for peer in self.peers.values():
+            peer.send(("health", serving))
+
+    async def wait_serving(self, index: int) -> None:
+        """Until front-end ``index`` has connected and bound the gRPC port."""
+        while index not in self.peers:
+            await asyncio.sleep(0.01)
+        await self.peers[index].serving.wait()
+
+    async def _accept(self) -> None:
+        loop = asyncio.get_running_loop()
+        assert self._listener is not None
+        while True:
+            conn, _ = await loop.sock_accept(self._listener)
+            task = asyncio.ensure_future(self._serve(conn))
+            self._connections.add(task)
+            task.add_done_callback(self._connections.discard)
+
+    async def _serve(self, conn: socket.socket) -> None:
+        peer = None
+        try:
+            reader, writer = await asyncio.open_unix_connection(sock=conn)
+            hello = await asyncio.wait_for(read_frame(reader), 10)
+            if not (isinstance(hello, tuple) and len(hello) == 3 and hello[0] == "hello"):
+                return
+            if not secrets.compare_digest(hello[1], self.address.secret):
+                log.warning("frontend link: a connection without the secret; closed")
+                return
+            peer = _Peer(hello[2], writer)
+            old = self.peers.get(peer.index)
+            self.peers[peer.index] = peer
+            if old is not None:
+                old.writer.close()
+            welcome = frame(("welcome", self.engine.spec, self.serving, self.arena.capacity if self.arena else 0))
+            fds = [self.arena.read_only_fd()] if self.arena is not None else []
+            try:
+                await loop_send_fds(conn, welcome, fds)
+            finally:
+                for fd in fds:
+                    os.close(fd)
+            while True:
+                self._handle(peer, await read_frame(reader))
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.TimeoutError):
+            pass
+        finally:
+            if peer is not None:
+                self._forget(peer)
+            conn.close()
+
+    def _handle(self, peer: _Peer, message: tuple[Any, ...]) -> None:
+        kind = message[0]
+        if kind == "call":
+            _, call_id, method, args = message
+            task = asyncio.ensure_future(self._call(peer, call_id, method, args))
+            peer.calls[call_id] = task
+            task.add_done_callback(lambda _: peer.calls.pop(call_id, None))
+        elif kind == "cancel":
+            task = peer.calls.get(message[1])
+            if task is not None:
+                task.cancel()
+        elif kind == "release":
+            for pin in message[1]:
+                peer.pins.pop(pin, None)
+        elif kind == "rpcs":
+            for method, code, _ in message[1]:
+                peer.in_flight[method] = peer.in_flight.get(method, 0) + (1 if code is None else -1)
+            if self._rpc_events is not None:
+                self._rpc_events(message[1])
+        elif kind == "serving":
+            peer.serving.set()
+
+    async def _call(self, peer: _Peer, call_id: int, method: str, args: tuple[Any, ...]) -> None:
+        peer.calls_served += 1
+        result: object = None
+        try:
+            if method not in CALLS:
+                raise ImageError(ErrorCode.INTERNAL, f"the engine has no call {method!r}")
+            if CALLS[method]:
+                async for outcome in getattr(self.engine, method)(*args):
+                    peer.send(("outcome", call_id, *self._shipped(peer, outcome)))
+                    await peer.writer.drain()
+            elif method == "put":
+                await self.engine.put(*args)
+            else:
+                result = self.engine.snapshot()
+        except ImageError as exc:
+            result = exc
+        except asyncio.CancelledError:
+            return  # the front-end cancelled the call: it expects no end
+        except Exception as exc:  # what a local call would raise, told to the front-end rather than lost here
+            log.exception("frontend link: %s failed", method)
+            result = ImageError(ErrorCode.INTERNAL, f"{method} failed in the engine: {exc}")
+        peer.send(("end", call_id, result))
+
+    def _shipped(self, peer: _Peer, outcome: ImageOutcome) -> tuple[ImageOutcome, ArenaRef | None]:
+        """``outcome`` to send: an arena entry as its place there (pinned), any other entry as it is."""
+        entry = outcome.entry
+        if not isinstance(entry, ArenaEntry):
+            self.entries_sent_inline += entry is not None
+            return outcome, None
+        pin = next(self._pins)
+        peer.pins[pin] = entry
+        outputs = tuple(
+            (out.dtype, out.shape, at, out.nbytes)
+            for out, at in zip(entry.outputs, entry.output_offsets(), strict=True)
+        )
+        return replace(outcome, entry=None), ArenaRef(pin, entry.grid_thw, outputs, entry.video)
+
+    def _forget(self, peer: _Peer) -> None:
+        if self.peers.get(peer.index) is peer:
+            del self.peers[peer.index]
+        for task in peer.calls.values():
+            task.cancel()
+        peer.pins.clear()
+        if self._rpc_abandoned is not None:
+            for method, count in peer.in_flight.items():
+                if count:
+                    self._rpc_abandoned(method, count)
+        peer.writer.close()
+
+
+async def loop_send_fds(conn: socket.socket, data: bytes, fds: list[int]) -> None:
+    """Sends ``data`` with ``fds`` attached to its first byte on the non-blocking ``conn``."""
+    sent = 0
+    while sent < len(data):
+        try:
+            sent += socket.send_fds(conn, [data[sent:]], fds if sent == 0 else [])
+        except BlockingIOError:
+            await asyncio.sleep(0.001)
+
+
+class FrontendProcesses:
+    """``--frontends`` processes serving gRPC on one port for this process's engine.
+
+    Invariants:
+    - every front-end binds the same port with SO_REUSEPORT; a port of 0 is picked here first and held
+      (bound, not listening, so it takes no connections) until they have all bound it;
+    - a front-end that dies is started again after ``restart_backoff_s``, doubling while it keeps dying
+      early; its clients see their connections close (gRPC clients reconnect) and the others nothing.
+    """
+
+    def __init__(
+        self,
+        config: VitcacheConfig,
+        engine: EmbeddingEngine,
+        metrics: ServerMetrics,
+        restart_backoff_s: float = 1.0,
+        max_restart_backoff_s: float = 30.0,
+        start_timeout_s: float = 120.0,
+    ) -> None:
+        self.config = config
+        self.count = config.transport.frontends
+        self.link = FrontendLink(engine, metrics.record_forwarded, metrics.forwarded_abandoned)
+        self.restart_backoff_s = restart_backoff_s
+        self.max_restart_backoff_s = max_restart_backoff_s
+        self.start_timeout_s = start_timeout_s
+        self.port = 0
+        self.restarts = 0
+        self.processes: list[multiprocessing.process.BaseProcess | None] = [None] * self.count
+        self._watchers: list[asyncio.Task[None]] = []
+        self._stopping = False
+
+    @property
+    def pids(self) -> list[int | None]:
+        return [process.pid if process is not None else None for process in self.processes]
+
+    async def start(self) -> int:
+        """Starts the link and every front-end; the port they serve. Fails (stopping what started) if one
+        cannot bind the port or does not come up in time."""
+        await self.link.start()
+        transport = self.config.transport
+        with reserved_port(transport.host, transport.port) as port:
+            self.port = port
+            try:
+                await asyncio.gather(*(self._start(index) for index in range(self.count)))
+            except BaseException:
+                await self.stop(0)
+                raise
+        self._watchers = [asyncio.ensure_future(self._watch(index)) for index in range(self.count)]
+        return port
+
+    def set_serving(self, serving: bool) -> Awaitable[None]:
+        self.link.set_serving(serving)
+        return asyncio.sleep(0)
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        self._stopping = True
+        for watcher in self._watchers:
+            watcher.cancel()
+        running = [process for process in self.processes if process is not None and process.is_alive()]
+        for process in running:
+            process.terminate()  # SIGTERM: the front-end finishes its calls within the grace period
+        await asyncio.gather(*(asyncio.to_thread(process.join, grace_s + 2) for process in running))
+        for process in running:
+            if process.is_alive():
+                process.kill()
+                await asyncio.to_thread(process.join, 5)
+        await self.link.stop()
+
+    async def _start(self, index: int) -> None:
+        process = _SPAWN.Process(
+            target=run_frontend,
+            args=(self.config, self.link.address, index, self.port, logging.getLogger().getEffectiveLevel()),
+            name=f"vitcache-frontend-{index}",
+            daemon=True,
+        )
+        process.start()
+        self.processes[index] = process
+        serving = asyncio.ensure_future(self.link.wait_serving(index))
+        exited = asyncio.ensure_future(asyncio.to_thread(process.join))
+        try:
+            done, _ = await asyncio.wait({serving, exited}, timeout=self.start_timeout_s, return_when="FIRST_COMPLETED")
+        finally:
+            serving.cancel()
+        if serving in done and not serving.cancelled():
+            return
+        if process.is_alive():
+            process.kill()
+            raise RuntimeError(f"front-end {index} did not serve within {self.start_timeout_s:.0f} s")
+        raise RuntimeError(f"front-end {index} exited with code {process.exitcode} before serving (see its log above)")
+
+    async def _watch(self, index: int) -> None:
+        backoff = self.restart_backoff_s
+        while not self._stopping:
+            process = self.processes[index]
+            assert process is not None
+            await asyncio.to_thread(process.join)
+            if self._stopping:
+                return
+            log.error("front-end %d exited with code %s; starting it again in %.0f s", index, process.exitcode, backoff)
+            await asyncio.sleep(backoff)
+            started = time.monotonic()
+            try:
+                await self._start(index)
+            except RuntimeError as exc:
+                log.error("%s", exc)
+            self.restarts += 1
+            # A front-end that ran a while before dying starts again at once next time.
+            backoff = (
+                self.restart_backoff_s
+                if time.monotonic() - started > 60
+                else min(self.max_restart_backoff_s, backoff * 2)
+            )

@@ -1,0 +1,129 @@
+"""--frontends: several gRPC processes on one port in front of one engine (one L1, one set of encoders)."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from vitcache.client import ConnectOptions, VitCacheClient
+from vitcache.server.background import BackgroundServer
+from vitcache.v1 import vitcache_pb2 as pb
+from vitcache.v1 import vitcache_pb2_grpc as pb_grpc
+
+from vitcache.config import VitcacheConfig
+from vitcache.digest import digest_file
+
+from .conftest import free_port, http_get, png_bytes, server_thread
+
+TOKEN = "frontends-test-token"
+
+
+def _until(condition: Callable[[], bool], what: str, timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout_s} s: {what}")
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def fronted(encoder, tmp_path_factory: pytest.TempPathFactory) -> Iterator[BackgroundServer]:  # type: ignore[no-untyped-def]
+    tokens = tmp_path_factory.mktemp("tokens") / "tokens"
+    tokens.write_text(f"{TOKEN}\n")
+    config = VitcacheConfig.of(frontends=2, auth_token_file=str(tokens), metrics_port=free_port())
+    server = server_thread(config, encoder)
+    yield server
+    server.stop()
+
+
+def _client(server: BackgroundServer) -> VitCacheClient:
+    return VitCacheClient(server.target, options=ConnectOptions(auth_token=TOKEN))
+
+
+def test_frontends_share_one_l1_and_fail_bad_images_alone(fronted: BackgroundServer) -> None:
+    image = png_bytes(56, 56, 7)
+    with _client(fronted) as client:
+        first, junk = client.encode([image, b"not an image"])
+    assert first.source == "COMPUTED" and junk.error is not None and junk.error.code == grpc.StatusCode.INVALID_ARGUMENT
+    link = fronted.running.frontends.link  # type: ignore[union-attr]
+    hits = 0
+    # New connections until the kernel has given some to each front-end (each is a coin toss).
+    while not all(peer.calls_served for peer in link.peers.values()) or hits < 4:
+        with _client(fronted) as client:
+            (again,) = client.encode([image])
+        assert again.source == "L1", "every front-end reads the one L1"
+        assert [t.tolist() for t in again.embeddings] == [t.tolist() for t in first.embeddings]
+        hits += 1
+        assert hits < 64
+    assert len(link.peers) == 2
+    assert link.entries_sent_inline == 0, "a computed entry, like a hit, reaches the front-end as its place in L1"
+    _until(lambda: link.pinned == 0, "front-ends release the entries their replies were built from")
+    with VitCacheClient(fronted.target) as anonymous, pytest.raises(grpc.RpcError) as refused:
+        anonymous.encode([image])
+    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_frontends_answer_health_and_their_rpcs_count_in_the_engines_metrics(fronted: BackgroundServer) -> None:
+    with grpc.insecure_channel(fronted.target) as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="vitcache.v1.VitCache"))
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    port = fronted.running.metrics_port  # type: ignore[union-attr]
+
+    def fetched_ok() -> float:
+        _, _, body = http_get(port, "/metrics", {"Authorization": f"Bearer {TOKEN}"})
+        found = re.search(rb'vitcache_requests_total\{code="OK",method="Fetch"\} ([0-9.e+]+)', body)
+        return float(found.group(1)) if found else 0.0
+
+    before = fetched_ok()
+    digest = digest_file(png_bytes(56, 56, 8))
+    with _client(fronted) as client:
+        for _ in range(3):
+            client.fetch([digest])
+    _until(lambda: fetched_ok() >= before + 3, "each front-end RPC counted in the engine's /metrics")
+
+
+def test_a_cancelled_stream_releases_its_entries(fronted: BackgroundServer) -> None:
+    images = [png_bytes(56, 56, 100 + i) for i in range(16)]
+    with _client(fronted) as client:
+        client.encode(images)
+    request = pb.FetchRequest(digests=[digest_file(image) for image in images])
+    with grpc.insecure_channel(fronted.target) as channel:
+        stream = pb_grpc.VitCacheStub(channel).Fetch(request, metadata=[("authorization", f"Bearer {TOKEN}")])
+        assert next(stream).source == pb.L1
+        stream.cancel()
+    link = fronted.running.frontends.link  # type: ignore[union-attr]
+    _until(lambda: link.pinned == 0, "a cancelled call's entries are released")
+
+
+def test_a_killed_frontend_is_started_again_and_stopping_ends_them_all(encoder) -> None:  # type: ignore[no-untyped-def]
+    server = server_thread(VitcacheConfig.of(frontends=2), encoder)
+    frontends = server.running.frontends  # type: ignore[union-attr]
+    frontends.restart_backoff_s = 0.1
+    try:
+        victim = frontends.pids[0]
+        os.kill(victim, signal.SIGKILL)
+        _until(lambda: _zombie(victim) or frontends.pids[0] != victim, "front-end 0 dead")
+        image = png_bytes(56, 56, 9)
+        for _ in range(8):  # the kernel gives new connections to the front-end that is left
+            with VitCacheClient(server.target) as client:
+                assert client.encode([image])[0].error is None
+        _until(lambda: frontends.restarts == 1 and frontends.pids[0] not in (None, victim), "a new front-end 0")
+        _until(lambda: 0 in frontends.link.peers, "the new front-end on the link")
+        pids = [pid for pid in frontends.pids if pid is not None]
+    finally:
+        server.stop()
+    assert pids and all(not Path(f"/proc/{pid}").exists() or _zombie(pid) for pid in pids)
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+    except FileNotFoundError:
+        return True
