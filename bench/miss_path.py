@@ -649,6 +649,7 @@ def main() -> None:
         help="--parts scaling: also run each multi-GPU server again, killing one encoder this many seconds after "
         "its timed load begins",
     )
+    parser.add_argument("--kill-only", action="store_true", help="--parts scaling: only the --kill-encoder-at run")
     parser.add_argument("--out", default=str(REPO / "bench" / "results"))
     args = parser.parse_args()
     if args.print:
@@ -753,7 +754,8 @@ def main() -> None:
                 for frontends in ([fixed] if fixed else args.scaling_frontends.split(";"))
             ]
             if args.kill_encoder_at is not None:
-                configs += [(devices, args.kill_encoder_at, fe) for devices, _, fe in configs if "," in devices][-1:]
+                killed = [(devices, args.kill_encoder_at, fe) for devices, _, fe in configs if "," in devices][-1:]
+                configs = killed if args.kill_only else configs + killed
             for devices, kill_at, frontends in configs:
                 count = len(devices.split(","))
                 extra = [*accel, "--warmup-image-sizes", f"{side}x{side}", "--frontends", str(frontends)]
