@@ -56,10 +56,10 @@ def test_serve_with_cuda_decoding_on_a_cpu_encoder_is_one_line(capfd, encoder_pr
 
 
 def test_the_setting_comes_from_flag_or_variable_and_is_checked(capfd, monkeypatch) -> None:
-    assert VitcacheConfig().limits.video_decoder == "auto"
+    assert VitcacheConfig().limits.video_decoder == "cpu"
     parser = cli.build_parser()
-    variable = {"VITCACHE_VIDEO_DECODER": "cpu"}
-    assert cli.serve_config(parser.parse_args(["serve"]), variable).limits.video_decoder == "cpu"
+    variable = {"VITCACHE_VIDEO_DECODER": "auto"}
+    assert cli.serve_config(parser.parse_args(["serve"]), variable).limits.video_decoder == "auto"
     flag = parser.parse_args(["serve", "--video-decoder", "cuda"])
     assert cli.serve_config(flag, variable).limits.video_decoder == "cuda"
     monkeypatch.setenv("VITCACHE_VIDEO_DECODER", "gpu")

@@ -264,9 +264,10 @@ class LimitsConfig(_Group):
         "256MiB", "a video entry larger than this is computed and returned, not cached", minimum=0
     )
     video_decoder: str = setting(
-        "auto",
-        "where video files decode: cuda = NVDEC on the encoder's GPU (start-up fails without it), cpu = FFmpeg's "
-        "software decoders, auto = cuda where PyAV can open NVDEC on the encoder's device, else cpu",
+        "cpu",
+        "where video files decode: cpu = FFmpeg's software decoders (measured faster: docs/benchmarks.md), "
+        "cuda = NVDEC on the encoder's GPU (start-up fails without it), auto = cuda where PyAV can open NVDEC "
+        "on the encoder's device, else cpu",
         choices={name: name for name in ("auto", "cpu", "cuda")},
     )
 
