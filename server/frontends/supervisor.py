@@ -40,6 +40,7 @@ class _Peer:
     """One connected front-end: its calls in progress, the entries it holds and its RPCs in flight."""
 
     index: int
+    pid: int  # tells a restarted front-end from the one it replaces, whose connection may not have closed yet
     writer: asyncio.StreamWriter
     calls: dict[int, asyncio.Task[None]] = field(default_factory=dict)
     pins: dict[int, ArenaEntry] = field(default_factory=dict)
@@ -112,11 +113,12 @@ class FrontendLink:
         for peer in self.peers.values():
             peer.send(("health", serving))
 
-    async def wait_serving(self, index: int) -> None:
-        """Until front-end ``index`` has connected and bound the gRPC port."""
-        while index not in self.peers:
+    async def wait_serving(self, index: int, pid: int) -> None:
+        """Until front-end ``index``, process ``pid``, has connected and bound the gRPC port (a connection of
+        the process it replaces may still be listed under ``index``)."""
+        while (peer := self.peers.get(index)) is None or peer.pid != pid:
             await asyncio.sleep(0.01)
-        await self.peers[index].serving.wait()
+        await peer.serving.wait()
 
     async def _accept(self) -> None:
         loop = asyncio.get_running_loop()
@@ -132,12 +134,12 @@ class FrontendLink:
         try:
             reader, writer = await asyncio.open_unix_connection(sock=conn)
             hello = await asyncio.wait_for(read_frame(reader), 10)
-            if not (isinstance(hello, tuple) and len(hello) == 3 and hello[0] == "hello"):
+            if not (isinstance(hello, tuple) and len(hello) == 4 and hello[0] == "hello"):
                 return
             if not secrets.compare_digest(hello[1], self.address.secret):
                 log.warning("frontend link: a connection without the secret; closed")
                 return
-            peer = _Peer(hello[2], writer)
+            peer = _Peer(hello[2], hello[3], writer)
             old = self.peers.get(peer.index)
             self.peers[peer.index] = peer
             if old is not None:
@@ -317,7 +319,7 @@ class FrontendProcesses:
         )
         process.start()
         self.processes[index] = process
-        serving = asyncio.ensure_future(self.link.wait_serving(index))
+        serving = asyncio.ensure_future(self.link.wait_serving(index, process.pid))
         exited = asyncio.ensure_future(asyncio.to_thread(process.join))
         try:
             done, _ = await asyncio.wait({serving, exited}, timeout=self.start_timeout_s, return_when="FIRST_COMPLETED")

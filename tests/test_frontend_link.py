@@ -1,0 +1,58 @@
+"""The engine's side of the --frontends link, driven by hand-made front-end connections."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from collections.abc import Iterator
+
+import pytest
+from vitcache.server.background import BackgroundServer
+from vitcache.server.frontends.link import LinkAddress, frame
+from vitcache.server.frontends.supervisor import FrontendLink
+
+from vitcache.config import VitcacheConfig
+
+from .conftest import server_thread
+
+
+@pytest.fixture(scope="module")
+def fronted(encoder) -> Iterator[BackgroundServer]:  # type: ignore[no-untyped-def]
+    server = server_thread(VitcacheConfig.of(frontends=1), encoder)
+    yield server
+    server.stop()
+
+
+def _link(server: BackgroundServer) -> FrontendLink:
+    assert server.running.frontends is not None
+    return server.running.frontends.link
+
+
+def _serving_peer(address: LinkAddress, index: int, pid: int) -> socket.socket:
+    """A connection that says hello as front-end ``index`` of process ``pid``, then that it serves."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(address.path)
+    sock.sendall(frame(("hello", address.secret, index, pid)))
+    _, fds, _, _ = socket.recv_fds(sock, 1 << 16, 1)
+    for fd in fds:
+        os.close(fd)
+    sock.sendall(frame(("serving",)))
+    return sock
+
+
+def test_a_restarted_frontend_is_awaited_not_the_connection_it_replaces(fronted: BackgroundServer) -> None:
+    """The old process's connection may still be listed when its successor starts: waiting must not end on it."""
+    link = _link(fronted)
+    old = _serving_peer(link.address, 7, pid=1_000_001)
+    try:
+        fronted.call(asyncio.wait_for(link.wait_serving(7, 1_000_001), 10))
+        with pytest.raises(asyncio.TimeoutError):
+            fronted.call(asyncio.wait_for(link.wait_serving(7, 1_000_002), 0.5))
+        new = _serving_peer(link.address, 7, pid=1_000_002)
+        try:
+            fronted.call(asyncio.wait_for(link.wait_serving(7, 1_000_002), 10))
+        finally:
+            new.close()
+    finally:
+        old.close()
