@@ -13,7 +13,7 @@ import secrets
 import socket
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -292,9 +292,9 @@ class FrontendProcesses:
         self._watchers = [asyncio.ensure_future(self._watch(index)) for index in range(self.count)]
         return port
 
-    def set_serving(self, serving: bool) -> Awaitable[None]:
+    async def set_serving(self, serving: bool) -> None:
+        """Every front-end's health says whether the engine can compute (the encoder pool's callback)."""
         self.link.set_serving(serving)
-        return asyncio.sleep(0)
 
     async def stop(self, grace_s: float = 5.0) -> None:
         self._stopping = True
