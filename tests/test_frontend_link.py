@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import sys
+import traceback
 from collections.abc import Iterator
 
 import pytest
@@ -56,3 +58,15 @@ def test_a_restarted_frontend_is_awaited_not_the_connection_it_replaces(fronted:
             new.close()
     finally:
         old.close()
+
+
+def test_no_thread_is_parked_waiting_for_a_frontend_to_exit(fronted: BackgroundServer) -> None:
+    """One per front-end for its lifetime would hold the default executor's workers (6 on 2 cores): with a
+    few front-ends, the engine's ``to_thread`` work (digests of large requests) would never run."""
+    joining = [
+        thread
+        for thread, top in sys._current_frames().items()
+        for frame, _ in traceback.walk_stack(top)
+        if frame.f_code.co_name == "join" and frame.f_code.co_filename.endswith("multiprocessing/process.py")
+    ]
+    assert not joining

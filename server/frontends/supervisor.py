@@ -33,6 +33,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 _SPAWN = multiprocessing.get_context("spawn")  # not fork: this process runs threads (gRPC, the batcher)
+#: A front-end that dies after running this long is started again after the initial backoff, not a doubled one.
+HEALTHY_RUN_S = 60.0
 
 
 @dataclass
@@ -270,6 +272,7 @@ class FrontendProcesses:
         self.port = 0
         self.restarts = 0
         self.processes: list[multiprocessing.process.BaseProcess | None] = [None] * self.count
+        self._exits: list[asyncio.Future[None] | None] = [None] * self.count  # each done when its process exits
         self._watchers: list[asyncio.Task[None]] = []
         self._stopping = False
 
@@ -303,11 +306,14 @@ class FrontendProcesses:
         running = [process for process in self.processes if process is not None and process.is_alive()]
         for process in running:
             process.terminate()  # SIGTERM: the front-end finishes its calls within the grace period
-        await asyncio.gather(*(asyncio.to_thread(process.join, grace_s + 2) for process in running))
+        exits = [exited for exited in self._exits if exited is not None]
+        if exits:
+            await asyncio.wait(exits, timeout=grace_s + 2)
         for process in running:
             if process.is_alive():
                 process.kill()
-                await asyncio.to_thread(process.join, 5)
+        if exits:
+            await asyncio.wait(exits, timeout=5)
         await self.link.stop()
 
     async def _start(self, index: int) -> None:
@@ -319,8 +325,8 @@ class FrontendProcesses:
         )
         process.start()
         self.processes[index] = process
+        exited = self._exits[index] = _exit_of(process)
         serving = asyncio.ensure_future(self.link.wait_serving(index, process.pid))
-        exited = asyncio.ensure_future(asyncio.to_thread(process.join))
         try:
             done, _ = await asyncio.wait({serving, exited}, timeout=self.start_timeout_s, return_when="FIRST_COMPLETED")
         finally:
@@ -335,22 +341,35 @@ class FrontendProcesses:
     async def _watch(self, index: int) -> None:
         backoff = self.restart_backoff_s
         while not self._stopping:
-            process = self.processes[index]
-            assert process is not None
-            await asyncio.to_thread(process.join)
+            process, exited = self.processes[index], self._exits[index]
+            assert process is not None and exited is not None
+            started = time.monotonic()
+            await asyncio.shield(exited)  # cancelling the watcher leaves the future to stop()
             if self._stopping:
                 return
+            if time.monotonic() - started > HEALTHY_RUN_S:  # it did not die early: no backoff left over
+                backoff = self.restart_backoff_s
             log.error("front-end %d exited with code %s; starting it again in %.0f s", index, process.exitcode, backoff)
             await asyncio.sleep(backoff)
-            started = time.monotonic()
             try:
                 await self._start(index)
             except RuntimeError as exc:
                 log.error("%s", exc)
             self.restarts += 1
-            # A front-end that ran a while before dying starts again at once next time.
-            backoff = (
-                self.restart_backoff_s
-                if time.monotonic() - started > 60
-                else min(self.max_restart_backoff_s, backoff * 2)
-            )
+            backoff = min(self.max_restart_backoff_s, backoff * 2)
+
+
+def _exit_of(process: multiprocessing.process.BaseProcess) -> asyncio.Future[None]:
+    """A future done once ``process`` has exited and been reaped. The loop watches its sentinel: a thread
+    blocked in ``join`` for each front-end's lifetime would take the default executor's few workers."""
+    loop = asyncio.get_running_loop()
+    exited = loop.create_future()
+
+    def reap() -> None:
+        loop.remove_reader(process.sentinel)
+        process.join()
+        if not exited.done():
+            exited.set_result(None)
+
+    loop.add_reader(process.sentinel, reap)
+    return exited
