@@ -8,11 +8,13 @@ import socket
 import sys
 import traceback
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from vitcache.server.background import BackgroundServer
 from vitcache.server.frontends.link import LinkAddress, frame
-from vitcache.server.frontends.supervisor import FrontendLink
+from vitcache.server.frontends.supervisor import FrontendLink, FrontendProcesses
+from vitcache.server.metrics import ServerMetrics
 
 from vitcache.config import VitcacheConfig
 
@@ -70,3 +72,15 @@ def test_no_thread_is_parked_waiting_for_a_frontend_to_exit(fronted: BackgroundS
         if frame.f_code.co_name == "join" and frame.f_code.co_filename.endswith("multiprocessing/process.py")
     ]
     assert not joining
+
+
+def test_a_failed_start_leaves_no_link_behind(fronted: BackgroundServer) -> None:
+    """A start that fails before any front-end runs (here: a host that does not resolve) still closes the
+    link's socket and removes its directory."""
+    frontends = FrontendProcesses(
+        VitcacheConfig.of(frontends=1, host="nosuchhost.invalid", port=0), fronted.engine, ServerMetrics()
+    )
+    with pytest.raises(OSError):
+        fronted.call(frontends.start())
+    directory = Path(frontends.link.address.path).parent
+    assert directory.name.startswith("vitcache-link-") and not directory.exists()

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import multiprocessing
 import multiprocessing.process
 import os
 import secrets
+import shutil
 import socket
 import tempfile
 import time
@@ -75,13 +75,14 @@ class FrontendLink:
         self.serving = True
         self._rpc_events = rpc_events
         self._rpc_abandoned = rpc_abandoned
-        self._directory = Path(tempfile.mkdtemp(prefix="vitcache-link-"))  # 0700
-        self.address = LinkAddress(str(self._directory / "engine.sock"), secrets.token_bytes(32))
+        self._directory: Path | None = None
+        self.address = LinkAddress("", secrets.token_bytes(32))  # the path is made by start()
         self.peers: dict[int, _Peer] = {}
         self.entries_sent_inline = 0  # entries not in the arena (too large for L1, Put entries): their bytes cross
         self._pins = itertools.count(1)
         self._server: asyncio.AbstractServer | None = None
         self._listener: socket.socket | None = None
+        self._accepting: asyncio.Future[None] | None = None
         self._connections: set[asyncio.Task[None]] = set()
 
     @property
@@ -90,24 +91,25 @@ class FrontendLink:
         return sum(len(peer.pins) for peer in self.peers.values())
 
     async def start(self) -> None:
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        listener.bind(self.address.path)
+        self._directory = Path(tempfile.mkdtemp(prefix="vitcache-link-"))  # 0700
+        self.address = replace(self.address, path=str(self._directory / "engine.sock"))
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._listener.bind(self.address.path)
         os.chmod(self.address.path, 0o600)
-        listener.listen(64)
-        listener.setblocking(False)
-        self._listener = listener
+        self._listener.listen(64)
+        self._listener.setblocking(False)
         self._accepting = asyncio.ensure_future(self._accept())
 
     async def stop(self) -> None:
-        self._accepting.cancel()
-        for task in list(self._connections):
+        """Closes every connection and the socket, and removes the directory; also after a failed start."""
+        tasks = [*self._connections, *([self._accepting] if self._accepting is not None else [])]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(self._accepting, *self._connections, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         if self._listener is not None:
             self._listener.close()
-        with contextlib.suppress(OSError):
-            os.unlink(self.address.path)
-            os.rmdir(self._directory)
+        if self._directory is not None:
+            shutil.rmtree(self._directory, ignore_errors=True)
 
     def set_serving(self, serving: bool) -> None:
         """Tells every front-end's health service whether the engine can compute."""
@@ -283,15 +285,15 @@ class FrontendProcesses:
     async def start(self) -> int:
         """Starts the link and every front-end; the port they serve. Fails (stopping what started) if one
         cannot bind the port or does not come up in time."""
-        await self.link.start()
         transport = self.config.transport
-        with reserved_port(transport.host, transport.port) as port:
-            self.port = port
-            try:
+        try:
+            await self.link.start()
+            with reserved_port(transport.host, transport.port) as port:
+                self.port = port
                 await asyncio.gather(*(self._start(index) for index in range(self.count)))
-            except BaseException:
-                await self.stop(0)
-                raise
+        except BaseException:
+            await self.stop(0)
+            raise
         self._watchers = [asyncio.ensure_future(self._watch(index)) for index in range(self.count)]
         return port
 
