@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import socket
 import sys
@@ -13,10 +14,11 @@ from pathlib import Path
 import pytest
 from vitcache.server.background import BackgroundServer
 from vitcache.server.frontends.link import LinkAddress, frame
-from vitcache.server.frontends.supervisor import FrontendLink, FrontendProcesses
+from vitcache.server.frontends.supervisor import FrontendLink, FrontendProcesses, _Peer
 from vitcache.server.metrics import ServerMetrics
 
 from vitcache.config import VitcacheConfig
+from vitcache.inputs import Scope
 
 from .conftest import server_thread
 
@@ -84,3 +86,27 @@ def test_a_failed_start_leaves_no_link_behind(fronted: BackgroundServer) -> None
         fronted.call(frontends.start())
     directory = Path(frontends.link.address.path).parent
     assert directory.name.startswith("vitcache-link-") and not directory.exists()
+
+
+def test_a_frontend_gone_mid_stream_is_not_an_error(
+    fronted: BackgroundServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The engine is writing a long answer when the front-end's connection closes (killed, OOM): its call
+    ends quietly, with no traceback for the operator."""
+    link = _link(fronted)
+    peer = _serving_peer(link.address, 8, pid=1_000_003)
+    digests = [i.to_bytes(16, "little") for i in range(50_000)]  # far more outcomes than the socket buffers
+    peer.sendall(frame(("call", 1, "fetch", (digests, Scope()))))
+    peer.recv(1)  # the answer has started
+    engine_side = link.peers[8]
+    with caplog.at_level(logging.WARNING):
+        peer.close()
+        fronted.call(_until_ended(engine_side))
+    assert 8 not in link.peers and not engine_side.pins
+    assert not [record for record in caplog.records if record.levelno >= logging.WARNING]
+
+
+async def _until_ended(peer: _Peer) -> None:
+    """Until the engine has dropped ``peer``'s calls (each leaves ``calls`` when its task is done)."""
+    while peer.calls or not peer.writer.is_closing():
+        await asyncio.sleep(0.01)

@@ -51,7 +51,9 @@ class _Peer:
     calls_served: int = 0
 
     def send(self, message: object) -> None:
-        self.writer.write(frame(message))
+        """Nothing once the connection is closing (the front-end has gone; ``_forget`` drops what it held)."""
+        if not self.writer.is_closing():
+            self.writer.write(frame(message))
 
 
 class FrontendLink:
@@ -204,6 +206,8 @@ class FrontendLink:
             result = exc
         except asyncio.CancelledError:
             return  # the front-end cancelled the call: it expects no end
+        except ConnectionError:
+            return  # the front-end has gone while the answer was being written: nobody to tell
         except Exception as exc:  # what a local call would raise, told to the front-end rather than lost here
             log.exception("frontend link: %s failed", method)
             result = ImageError(ErrorCode.INTERNAL, f"{method} failed in the engine: {exc}")
