@@ -142,6 +142,10 @@ class RemoteEngine:
             self._flushing = True
             asyncio.get_running_loop().call_later(RPC_EVENTS_FLUSH_S, self._flush_rpc_events)
 
+    def announce_serving(self) -> None:
+        """Tells the engine this front-end has bound the gRPC port (its supervisor waits for that)."""
+        self._writer.write(frame(("serving",)))
+
     async def close(self) -> None:
         self._receiving.cancel()
         self._writer.close()
@@ -272,7 +276,7 @@ async def _serve(config: VitcacheConfig, address: LinkAddress, index: int, port:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    engine._writer.write(frame(("serving",)))
+    engine.announce_serving()
     lost = asyncio.ensure_future(engine.lost.wait())
     await asyncio.wait([asyncio.ensure_future(stop.wait()), lost], return_when=asyncio.FIRST_COMPLETED)
     await set_health(health_servicer, False)
