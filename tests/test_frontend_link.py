@@ -11,11 +11,14 @@ import traceback
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 from vitcache.server.background import BackgroundServer
 from vitcache.server.frontends.link import LinkAddress, frame
 from vitcache.server.frontends.supervisor import FrontendLink, FrontendProcesses, _Peer
 from vitcache.server.metrics import ServerMetrics
+from vitcache.v1 import vitcache_pb2 as pb
+from vitcache.v1 import vitcache_pb2_grpc as pb_grpc
 
 from vitcache.config import VitcacheConfig
 from vitcache.inputs import Scope
@@ -110,3 +113,17 @@ async def _until_ended(peer: _Peer) -> None:
     """Until the engine has dropped ``peer``'s calls (each leaves ``calls`` when its task is done)."""
     while peer.calls or not peer.writer.is_closing():
         await asyncio.sleep(0.01)
+
+
+def test_a_stopping_frontend_reports_its_last_rpcs(encoder) -> None:  # type: ignore[no-untyped-def]
+    """A front-end sends its RPC counts every 0.2 s: those of its last moments are sent when it stops."""
+    server = server_thread(VitcacheConfig.of(frontends=1), encoder)
+    metrics = server.running.metrics  # type: ignore[union-attr]
+    assert metrics is not None
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            for _ in range(3):
+                list(pb_grpc.VitCacheStub(channel).Fetch(pb.FetchRequest(digests=[bytes(16)])))
+    finally:
+        server.stop()
+    assert metrics.registry.get_sample_value("vitcache_requests_total", {"method": "Fetch", "code": "OK"}) == 3

@@ -147,8 +147,12 @@ class RemoteEngine:
         self._writer.write(frame(("serving",)))
 
     async def close(self) -> None:
+        """Sends the RPC events not sent yet (the engine's /metrics would miss the last moments'), then closes."""
+        self._flush_rpc_events()
         self._receiving.cancel()
         self._writer.close()
+        with contextlib.suppress(ConnectionError):
+            await self._writer.wait_closed()
 
     def _open(self, method: str, args: tuple[Any, ...]) -> _Call:
         if self.lost.is_set():
