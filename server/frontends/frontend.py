@@ -105,9 +105,6 @@ class RemoteEngine:
         reader, writer = await asyncio.open_unix_connection(sock=sock)
         return cls(reader, writer, spec, serving, arena)
 
-    def count_by_tenant(self) -> None:
-        """The engine process counts by tenant itself (it reads the same token file)."""
-
     def validate_pixel_batch(
         self, data: bytes, dtype: str, shape: Sequence[int], grid_flat: Sequence[int]
     ) -> list[PixelRows | ImageError]:
