@@ -21,9 +21,10 @@ from vitcache.v1 import vitcache_pb2 as pb
 from vitcache.v1 import vitcache_pb2_grpc as pb_grpc
 
 from vitcache.config import VitcacheConfig
+from vitcache.errors import ConfigError
 from vitcache.inputs import Scope
 
-from .conftest import server_thread
+from .conftest import free_port, server_thread
 
 
 @pytest.fixture(scope="module")
@@ -127,3 +128,13 @@ def test_a_stopping_frontend_reports_its_last_rpcs(encoder) -> None:  # type: ig
     finally:
         server.stop()
     assert metrics.registry.get_sample_value("vitcache_requests_total", {"method": "Fetch", "code": "OK"}) == 3
+
+
+def test_a_frontend_that_cannot_start_is_one_line_for_the_operator(fronted: BackgroundServer) -> None:
+    """The front-end's log says why it exited; the server's start fails with a ConfigError, which ``vitcache``
+    prints as a line, not a second traceback."""
+    config = VitcacheConfig.of(frontends=1, host="nosuchhost.invalid", port=free_port())
+    frontends = FrontendProcesses(config, fronted.engine, ServerMetrics())
+    with pytest.raises(ConfigError, match="front-end 0 exited with code 1 before serving"):
+        fronted.call(frontends.start())
+    assert not Path(frontends.link.address.path).parent.exists()

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from vitcache.cache.arena import ArenaEntry
 from vitcache.config import VitcacheConfig
 from vitcache.engine import EmbeddingEngine
-from vitcache.errors import ErrorCode, ImageError
+from vitcache.errors import ConfigError, ErrorCode, ImageError
 from vitcache.outcomes import ImageOutcome
 
 from ..ports import reserved_port
@@ -35,6 +35,11 @@ log = logging.getLogger(__name__)
 _SPAWN = multiprocessing.get_context("spawn")  # not fork: this process runs threads (gRPC, the batcher)
 #: A front-end that dies after running this long is started again after the initial backoff, not a doubled one.
 HEALTHY_RUN_S = 60.0
+
+
+class FrontendStartFailed(ConfigError):
+    """A front-end did not come up; its own log says why (most often a setting it cannot use: the host,
+    the port, a TLS file), so the operator gets this line rather than a second traceback."""
 
 
 @dataclass
@@ -341,8 +346,10 @@ class FrontendProcesses:
             return
         if process.is_alive():
             process.kill()
-            raise RuntimeError(f"front-end {index} did not serve within {self.start_timeout_s:.0f} s")
-        raise RuntimeError(f"front-end {index} exited with code {process.exitcode} before serving (see its log above)")
+            raise FrontendStartFailed(f"front-end {index} did not serve within {self.start_timeout_s:.0f} s; killed it")
+        raise FrontendStartFailed(
+            f"front-end {index} exited with code {process.exitcode} before serving: its log above says why"
+        )
 
     async def _watch(self, index: int) -> None:
         backoff = self.restart_backoff_s
@@ -359,7 +366,7 @@ class FrontendProcesses:
             await asyncio.sleep(backoff)
             try:
                 await self._start(index)
-            except RuntimeError as exc:
+            except FrontendStartFailed as exc:
                 log.error("%s", exc)
             self.restarts += 1
             backoff = min(self.max_restart_backoff_s, backoff * 2)
