@@ -87,7 +87,6 @@ class FrontendLink:
         self.peers: dict[int, _Peer] = {}
         self.entries_sent_inline = 0  # entries not in the arena (too large for L1, Put entries): their bytes cross
         self._pins = itertools.count(1)
-        self._server: asyncio.AbstractServer | None = None
         self._listener: socket.socket | None = None
         self._accepting: asyncio.Future[None] | None = None
         self._connections: set[asyncio.Task[None]] = set()
