@@ -12,7 +12,7 @@ were started), so pickle is safe here; clients never reach this socket. Entry by
 entry in the shared L1 arena travels as its place there (:class:`ArenaRef`), and the engine keeps it
 (so its block is not reused) until the front-end has built its reply and releases it.
 
-Front-end -> engine: ``("hello", secret, index)``, then ``("call", id, method, args)``, ``("cancel", id)``,
+Front-end -> engine: ``("hello", secret, index, pid)``, then ``("call", id, method, args)``, ``("cancel", id)``,
 ``("release", pins)``, ``("rpcs", events)`` (request metrics: the engine's /metrics counts them) and
 ``("serving",)`` once its gRPC port is bound. Engine -> front-end: ``("welcome", spec, serving, arena size)``
 with the arena's memfd (SCM_RIGHTS), then ``("outcome", id, outcome, ref)``, ``("end", id, value or error)``

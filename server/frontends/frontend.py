@@ -49,6 +49,14 @@ class LinkLost(ImageError):
         super().__init__(ErrorCode.UNAVAILABLE, "the server's engine process is gone; retry")
 
 
+class _Call:
+    """A call in progress: what the engine has sent for it, ``(kind, outcome or value, ref)``, not yet read."""
+
+    def __init__(self, call_id: int) -> None:
+        self.id = call_id
+        self.messages: asyncio.Queue[tuple[str, Any, ArenaRef | None]] = asyncio.Queue()
+
+
 class RemoteEngine:
     """The engine calls the servicer makes, made over the link. Outcomes come back as the engine's own
     would, with arena entries viewing this process's read-only mapping until the next outcome is asked for."""
@@ -68,7 +76,7 @@ class RemoteEngine:
         self._reader, self._writer = reader, writer
         self._arena = memoryview(arena) if arena is not None else None
         self._ids = itertools.count(1)
-        self._calls: dict[int, asyncio.Queue[tuple[str, Any, ArenaRef | None]]] = {}
+        self._calls: dict[int, _Call] = {}
         self._releases: list[int] = []
         self._rpc_events: list[tuple[str, str | None, float]] = []
         self._flushing = False
@@ -79,7 +87,7 @@ class RemoteEngine:
         """Proves the secret, takes the engine's spec, health and arena, and starts receiving."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.connect(address.path)
-        sock.sendall(frame(("hello", address.secret, index)))
+        sock.sendall(frame(("hello", address.secret, index, os.getpid())))
         data, fds, _, _ = socket.recv_fds(sock, 1 << 20, 1)
         length = int.from_bytes(data[:8], "little")
         while len(data) < 8 + length:
@@ -96,9 +104,6 @@ class RemoteEngine:
         sock.setblocking(False)
         reader, writer = await asyncio.open_unix_connection(sock=sock)
         return cls(reader, writer, spec, serving, arena)
-
-    def count_by_tenant(self) -> None:
-        """The engine process counts by tenant itself (it reads the same token file)."""
 
     def validate_pixel_batch(
         self, data: bytes, dtype: str, shape: Sequence[int], grid_flat: Sequence[int]
@@ -134,47 +139,52 @@ class RemoteEngine:
             self._flushing = True
             asyncio.get_running_loop().call_later(RPC_EVENTS_FLUSH_S, self._flush_rpc_events)
 
+    def announce_serving(self) -> None:
+        """Tells the engine this front-end has bound the gRPC port (its supervisor waits for that)."""
+        self._writer.write(frame(("serving",)))
+
     async def close(self) -> None:
+        """Sends the RPC events not sent yet (the engine's /metrics would miss the last moments'), then closes."""
+        self._flush_rpc_events()
         self._receiving.cancel()
         self._writer.close()
+        with contextlib.suppress(ConnectionError):
+            await self._writer.wait_closed()
 
-    def _open(self, method: str, args: tuple[Any, ...]) -> asyncio.Queue[tuple[str, Any, ArenaRef | None]]:
+    def _open(self, method: str, args: tuple[Any, ...]) -> _Call:
         if self.lost.is_set():
             raise LinkLost()
-        call_id = next(self._ids)
-        queue: asyncio.Queue[tuple[str, Any, ArenaRef | None]] = asyncio.Queue()
-        queue.call_id = call_id  # type: ignore[attr-defined]
-        self._calls[call_id] = queue
-        self._writer.write(frame(("call", call_id, method, args)))
-        return queue
+        call = _Call(next(self._ids))
+        self._calls[call.id] = call
+        self._writer.write(frame(("call", call.id, method, args)))
+        return call
 
-    def _close(self, queue: asyncio.Queue[Any]) -> None:
+    def _close(self, call: _Call) -> None:
         """Ends a call; one the engine has not ended yet (still listed) is cancelled there."""
-        call_id = queue.call_id  # type: ignore[attr-defined]
-        if self._calls.pop(call_id, None) is not None and not self.lost.is_set():
-            self._writer.write(frame(("cancel", call_id)))
-        while not queue.empty():  # outcomes received and never asked for: their entries go back
-            _, _, ref = queue.get_nowait()
+        if self._calls.pop(call.id, None) is not None and not self.lost.is_set():
+            self._writer.write(frame(("cancel", call.id)))
+        while not call.messages.empty():  # outcomes received and never asked for: their entries go back
+            _, _, ref = call.messages.get_nowait()
             if ref is not None:
                 self._release(ref.pin)
 
     async def _result(self, method: str, *args: Any) -> Any:
         """The value a call ends with."""
-        queue = self._open(method, args)
+        call = self._open(method, args)
         try:
-            _, value, _ = await queue.get()
+            _, value, _ = await call.messages.get()
         finally:
-            self._close(queue)
+            self._close(call)
         if isinstance(value, BaseException):
             raise value
         return value
 
     async def _stream(self, method: str, *args: Any) -> AsyncIterator[ImageOutcome]:
         """The outcomes a call sends, then the end of the call (raising the error it ends with)."""
-        queue = self._open(method, args)
+        call = self._open(method, args)
         try:
             while True:
-                kind, value, ref = await queue.get()
+                kind, value, ref = await call.messages.get()
                 if kind == "end":
                     if isinstance(value, BaseException):
                         raise value
@@ -188,7 +198,7 @@ class RemoteEngine:
                 finally:
                     self._release(ref.pin)
         finally:
-            self._close(queue)
+            self._close(call)
 
     def _release(self, pin: int) -> None:
         if not self._releases:
@@ -216,17 +226,17 @@ class RemoteEngine:
                     if self.on_health is not None:
                         await self.on_health(self.serving)
                     continue
-                queue = self._calls.pop(message[1], None) if kind == "end" else self._calls.get(message[1])
-                if queue is not None:
-                    queue.put_nowait((kind, message[2], message[3] if kind == "outcome" else None))
+                call = self._calls.pop(message[1], None) if kind == "end" else self._calls.get(message[1])
+                if call is not None:
+                    call.messages.put_nowait((kind, message[2], message[3] if kind == "outcome" else None))
                 elif kind == "outcome" and message[3] is not None:  # of a call this side cancelled
                     self._release(message[3].pin)
         except (asyncio.IncompleteReadError, ConnectionError):
             log.error("the engine process closed the link")
         finally:
             self.lost.set()
-            for queue in self._calls.values():
-                queue.put_nowait(("end", LinkLost(), None))
+            for call in self._calls.values():
+                call.messages.put_nowait(("end", LinkLost(), None))
 
 
 def _name_process(name: str) -> None:
@@ -267,7 +277,7 @@ async def _serve(config: VitcacheConfig, address: LinkAddress, index: int, port:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    engine._writer.write(frame(("serving",)))
+    engine.announce_serving()
     lost = asyncio.ensure_future(engine.lost.wait())
     await asyncio.wait([asyncio.ensure_future(stop.wait()), lost], return_when=asyncio.FIRST_COMPLETED)
     await set_health(health_servicer, False)

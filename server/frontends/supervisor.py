@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import multiprocessing
 import multiprocessing.process
 import os
 import secrets
+import shutil
 import socket
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from vitcache.cache.arena import ArenaEntry
 from vitcache.config import VitcacheConfig
 from vitcache.engine import EmbeddingEngine
-from vitcache.errors import ErrorCode, ImageError
+from vitcache.errors import ConfigError, ErrorCode, ImageError
 from vitcache.outcomes import ImageOutcome
 
 from ..ports import reserved_port
@@ -33,6 +33,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 _SPAWN = multiprocessing.get_context("spawn")  # not fork: this process runs threads (gRPC, the batcher)
+#: A front-end that dies after running this long is started again after the initial backoff, not a doubled one.
+HEALTHY_RUN_S = 60.0
+
+
+class FrontendStartFailed(ConfigError):
+    """A front-end did not come up; its own log says why (most often a setting it cannot use: the host,
+    the port, a TLS file), so the operator gets this line rather than a second traceback."""
 
 
 @dataclass
@@ -40,6 +47,7 @@ class _Peer:
     """One connected front-end: its calls in progress, the entries it holds and its RPCs in flight."""
 
     index: int
+    pid: int  # tells a restarted front-end from the one it replaces, whose connection may not have closed yet
     writer: asyncio.StreamWriter
     calls: dict[int, asyncio.Task[None]] = field(default_factory=dict)
     pins: dict[int, ArenaEntry] = field(default_factory=dict)
@@ -48,7 +56,9 @@ class _Peer:
     calls_served: int = 0
 
     def send(self, message: object) -> None:
-        self.writer.write(frame(message))
+        """Nothing once the connection is closing (the front-end has gone; ``_forget`` drops what it held)."""
+        if not self.writer.is_closing():
+            self.writer.write(frame(message))
 
 
 class FrontendLink:
@@ -72,13 +82,13 @@ class FrontendLink:
         self.serving = True
         self._rpc_events = rpc_events
         self._rpc_abandoned = rpc_abandoned
-        self._directory = Path(tempfile.mkdtemp(prefix="vitcache-link-"))  # 0700
-        self.address = LinkAddress(str(self._directory / "engine.sock"), secrets.token_bytes(32))
+        self._directory: Path | None = None
+        self.address = LinkAddress("", secrets.token_bytes(32))  # the path is made by start()
         self.peers: dict[int, _Peer] = {}
         self.entries_sent_inline = 0  # entries not in the arena (too large for L1, Put entries): their bytes cross
         self._pins = itertools.count(1)
-        self._server: asyncio.AbstractServer | None = None
         self._listener: socket.socket | None = None
+        self._accepting: asyncio.Future[None] | None = None
         self._connections: set[asyncio.Task[None]] = set()
 
     @property
@@ -87,24 +97,25 @@ class FrontendLink:
         return sum(len(peer.pins) for peer in self.peers.values())
 
     async def start(self) -> None:
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        listener.bind(self.address.path)
+        self._directory = Path(tempfile.mkdtemp(prefix="vitcache-link-"))  # 0700
+        self.address = replace(self.address, path=str(self._directory / "engine.sock"))
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._listener.bind(self.address.path)
         os.chmod(self.address.path, 0o600)
-        listener.listen(64)
-        listener.setblocking(False)
-        self._listener = listener
+        self._listener.listen(64)
+        self._listener.setblocking(False)
         self._accepting = asyncio.ensure_future(self._accept())
 
     async def stop(self) -> None:
-        self._accepting.cancel()
-        for task in list(self._connections):
+        """Closes every connection and the socket, and removes the directory; also after a failed start."""
+        tasks = [*self._connections, *([self._accepting] if self._accepting is not None else [])]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(self._accepting, *self._connections, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         if self._listener is not None:
             self._listener.close()
-        with contextlib.suppress(OSError):
-            os.unlink(self.address.path)
-            os.rmdir(self._directory)
+        if self._directory is not None:
+            shutil.rmtree(self._directory, ignore_errors=True)
 
     def set_serving(self, serving: bool) -> None:
         """Tells every front-end's health service whether the engine can compute."""
@@ -112,11 +123,12 @@ class FrontendLink:
         for peer in self.peers.values():
             peer.send(("health", serving))
 
-    async def wait_serving(self, index: int) -> None:
-        """Until front-end ``index`` has connected and bound the gRPC port."""
-        while index not in self.peers:
+    async def wait_serving(self, index: int, pid: int) -> None:
+        """Until front-end ``index``, process ``pid``, has connected and bound the gRPC port (a connection of
+        the process it replaces may still be listed under ``index``)."""
+        while (peer := self.peers.get(index)) is None or peer.pid != pid:
             await asyncio.sleep(0.01)
-        await self.peers[index].serving.wait()
+        await peer.serving.wait()
 
     async def _accept(self) -> None:
         loop = asyncio.get_running_loop()
@@ -132,12 +144,12 @@ class FrontendLink:
         try:
             reader, writer = await asyncio.open_unix_connection(sock=conn)
             hello = await asyncio.wait_for(read_frame(reader), 10)
-            if not (isinstance(hello, tuple) and len(hello) == 3 and hello[0] == "hello"):
+            if not (isinstance(hello, tuple) and len(hello) == 4 and hello[0] == "hello"):
                 return
             if not secrets.compare_digest(hello[1], self.address.secret):
                 log.warning("frontend link: a connection without the secret; closed")
                 return
-            peer = _Peer(hello[2], writer)
+            peer = _Peer(hello[2], hello[3], writer)
             old = self.peers.get(peer.index)
             self.peers[peer.index] = peer
             if old is not None:
@@ -198,6 +210,8 @@ class FrontendLink:
             result = exc
         except asyncio.CancelledError:
             return  # the front-end cancelled the call: it expects no end
+        except ConnectionError:
+            return  # the front-end has gone while the answer was being written: nobody to tell
         except Exception as exc:  # what a local call would raise, told to the front-end rather than lost here
             log.exception("frontend link: %s failed", method)
             result = ImageError(ErrorCode.INTERNAL, f"{method} failed in the engine: {exc}")
@@ -268,6 +282,7 @@ class FrontendProcesses:
         self.port = 0
         self.restarts = 0
         self.processes: list[multiprocessing.process.BaseProcess | None] = [None] * self.count
+        self._exits: list[asyncio.Future[None] | None] = [None] * self.count  # each done when its process exits
         self._watchers: list[asyncio.Task[None]] = []
         self._stopping = False
 
@@ -278,21 +293,21 @@ class FrontendProcesses:
     async def start(self) -> int:
         """Starts the link and every front-end; the port they serve. Fails (stopping what started) if one
         cannot bind the port or does not come up in time."""
-        await self.link.start()
         transport = self.config.transport
-        with reserved_port(transport.host, transport.port) as port:
-            self.port = port
-            try:
+        try:
+            await self.link.start()
+            with reserved_port(transport.host, transport.port) as port:
+                self.port = port
                 await asyncio.gather(*(self._start(index) for index in range(self.count)))
-            except BaseException:
-                await self.stop(0)
-                raise
+        except BaseException:
+            await self.stop(0)
+            raise
         self._watchers = [asyncio.ensure_future(self._watch(index)) for index in range(self.count)]
         return port
 
-    def set_serving(self, serving: bool) -> Awaitable[None]:
+    async def set_serving(self, serving: bool) -> None:
+        """Every front-end's health says whether the engine can compute (the encoder pool's callback)."""
         self.link.set_serving(serving)
-        return asyncio.sleep(0)
 
     async def stop(self, grace_s: float = 5.0) -> None:
         self._stopping = True
@@ -301,11 +316,14 @@ class FrontendProcesses:
         running = [process for process in self.processes if process is not None and process.is_alive()]
         for process in running:
             process.terminate()  # SIGTERM: the front-end finishes its calls within the grace period
-        await asyncio.gather(*(asyncio.to_thread(process.join, grace_s + 2) for process in running))
+        exits = [exited for exited in self._exits if exited is not None]
+        if exits:
+            await asyncio.wait(exits, timeout=grace_s + 2)
         for process in running:
             if process.is_alive():
                 process.kill()
-                await asyncio.to_thread(process.join, 5)
+        if exits:
+            await asyncio.wait(exits, timeout=5)
         await self.link.stop()
 
     async def _start(self, index: int) -> None:
@@ -317,8 +335,8 @@ class FrontendProcesses:
         )
         process.start()
         self.processes[index] = process
-        serving = asyncio.ensure_future(self.link.wait_serving(index))
-        exited = asyncio.ensure_future(asyncio.to_thread(process.join))
+        exited = self._exits[index] = _exit_of(process)
+        serving = asyncio.ensure_future(self.link.wait_serving(index, process.pid))
         try:
             done, _ = await asyncio.wait({serving, exited}, timeout=self.start_timeout_s, return_when="FIRST_COMPLETED")
         finally:
@@ -327,28 +345,43 @@ class FrontendProcesses:
             return
         if process.is_alive():
             process.kill()
-            raise RuntimeError(f"front-end {index} did not serve within {self.start_timeout_s:.0f} s")
-        raise RuntimeError(f"front-end {index} exited with code {process.exitcode} before serving (see its log above)")
+            raise FrontendStartFailed(f"front-end {index} did not serve within {self.start_timeout_s:.0f} s; killed it")
+        raise FrontendStartFailed(
+            f"front-end {index} exited with code {process.exitcode} before serving: its log above says why"
+        )
 
     async def _watch(self, index: int) -> None:
         backoff = self.restart_backoff_s
         while not self._stopping:
-            process = self.processes[index]
-            assert process is not None
-            await asyncio.to_thread(process.join)
+            process, exited = self.processes[index], self._exits[index]
+            assert process is not None and exited is not None
+            started = time.monotonic()
+            await asyncio.shield(exited)  # cancelling the watcher leaves the future to stop()
             if self._stopping:
                 return
+            if time.monotonic() - started > HEALTHY_RUN_S:  # it did not die early: no backoff left over
+                backoff = self.restart_backoff_s
             log.error("front-end %d exited with code %s; starting it again in %.0f s", index, process.exitcode, backoff)
             await asyncio.sleep(backoff)
-            started = time.monotonic()
             try:
                 await self._start(index)
-            except RuntimeError as exc:
+            except FrontendStartFailed as exc:
                 log.error("%s", exc)
             self.restarts += 1
-            # A front-end that ran a while before dying starts again at once next time.
-            backoff = (
-                self.restart_backoff_s
-                if time.monotonic() - started > 60
-                else min(self.max_restart_backoff_s, backoff * 2)
-            )
+            backoff = min(self.max_restart_backoff_s, backoff * 2)
+
+
+def _exit_of(process: multiprocessing.process.BaseProcess) -> asyncio.Future[None]:
+    """A future done once ``process`` has exited and been reaped. The loop watches its sentinel: a thread
+    blocked in ``join`` for each front-end's lifetime would take the default executor's few workers."""
+    loop = asyncio.get_running_loop()
+    exited = loop.create_future()
+
+    def reap() -> None:
+        loop.remove_reader(process.sentinel)
+        process.join()
+        if not exited.done():
+            exited.set_result(None)
+
+    loop.add_reader(process.sentinel, reap)
+    return exited
