@@ -72,7 +72,8 @@ def children(pid: int) -> list[int]:
 
 
 def is_frontend(pid: int) -> bool:
-    """A ``--frontends`` process (they name themselves vitcache-feN)."""
+    """A ``--frontends`` process: they name themselves vitcache-feN (``frontend.PROCESS_NAME_PREFIX``; not
+    imported here, which would load the server into every benchmark)."""
     try:
         return Path(f"/proc/{pid}/comm").read_text().startswith("vitcache-fe")
     except OSError:
