@@ -26,7 +26,7 @@ from vitcache.outcomes import ImageOutcome
 
 from ..ports import reserved_port
 from .frontend import run_frontend
-from .link import CALLS, ArenaRef, LinkAddress, frame, read_frame
+from .link import CALLS, HELLO_BYTES, SECRET_BYTES, ArenaRef, LinkAddress, frame, read_frame
 
 if TYPE_CHECKING:
     from ..metrics import ServerMetrics
@@ -73,7 +73,7 @@ class FrontendLink:
         self._rpc_events = rpc_events
         self._rpc_abandoned = rpc_abandoned
         self._directory = Path(tempfile.mkdtemp(prefix="vitcache-link-"))  # 0700
-        self.address = LinkAddress(str(self._directory / "engine.sock"), secrets.token_bytes(32))
+        self.address = LinkAddress(str(self._directory / "engine.sock"), secrets.token_bytes(SECRET_BYTES))
         self.peers: dict[int, _Peer] = {}
         self.entries_sent_inline = 0  # entries not in the arena (too large for L1, Put entries): their bytes cross
         self._pins = itertools.count(1)
@@ -131,13 +131,11 @@ class FrontendLink:
         peer = None
         try:
             reader, writer = await asyncio.open_unix_connection(sock=conn)
-            hello = await asyncio.wait_for(read_frame(reader), 10)
-            if not (isinstance(hello, tuple) and len(hello) == 3 and hello[0] == "hello"):
-                return
-            if not secrets.compare_digest(hello[1], self.address.secret):
+            index = self.address.index_of(await asyncio.wait_for(reader.readexactly(HELLO_BYTES), 10))
+            if index is None:
                 log.warning("frontend link: a connection without the secret; closed")
                 return
-            peer = _Peer(hello[2], writer)
+            peer = _Peer(index, writer)
             old = self.peers.get(peer.index)
             self.peers[peer.index] = peer
             if old is not None:
@@ -152,7 +150,8 @@ class FrontendLink:
             while True:
                 self._handle(peer, await read_frame(reader))
         except (asyncio.IncompleteReadError, ConnectionError, asyncio.TimeoutError):
-            pass
+            if peer is None:
+                log.warning("frontend link: a connection without the secret; closed")
         finally:
             if peer is not None:
                 self._forget(peer)
