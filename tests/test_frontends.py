@@ -6,6 +6,7 @@ import os
 import re
 import signal
 import socket
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,6 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from vitcache.client import ConnectOptions, VitCacheClient
 from vitcache.server.background import BackgroundServer
 from vitcache.server.frontends.link import frame
+from vitcache.server.frontends.supervisor import FrontendLink
 from vitcache.v1 import vitcache_pb2 as pb
 from vitcache.v1 import vitcache_pb2_grpc as pb_grpc
 
@@ -169,3 +171,23 @@ def test_the_link_loads_nothing_a_connection_sends_before_it_proves_the_secret(
     assert not marker.exists(), "the engine unpickled what an unproven connection sent"
     _until(lambda: caplog.text.count("without the secret") == 2, "each refused connection logged in one line")
     assert "Traceback" not in caplog.text
+
+
+def test_the_link_starts_when_the_temporary_directory_path_is_too_long_for_a_unix_socket(
+    fronted: BackgroundServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    long_tmp = tmp_path / ("d" * 120)  # a job scheduler's $TMPDIR can be this long; sun_path holds 107 bytes
+    long_tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(long_tmp))
+    link = FrontendLink(fronted.engine)
+    fronted.call(link.start())
+    try:
+        assert Path(link.address.path).parent.stat().st_mode & 0o777 == 0o700
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+            conn.settimeout(5)
+            conn.connect(link.address.path)
+            conn.sendall(link.address.hello(7))
+            assert conn.recv(8), "a front-end is welcomed"
+    finally:
+        fronted.call(link.stop())
+    assert not Path(link.address.path).parent.exists(), "stopping removes the link's directory"
