@@ -51,6 +51,21 @@ class _Peer:
         self.writer.write(frame(message))
 
 
+#: The longest path a unix socket can be bound to on Linux (sun_path, less its terminating NUL).
+_MAX_SOCKET_PATH_BYTES = 107
+_LINK_PREFIX, _LINK_SOCKET = "vitcache-link-", "engine.sock"
+
+
+def _link_directory() -> Path:
+    """A new 0700 directory for the link's socket, in the temporary directory unless its path is too long for
+    a unix socket (a job scheduler's $TMPDIR can be): then in /tmp."""
+    parent = tempfile.gettempdir()
+    socket_path = Path(parent, _LINK_PREFIX + "x" * 8, _LINK_SOCKET)  # mkdtemp adds 8 characters
+    if len(os.fsencode(socket_path)) > _MAX_SOCKET_PATH_BYTES:
+        parent = "/tmp"
+    return Path(tempfile.mkdtemp(prefix=_LINK_PREFIX, dir=parent))
+
+
 class FrontendLink:
     """The unix socket the front-ends reach the engine through, and their calls on it.
 
@@ -72,8 +87,8 @@ class FrontendLink:
         self.serving = True
         self._rpc_events = rpc_events
         self._rpc_abandoned = rpc_abandoned
-        self._directory = Path(tempfile.mkdtemp(prefix="vitcache-link-"))  # 0700
-        self.address = LinkAddress(str(self._directory / "engine.sock"), secrets.token_bytes(SECRET_BYTES))
+        self._directory = _link_directory()
+        self.address = LinkAddress(str(self._directory / _LINK_SOCKET), secrets.token_bytes(SECRET_BYTES))
         self.peers: dict[int, _Peer] = {}
         self.entries_sent_inline = 0  # entries not in the arena (too large for L1, Put entries): their bytes cross
         self._pins = itertools.count(1)
