@@ -17,7 +17,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from vitcache.client import ConnectOptions, VitCacheClient
 from vitcache.server.background import BackgroundServer
 from vitcache.server.frontends.link import frame
-from vitcache.server.frontends.supervisor import FrontendLink
+from vitcache.server.frontends.supervisor import FrontendLink, FrontendProcesses
+from vitcache.server.metrics import ServerMetrics
 from vitcache.v1 import vitcache_pb2 as pb
 from vitcache.v1 import vitcache_pb2_grpc as pb_grpc
 
@@ -191,3 +192,11 @@ def test_the_link_starts_when_the_temporary_directory_path_is_too_long_for_a_uni
     finally:
         fronted.call(link.stop())
     assert not Path(link.address.path).parent.exists(), "stopping removes the link's directory"
+
+
+def test_front_ends_that_cannot_bind_leave_no_link_behind(fronted: BackgroundServer) -> None:
+    config = VitcacheConfig.of(frontends=1, host="192.0.2.1", port=0)  # TEST-NET-1: no address of this machine
+    frontends = FrontendProcesses(config, fronted.engine, ServerMetrics())
+    with pytest.raises(OSError):
+        fronted.call(frontends.start())
+    assert not Path(frontends.link.address.path).parent.exists(), "a failed start removes the link's socket"
