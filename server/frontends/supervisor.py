@@ -294,13 +294,13 @@ class FrontendProcesses:
         cannot bind the port or does not come up in time."""
         await self.link.start()
         transport = self.config.transport
-        with reserved_port(transport.host, transport.port) as port:
-            self.port = port
-            try:
+        try:
+            with reserved_port(transport.host, transport.port) as port:
+                self.port = port
                 await asyncio.gather(*(self._start(index) for index in range(self.count)))
-            except BaseException:
-                await self.stop(0)
-                raise
+        except BaseException:
+            await self.stop(0)
+            raise
         self._watchers = [asyncio.ensure_future(self._watch(index)) for index in range(self.count)]
         return port
 
