@@ -29,28 +29,39 @@ class PortInUse(ConfigError):
         super().__init__(f"port {port} on {host} is in use: stop the other server or pick {flag}")
 
 
-def port_in_use(host: str, port: int) -> bool:
-    """Whether binding ``host:port`` fails with EADDRINUSE, bound as servers bind (SO_REUSEADDR only)."""
-    if port == 0:
-        return False
+class HostNotLocal(ConfigError):
+    """The host to serve on is no address of this machine; ``flag`` is the option that picks another."""
+
+    def __init__(self, host: str, flag: str) -> None:
+        super().__init__(f"{host} is no address of this machine: pick another {flag} (0.0.0.0: all of them)")
+
+
+def bind_errno(host: str, port: int) -> int | None:
+    """The errno binding ``host:port`` fails with, bound as servers bind (SO_REUSEADDR only); None if it binds.
+    Port 0 binds any free port: only the host is checked then."""
     try:
         addresses = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror:
-        return False  # the server's own bind says what is wrong with the host
+        return None  # the server's own bind says what is wrong with the host
     for family, kind, proto, _, address in addresses:
         with socket.socket(family, kind, proto) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 probe.bind(address)
             except OSError as exc:
-                if exc.errno == errno.EADDRINUSE:
-                    return True
-    return False
+                if exc.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL):
+                    return exc.errno
+    return None
 
 
 def check_port_free(host: str, port: int, flag: str) -> None:
-    if port_in_use(host, port):
+    """Raises what an operator can fix (one line) if ``host:port`` cannot be served: the port is in use
+    (``flag`` picks another), or the host is no address here (the host flag that goes with ``flag``)."""
+    error = bind_errno(host, port)
+    if error == errno.EADDRINUSE:
         raise PortInUse(host, port, flag)
+    if error == errno.EADDRNOTAVAIL:
+        raise HostNotLocal(host, flag.removesuffix("port") + "host")
 
 
 def add_grpc_port(

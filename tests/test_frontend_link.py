@@ -43,7 +43,7 @@ def _serving_peer(address: LinkAddress, index: int, pid: int) -> socket.socket:
     """A connection that says hello as front-end ``index`` of process ``pid``, then that it serves."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.connect(address.path)
-    sock.sendall(frame(("hello", address.secret, index, pid)))
+    sock.sendall(address.hello(index, pid))
     _, fds, _, _ = socket.recv_fds(sock, 1 << 16, 1)
     for fd in fds:
         os.close(fd)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -14,6 +16,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from vitcache.client import ConnectOptions, VitCacheClient
 from vitcache.server.background import BackgroundServer
+from vitcache.server.frontends.link import frame
+from vitcache.server.frontends.supervisor import FrontendLink, FrontendProcesses
+from vitcache.server.metrics import ServerMetrics
 from vitcache.v1 import vitcache_pb2 as pb
 from vitcache.v1 import vitcache_pb2_grpc as pb_grpc
 
@@ -141,3 +146,59 @@ def _zombie(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
     except FileNotFoundError:
         return True
+
+
+class _TouchOnUnpickle:
+    """A pickle that creates ``marker`` when it is loaded: what a process that reached the link could send."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Callable[[Path], None], tuple[Path]]:
+        return Path.touch, (self.marker,)
+
+
+def test_the_link_loads_nothing_a_connection_sends_before_it_proves_the_secret(
+    fronted: BackgroundServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    link = fronted.running.frontends.link  # type: ignore[union-attr]
+    directory = Path(link.address.path).parent
+    assert directory.stat().st_mode & 0o777 == 0o700, "no other user reaches the socket"
+    marker = tmp_path / "unpickled"
+    for attempt in (frame(("hello", _TouchOnUnpickle(marker), 0)), b"\xff" * 64):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+            conn.settimeout(5)
+            conn.connect(link.address.path)
+            conn.sendall(attempt)
+            assert conn.recv(1) == b"", "the engine closes a connection without the secret"
+    assert not marker.exists(), "the engine unpickled what an unproven connection sent"
+    _until(lambda: caplog.text.count("without the secret") == 2, "each refused connection logged in one line")
+    assert "Traceback" not in caplog.text
+
+
+def test_the_link_starts_when_the_temporary_directory_path_is_too_long_for_a_unix_socket(
+    fronted: BackgroundServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    long_tmp = tmp_path / ("d" * 120)  # a job scheduler's $TMPDIR can be this long; sun_path holds 107 bytes
+    long_tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(long_tmp))
+    link = FrontendLink(fronted.engine)
+    fronted.call(link.start())
+    try:
+        assert Path(link.address.path).parent.stat().st_mode & 0o777 == 0o700
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+            conn.settimeout(5)
+            conn.connect(link.address.path)
+            conn.sendall(link.address.hello(7, os.getpid()))
+            assert conn.recv(8), "a front-end is welcomed"
+    finally:
+        fronted.call(link.stop())
+    assert not Path(link.address.path).parent.exists(), "stopping removes the link's directory"
+
+
+def test_front_ends_that_cannot_bind_leave_no_link_behind(fronted: BackgroundServer) -> None:
+    config = VitcacheConfig.of(frontends=1, host="192.0.2.1", port=0)  # TEST-NET-1: no address of this machine
+    frontends = FrontendProcesses(config, fronted.engine, ServerMetrics())
+    with pytest.raises(OSError):
+        fronted.call(frontends.start())
+    assert not Path(frontends.link.address.path).parent.exists(), "a failed start removes the link's socket"

@@ -56,3 +56,13 @@ def test_binding_a_port_taken_after_the_probe_is_told_the_same_way(start_server_
         MetricsHttpServer(
             ServerMetrics(), "127.0.0.1", first.running.metrics_port, MetricsAccess.build(Access.open(), None)
         )
+
+
+@pytest.mark.parametrize("frontends", ["0", "1"])
+def test_a_host_that_is_no_address_of_this_machine_exits_with_one_line(frontends: str) -> None:
+    """Told before the model loads, with or without front-ends (192.0.2.1 is TEST-NET-1: nobody's address)."""
+    served = serve("--host", "192.0.2.1", "--port", "0", "--metrics-port", "0", "--frontends", frontends)
+    assert served.returncode == 2
+    assert served.stderr.splitlines() == [
+        "vitcache serve: 192.0.2.1 is no address of this machine: pick another --host (0.0.0.0: all of them)"
+    ]

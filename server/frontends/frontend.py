@@ -87,7 +87,7 @@ class RemoteEngine:
         """Proves the secret, takes the engine's spec, health and arena, and starts receiving."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.connect(address.path)
-        sock.sendall(frame(("hello", address.secret, index, os.getpid())))
+        sock.sendall(address.hello(index, os.getpid()))
         data, fds, _, _ = socket.recv_fds(sock, 1 << 20, 1)
         length = int.from_bytes(data[:8], "little")
         while len(data) < 8 + length:

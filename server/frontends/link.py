@@ -6,6 +6,7 @@ import asyncio
 import copyreg
 import io
 import pickle
+import secrets
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -15,6 +16,11 @@ from vitcache.wire.tensor_codec import TensorBytes
 from vitcache.wire.timing import VideoTiming
 
 _LENGTH = struct.Struct("<Q")
+SECRET_BYTES = 32
+#: A front-end's first bytes: the secret, then its index and pid. Raw, not a pickle: the engine loads nothing a
+#: connection sends before it has proved the secret (pickle runs code).
+_HELLO = struct.Struct(f"<{SECRET_BYTES}sII")
+HELLO_BYTES = _HELLO.size
 #: The engine's calls a front-end may make, and whether each answers with a stream of outcomes.
 CALLS = {"encode": True, "fetch": True, "fetch_keys": True, "put": False, "snapshot": False}
 #: A memoryview (a request's payload, an entry's bytes) pickles as the bytes it shows.
@@ -46,6 +52,15 @@ class LinkAddress:
 
     path: str
     secret: bytes
+
+    def hello(self, index: int, pid: int) -> bytes:
+        """What front-end ``index``, process ``pid``, sends first."""
+        return _HELLO.pack(self.secret, index, pid)
+
+    def sender_of(self, hello: bytes) -> tuple[int, int] | None:
+        """The (index, pid) a ``hello`` of :data:`HELLO_BYTES` names; None unless it holds the secret."""
+        secret, index, pid = _HELLO.unpack(hello)
+        return (index, pid) if secrets.compare_digest(secret, self.secret) else None
 
 
 @dataclass(frozen=True)

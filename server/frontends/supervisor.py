@@ -26,7 +26,7 @@ from vitcache.outcomes import ImageOutcome
 
 from ..ports import reserved_port
 from .frontend import run_frontend
-from .link import CALLS, ArenaRef, LinkAddress, frame, read_frame
+from .link import CALLS, HELLO_BYTES, SECRET_BYTES, ArenaRef, LinkAddress, frame, read_frame
 
 if TYPE_CHECKING:
     from ..metrics import ServerMetrics
@@ -61,6 +61,21 @@ class _Peer:
             self.writer.write(frame(message))
 
 
+#: The longest path a unix socket can be bound to on Linux (sun_path, less its terminating NUL).
+_MAX_SOCKET_PATH_BYTES = 107
+_LINK_PREFIX, _LINK_SOCKET = "vitcache-link-", "engine.sock"
+
+
+def _link_directory() -> Path:
+    """A new 0700 directory for the link's socket, in the temporary directory unless its path is too long for
+    a unix socket (a job scheduler's $TMPDIR can be): then in /tmp."""
+    parent = tempfile.gettempdir()
+    socket_path = Path(parent, _LINK_PREFIX + "x" * 8, _LINK_SOCKET)  # mkdtemp adds 8 characters
+    if len(os.fsencode(socket_path)) > _MAX_SOCKET_PATH_BYTES:
+        parent = "/tmp"
+    return Path(tempfile.mkdtemp(prefix=_LINK_PREFIX, dir=parent))
+
+
 class FrontendLink:
     """The unix socket the front-ends reach the engine through, and their calls on it.
 
@@ -83,7 +98,7 @@ class FrontendLink:
         self._rpc_events = rpc_events
         self._rpc_abandoned = rpc_abandoned
         self._directory: Path | None = None
-        self.address = LinkAddress("", secrets.token_bytes(32))  # the path is made by start()
+        self.address = LinkAddress("", secrets.token_bytes(SECRET_BYTES))  # the path is made by start()
         self.peers: dict[int, _Peer] = {}
         self.entries_sent_inline = 0  # entries not in the arena (too large for L1, Put entries): their bytes cross
         self._pins = itertools.count(1)
@@ -97,8 +112,8 @@ class FrontendLink:
         return sum(len(peer.pins) for peer in self.peers.values())
 
     async def start(self) -> None:
-        self._directory = Path(tempfile.mkdtemp(prefix="vitcache-link-"))  # 0700
-        self.address = replace(self.address, path=str(self._directory / "engine.sock"))
+        self._directory = _link_directory()
+        self.address = replace(self.address, path=str(self._directory / _LINK_SOCKET))
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._listener.bind(self.address.path)
         os.chmod(self.address.path, 0o600)
@@ -143,13 +158,11 @@ class FrontendLink:
         peer = None
         try:
             reader, writer = await asyncio.open_unix_connection(sock=conn)
-            hello = await asyncio.wait_for(read_frame(reader), 10)
-            if not (isinstance(hello, tuple) and len(hello) == 4 and hello[0] == "hello"):
-                return
-            if not secrets.compare_digest(hello[1], self.address.secret):
+            said = self.address.sender_of(await asyncio.wait_for(reader.readexactly(HELLO_BYTES), 10))
+            if said is None:
                 log.warning("frontend link: a connection without the secret; closed")
                 return
-            peer = _Peer(hello[2], hello[3], writer)
+            peer = _Peer(*said, writer)
             old = self.peers.get(peer.index)
             self.peers[peer.index] = peer
             if old is not None:
@@ -164,7 +177,8 @@ class FrontendLink:
             while True:
                 self._handle(peer, await read_frame(reader))
         except (asyncio.IncompleteReadError, ConnectionError, asyncio.TimeoutError):
-            pass
+            if peer is None:
+                log.warning("frontend link: a connection without the secret; closed")
         finally:
             if peer is not None:
                 self._forget(peer)
