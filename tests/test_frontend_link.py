@@ -5,15 +5,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import socket
 import sys
+import time
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 from vitcache.server.background import BackgroundServer
+from vitcache.server.frontends import supervisor
 from vitcache.server.frontends.link import LinkAddress, frame
 from vitcache.server.frontends.supervisor import FrontendLink, FrontendProcesses, _Peer
 from vitcache.server.metrics import ServerMetrics
@@ -138,3 +142,34 @@ def test_a_frontend_that_cannot_start_is_one_line_for_the_operator(fronted: Back
     with pytest.raises(ConfigError, match="front-end 0 exited with code 1 before serving"):
         fronted.call(frontends.start())
     assert not Path(frontends.link.address.path).parent.exists()
+
+
+def test_a_frontend_that_cannot_even_be_spawned_is_tried_again(
+    fronted: BackgroundServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A spawn that fails (no fds, no memory) must not end the front-end's watch: it is tried again."""
+    frontends = fronted.running.frontends  # type: ignore[union-attr]
+    assert frontends is not None
+    spawn, failed = supervisor._SPAWN, []
+
+    def no_process() -> None:
+        failed.append(True)
+        raise OSError(24, "Too many open files")
+
+    class FailingOnce:
+        def Process(self, *args: Any, **kwargs: Any) -> Any:
+            process = spawn.Process(*args, **kwargs)
+            if not failed:
+                process.start = no_process
+            return process
+
+    monkeypatch.setattr(supervisor, "_SPAWN", FailingOnce())
+    victim, restarts = frontends.pids[0], frontends.restarts
+    assert victim is not None
+    os.kill(victim, signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while not (frontends.restarts >= restarts + 2 and frontends.pids[0] not in (None, victim)):
+        assert time.monotonic() < deadline, "front-end 0 was not started again after a failed spawn"
+        time.sleep(0.05)
+    assert failed, "the first spawn failed"
+    fronted.call(asyncio.wait_for(frontends.link.wait_serving(0, frontends.pids[0]), 30))

@@ -381,6 +381,8 @@ class FrontendProcesses:
                 await self._start(index)
             except FrontendStartFailed as exc:
                 log.error("%s", exc)
+            except Exception as exc:  # e.g. no process could be spawned (out of fds or memory): try again later
+                log.error("front-end %d could not be started (%s); trying again", index, exc)
             self.restarts += 1
             backoff = min(self.max_restart_backoff_s, backoff * 2)
 
