@@ -9,7 +9,6 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from vitcache.v1 import vitcache_pb2 as pb
 
 from vitcache.config import VitcacheConfig
-from vitcache.engine import EmbeddingEngine
 
 from .ports import GRPC_OPTIONS, add_grpc_port
 from .reflection import enable_reflection
@@ -18,6 +17,8 @@ from .service import VitCacheServicer
 from .wire import add_servicer
 
 if TYPE_CHECKING:
+    from vitcache.engine import EmbeddingEngine
+
     from .frontends.frontend import RemoteEngine
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["VitCache"].full_name

@@ -20,18 +20,20 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import asdict
-from typing import Any, Protocol, get_args
+from typing import TYPE_CHECKING, Any, Protocol, get_args
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from vitcache.encode.pipeline import EncoderStatus
-from vitcache.engine import EmbeddingEngine
 from vitcache.errors import ErrorCode
 from vitcache.observer import EngineObserver, Stage, Tier
 from vitcache.outcomes import ImageOutcome
+from vitcache.stats import EncoderStatus
+
+if TYPE_CHECKING:
+    from vitcache.engine import EmbeddingEngine
 
 #: 5 µs (an L1 hit) to 30 s (a large forward on a busy device).
 LATENCY_BUCKETS = (

@@ -6,7 +6,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import asdict
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError, Message
@@ -25,20 +25,24 @@ from vitcache.v1 import vitcache_pb2 as pb
 from vitcache.v1 import vitcache_pb2_grpc as pb_grpc
 
 from vitcache.cache.entry import CachedEmbedding
-from vitcache.engine import (
+from vitcache.errors import ErrorCode, ImageError
+from vitcache.inputs import (
     MAX_PUT_TENSORS,
     DigestOnly,
-    EmbeddingEngine,
     EncodedFile,
+    EncodedVideo,
     ImageInput,
     RawRGB,
+    RawVideo,
     Scope,
-    TenantStats,
+    VideoSampling,
 )
-from vitcache.errors import ErrorCode, ImageError
-from vitcache.inputs import EncodedVideo, RawVideo, VideoSampling
 from vitcache.outcomes import ImageOutcome
-from vitcache.wire.tensor_codec import TensorBytes, dtype_name
+from vitcache.stats import TenantStats
+from vitcache.wire.tensor_codec import TensorBytes
+
+if TYPE_CHECKING:
+    from vitcache.engine import EmbeddingEngine
 
 T = TypeVar("T")
 M = TypeVar("M", bound=Message)
@@ -365,21 +369,20 @@ class VitCacheServicer(pb_grpc.VitCacheServicer):
         )
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
-        encoder = self.engine.spec
-        config = encoder.preprocess_config
+        model = self.engine.served_model
         return pb.ModelInfo(
-            family=encoder.family,
-            model=encoder.model_name,
-            dtype=dtype_name(encoder.dtype),
+            family=model.family,
+            model=model.model_name,
+            dtype=model.dtype,
             outputs=[
                 pb.OutputSpec(name=name, hidden_size=size)
-                for name, size in zip(encoder.output_names, encoder.output_hidden_sizes, strict=True)
+                for name, size in zip(model.output_names, model.output_hidden_sizes, strict=True)
             ],
-            namespace=encoder.namespace,
-            patch_size=config.patch_size,
-            temporal_patch_size=config.temporal_patch_size,
-            merge_size=encoder.merge_size,
-            patch_dim=config.patch_dim,
-            device=encoder.device,
-            preprocess_config_json=config.to_json(),
+            namespace=model.namespace,
+            patch_size=model.patch_size,
+            temporal_patch_size=model.temporal_patch_size,
+            merge_size=model.merge_size,
+            patch_dim=model.patch_dim,
+            device=model.device,
+            preprocess_config_json=model.preprocess_config_json,
         )

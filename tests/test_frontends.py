@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -202,3 +203,52 @@ def test_front_ends_that_cannot_bind_leave_no_link_behind(fronted: BackgroundSer
     with pytest.raises(OSError):
         fronted.call(frontends.start())
     assert not Path(frontends.link.address.path).parent.exists(), "a failed start removes the link's socket"
+
+
+def _model_info_and_pixel_answers(server: BackgroundServer, token: str | None) -> tuple[pb.ModelInfo, list, str]:
+    """GetModelInfo; per image, the error of a pixel batch whose first grid is fine, second not a multiple of the
+    merge size and third over the frame limit; and a batch of the wrong width's error."""
+    metadata = [("authorization", f"Bearer {token}")] if token else None
+    with grpc.insecure_channel(server.target) as channel:
+        stub = pb_grpc.VitCacheStub(channel)
+        info = stub.GetModelInfo(pb.GetModelInfoRequest(), metadata=metadata)
+        merge = info.merge_size
+        too_wide = json.loads(info.preprocess_config_json)["max_pixels"] // info.patch_size**2 // merge + 1
+        grids = [(1, merge, merge), (1, merge + 1, merge), (1, merge, merge * too_wide)]
+        rows = sum(t * h * w for t, h, w in grids)
+        batch = pb.PixelBatch(
+            pixel_values=pb.Tensor(
+                dtype="float32", shape=[rows, info.patch_dim], data=bytes(rows * info.patch_dim * 4)
+            ),
+            image_grid_thw=[v for grid in grids for v in grid],
+        )
+        results = list(stub.Encode(pb.EncodeRequest(pixels=batch), metadata=metadata))
+        per_image = sorted((r.index, r.error_code, r.error_message) for r in results)
+        batch.pixel_values.shape[:] = [rows * 2, info.patch_dim // 2]
+        with pytest.raises(grpc.RpcError) as wrong_width:
+            list(stub.Encode(pb.EncodeRequest(pixels=batch), metadata=metadata))
+    return info, per_image, wrong_width.value.details()
+
+
+def test_frontends_answer_model_info_and_pixel_batches_as_the_engine_does_without_torch(
+    fronted: BackgroundServer,
+    encoder,  # type: ignore[no-untyped-def]
+) -> None:
+    plain = server_thread(VitcacheConfig.of(), encoder)
+    try:
+        without = _model_info_and_pixel_answers(plain, None)
+    finally:
+        plain.stop()
+    through = _model_info_and_pixel_answers(fronted, TOKEN)
+    assert through == without
+    info, per_image, _ = through
+    assert info.dtype == "float32" and info.preprocess_config_json
+    invalid = grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert [code for _, code, _ in per_image] == [0, invalid, invalid]
+    assert "merge size" in per_image[1][2] and "max_pixels" in per_image[2][2]
+    with _client(fronted) as client:  # an engine snapshot crosses the link too
+        assert client.stats().uptime_seconds > 0
+    pids = [pid for pid in fronted.running.frontends.pids if pid is not None]  # type: ignore[union-attr]
+    assert pids
+    for pid in pids:  # having built replies of every kind above, no front-end has loaded torch
+        assert "libtorch" not in Path(f"/proc/{pid}/maps").read_text()

@@ -26,7 +26,7 @@ LIBRARY_LAYERS = (
     ("vitcache.errors", "vitcache.digest", "vitcache.inputs", "vitcache.config"),
     ("vitcache.wire",),
     ("vitcache.cache",),
-    ("vitcache.outcomes", "vitcache.observer"),
+    ("vitcache.outcomes", "vitcache.observer", "vitcache.stats"),
     ("vitcache.models",),
     ("vitcache.encode",),
     ("vitcache.engine", "vitcache.build", "vitcache"),
@@ -163,3 +163,14 @@ def test_the_public_api_resolves_and_loads_lazily():
         "assert not loaded, loaded"
     )
     subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True)
+
+
+def test_a_frontend_process_loads_neither_torch_nor_transformers():
+    """--frontends processes only parse, check and serialize: the model code would cost each ~6 s and ~0.7 GB."""
+    probe = (
+        "import sys, vitcache.server.frontends.frontend; "
+        "loaded = [m for m in ('torch', 'transformers') if m in sys.modules]; "
+        "assert not loaded, loaded"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

@@ -15,30 +15,45 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Coroutine, Hashable, Sequence
 from dataclasses import dataclass, field, replace
 
-import torch
-
 from vitcache.cache.entry import CachedEmbedding
 from vitcache.cache.fleet_lock import FleetLock
 from vitcache.cache.l1 import L1Cache, l1_key, l1_put_key
 from vitcache.cache.tiers import RedisTier
 from vitcache.config import LimitsConfig
 from vitcache.digest import DIGEST_SIZE, digest_file, digest_pixels, digest_rgb, digest_video_file, digest_video_frames
-from vitcache.encode.batch import BatcherStats
-from vitcache.encode.pipeline import EncodePipeline, EncoderStatus, Pipeline, PipelineConfig
+from vitcache.encode.pipeline import EncodePipeline, Pipeline, PipelineConfig
 from vitcache.errors import ErrorCode, ImageError
-from vitcache.inputs import DigestOnly, EncodedFile, EncodedVideo, ImageInput, PixelRows, RawRGB, RawVideo, Scope
+from vitcache.inputs import (
+    MAX_PUT_KEY_BYTES,
+    MAX_PUT_TENSORS,
+    PUT_DTYPES,
+    DigestOnly,
+    EncodedFile,
+    EncodedVideo,
+    ImageInput,
+    PixelRows,
+    RawRGB,
+    RawVideo,
+    Scope,
+)
 from vitcache.models.loading import EncoderSpec, VisionEncoder
+from vitcache.models.served import ServedModel, validate_pixel_batch
 from vitcache.observer import EngineObserver
 from vitcache.outcomes import ImageOutcome, Source
-from vitcache.wire.tensor_codec import dtype_from_name, dtype_name
+from vitcache.stats import (
+    EngineSnapshot,
+    EngineStats,
+    L1Snapshot,
+    L2Snapshot,
+    ModelSnapshot,
+    TenantStats,
+    VideoStats,
+)
 
 log = logging.getLogger(__name__)
 
 FAILED_IMAGE_TTL_S = 600.0
 FAILED_IMAGE_MEMORY = 4096
-MAX_PUT_KEY_BYTES = 256
-MAX_PUT_TENSORS = 8
-PUT_DTYPES = ("float32", "bfloat16", "float16")
 
 #: Images ``encode`` admits in one turn of the event loop (a few ms) before letting other calls run.
 _IMAGES_PER_LOOP_TURN = 256
@@ -58,110 +73,6 @@ class EngineConfig:
     @property
     def limits(self) -> LimitsConfig:
         return self.pipeline.limits
-
-
-@dataclass
-class EngineStats:
-    l1_hits: int = 0
-    l2_hits: int = 0
-    misses: int = 0
-    not_found: int = 0
-    errors: int = 0
-    single_flight_joins: int = 0
-    overloaded: int = 0  # images refused because max_queued_images were already queued
-    deadline_expired: int = 0  # misses dropped before their forward because the deadline passed
-    puts: int = 0  # entries stored by Put
-    started_at: float = field(default_factory=time.monotonic)
-
-
-@dataclass
-class OutcomeCounts:
-    """Outcomes by source or error: what a tenant's ``GetStats`` shows, and the clips among all outcomes."""
-
-    l1_hits: int = 0
-    l2_hits: int = 0
-    misses: int = 0  # computed (alone or in a single flight joined)
-    not_found: int = 0  # digest-only lookups that found nothing
-    errors: int = 0  # answered with an error other than NOT_FOUND
-    overloaded: int = 0  # of the errors, RESOURCE_EXHAUSTED
-    deadline_expired: int = 0  # of the errors, DEADLINE_EXCEEDED
-
-    def count(self, outcome: ImageOutcome) -> None:
-        if outcome.error is None:
-            if outcome.source is Source.L1:
-                self.l1_hits += 1
-            elif outcome.source is Source.L2:
-                self.l2_hits += 1
-            else:
-                self.misses += 1
-        elif outcome.error.code is ErrorCode.NOT_FOUND:
-            self.not_found += 1
-        else:
-            self.errors += 1
-            self.overloaded += outcome.error.code is ErrorCode.RESOURCE_EXHAUSTED
-            self.deadline_expired += outcome.error.code is ErrorCode.DEADLINE_EXCEEDED
-
-
-@dataclass
-class TenantStats(OutcomeCounts):
-    """One tenant's outcomes: what its own ``GetStats`` may show under authentication."""
-
-    puts: int = 0  # entries it stored by Put
-
-
-@dataclass
-class VideoStats(OutcomeCounts):
-    """The clips among all outcomes (``EngineStats`` counts them with the images)."""
-
-    tokens: int = 0  # embedding rows (merged tokens) of the clips answered
-
-    def count(self, outcome: ImageOutcome) -> None:
-        super().count(outcome)
-        if outcome.entry is not None:
-            self.tokens += outcome.entry.outputs[0].shape[0]
-
-
-@dataclass(frozen=True)
-class ModelSnapshot:
-    """The served model, as stats and metrics name it."""
-
-    model: str
-    family: str
-    dtype: str
-    device: str
-    namespace: str
-
-
-@dataclass(frozen=True)
-class L1Snapshot:
-    entries: int
-    bytes_used: int
-    capacity_bytes: int
-    evictions: int
-
-
-@dataclass(frozen=True)
-class L2Snapshot:
-    enabled: bool  # an L2 (Redis) is configured
-    connected: bool  # the last Redis call succeeded
-    errors: int  # Redis calls that failed or timed out
-    corrupt: int  # values rejected by the header or checksum check
-    fleet_lock_waits: int  # misses that waited on another replica's computation
-
-
-@dataclass(frozen=True)
-class EngineSnapshot:
-    """Every number of the engine at one moment, copied: what GetStats, /api/stats and /metrics read."""
-
-    uptime_s: float
-    model: ModelSnapshot
-    images: EngineStats  # images and clips by source and outcome, engine-wide
-    videos: VideoStats  # the clips among them
-    l1: L1Snapshot
-    l2: L2Snapshot
-    batcher: BatcherStats  # every encoder's forwards together
-    encoders: list[EncoderStatus]  # per device
-    tenants: dict[str, TenantStats]  # per tenant, when counted (count_by_tenant)
 
 
 class EmbeddingEngine:
@@ -217,12 +128,17 @@ class EmbeddingEngine:
         """What the encoder computes (known once the pipeline has started)."""
         return self.pipeline.spec
 
+    @property
+    def served_model(self) -> ServedModel:
+        """What the servicer answers GetModelInfo with and checks pixel batches against."""
+        return self.spec.served
+
     def snapshot(self) -> EngineSnapshot:
         """The engine's numbers now, copied, so readers never reach into its parts."""
-        spec, l1, l2 = self.spec, self.l1, self.l2
+        model, l1, l2 = self.served_model, self.l1, self.l2
         return EngineSnapshot(
             uptime_s=self.uptime_s,
-            model=ModelSnapshot(spec.model_name, spec.family, dtype_name(spec.dtype), spec.device, spec.namespace),
+            model=ModelSnapshot(model.model_name, model.family, model.dtype, model.device, model.namespace),
             images=replace(self.stats),
             videos=replace(self.video_stats),
             l1=L1Snapshot(len(l1), l1.bytes_used, l1.capacity_bytes, l1.evictions),
@@ -639,49 +555,4 @@ class EmbeddingEngine:
     def validate_pixel_batch(
         self, data: bytes, dtype: str, shape: Sequence[int], grid_flat: Sequence[int]
     ) -> list[PixelRows | ImageError]:
-        return validate_pixel_batch(self.spec, data, dtype, shape, grid_flat)
-
-
-def validate_pixel_batch(
-    spec: EncoderSpec, data: bytes, dtype: str, shape: Sequence[int], grid_flat: Sequence[int]
-) -> list[PixelRows | ImageError]:
-    """Splits a client-preprocessed batch per image by its grid.
-
-    Raises ImageError for what makes the whole batch unusable (wrong width, dtype,
-    a grid that does not add up to the rows); returns a per-image ImageError for an
-    image whose own grid the model cannot take.
-    """
-
-    def invalid(message: str) -> ImageError:
-        return ImageError(ErrorCode.INVALID_ARGUMENT, message)
-
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise invalid(f"pixel_values dtype must be float32, bfloat16 or float16, got {dtype!r}")
-    itemsize = torch.empty((), dtype=dtype_from_name(dtype)).element_size()
-    patch_dim = spec.preprocess_config.patch_dim
-    if len(shape) != 2 or shape[1] != patch_dim:
-        got = list(shape) if len(shape) <= 4 else f"{len(shape)} dimensions"
-        raise invalid(f"pixel_values must have shape (patches, {patch_dim}), got {got}")
-    if shape[0] * shape[1] * itemsize != len(data):
-        raise invalid(f"pixel_values holds {len(data)} bytes, not {list(shape)} of {dtype}")
-    if not grid_flat or len(grid_flat) % 3:
-        raise invalid(f"image_grid_thw must be N x 3 values, got {len(grid_flat)}")
-    grids = [tuple(int(v) for v in grid_flat[i : i + 3]) for i in range(0, len(grid_flat), 3)]
-    if any(v <= 0 for grid in grids for v in grid):
-        raise invalid("image_grid_thw values must be positive")
-    total = sum(t * h * w for t, h, w in grids)
-    if total != shape[0]:
-        raise invalid(f"image_grid_thw adds up to {total} patches but pixel_values has {shape[0]} rows")
-    view, row_bytes, start = memoryview(data), patch_dim * itemsize, 0
-    images: list[PixelRows | ImageError] = []
-    for grid in grids:
-        patches = grid[0] * grid[1] * grid[2]
-        end = start + patches * row_bytes
-        try:
-            spec.validate_grid(grid)  # type: ignore[arg-type]
-            spec.preprocess_config.check_frame(grid[1], grid[2])
-            images.append(PixelRows(view[start:end], dtype, grid, patch_dim))  # type: ignore[arg-type]
-        except ValueError as exc:
-            images.append(invalid(f"image_grid_thw {list(grid)}: {exc}"))
-        start = end
-    return images
+        return validate_pixel_batch(self.served_model, data, dtype, shape, grid_flat)

@@ -7,6 +7,11 @@ from dataclasses import dataclass
 
 from vitcache.errors import ErrorCode, ImageError
 
+#: What a Put may store: a key of at most this many UTF-8 bytes, 1 to MAX_PUT_TENSORS tensors of PUT_DTYPES.
+MAX_PUT_KEY_BYTES = 256
+MAX_PUT_TENSORS = 8
+PUT_DTYPES = ("float32", "bfloat16", "float16")
+
 
 @dataclass(frozen=True)
 class EncodedFile:

@@ -16,7 +16,7 @@ its reply and releases it.
 Front-end -> engine: the secret, its index and its pid (``LinkAddress.hello``, raw bytes), then
 ``("call", id, method, args)``, ``("cancel", id)``, ``("release", pins)``, ``("rpcs", events)`` (request metrics: the
 engine's /metrics counts them) and
-``("serving",)`` once its gRPC port is bound. Engine -> front-end: ``("welcome", spec, serving, arena size)``
+``("serving",)`` once its gRPC port is bound. Engine -> front-end: ``("welcome", served model, serving, arena size)``
 with the arena's memfd (SCM_RIGHTS), then ``("outcome", id, outcome, ref)``, ``("end", id, value or error)``
 and ``("health", serving)``.
 """

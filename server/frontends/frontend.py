@@ -24,11 +24,11 @@ from typing import Any
 
 from vitcache.cache.entry import CachedEmbedding
 from vitcache.config import VitcacheConfig
-from vitcache.engine import EngineSnapshot, validate_pixel_batch
 from vitcache.errors import ErrorCode, ImageError
 from vitcache.inputs import ImageInput, PixelRows, Scope
-from vitcache.models.loading import EncoderSpec
+from vitcache.models.served import ServedModel, validate_pixel_batch
 from vitcache.outcomes import ImageOutcome
+from vitcache.stats import EngineSnapshot
 
 from ..grpc_server import SERVICE_NAME, grpc_server, set_health
 from ..metrics import RequestMetricsInterceptor
@@ -65,11 +65,11 @@ class RemoteEngine:
         self,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
-        spec: EncoderSpec,
+        served_model: ServedModel,
         serving: bool,
         arena: mmap.mmap | None,
     ) -> None:
-        self.spec = spec
+        self.served_model = served_model
         self.serving = serving
         self.on_health: Callable[[bool], Awaitable[None]] | None = None
         self.lost = asyncio.Event()
@@ -84,7 +84,7 @@ class RemoteEngine:
 
     @classmethod
     async def connect(cls, address: LinkAddress, index: int) -> RemoteEngine:
-        """Proves the secret, takes the engine's spec, health and arena, and starts receiving."""
+        """Proves the secret, takes the engine's model description, health and arena, and starts receiving."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.connect(address.path)
         sock.sendall(address.hello(index, os.getpid()))
@@ -96,19 +96,19 @@ class RemoteEngine:
                 raise ConnectionError("the engine closed the link during the hello")
             data += more
 
-        _, spec, serving, arena_bytes = pickle.loads(data[8:])
+        _, served_model, serving, arena_bytes = pickle.loads(data[8:])
         arena = None
         if fds:
             arena = mmap.mmap(fds[0], arena_bytes, prot=mmap.PROT_READ)
             os.close(fds[0])
         sock.setblocking(False)
         reader, writer = await asyncio.open_unix_connection(sock=sock)
-        return cls(reader, writer, spec, serving, arena)
+        return cls(reader, writer, served_model, serving, arena)
 
     def validate_pixel_batch(
         self, data: bytes, dtype: str, shape: Sequence[int], grid_flat: Sequence[int]
     ) -> list[PixelRows | ImageError]:
-        return validate_pixel_batch(self.spec, data, dtype, shape, grid_flat)
+        return validate_pixel_batch(self.served_model, data, dtype, shape, grid_flat)
 
     async def encode(
         self, images: Sequence[ImageInput | ImageError], scope: Scope = Scope()

@@ -167,7 +167,9 @@ class FrontendLink:
             self.peers[peer.index] = peer
             if old is not None:
                 old.writer.close()
-            welcome = frame(("welcome", self.engine.spec, self.serving, self.arena.capacity if self.arena else 0))
+            welcome = frame(
+                ("welcome", self.engine.served_model, self.serving, self.arena.capacity if self.arena else 0)
+            )
             fds = [self.arena.read_only_fd()] if self.arena is not None else []
             try:
                 await loop_send_fds(conn, welcome, fds)

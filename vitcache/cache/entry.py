@@ -17,12 +17,15 @@ import json
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
 import xxhash
 
-from vitcache.wire.tensor_codec import TensorBytes
+from vitcache.wire.tensor_codec import TensorBytes, check_layout
 from vitcache.wire.timing import VideoTiming
+
+if TYPE_CHECKING:
+    import torch
 
 _MAGIC = b"VTC"
 FORMAT_VERSION = 2  # 2: the checksum covers the header's grid and output specs too
@@ -89,7 +92,7 @@ class CachedEmbedding:
                 if end > len(value):
                     raise CorruptEntry("payload shorter than its header says")
                 out = TensorBytes(str(spec["dtype"]), tuple(int(d) for d in spec["shape"]), view[start:end])
-                out.to_tensor()  # validates dtype and shape against the byte count
+                check_layout(out.data, out.dtype, out.shape)
                 outputs.append(out)
                 start = end
             if start != len(value):

@@ -8,7 +8,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import astuple, dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 import torch
@@ -19,6 +19,7 @@ from vitcache.encode.split import copy_to_host
 from vitcache.errors import ErrorCode, ImageError
 from vitcache.models.loading import VisionEncoder
 from vitcache.observer import EngineObserver
+from vitcache.stats import BatcherStats
 
 log = logging.getLogger(__name__)
 
@@ -96,25 +97,6 @@ class _Launched:
     copied: torch.cuda.Event | None  # None once waited for, and on the CPU (done at once)
     started: float
     on_device: torch.cuda.Event | None = None  # recorded before the forward, timing it with `copied`
-
-
-@dataclass
-class BatcherStats:
-    batches: int = 0
-    images: int = 0
-    patches: int = 0
-    oom_splits: int = 0
-    device_seconds: float = 0.0  # GPU time of forwards and their copies to the host (busy fraction)
-    decoded_pixels_peak: int = 0  # most decoded pixels in flight at once (the pipeline's PixelBudget)
-
-    def __add__(self, other: BatcherStats) -> BatcherStats:
-        """Two encoders' (or two processes' of one device) stats as one: counts add, peaks take the larger."""
-        return BatcherStats(
-            *(
-                max(a, b) if f.name.endswith("_peak") else a + b
-                for f, a, b in zip(fields(self), astuple(self), astuple(other), strict=True)
-            )
-        )
 
 
 class Batcher:

@@ -14,13 +14,13 @@ from collections.abc import Awaitable, Callable, Sequence
 
 from vitcache.cache.entry import CachedEmbedding
 from vitcache.config import EncoderConfig
-from vitcache.encode.batch import BatcherStats
 from vitcache.encode.encoder_process import EncoderProcess
-from vitcache.encode.pipeline import EncoderStatus, PipelineConfig
+from vitcache.encode.pipeline import PipelineConfig
 from vitcache.errors import ConfigError, ErrorCode, ImageError
 from vitcache.inputs import Computable, Scope
 from vitcache.models.loading import EncoderLoader, EncoderSpec
 from vitcache.observer import EngineObserver
+from vitcache.stats import BatcherStats, EncoderStatus
 
 log = logging.getLogger(__name__)
 

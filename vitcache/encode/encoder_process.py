@@ -46,12 +46,12 @@ import torch
 
 from vitcache.cache.entry import CachedEmbedding
 from vitcache.config import EncoderConfig
-from vitcache.encode.batch import BatcherStats
-from vitcache.encode.pipeline import EncodePipeline, EncoderStatus, PipelineConfig
+from vitcache.encode.pipeline import EncodePipeline, PipelineConfig
 from vitcache.errors import ConfigError, ErrorCode, ImageError
 from vitcache.inputs import Computable, PixelRows, Scope
 from vitcache.models.loading import EncoderLoader, EncoderSpec, VisionEncoder
 from vitcache.observer import EngineObserver, Stage
+from vitcache.stats import BatcherStats, EncoderStatus
 from vitcache.wire.tensor_codec import TensorBytes, dtype_name
 from vitcache.wire.timing import VideoTiming
 

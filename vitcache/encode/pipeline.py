@@ -16,7 +16,7 @@ import torch
 
 from vitcache.cache.entry import CachedEmbedding
 from vitcache.config import BatchingConfig, LimitsConfig
-from vitcache.encode.batch import Batcher, BatcherStats, Materialize
+from vitcache.encode.batch import Batcher, Materialize
 from vitcache.encode.budget import PixelBudget
 from vitcache.encode.decode import DecodeBatcher, DecodeLimits, decode_image_on, image_pixels, raw_image
 from vitcache.encode.video_decode import VideoLimits, video_hwaccel
@@ -27,19 +27,8 @@ from vitcache.models import accel
 from vitcache.models.loading import EncoderSpec, VisionEncoder
 from vitcache.models.preprocess import preprocess
 from vitcache.observer import EngineObserver
+from vitcache.stats import BatcherStats, EncoderStatus
 from vitcache.wire.tensor_codec import tensor_from_buffer
-
-
-@dataclass
-class EncoderStatus:
-    """One device's encoder, as stats show it."""
-
-    device: str
-    alive: bool
-    stats: BatcherStats
-    memory: dict[str, int] = field(default_factory=dict)  # allocated and reserved bytes (CUDA only)
-    in_flight: int = 0  # images sent to it and not answered (encoder pools)
-    restarts: int = 0  # times its process was started again after dying (encoder pools)
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position
 from vitcache.models import accel
 from vitcache.models.family import TINY_SPECIAL_TOKENS, TINY_VOCAB, ModelFamily, ModelLoadError, OutputLayout
 from vitcache.models.preprocess import SUPPORTED_FLAGS, PreprocessConfig, check_supported
+from vitcache.models.served import NavitFrameLimit
 
 # `Kimi_K25ImageProcessor`'s class defaults, used where preprocessor_config.json leaves a value out. Restated
 # because that class's module imports torchvision; tests check them against it where torchvision exists.
@@ -84,17 +85,9 @@ class KimiK25PreprocessConfig(PreprocessConfig):
             max_size_per_side=self.max_size_per_side,
         )
 
-    def check_frame(self, height: int, width: int) -> None:
-        """navit_resize keeps each side within max_size_per_side (padded to the merge size), and its flooring and
-        padding add at most h + w patches to max_patches, counted without the last merge_size rows and columns
-        (padding)."""
-        merge = self.merge_size
-        longest = -(-self.max_size_per_side // merge) * merge
-        if max(height, width) > longest or (height - merge) * (width - merge) > self.max_patches + height + width:
-            raise ValueError(
-                f"{height}x{width} patches per frame is over what the model's preprocessing makes "
-                f"(max_patches={self.max_patches}, max_size_per_side={self.max_size_per_side})"
-            )
+    @property
+    def frame_limit(self) -> NavitFrameLimit:
+        return NavitFrameLimit(self.merge_size, self.max_size_per_side, self.max_patches)
 
     @property
     def patch_group(self) -> int:

@@ -10,7 +10,7 @@ import tempfile
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
-from functools import partial
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +30,10 @@ from vitcache.models.family import ModelFamily, ModelLoadError, OutputLayout
 from vitcache.models.graphs import GraphedTower
 from vitcache.models.preprocess import PreprocessConfig, image_grid
 from vitcache.models.registry import FAMILIES, TINY_RANDOM_FAMILY
+from vitcache.models.served import ServedModel
 from vitcache.models.tiny import make_tiny_checkpoint
 from vitcache.models.video import load_video_processor, processor_json
+from vitcache.wire.tensor_codec import dtype_name
 
 log = logging.getLogger(__name__)
 
@@ -91,13 +93,28 @@ class EncoderSpec:
         return frames * h * w // self.merge_size**2
 
     def validate_grid(self, grid_thw: tuple[int, int, int]) -> None:
-        if len(grid_thw) != 3 or any(not isinstance(v, int) or v < 1 for v in grid_thw):
-            raise ValueError(f"grid_thw must be three integers >= 1, got {grid_thw}")
-        t, h, w = grid_thw
-        if h % self.merge_size or w % self.merge_size:
-            raise ValueError(f"grid {grid_thw}: h and w must be multiples of the merge size {self.merge_size}")
-        if self.max_frames is not None and t > self.max_frames:
-            raise ValueError(f"grid {grid_thw}: this model embeds at most {self.max_frames} frames per clip")
+        self.served.validate_grid(grid_thw)
+
+    @cached_property
+    def served(self) -> ServedModel:
+        """This spec without torch: what a gRPC front-end process gets of it."""
+        config = self.preprocess_config
+        return ServedModel(
+            self.family,
+            self.model_name,
+            dtype_name(self.dtype),
+            self.device,
+            self.namespace,
+            self.merge_size,
+            self.output_names,
+            self.output_hidden_sizes,
+            self.max_frames,
+            config.patch_size,
+            config.temporal_patch_size,
+            config.patch_dim,
+            config.to_json(),
+            config.frame_limit,
+        )
 
 
 class VisionEncoder:

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from transformers.image_utils import PILImageResampling
 
+from vitcache.models.served import FrameLimit
+
 # Processor settings this module implements; a checkpoint asking for anything else is refused, not approximated.
 SUPPORTED_FLAGS = {"do_resize": True, "do_rescale": True, "do_normalize": True, "resample": PILImageResampling.BICUBIC}
 
@@ -52,12 +54,15 @@ class PreprocessConfig(ABC):
         """(resized, padded) (height, width) of an image, exactly as the family's HF processor picks them;
         raises ImageRejected for an image it refuses."""
 
+    @property
     @abstractmethod
-    def check_frame(self, height: int, width: int) -> None:
-        """Raises ValueError for a frame of ``height`` x ``width`` patches larger than ``preprocess`` makes.
+    def frame_limit(self) -> FrameLimit:
+        """The largest frame (in patches) ``preprocess`` makes: pixel batches come preprocessed by the client,
+        and are held to the bound decoded images get."""
 
-        Pixel batches come preprocessed by the client; this holds them to the bound decoded images get.
-        """
+    def check_frame(self, height: int, width: int) -> None:
+        """Raises ValueError for a frame of ``height`` x ``width`` patches larger than ``preprocess`` makes."""
+        self.frame_limit.check(height, width)
 
     @property
     def patch_group(self) -> int:

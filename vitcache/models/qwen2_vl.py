@@ -25,6 +25,7 @@ from vitcache.errors import ImageRejected
 from vitcache.models import accel
 from vitcache.models.family import TINY_SPECIAL_TOKENS, TINY_VOCAB, ModelFamily, OutputLayout
 from vitcache.models.preprocess import SUPPORTED_FLAGS, PreprocessConfig, check_supported
+from vitcache.models.served import MaxPixelsPerFrame
 
 
 @dataclass(frozen=True)
@@ -64,11 +65,9 @@ class Qwen2VLPreprocessConfig(PreprocessConfig):
             raise ImageRejected(str(e)) from e
         return resized, resized
 
-    def check_frame(self, height: int, width: int) -> None:
-        """smart_resize keeps h*w*patch² within max_pixels."""
-        pixels = height * width * self.patch_size**2
-        if pixels > self.max_pixels:
-            raise ValueError(f"{pixels} pixels per frame is over the model's max_pixels={self.max_pixels}")
+    @property
+    def frame_limit(self) -> MaxPixelsPerFrame:
+        return MaxPixelsPerFrame(self.patch_size, self.max_pixels)
 
 
 TINY_TEXT = {

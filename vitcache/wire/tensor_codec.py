@@ -2,42 +2,65 @@
 
 Decoding builds CPU tensors that are views of the received buffer (no copy) and never
 touches CUDA, so tensor-parallel workers can import this without opening a device context.
+torch is imported only where a tensor is made or read: checking a (dtype, shape, bytes) triple needs
+none, so gRPC front-end processes (``--frontends``) run without loading it.
 """
 
 from __future__ import annotations
 
+import functools
 import sys
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-_DTYPES: dict[str, torch.dtype] = {
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-    "float32": torch.float32,
-    "float64": torch.float64,
-    "uint8": torch.uint8,
-    "int32": torch.int32,
-    "int64": torch.int64,
-}
-_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
+#: Bytes per element of each dtype the wire carries, by name.
+ITEMSIZES = {"bfloat16": 2, "float16": 2, "float32": 4, "float64": 8, "uint8": 1, "int32": 4, "int64": 8}
 
 assert sys.byteorder == "little", "vitcache's wire format is little-endian"
 
 
-def dtype_from_name(name: str) -> torch.dtype:
+@functools.cache
+def _torch_dtypes() -> dict[str, torch.dtype]:
+    import torch
+
+    return {name: getattr(torch, name) for name in ITEMSIZES}
+
+
+def itemsize(name: str) -> int:
+    """Bytes per element of dtype ``name``; ValueError for a dtype the wire does not carry."""
     try:
-        return _DTYPES[name]
+        return ITEMSIZES[name]
     except KeyError:
-        raise ValueError(f"unsupported dtype {name!r}; expected one of {sorted(_DTYPES)}") from None
+        raise ValueError(f"unsupported dtype {name!r}; expected one of {sorted(ITEMSIZES)}") from None
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    itemsize(name)
+    return _torch_dtypes()[name]
 
 
 def dtype_name(dtype: torch.dtype) -> str:
-    try:
-        return _NAMES[dtype]
-    except KeyError:
-        raise ValueError(f"unsupported dtype {dtype}") from None
+    for name, known in _torch_dtypes().items():
+        if known == dtype:
+            return name
+    raise ValueError(f"unsupported dtype {dtype}")
+
+
+def check_layout(data: bytes | memoryview, dtype: str, shape: tuple[int, ...]) -> int:
+    """The element count of a ``dtype`` tensor of ``shape``; ValueError unless ``data`` holds exactly one."""
+    size = itemsize(dtype)
+    numel = 1
+    for dim in shape:
+        if dim < 0:
+            raise ValueError(f"negative dimension in shape {shape}")
+        numel *= dim
+    if len(data) != numel * size:
+        raise ValueError(f"{len(data)} bytes do not hold a {dtype} tensor of shape {list(shape)}")
+    return numel
 
 
 @dataclass(frozen=True)
@@ -55,6 +78,8 @@ class TensorBytes:
     @classmethod
     def from_tensor(cls, tensor: torch.Tensor) -> TensorBytes:
         """Copies a tensor (any device) to CPU bytes in its own dtype."""
+        import torch
+
         cpu = tensor.detach().to("cpu").contiguous()
         data = cpu.view(torch.uint8).numpy().tobytes() if cpu.numel() else b""
         return cls(dtype_name(cpu.dtype), tuple(cpu.shape), data)
@@ -65,15 +90,10 @@ class TensorBytes:
 
 
 def tensor_from_buffer(data: bytes | memoryview, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
+    import torch
+
+    numel = check_layout(data, dtype, shape)
     torch_dtype = dtype_from_name(dtype)
-    numel = 1
-    for dim in shape:
-        if dim < 0:
-            raise ValueError(f"negative dimension in shape {shape}")
-        numel *= dim
-    itemsize = torch_dtype.itemsize
-    if len(data) != numel * itemsize:
-        raise ValueError(f"{len(data)} bytes do not hold a {dtype} tensor of shape {list(shape)}")
     if numel == 0:
         return torch.empty(shape, dtype=torch_dtype)
     with warnings.catch_warnings():
