@@ -484,6 +484,10 @@ class EmbeddingEngine:
         def forget(task: asyncio.Future) -> None:
             if self._inflight.get(key) is task:  # a retry may already have put a newer one
                 del self._inflight[key]
+            if not task.cancelled():
+                # Its waiters await it through shield(), which stops watching once they are cancelled: its
+                # error, if every waiter has gone, is retrieved here rather than logged as never retrieved.
+                task.exception()
 
         return forget
 
