@@ -112,7 +112,7 @@ class ServerMetrics(EngineObserver):
             for tier in get_args(Tier)
             for hit in (True, False)
         }
-        self._forwarded: dict[str, MethodMetrics] = {}
+        self._methods: dict[str, MethodMetrics] = {}
         self._served = {
             (source, is_video): self.images.labels(source, "OK", KINDS[is_video])
             for source in SOURCES
@@ -125,23 +125,27 @@ class ServerMetrics(EngineObserver):
 
     def interceptor(self, service_name: str) -> RequestMetricsInterceptor:
         """Observes the RPCs of ``service_name`` (e.g. ``vitcache.v1.VitCache``)."""
-        return RequestMetricsInterceptor(lambda method: MethodMetrics(self, method), service_name)
+        return RequestMetricsInterceptor(self.method, service_name)
+
+    def method(self, name: str) -> MethodMetrics:
+        """The metric children of RPC method ``name``, made on its first call."""
+        recorder = self._methods.get(name)
+        if recorder is None:
+            recorder = self._methods[name] = MethodMetrics(self, name)
+        return recorder
 
     def record_forwarded(self, events: list[tuple[str, str | None, float]]) -> None:
         """RPC events of a front-end process (``--frontends``): ``(method, None, 0)`` when one starts,
         ``(method, code name, seconds)`` when it ends."""
         for method, code, seconds in events:
-            recorder = self._forwarded.get(method)
-            if recorder is None:
-                recorder = self._forwarded[method] = MethodMetrics(self, method)
             if code is None:
-                recorder.started()
+                self.method(method).started()
             else:
-                recorder.finished(code, seconds)
+                self.method(method).finished(code, seconds)
 
     def forwarded_abandoned(self, method: str, count: int) -> None:
         """``count`` RPCs of ``method`` in flight in a front-end that is gone: no longer in flight."""
-        self.requests_in_flight.labels(method).dec(count)
+        self.method(method).in_flight.dec(count)
 
     # EngineObserver: called from the event loop and worker threads; prometheus_client is thread-safe.
 

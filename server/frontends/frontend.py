@@ -1,7 +1,8 @@
 """A gRPC front-end process of ``--frontends``: the VitCache service on the engine of another process.
 
 It runs the same servicer, interceptors, health and reflection as a server without front-ends, on a
-:class:`RemoteEngine` that makes the engine's calls over the link (``server.frontend_link``). Results in
+:class:`RemoteEngine` that makes the engine's calls over the link (``server.frontends.link``; the engine's
+side: ``server.frontends.supervisor``). Results in
 the shared L1 arena are read from a read-only mapping of it: the reply is built straight from the
 engine's copy, which the engine keeps until the reply is built.
 """
@@ -110,21 +111,16 @@ class RemoteEngine:
     ) -> list[PixelRows | ImageError]:
         return validate_pixel_batch(self.served_model, data, dtype, shape, grid_flat)
 
-    async def encode(
-        self, images: Sequence[ImageInput | ImageError], scope: Scope = Scope()
-    ) -> AsyncIterator[ImageOutcome]:
-        async for outcome in self._stream("encode", list(images), scope):
-            yield outcome
+    def encode(self, images: Sequence[ImageInput | ImageError], scope: Scope = Scope()) -> AsyncIterator[ImageOutcome]:
+        return self._stream("encode", list(images), scope)
 
-    async def fetch(self, digests: Sequence[bytes], scope: Scope = Scope()) -> AsyncIterator[ImageOutcome]:
-        async for outcome in self._stream("fetch", list(digests), scope):
-            yield outcome
+    def fetch(self, digests: Sequence[bytes], scope: Scope = Scope()) -> AsyncIterator[ImageOutcome]:
+        return self._stream("fetch", list(digests), scope)
 
-    async def fetch_keys(
+    def fetch_keys(
         self, keys: Sequence[str], scope: Scope = Scope(), first_index: int = 0
     ) -> AsyncIterator[ImageOutcome]:
-        async for outcome in self._stream("fetch_keys", list(keys), scope, first_index):
-            yield outcome
+        return self._stream("fetch_keys", list(keys), scope, first_index)
 
     async def put(self, key: str, entry: CachedEmbedding, scope: Scope = Scope()) -> None:
         await self._result("put", key, entry, scope)

@@ -160,8 +160,7 @@ class FrontendLink:
             reader, writer = await asyncio.open_unix_connection(sock=conn)
             said = self.address.sender_of(await asyncio.wait_for(reader.readexactly(HELLO_BYTES), 10))
             if said is None:
-                log.warning("frontend link: a connection without the secret; closed")
-                return
+                raise ConnectionError("not the secret")
             peer = _Peer(*said, writer)
             old = self.peers.get(peer.index)
             self.peers[peer.index] = peer
