@@ -37,6 +37,7 @@ from vitcache.inputs import (
     Scope,
     VideoSampling,
 )
+from vitcache.models.served import validate_pixel_batch
 from vitcache.outcomes import ImageOutcome
 from vitcache.stats import TenantStats
 from vitcache.wire.tensor_codec import TensorBytes
@@ -273,7 +274,9 @@ class VitCacheServicer(pb_grpc.VitCacheServicer):
         except DecodeError as exc:
             raise _invalid(f"malformed pixels: {exc}") from None
         tensor = batch.pixel_values
-        return self.engine.validate_pixel_batch(tensor.data, tensor.dtype, tensor.shape, batch.image_grid_thw)
+        return validate_pixel_batch(
+            self.engine.served_model, tensor.data, tensor.dtype, tensor.shape, batch.image_grid_thw
+        )
 
     def _counted(self, message: type[M], request: bytes, repeated: tuple[int, ...], what: str) -> M:
         """``request`` parsed as ``message``, once its ``repeated`` fields together hold at most the limit."""

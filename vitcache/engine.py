@@ -37,7 +37,7 @@ from vitcache.inputs import (
     Scope,
 )
 from vitcache.models.loading import EncoderSpec, VisionEncoder
-from vitcache.models.served import ServedModel, validate_pixel_batch
+from vitcache.models.served import ServedModel
 from vitcache.observer import EngineObserver
 from vitcache.outcomes import ImageOutcome, Source
 from vitcache.stats import (
@@ -555,8 +555,3 @@ class EmbeddingEngine:
         task = asyncio.ensure_future(coro)
         self._l2_writes.add(task)
         task.add_done_callback(self._l2_writes.discard)
-
-    def validate_pixel_batch(
-        self, data: bytes, dtype: str, shape: Sequence[int], grid_flat: Sequence[int]
-    ) -> list[PixelRows | ImageError]:
-        return validate_pixel_batch(self.served_model, data, dtype, shape, grid_flat)

@@ -26,8 +26,8 @@ from typing import Any
 from vitcache.cache.entry import CachedEmbedding
 from vitcache.config import VitcacheConfig
 from vitcache.errors import ErrorCode, ImageError
-from vitcache.inputs import ImageInput, PixelRows, Scope
-from vitcache.models.served import ServedModel, validate_pixel_batch
+from vitcache.inputs import ImageInput, Scope
+from vitcache.models.served import ServedModel
 from vitcache.outcomes import ImageOutcome
 from vitcache.stats import EngineSnapshot
 
@@ -105,11 +105,6 @@ class RemoteEngine:
         sock.setblocking(False)
         reader, writer = await asyncio.open_unix_connection(sock=sock)
         return cls(reader, writer, served_model, serving, arena)
-
-    def validate_pixel_batch(
-        self, data: bytes, dtype: str, shape: Sequence[int], grid_flat: Sequence[int]
-    ) -> list[PixelRows | ImageError]:
-        return validate_pixel_batch(self.served_model, data, dtype, shape, grid_flat)
 
     def encode(self, images: Sequence[ImageInput | ImageError], scope: Scope = Scope()) -> AsyncIterator[ImageOutcome]:
         return self._stream("encode", list(images), scope)
